@@ -1,0 +1,170 @@
+"""The ``lsmseg`` command line: a thin front end over the package's core."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import LsmsegError
+
+logger = logging.getLogger("lsmseg")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers, got {text!r}") from None
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers Z,Y,X, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a value in (0, 1), got {text}")
+    return value
+
+
+def add_predict_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="segment volumes with trained weights",
+        description="Segment 3-D volumes. Each INPUT is a volume (TIFF stack, NIfTI, MHA/NRRD, zarr, a folder "
+        "of 2-D TIFF planes) or a folder of volumes. Masks are written to OUT with the same name and "
+        "format as their input, plus a provenance JSON beside each.",
+    )
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="volume files or folders")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="output folder")
+    p.add_argument("--weights", type=Path, help="weights manifest (default: the installed weights)")
+    p.add_argument("--structure", help="structure to segment (default: the manifest's general model)")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
+    p.add_argument("--threshold", type=_probability, help="probability threshold (default: the manifest's)")
+    p.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the manifest's)")
+    p.add_argument("--batch-size", type=int, dest="sw_batch_size", help="windows per forward pass")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: fp16/bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--no-resample", dest="resample", action="store_false",
+                   help="do not resample inputs whose voxel spacing differs from the model's")
+    p.add_argument("--mask-value", type=int, choices=[1, 255], default=1,
+                   help="foreground value in the masks (255 is easier to see in viewers)")
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args) -> int:
+    from .io import expand_inputs
+    from .predictor import Predictor
+
+    predictor = Predictor.from_manifest(
+        args.weights,
+        structure=args.structure,
+        device=args.device,
+        threshold=args.threshold,
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+        precision=args.precision,
+        resample=args.resample,
+        mask_value=args.mask_value,
+        progress=not args.quiet,
+    )
+    inputs = expand_inputs(args.inputs)
+    if not inputs:
+        logger.warning("no volumes found in %s", ", ".join(map(str, args.inputs)))
+        return EXIT_OK
+    results = predictor.predict_files(inputs, args.output)
+    failed = [r for r in results if not r["ok"]]
+    logger.info("%d of %d volume(s) segmented into %s", len(results) - len(failed), len(results), args.output)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def add_phantom_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "phantom",
+        help="write a synthetic light-sheet volume and its exact label",
+        description="Write a synthetic light-sheet phantom (uint16 image, exact uint8 label) for tests, "
+        "demos and training. Files go to OUT/images/ and OUT/labels/.",
+    )
+    p.add_argument("output", type=Path, metavar="OUT", help="output folder")
+    p.add_argument("--kind", default="vessels", help="structure: vessels, cells, nuclei, plaques")
+    p.add_argument("--shape", type=_shape, default=(48, 160, 160), help="Z,Y,X (default 48,160,160)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same volume)")
+    p.set_defaults(func=run_phantom)
+
+
+def run_phantom(args) -> int:
+    from .phantom import write_phantom
+
+    image, label = write_phantom(args.output, args.kind, args.shape, args.seed)
+    print(f"image: {image}\nlabel: {label}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lsmseg",
+        description="Semantic segmentation of 3-D light-sheet microscopy volumes (Swin UNETR).",
+    )
+    parser.add_argument("--version", action="version", version=f"lsmseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_predict_command(subparsers)
+    add_phantom_command(subparsers)
+    for module_name, function_name in _PLUGGED_COMMANDS:
+        try:
+            module = __import__(module_name, fromlist=[function_name])
+        except ImportError:
+            continue  # optional subtree not installed (e.g. training in the inference image)
+        getattr(module, function_name)(subparsers)
+    return parser
+
+
+# Commands that live outside the inference core; registered when importable.
+_PLUGGED_COMMANDS: list[tuple[str, str]] = []
+
+
+class _LevelPrefixFormatter(logging.Formatter):
+    """Plain messages for progress; ``ERROR: ...`` / ``WARNING: ...`` for what needs attention."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname}: {message}"
+
+
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LevelPrefixFormatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Third-party chatter (MONAI, distributed) stays at warnings unless debugging.
+    for noisy in ("monai", "distributed", "asyncio", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    configure_logging(args.verbose, args.quiet)
+    try:
+        return args.func(args)
+    except LsmsegError as exc:
+        logger.error("%s", exc)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

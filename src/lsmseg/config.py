@@ -1,0 +1,195 @@
+"""Settings as validated dataclasses, loaded from YAML with strict checks.
+
+Unknown keys and wrong types are refused with a message naming the file and the key, before any
+work starts: a typo in a config must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, where: str):
+    """Check ``value`` against the annotation ``tp`` and convert YAML lists to tuples etc."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{where}: expected a path, got {type(value).__name__} {value!r}")
+        return Path(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(names))})")
+    kwargs = {key: _convert(value, hints[key], f"{where}.{key}") for key, value in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:  # a required key is missing
+        raise ConfigError(f"{where}: {exc}") from exc
+    except ValueError as exc:  # __post_init__ validation
+        raise ConfigError(f"{where}: {exc}") from exc
+    return obj
+
+
+def to_dict(obj) -> dict:
+    """A dataclass as plain YAML-friendly data (tuples become lists, paths strings)."""
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain(obj)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    """Load and validate a YAML file into dataclass ``cls``; errors name the file and key."""
+    return from_dict(cls, load_yaml(path), where=str(path))
+
+
+@dataclass
+class ModelConfig:
+    """Swin UNETR hyper-parameters; travels from a training config into the weights manifest."""
+
+    in_channels: int = 1
+    out_channels: int = 1
+    feature_size: int = 24
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    use_v2: bool = True
+    roi: tuple[int, int, int] = (64, 64, 64)
+    drop_path_rate: float = 0.0
+    use_checkpoint: bool = False
+
+    def __post_init__(self):
+        if any(r % 32 or r <= 0 for r in self.roi):
+            raise ValueError(f"roi {tuple(self.roi)} must be positive multiples of 32 (Swin UNETR downsamples 5 times)")
+        if self.feature_size % 12:
+            raise ValueError(f"feature_size {self.feature_size} must be a multiple of 12")
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError("depths and num_heads must have the same length")
+
+
+@dataclass
+class InferenceSettings:
+    """How a checkpoint is applied: window, blending, threshold, normalisation, spacing."""
+
+    overlap: float = 0.5
+    threshold: float = 0.5
+    sw_batch_size: int = 4
+    blend: typing.Literal["gaussian", "constant"] = "gaussian"
+    sigma_scale: float = 0.125
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    # Voxel spacing (z, y, x, micrometres) the model was trained at; None: never resample.
+    spacing: tuple[float, float, float] | None = None
+    spacing_tolerance: float = 0.25  # relative difference below which no resampling is done
+
+    def __post_init__(self):
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap {self.overlap} must be in [0, 1)")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold {self.threshold} must be in (0, 1)")
+        if self.sw_batch_size < 1:
+            raise ValueError("sw_batch_size must be >= 1")
+        if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
+            raise ValueError("percentiles must satisfy 0 <= lower < upper <= 100")
+
+
+__all__ = ["ModelConfig", "InferenceSettings", "from_dict", "to_dict", "load_config", "load_yaml", "field"]

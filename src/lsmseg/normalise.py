@@ -1,0 +1,74 @@
+"""The one intensity normalisation, shared by training, evaluation and inference.
+
+Light-sheet volumes are mostly dark background with a long bright tail (autofluorescence, debris),
+so intensities are clipped to robust percentiles and scaled to [0, 1]. Percentiles of a whole-organ
+volume are estimated on a regular subsample so that every block of a volume, and every training
+patch of it, is normalised with the same two numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DEFAULT_LOWER = 0.5
+DEFAULT_UPPER = 99.5
+DEFAULT_MAX_SAMPLES = 4_000_000
+
+
+def subsample(array, max_samples: int = DEFAULT_MAX_SAMPLES) -> np.ndarray:
+    """A regular grid subsample of a 3-D array (numpy or lazy) with at most ~``max_samples`` voxels.
+
+    Deterministic (no random numbers) so that the same volume always gives the same percentiles;
+    whole planes are read with a stride so that lazy readers touch few planes.
+    """
+    shape = tuple(int(s) for s in array.shape)
+    total = math.prod(shape)
+    if total <= max_samples:
+        return np.asarray(array[...])
+    step = (total / max_samples) ** (1.0 / 3.0)
+    steps = [max(1, int(math.floor(step))) for _ in shape]
+    # Never keep fewer than 8 planes: keeps z-variation (attenuation) in the estimate.
+    steps[0] = min(steps[0], max(1, shape[0] // 8))
+    while math.prod(math.ceil(s / k) for s, k in zip(shape, steps)) > 2 * max_samples:
+        steps[1] += 1
+        steps[2] += 1
+    z_index = range(0, shape[0], steps[0])
+    planes = [np.asarray(array[z, :: steps[1], :: steps[2]]) for z in z_index]
+    return np.stack(planes)
+
+
+def percentiles(
+    array, lower: float = DEFAULT_LOWER, upper: float = DEFAULT_UPPER, max_samples: int = DEFAULT_MAX_SAMPLES
+) -> tuple[float, float]:
+    """Robust intensity range ``(lo, hi)`` of a volume, ignoring non-finite values."""
+    if not 0.0 <= lower < upper <= 100.0:
+        raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {lower}, {upper}")
+    sample = subsample(array, max_samples).astype(np.float64, copy=False).ravel()
+    if sample.dtype.kind == "f":
+        sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return 0.0, 0.0
+    lo, hi = np.percentile(sample, [lower, upper])
+    return float(lo), float(hi)
+
+
+def normalise(array, lo: float, hi: float) -> np.ndarray:
+    """Scale ``array`` so that ``lo -> 0`` and ``hi -> 1``, clipped to [0, 1], as float32.
+
+    A constant volume (``hi <= lo``) maps to zeros: there is no contrast to segment.
+    """
+    out = np.asarray(array, dtype=np.float32)
+    if hi <= lo:
+        return np.zeros(out.shape, dtype=np.float32)
+    out = (out - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def normalise_volume(
+    array, lower: float = DEFAULT_LOWER, upper: float = DEFAULT_UPPER, max_samples: int = DEFAULT_MAX_SAMPLES
+) -> np.ndarray:
+    """Percentile-normalise a whole (in-memory) volume in one call."""
+    lo, hi = percentiles(array, lower, upper, max_samples)
+    return normalise(array, lo, hi)
