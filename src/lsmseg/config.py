@@ -160,6 +160,9 @@ class ModelConfig:
     def __post_init__(self):
         if any(r % 32 or r <= 0 for r in self.roi):
             raise ValueError(f"roi {tuple(self.roi)} must be positive multiples of 32 (Swin UNETR downsamples 5 times)")
+        if all(r == 32 for r in self.roi):
+            # The 1/32 bottleneck would be a single voxel, where instance normalisation is undefined.
+            raise ValueError(f"roi {tuple(self.roi)} is too small: at least one axis must be 64 or more")
         if self.feature_size % 12:
             raise ValueError(f"feature_size {self.feature_size} must be a multiple of 12")
         if len(self.depths) != len(self.num_heads):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -241,7 +242,7 @@ def _read_tiff(path: Path, lazy: bool) -> Volume:
     try:
         with tifffile.TiffFile(path) as tif:
             if not tif.series:
-                raise InputError(path, "TIFF file contains no image series")
+                raise InputError(path, "cannot read TIFF: no readable image (corrupt or truncated file)")
             series = tif.series[0]
             shape, axes = tuple(series.shape), series.axes
             spacing = _tiff_spacing(tif)
@@ -298,9 +299,11 @@ def _check_plane_sequence(folder: Path, planes: list[Path]) -> None:
         if match is None:
             return  # not a numbered sequence; nothing to check
         numbers.append(int(match.group(1)))
-    if len(set(numbers)) != len(numbers):
+    if len(set(numbers)) != len(numbers) or len(numbers) < 2:
         return
-    expected = set(range(min(numbers), max(numbers) + 1))
+    # Numbering may step by more than one (z0000, z0005, ...): the common step is the gcd.
+    step = math.gcd(*(b - a for a, b in zip(sorted(numbers), sorted(numbers)[1:])))
+    expected = set(range(min(numbers), max(numbers) + 1, step))
     missing = sorted(expected - set(numbers))
     if missing:
         shown = ", ".join(str(m) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")

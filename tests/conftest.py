@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny models and weights that tests make themselves (never shipped)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+REAL_DATA = REPO.parent / "shared" / "data" / "real"
+
+
+def pytest_configure(config):
+    import torch
+
+    # Two cores on CI: keep torch from oversubscribing them when xdist runs workers.
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config():
+    from lsmseg.config import ModelConfig
+
+    return ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), roi=(32, 64, 64))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_config):
+    import torch
+
+    from lsmseg.model import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_model_config).eval()
+
+
+def make_weights(folder: Path, model_config, model=None, threshold: float = 0.5, **inference) -> Path:
+    """Write a safetensors checkpoint and manifest for ``model`` into ``folder``; return the manifest."""
+    import torch
+
+    from lsmseg.config import InferenceSettings
+    from lsmseg.model import build_model
+    from lsmseg.weights import Manifest, WeightsEntry, save_weights, write_manifest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        torch.manual_seed(0)
+        model = build_model(model_config)
+    sha = save_weights(model.state_dict(), folder / "general.safetensors")
+    entry = WeightsEntry(
+        file="general.safetensors",
+        sha256=sha,
+        model=model_config,
+        inference=InferenceSettings(threshold=threshold, **inference),
+        structures=["vessels", "cells", "nuclei"],
+        provenance={"note": "test weights made by the test suite"},
+    )
+    return write_manifest(Manifest(models={"general": entry}), folder / "manifest.yaml")
+
+
+@pytest.fixture
+def tiny_weights(tmp_path, tiny_model_config, tiny_model):
+    return make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+
+
+@pytest.fixture
+def real_data():
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data not found at {REAL_DATA}")
+    return REAL_DATA

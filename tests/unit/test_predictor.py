@@ -1,0 +1,109 @@
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from lsmseg import io
+from lsmseg.config import InferenceSettings
+from lsmseg.errors import InputError
+from lsmseg.normalise import normalise_volume
+from lsmseg.predictor import Predictor
+
+
+@pytest.fixture
+def predictor(tiny_model, tiny_model_config):
+    return Predictor(tiny_model, tiny_model_config, InferenceSettings(overlap=0.5), device="cpu", progress=False)
+
+
+def test_sliding_window_matches_monai(predictor, tiny_model):
+    from monai.inferers import sliding_window_inference
+
+    rng = np.random.default_rng(0)
+    image = rng.random((40, 70, 80), dtype=np.float32)
+    ours = predictor.sliding_window_logits(image)
+    with torch.inference_mode():
+        theirs = sliding_window_inference(
+            torch.from_numpy(image)[None, None], (32, 64, 64), 4, tiny_model, overlap=0.5, mode="gaussian"
+        )[0, 0].numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_small_volume_is_padded_not_rejected(predictor):
+    volume = np.random.default_rng(1).integers(0, 255, (10, 40, 20)).astype(np.uint8)
+    mask = predictor.predict_volume(volume)
+    assert mask.shape == volume.shape and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+
+
+def test_threshold_applies_to_blended_probability(predictor):
+    volume = np.random.default_rng(2).random((32, 64, 64)).astype(np.float32)
+    probability = torch.sigmoid(torch.from_numpy(predictor.predict_logits(volume))).numpy()
+    for threshold in (0.3, 0.5, 0.7):
+        predictor.settings.threshold = threshold
+        np.testing.assert_array_equal(predictor.predict_volume(volume), (probability >= threshold).astype(np.uint8))
+
+
+def test_resampling_to_model_spacing_returns_input_grid(tiny_model, tiny_model_config):
+    settings = InferenceSettings(spacing=(1.0, 1.0, 1.0))
+    predictor = Predictor(tiny_model, tiny_model_config, settings, device="cpu", progress=False)
+    calls = []
+    original = predictor.sliding_window_logits
+    predictor.sliding_window_logits = lambda image, desc=None: calls.append(image.shape) or original(image)
+    volume = np.random.default_rng(3).random((12, 64, 64)).astype(np.float32)
+    assert predictor.predict_volume(volume, spacing=(4.0, 1.0, 1.0)).shape == volume.shape
+    assert calls[-1] == (48, 64, 64)  # z resampled 4x to the model's 1 um
+    predictor.predict_volume(volume, spacing=(1.1, 1.0, 1.0))  # within tolerance: no resampling
+    assert calls[-1] == (12, 64, 64)
+    predictor.resample = False
+    predictor.predict_volume(volume, spacing=(4.0, 1.0, 1.0))
+    assert calls[-1] == (12, 64, 64)
+
+
+def test_constant_and_nan_volumes(predictor, caplog):
+    assert not predictor.predict_volume(np.full((8, 16, 16), 300, np.uint16)).any()
+    assert "constant intensity" in caplog.text
+    bad = np.ones((8, 16, 16), np.float32)
+    bad[0, 0, 0] = np.nan
+    bad[1, 1, 1] = 1.0
+    with pytest.raises(InputError, match="NaN/Inf"):
+        predictor.predict_volume(bad, name="bad.tif")
+
+
+def test_predict_files_keeps_going_and_writes_provenance(predictor, tmp_path, caplog):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = np.random.default_rng(4).integers(100, 4000, (12, 40, 40)).astype(np.uint16)
+    io.write_volume(good, inputs / "a.tif", spacing=(3.0, 1.0, 1.0))
+    io.write_volume(good, inputs / "b.nii.gz", spacing=(3.0, 1.0, 1.0))
+    (inputs / "broken.tif").write_bytes(b"II*\x00garbage")
+    tifffile.imwrite(inputs / "flat.tif", np.zeros((8, 8), np.uint16))
+    results = predictor.predict_files(io.list_volumes(inputs), tmp_path / "out")
+    ok = {r["input"].split("/")[-1]: r["ok"] for r in results}
+    assert ok == {"a.tif": True, "b.nii.gz": True, "broken.tif": False, "flat.tif": False}
+    out = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert out == ["a.provenance.json", "a.tif", "b.nii.gz", "b.provenance.json"]
+    errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and all("\n" not in e for e in errors)
+    assert any("broken.tif" in e for e in errors) and any("2-D image" in e for e in errors)
+    provenance = json.loads((tmp_path / "out" / "a.provenance.json").read_text())
+    assert provenance["shape"] == [12, 40, 40] and provenance["parameters"]["inference"]["overlap"] == 0.5
+    assert provenance["spacing_um"] == [3.0, 1.0, 1.0] and "lsmseg" in provenance["versions"]
+    mask = io.read_volume(tmp_path / "out" / "a.tif")
+    assert mask.shape == good.shape and mask.dtype == np.uint8
+    np.testing.assert_allclose(mask.spacing, (3.0, 1.0, 1.0), rtol=1e-5)
+
+
+def test_mask_value_255(tiny_model, tiny_model_config, tmp_path):
+    predictor = Predictor(tiny_model, tiny_model_config, InferenceSettings(threshold=0.01), device="cpu",
+                          progress=False, mask_value=255)
+    io.write_volume(np.random.default_rng(5).integers(0, 999, (8, 32, 32)).astype(np.uint16), tmp_path / "v.tif")
+    predictor.predict_file(tmp_path / "v.tif", tmp_path / "out" / "v.tif")
+    assert set(np.unique(io.read_volume(tmp_path / "out" / "v.tif").load())) <= {0, 255}
+
+
+def test_normalisation_is_the_shared_one(predictor):
+    volume = np.random.default_rng(6).integers(0, 5000, (32, 64, 64)).astype(np.uint16)
+    np.testing.assert_allclose(
+        predictor.predict_logits(volume), predictor.sliding_window_logits(normalise_volume(volume)), rtol=1e-6
+    )

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from lsmseg.config import ModelConfig
+from lsmseg.errors import ConfigError, WeightsError
+from lsmseg.predictor import Predictor
+from lsmseg.weights import find_manifest, load_manifest, load_state_dict, sha256_file
+
+from ..conftest import make_weights
+
+
+def test_manifest_round_trip_and_predictor(tiny_weights, tiny_model):
+    manifest = load_manifest(tiny_weights)
+    name, entry = manifest.entry_for("vessels")
+    assert name == "general" and entry.model.roi == (32, 64, 64)
+    predictor = Predictor.from_manifest(tiny_weights, device="cpu", progress=False, threshold=0.3)
+    assert predictor.settings.threshold == 0.3 and predictor.weights_info["sha256"] == entry.sha256
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(predictor.model.state_dict()[key].cpu(), value)
+
+
+def test_tampered_weights_are_refused(tiny_weights):
+    checkpoint = tiny_weights.parent / "general.safetensors"
+    data = bytearray(checkpoint.read_bytes())
+    data[-10] ^= 0xFF
+    checkpoint.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=r"general.safetensors: checksum mismatch"):
+        Predictor.from_manifest(tiny_weights, device="cpu")
+
+
+def test_missing_weights_file(tiny_weights):
+    (tiny_weights.parent / "general.safetensors").unlink()
+    with pytest.raises(WeightsError, match="general.safetensors: weights file is missing"):
+        Predictor.from_manifest(tiny_weights, device="cpu")
+
+
+def test_no_weights_installed_message(monkeypatch, tmp_path):
+    import lsmseg.weights as w
+
+    monkeypatch.delenv("LSMSEG_WEIGHTS", raising=False)
+    monkeypatch.setattr(w, "GRAND_CHALLENGE_MODEL_DIR", tmp_path / "none1")
+    monkeypatch.setattr(w, "SOURCE_TREE_WEIGHTS", tmp_path / "none2")
+    with pytest.raises(WeightsError, match="no trained weights are installed"):
+        find_manifest()
+
+
+def test_weights_for_another_architecture(tmp_path, tiny_model_config, tiny_model):
+    manifest = make_weights(tmp_path, tiny_model_config, tiny_model)
+    text = manifest.read_text().replace("feature_size: 12", "feature_size: 24")
+    manifest.write_text(text)
+    with pytest.raises(WeightsError, match="do not fit"):
+        Predictor.from_manifest(manifest, device="cpu")
+
+
+def test_pickled_checkpoints_are_not_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(WeightsError, match="cannot load weights"):
+        load_state_dict(path, sha256_file(path))
+
+
+def test_model_config_validation():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        ModelConfig(roi=(48, 64, 64))
+    with pytest.raises(ValueError, match="too small"):
+        ModelConfig(roi=(32, 32, 32))
+    from lsmseg.config import from_dict
+
+    with pytest.raises(ConfigError, match="unknown key 'feature_sise'"):
+        from_dict(ModelConfig, {"feature_sise": 12}, "cfg.yaml")
+    with pytest.raises(ConfigError, match=r"cfg.yaml.feature_size: expected an integer"):
+        from_dict(ModelConfig, {"feature_size": "big"}, "cfg.yaml")
