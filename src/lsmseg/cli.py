@@ -126,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that live outside the inference core; registered when importable.
-_PLUGGED_COMMANDS: list[tuple[str, str]] = []
+_PLUGGED_COMMANDS: list[tuple[str, str]] = [
+    ("lsmseg.challenge", "add_challenge_commands"),
+    ("lsmseg_training.cli", "add_commands"),  # pretrain, finetune, export
+    ("lsmseg_evaluation.cli", "add_commands"),  # evaluate
+]
 
 
 class _LevelPrefixFormatter(logging.Formatter):
