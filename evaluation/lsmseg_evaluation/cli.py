@@ -1,0 +1,101 @@
+"""``lsmseg evaluate``: registered by lsmseg.cli when this package is importable."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def spacing_argument(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X voxel size in um, got {text!r}") from None
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three positive numbers Z,Y,X, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    from .labels import LABEL_SCHEMES, SPARSE_EDGE_MODES
+
+    parser.add_argument("--label-scheme", choices=LABEL_SCHEMES, default="binary",
+                        help="binary: 0 and one foreground value (0/1, 0/255); nonzero: any non-zero is "
+                             "foreground; sparse: 0 unlabelled, 1 background, 2 foreground (default: binary)")
+    parser.add_argument("--sparse-edge", choices=SPARSE_EDGE_MODES, default="ignore",
+                        help="sparse labels: score TRAILMAP edge voxels (value 4) as background or ignore them")
+    parser.add_argument("--spacing", type=spacing_argument, metavar="Z,Y,X",
+                        help="voxel size in um for every volume, overriding the files (HD95 and volumes in um)")
+    parser.add_argument("--structure", help="structure of every volume not in --mapping (e.g. vessels)")
+    parser.add_argument("--mapping", type=Path, metavar="FILE",
+                        help="CSV (name,structure,category) or YAML mapping volume names to structure/category")
+    parser.add_argument("--no-topology", dest="topology", action="store_false",
+                        help="skip clDice, PQ and Betti numbers (faster on very large volumes)")
+    parser.add_argument("--no-figures", dest="figures", action="store_false", help="no per-volume figures")
+    parser.add_argument("--title", default="lsmseg evaluation", help="report title")
+
+
+def add_commands(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score predictions against labels and write a report",
+        description="Pair predictions with labels by base name (any supported format), compute Dice, clDice, "
+        "precision, recall, HD95, PQ and Betti-number errors per volume, and write metrics.csv, "
+        "summary.json and report.html (with figures) to OUT. Exit code 1 if any pair failed.",
+    )
+    parser.add_argument("--pred", type=Path, required=True, metavar="DIR", help="folder of predicted masks")
+    parser.add_argument("--labels", type=Path, required=True, metavar="DIR", help="folder of label volumes")
+    parser.add_argument("--images", type=Path, metavar="DIR", help="folder of images (for the figures)")
+    parser.add_argument("--out", type=Path, default=Path("evaluation-report"), metavar="OUT",
+                        help="report folder (default: evaluation-report)")
+    add_evaluate_arguments(parser)
+    parser.set_defaults(func=run_evaluate)
+
+
+add_evaluate_command = add_commands  # the name the architecture brief uses
+
+
+def settings_from_args(args):
+    from .categories import load_mapping
+    from .evaluate import EvaluationSettings
+
+    return EvaluationSettings(
+        label_scheme=args.label_scheme,
+        sparse_edge=args.sparse_edge,
+        spacing=args.spacing,
+        structure=args.structure,
+        mapping=load_mapping(args.mapping) if args.mapping else {},
+        topology=args.topology,
+        figures=args.figures,
+        progress=not getattr(args, "quiet", False),
+    )
+
+
+def run_evaluate(args) -> int:
+    from .evaluate import evaluate_folders, write_report
+
+    settings = settings_from_args(args)
+    result = evaluate_folders(args.pred, args.labels, args.images, settings)
+    paths = write_report(result, args.out, title=args.title)
+    print_summary(result)
+    logger.info("report: %s", paths["report"])
+    if result.failed:
+        logger.error("%d of %d volume(s) could not be scored (see %s)", len(result.failed), len(result.rows), paths["metrics"])
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def print_summary(result) -> None:
+    metrics = result.summary["metrics"]
+    parts = [f"{result.summary['n_scored']}/{result.summary['n_volumes']} scored"]
+    for key, label in (("dice", "Dice"), ("cldice", "clDice"), ("hd95_um", "HD95 um"), ("hd95_voxels", "HD95 vox"),
+                       ("betti0_error", "|db0|"), ("betti1_error", "|db1|")):
+        stats = metrics.get(key)
+        if stats and stats["n"]:
+            parts.append(f"{label} {stats['mean']:.4f}")
+    logger.info("%s", ", ".join(parts))

@@ -1,0 +1,295 @@
+"""Score a folder of predictions against a folder of labels and write the report folder.
+
+``evaluate_folders`` reads every pair through :mod:`lsmseg.io` (so every input format works),
+scores it with :mod:`lsmseg_evaluation.metrics` and draws its figure; ``write_report`` writes
+``metrics.csv``, ``summary.json``, ``report.html`` and ``figures/*.png``, each atomically.
+A pair that cannot be scored becomes a row with ``status = error`` and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from lsmseg.errors import InputError, LsmsegError
+from lsmseg.io import atomic_output, read_volume
+from tqdm import tqdm
+
+from .categories import classify
+from .labels import label_masks, prediction_mask
+from .metrics import CONVENTIONS, METRIC_COLUMNS, score_volume
+from .pairing import Pair, pair_volumes
+
+logger = logging.getLogger(__name__)
+
+ROW_COLUMNS = [
+    "name", "status", "error", "structure", "category", "label_scheme", "shape", "spacing_um",
+    *METRIC_COLUMNS, "seconds", "prediction", "label", "image", "notes",
+]
+# Metrics aggregated in summary.json and the report, with how to read them.
+SUMMARY_METRICS = {
+    "dice": "Dice (higher is better)",
+    "cldice": "clDice (higher is better)",
+    "precision": "precision",
+    "recall": "recall",
+    "hd95_um": "HD95 in um (lower is better)",
+    "hd95_voxels": "HD95 in voxels (lower is better)",
+    "pq": "panoptic quality (higher is better)",
+    "betti0_error": "|b0 pred - b0 label| (lower is better)",
+    "betti1_error": "|b1 pred - b1 label| (lower is better)",
+}
+SPACING_TOLERANCE = 0.01  # relative; prediction and label spacings further apart get a note
+
+
+@dataclass
+class EvaluationSettings:
+    label_scheme: str = "binary"  # binary | nonzero | sparse (see labels.py)
+    sparse_edge: str = "ignore"  # ignore | background: what label 4 means in sparse labels
+    spacing: tuple[float, float, float] | None = None  # (z, y, x) um; overrides the files' spacing
+    structure: str | None = None  # structure of every volume not in the mapping
+    mapping: dict = field(default_factory=dict)  # name -> {"structure", "category"} (categories.load_mapping)
+    topology: bool = True  # clDice, PQ, Betti numbers
+    figures: bool = True
+    progress: bool = True
+
+
+@dataclass
+class EvaluationResult:
+    rows: list[dict]
+    summary: dict
+    figures: dict[str, bytes] = field(default_factory=dict)  # name -> PNG
+
+    @property
+    def failed(self) -> list[dict]:
+        return [row for row in self.rows if row["status"] != "ok"]
+
+
+# ------------------------------------------------------------------------------------- scoring
+
+
+def _row(pair: Pair, settings: EvaluationSettings) -> dict:
+    structure, category = classify(pair.name, settings.mapping, settings.structure)
+    row = {column: None for column in ROW_COLUMNS}
+    row.update(
+        name=pair.name,
+        status="ok",
+        structure=structure,
+        category=category,
+        label_scheme=settings.label_scheme,
+        prediction=str(pair.pred) if pair.pred else None,
+        label=str(pair.label) if pair.label else None,
+        image=str(pair.image) if pair.image else None,
+        notes="; ".join(pair.notes) or None,
+    )
+    return row
+
+
+def _note(row: dict, text: str) -> None:
+    row["notes"] = f"{row['notes']}; {text}" if row["notes"] else text
+
+
+def _spacing_for(row: dict, settings: EvaluationSettings, pred_spacing, label_spacing) -> tuple | None:
+    if settings.spacing is not None:
+        return tuple(float(s) for s in settings.spacing)
+    if pred_spacing is not None and label_spacing is not None:
+        if any(abs(p - q) > SPACING_TOLERANCE * max(abs(q), 1e-9) for p, q in zip(pred_spacing, label_spacing)):
+            _note(row, f"prediction spacing {tuple(pred_spacing)} differs from label spacing "
+                       f"{tuple(label_spacing)}; the label's is used")
+    spacing = label_spacing if label_spacing is not None else pred_spacing
+    return tuple(float(s) for s in spacing) if spacing is not None else None
+
+
+def evaluate_pair(pair: Pair, settings: EvaluationSettings) -> tuple[dict, bytes | None]:
+    """Score one pair; returns its row and its figure (PNG bytes, or None)."""
+    row = _row(pair, settings)
+    if not pair.ok:
+        row.update(status="error", error=pair.problem)
+        return row, None
+    start = time.perf_counter()
+    try:
+        label_volume = read_volume(pair.label)
+        pred_volume = read_volume(pair.pred)
+        if pred_volume.shape != label_volume.shape:
+            raise InputError(
+                pair.pred,
+                f"shape {pred_volume.shape} differs from the label's {label_volume.shape} ({pair.label.name})",
+            )
+        label, valid = label_masks(label_volume.load(), pair.label, settings.label_scheme, settings.sparse_edge)
+        pred = prediction_mask(pred_volume.load(), pair.pred)
+        spacing = _spacing_for(row, settings, pred_volume.spacing, label_volume.spacing)
+        row["shape"] = "x".join(map(str, label_volume.shape))
+        row["spacing_um"] = "x".join(f"{s:g}" for s in spacing) if spacing else None
+        row.update(score_volume(pred, label, spacing=spacing, valid=valid, topology=settings.topology))
+        row["seconds"] = round(time.perf_counter() - start, 3)
+        figure = _figure(pair, row, pred, label, valid, spacing) if settings.figures else None
+        return row, figure
+    except LsmsegError as exc:
+        row.update(status="error", error=str(exc))
+    except MemoryError:
+        row.update(status="error", error=f"{pair.pred}: out of memory while scoring")
+    except Exception as exc:  # an unforeseen file or a bug: one row, the other volumes still scored
+        logger.debug("traceback", exc_info=True)
+        row.update(status="error", error=f"{pair.pred}: unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+    return row, None
+
+
+def _figure(pair: Pair, row: dict, pred, label, valid, spacing) -> bytes | None:
+    from .report import volume_figure
+
+    image = None
+    if pair.image is not None:
+        try:
+            image_volume = read_volume(pair.image)
+            if image_volume.shape == label.shape:
+                image = image_volume.load()
+            else:
+                _note(row, f"image shape {image_volume.shape} differs from the label's; figure drawn without it")
+        except LsmsegError as exc:
+            _note(row, f"image unreadable ({exc}); figure drawn without it")
+    try:
+        return volume_figure(row["name"], image, pred, label, valid, row, spacing)
+    except Exception as exc:  # a figure must never cost the metrics
+        logger.warning("%s: figure failed (%s: %s)", row["name"], type(exc).__name__, exc)
+        _note(row, f"figure failed: {type(exc).__name__}")
+        return None
+
+
+def evaluate_folders(
+    pred_dir: str | Path,
+    label_dir: str | Path,
+    image_dir: str | Path | None = None,
+    settings: EvaluationSettings | None = None,
+) -> EvaluationResult:
+    """Pair, score and summarise; nothing is written (see :func:`write_report`)."""
+    settings = settings or EvaluationSettings()
+    pairs = pair_volumes(pred_dir, label_dir, image_dir)
+    rows, figures = [], {}
+    for pair in tqdm(pairs, desc="scoring", unit="vol", disable=not settings.progress or len(pairs) < 2):
+        row, figure = evaluate_pair(pair, settings)
+        if row["status"] != "ok":
+            logger.error("%s", row["error"])
+        else:
+            logger.info("%s: Dice %.4f%s", row["name"], row["dice"],
+                        f", clDice {row['cldice']:.4f}" if row["cldice"] is not None else "")
+        rows.append(row)
+        if figure is not None:
+            figures[pair.name] = figure
+    summary = summarise(rows, settings)
+    summary["inputs"] = {
+        "predictions": str(pred_dir),
+        "labels": str(label_dir),
+        "images": str(image_dir) if image_dir is not None else None,
+    }
+    return EvaluationResult(rows=rows, summary=summary, figures=figures)
+
+
+# ------------------------------------------------------------------------------------- summary
+
+
+def _is_undefined(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def metric_stats(values: Sequence) -> dict:
+    """mean/median/std/min/max over defined values; ``n_undefined`` counts NaN, None is skipped."""
+    present = [v for v in values if v is not None]
+    defined = np.asarray([v for v in present if not _is_undefined(v)], dtype=float)
+    stats = {"n": int(defined.size), "n_undefined": len(present) - int(defined.size)}
+    if defined.size == 0:
+        return stats | {"mean": None, "median": None, "std": None, "min": None, "max": None}
+    return stats | {
+        "mean": float(defined.mean()),
+        "median": float(np.median(defined)),
+        "std": float(defined.std(ddof=1)) if defined.size > 1 else 0.0,
+        "min": float(defined.min()),
+        "max": float(defined.max()),
+    }
+
+
+def _group_stats(rows: list[dict]) -> dict:
+    out = {}
+    for metric in SUMMARY_METRICS:
+        stats = metric_stats([row[metric] for row in rows])
+        if stats["n"] or stats["n_undefined"]:
+            out[metric] = stats
+    return out
+
+
+def summarise(rows: list[dict], settings: EvaluationSettings | None = None) -> dict:
+    settings = settings or EvaluationSettings()
+    scored = [row for row in rows if row["status"] == "ok"]
+    summary = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "n_volumes": len(rows),
+        "n_scored": len(scored),
+        "n_failed": len(rows) - len(scored),
+        "failures": [{"name": row["name"], "error": row["error"]} for row in rows if row["status"] != "ok"],
+        "label_scheme": settings.label_scheme,
+        "sparse_edge": settings.sparse_edge if settings.label_scheme == "sparse" else None,
+        "spacing_override_um": list(settings.spacing) if settings.spacing else None,
+        "metrics": _group_stats(scored),
+        "by_structure": {},
+        "by_category": {},
+        "conventions": CONVENTIONS + ["std is the sample standard deviation (ddof = 1); 0 for a single volume."],
+    }
+    for key, target in (("structure", "by_structure"), ("category", "by_category")):
+        for group in sorted({row[key] for row in scored}):
+            members = [row for row in scored if row[key] == group]
+            summary[target][group] = {"n_volumes": len(members), "metrics": _group_stats(members)}
+    return summary
+
+
+# ------------------------------------------------------------------------------------- output
+
+
+def _csv_cell(value) -> str:
+    if value is None:
+        return ""  # not computed / not applicable
+    if _is_undefined(value):
+        return "nan"  # undefined by the conventions (e.g. HD95 with one empty mask)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def metrics_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(ROW_COLUMNS)
+    for row in rows:
+        writer.writerow([_csv_cell(row[column]) for column in ROW_COLUMNS])
+    return buffer.getvalue()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_report(result: EvaluationResult, out_dir: str | Path, title: str = "lsmseg evaluation") -> dict[str, Path]:
+    """Write metrics.csv, summary.json, figures/*.png and report.html into ``out_dir``."""
+    from .report import distributions_figure, render_html
+
+    out_dir = Path(out_dir)
+    paths = {"metrics": out_dir / "metrics.csv", "summary": out_dir / "summary.json", "report": out_dir / "report.html"}
+    write_text_atomic(paths["metrics"], metrics_csv(result.rows))
+    write_text_atomic(paths["summary"], json.dumps(result.summary, indent=2) + "\n")
+    figures_dir = out_dir / "figures"
+    for name, png in result.figures.items():
+        with atomic_output(figures_dir / f"{name}.png") as tmp:
+            tmp.write_bytes(png)
+    distributions = distributions_figure(result.rows)
+    if distributions is not None:
+        with atomic_output(figures_dir / "distributions.png") as tmp:
+            tmp.write_bytes(distributions)
+    write_text_atomic(paths["report"], render_html(result, distributions, title=title))
+    return paths

@@ -1,0 +1,207 @@
+"""``lsmseg evaluate`` end to end: pairing across formats, error rows, outputs, shipped-weights check."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("skimage")
+pytest.importorskip("cc3d")
+pytest.importorskip("matplotlib")
+EVALUATION = Path(__file__).resolve().parents[2] / "evaluation"
+if str(EVALUATION) not in sys.path:
+    sys.path.insert(0, str(EVALUATION))
+
+from lsmseg.cli import main  # noqa: E402
+from lsmseg.io import write_volume  # noqa: E402
+from lsmseg_evaluation.metrics import score_volume  # noqa: E402
+
+
+def tubes(shape=(12, 40, 40), seed=0, count=3):
+    """A few straight tubes along x at random (y, z): a tiny vessel-like label."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, np.uint8)
+    for _ in range(count):
+        z, y = int(rng.integers(3, shape[0] - 3)), int(rng.integers(4, shape[1] - 4))
+        label[z - 1 : z + 2, y - 1 : y + 2, 3:-3] = 1
+    return label
+
+
+def image_for(label, seed=0):
+    rng = np.random.default_rng(seed)
+    return (label.astype(np.float32) * 800 + rng.normal(200, 30, label.shape)).clip(0, 4000).astype(np.uint16)
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    with path.open() as handle:
+        return {row["name"]: row for row in csv.DictReader(handle)}
+
+
+def evaluate(tmp_path, *extra, pred="pred", labels="labels", images=None) -> int:
+    argv = ["--quiet", "evaluate", "--pred", str(tmp_path / pred), "--labels", str(tmp_path / labels),
+            "--out", str(tmp_path / "report"), *extra]
+    if images:
+        argv += ["--images", str(tmp_path / images)]
+    return main(argv)
+
+
+def test_pairs_across_formats_and_writes_report(tmp_path):
+    spacing = (2.0, 1.0, 1.0)
+    labels = {name: tubes(seed=i) for i, name in enumerate(["alpha", "beta", "gamma"])}
+    preds = {name: np.roll(label, 1, axis=2) * 255 for name, label in labels.items()}  # 0/255 masks
+    # label and prediction of one volume in different containers; gamma is a folder of planes
+    write_volume(labels["alpha"] * 255, tmp_path / "labels" / "alpha.tif", spacing)
+    write_volume(preds["alpha"], tmp_path / "pred" / "alpha.nii.gz", spacing)
+    write_volume(labels["beta"], tmp_path / "labels" / "beta.nii.gz", spacing)
+    write_volume(preds["beta"], tmp_path / "pred" / "beta.tif", spacing)
+    write_volume(labels["gamma"], tmp_path / "labels" / "gamma.mha", spacing)
+    write_volume(preds["gamma"], tmp_path / "pred" / "gamma", spacing)
+    (tmp_path / "pred" / "alpha.provenance.json").write_text("{}")  # sidecars are not volumes
+    for name, label in labels.items():
+        write_volume(image_for(label), tmp_path / "images" / f"{name}.tif", spacing)
+
+    assert evaluate(tmp_path, "--structure", "vessels", images="images") == 0
+
+    report = tmp_path / "report"
+    rows = read_rows(report / "metrics.csv")
+    assert sorted(rows) == ["alpha", "beta", "gamma"]
+    for name, label in labels.items():
+        row = rows[name]
+        assert row["status"] == "ok" and row["category"] == "contiguous-dense"
+        expected = score_volume(preds[name], label, spacing=spacing)
+        for key in ("dice", "cldice", "precision", "recall", "hd95_um", "pq"):
+            assert float(row[key]) == pytest.approx(expected[key], rel=1e-5), (name, key)
+        assert int(row["betti0_error"]) == expected["betti0_error"]
+        assert row["spacing_um"] == "2x1x1"
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["n_scored"] == 3 and summary["n_failed"] == 0
+    dice = [float(rows[n]["dice"]) for n in rows]
+    assert summary["metrics"]["dice"]["mean"] == pytest.approx(np.mean(dice), rel=1e-5)
+    assert summary["metrics"]["dice"]["std"] == pytest.approx(np.std(dice, ddof=1), rel=1e-4)
+    assert summary["by_category"]["contiguous-dense"]["n_volumes"] == 3
+    assert summary["metrics"]["hd95_um"]["n"] == 3 and "hd95_voxels" not in summary["metrics"]
+    html = (report / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4  # three volumes and the distributions
+    assert sorted(p.name for p in (report / "figures").iterdir()) == [
+        "alpha.png", "beta.png", "distributions.png", "gamma.png"]
+    assert not [p for p in report.rglob(".partial-*")]
+
+
+def test_bad_pairs_become_error_rows_and_fail_the_run(tmp_path):
+    good = tubes(seed=1)
+    write_volume(good, tmp_path / "labels" / "good.tif")
+    write_volume(good, tmp_path / "pred" / "good.tif")
+    write_volume(good, tmp_path / "labels" / "unpredicted.tif")
+    write_volume(good, tmp_path / "pred" / "unlabelled.tif")
+    write_volume(good, tmp_path / "labels" / "wrongshape.tif")
+    write_volume(good[:, :20], tmp_path / "pred" / "wrongshape.tif")
+    write_volume((good * 2 + (good == 0)).astype(np.uint8), tmp_path / "labels" / "sparse_by_mistake.tif")  # values 1, 2
+    write_volume(good, tmp_path / "pred" / "sparse_by_mistake.tif")
+    (tmp_path / "labels" / "corrupt.tif").write_bytes(b"II*\x00 this is not a TIFF")
+    write_volume(good, tmp_path / "pred" / "corrupt.tif")
+    write_volume(good, tmp_path / "labels" / "probabilities.tif")
+    write_volume(good * np.float32(0.7) + np.float32(0.1), tmp_path / "pred" / "probabilities.tif")
+
+    assert evaluate(tmp_path) == 1
+
+    rows = read_rows(tmp_path / "report" / "metrics.csv")
+    assert rows["good"]["status"] == "ok" and float(rows["good"]["dice"]) == 1.0
+    expected_errors = {
+        "unpredicted": "no prediction for label unpredicted.tif",
+        "unlabelled": "prediction unlabelled.tif has no label",
+        "wrongshape": "shape (12, 20, 40) differs from the label's (12, 40, 40)",
+        "sparse_by_mistake": "non-binary label: values [1, 2]",
+        "corrupt": "corrupt.tif",
+        "probabilities": "prediction is not a binary mask",
+    }
+    html = (tmp_path / "report" / "report.html").read_text()
+    for name, text in expected_errors.items():
+        assert rows[name]["status"] == "error", name
+        assert text in rows[name]["error"], (name, rows[name]["error"])
+        assert "\n" not in rows[name]["error"]
+        assert name in html
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["n_failed"] == len(expected_errors) and summary["n_scored"] == 1
+    assert "6 failure(s)" in html
+
+
+def test_same_base_name_twice_is_reported(tmp_path):
+    label = tubes(seed=2)
+    write_volume(label, tmp_path / "labels" / "twin.tif")
+    write_volume(label, tmp_path / "pred" / "twin.tif")
+    write_volume(label, tmp_path / "pred" / "twin.nii.gz")
+    assert evaluate(tmp_path, "--no-figures") == 1
+    row = read_rows(tmp_path / "report" / "metrics.csv")["twin"]
+    assert row["status"] == "error" and "2 prediction files share the base name 'twin'" in row["error"]
+
+
+def test_sparse_labels_mapping_and_undefined_values(tmp_path):
+    # A sparse label annotating two planes, and an empty prediction for a fully labelled volume.
+    label = tubes(seed=3)
+    sparse = np.zeros(label.shape, np.uint8)
+    for z in (4, 8):
+        sparse[z] = np.where(label[z] > 0, 2, 1)
+    pred = label.copy()
+    pred[0] = 1  # wrong everywhere on plane 0, which nobody labelled
+    write_volume(sparse, tmp_path / "labels" / "axons_01.tif")
+    write_volume(pred, tmp_path / "pred" / "axons_01.tif")
+    mapping = tmp_path / "mapping.csv"
+    mapping.write_text("name,structure,category\naxons_01,axons,contiguous-sparse\n")
+    assert evaluate(tmp_path, "--label-scheme", "sparse", "--mapping", str(mapping)) == 0
+    row = read_rows(tmp_path / "report" / "metrics.csv")["axons_01"]
+    assert float(row["dice"]) == 1.0 and row["fp"] == "0"
+    assert row["cldice"] == "" and row["hd95_voxels"] == ""  # not computed for sparse labels
+
+    write_volume(label, tmp_path / "labels2" / "nuclei_01.tif")
+    write_volume(np.zeros_like(label), tmp_path / "pred2" / "nuclei_01.tif")
+    write_volume(label, tmp_path / "labels2" / "nuclei_02.tif")
+    write_volume(label, tmp_path / "pred2" / "nuclei_02.tif")
+    assert evaluate(tmp_path, pred="pred2", labels="labels2") == 0
+    rows = read_rows(tmp_path / "report" / "metrics.csv")
+    assert rows["nuclei_01"]["hd95_voxels"] == "nan" and rows["nuclei_01"]["precision"] == "nan"
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    hd = summary["metrics"]["hd95_voxels"]
+    assert (hd["n"], hd["n_undefined"], hd["mean"]) == (1, 1, 0.0)  # the undefined one is not averaged
+    assert summary["by_category"]["isolated-dense"]["metrics"]["dice"]["mean"] == pytest.approx(0.5)
+
+
+def test_real_sparse_trailmap_label(tmp_path, real_data):
+    """The real TRAILMAP annotation: scoring its own axon voxels (plus noise on unlabelled ones) gives 1."""
+    import tifffile
+
+    sparse = tifffile.imread(real_data / "trailmap" / "sparse_label.tif")
+    pred = (sparse == 2).astype(np.uint8)
+    pred[sparse == 0] = np.random.default_rng(0).random(int((sparse == 0).sum())) < 0.05
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "volume.tif").symlink_to(real_data / "trailmap" / "sparse_label.tif")
+    write_volume(pred, tmp_path / "pred" / "volume.tif")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "volume.tif").symlink_to(real_data / "trailmap" / "volume.tif")
+    assert evaluate(tmp_path, "--label-scheme", "sparse", images="images") == 0
+    row = read_rows(tmp_path / "report" / "metrics.csv")["volume"]
+    assert float(row["dice"]) == 1.0 and int(row["label_voxels"]) == int((sparse == 2).sum())
+    assert (tmp_path / "report" / "figures" / "volume.png").stat().st_size > 10_000
+
+
+def test_validate_shipped_runs_predict_then_evaluate(tmp_path, tiny_weights):
+    from lsmseg_evaluation.validate_shipped import main as validate
+
+    for i in range(2):
+        label = tubes((10, 48, 48), seed=10 + i)
+        write_volume(image_for(label, seed=i), tmp_path / "data" / "images" / f"vol{i}.tif")
+        write_volume(label * 255, tmp_path / "data" / "labels" / f"vol{i}.tif")
+    status = validate(["--data", str(tmp_path / "data"), "--weights", str(tiny_weights), "--out",
+                       str(tmp_path / "out"), "--device", "cpu", "--quiet"])
+    assert status == 0
+    rows = read_rows(tmp_path / "out" / "metrics.csv")
+    assert sorted(rows) == ["vol0", "vol1"] and all(r["status"] == "ok" for r in rows.values())
+    assert all(r["spacing_um"] == "5x0.99x0.99" for r in rows.values())  # the dataset's voxel size
+    results = (tmp_path / "out" / "results.md").read_text()
+    assert "| vol0 |" in results and "**mean (n=2)**" in results and "general.safetensors" in results
+    assert all(math.isfinite(float(r["dice"])) for r in rows.values())
