@@ -1,0 +1,539 @@
+"""Synthetic light-sheet phantoms with exact ground truth.
+
+A phantom is built in two stages, both in physical units (micrometres, axes z, y, x):
+
+1. *Geometry*: an irregular organ-shaped tissue region inside dark background, and the labelled
+   structures inside it (branching vessel trees, irregular cells, dense nuclei, or plaques). The
+   label is this rasterised geometry, before any optics or noise, so it is exact.
+2. *Image formation*: tissue autofluorescence with multi-scale texture and a bright surface rim,
+   unlabelled distractors (autofluorescent speckles, plaque halos), depth attenuation along z and
+   along the light-sheet axis (x), light-sheet shadows (stripes along x), plane-to-plane flicker,
+   an anisotropic Gaussian PSF (axial blur wider than lateral), Poisson shot noise, Gaussian read
+   noise and a camera offset, quantised to uint16.
+
+Everything is drawn from one ``numpy.random.Generator`` seeded from ``(seed, kind)``, so a phantom
+is a pure function of its arguments. Only numpy and scipy.ndimage are used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("vessels", "cells", "nuclei", "plaques")
+_KIND_IDS = {kind: i for i, kind in enumerate(KINDS)}
+
+Spacing = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class PhantomSettings:
+    """Switches and physical parameters of the image formation (defaults look like real data).
+
+    Per-volume variation (brightness, contrast, attenuation lengths, number of stripes) is drawn
+    from the seed on top of these values, so a set of seeds gives a varied data set.
+    """
+
+    tissue: bool = True  # False: the whole volume is tissue (an interior crop)
+    lateral_psf_um: float = 0.8  # Gaussian sigma of the PSF in y and x
+    axial_psf_um: float = 3.0  # Gaussian sigma along z (light-sheet thickness), wider than lateral
+    attenuation: bool = True  # depth attenuation along z and along the light-sheet axis x
+    stripes: bool = True  # light-sheet shadows running along x
+    noise: bool = True  # Poisson shot noise + Gaussian read noise (False: expected counts, rounded)
+    tissue_photons: float = 40.0  # mean autofluorescence photons per voxel at the tissue surface
+    counts_per_photon: float = 2.0
+    read_noise_counts: float = 2.0
+    camera_offset: float = 100.0
+    structure_fraction: float | None = None  # labelled fraction of tissue; None: kind default, jittered
+
+
+@dataclass
+class Phantom:
+    """A synthetic volume and its exact label, axes (z, y, x)."""
+
+    image: np.ndarray  # uint16
+    label: np.ndarray  # uint8, values {0, 1}
+    spacing: Spacing  # voxel size in micrometres (z, y, x)
+    kind: str
+    seed: int
+    tissue: np.ndarray = field(repr=False)  # bool, the organ region (structures lie only inside it)
+
+
+def make_phantom(
+    kind: str,
+    shape: tuple[int, int, int],
+    seed: int,
+    spacing: Spacing = (3.0, 1.0, 1.0),
+    settings: PhantomSettings | None = None,
+) -> Phantom:
+    """Build a light-sheet-like phantom of ``kind`` (one of ``KINDS``), deterministic for ``seed``.
+
+    ``shape`` is (z, y, x) in voxels and ``spacing`` the voxel size in micrometres; structure sizes
+    are physical, so the same kind looks the same at any spacing.
+    """
+    if kind not in _KIND_IDS:
+        raise ConfigError(f"unknown phantom kind {kind!r}; choose one of {', '.join(KINDS)}")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"phantom shape must be three positive integers (z, y, x), got {shape}")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ConfigError(f"phantom spacing must be three positive numbers (z, y, x), got {spacing}")
+    settings = settings or PhantomSettings()
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _KIND_IDS[kind]]))
+    space = _Space(shape, spacing)
+
+    tissue = _tissue_mask(rng, space) if settings.tissue else np.ones(shape, bool)
+    if not tissue.any():  # a tiny volume may miss the organ entirely; keep it usable
+        tissue[tuple(n // 2 for n in shape)] = True
+    fraction = settings.structure_fraction
+    label, signal, extra = _STRUCTURES[kind](rng, space, tissue, fraction)
+    label &= tissue
+    signal[~label] = 0.0
+    image = _render(rng, space, tissue, signal, extra, settings)
+    return Phantom(image=image, label=label.astype(np.uint8), spacing=spacing, kind=kind, seed=int(seed), tissue=tissue)
+
+
+def phantom_name(kind: str, seed: int) -> str:
+    """Base name shared by a phantom's image and label files: ``<kind>_<seed>``."""
+    return f"{kind}_{int(seed)}"
+
+
+def write_phantom(
+    out_dir: str | Path,
+    kind: str,
+    shape: tuple[int, int, int],
+    seed: int,
+    fmt: str = "tif",
+    spacing: Spacing = (3.0, 1.0, 1.0),
+    settings: PhantomSettings | None = None,
+) -> tuple[Path, Path]:
+    """Write a phantom as ``out_dir/images/<kind>_<seed>.<fmt>`` and ``out_dir/labels/<kind>_<seed>.<fmt>``.
+
+    Image and label share one file name (the challenge convention: a mask has its volume's name).
+    ``fmt`` is any suffix the I/O registry writes (``tif``, ``nii.gz``, ``mha``, ``nrrd``, ``zarr``);
+    spacing is stored in the files. Writes are atomic. Returns ``(image_path, label_path)``.
+    """
+    from .io import write_volume
+
+    phantom = make_phantom(kind, shape, seed, spacing=spacing, settings=settings)
+    name = f"{phantom_name(kind, seed)}.{fmt.lstrip('.')}"
+    out_dir = Path(out_dir)
+    image_path, label_path = out_dir / "images" / name, out_dir / "labels" / name
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    label_path.parent.mkdir(parents=True, exist_ok=True)
+    write_volume(phantom.image, image_path, spacing=phantom.spacing)
+    write_volume(phantom.label, label_path, spacing=phantom.spacing)
+    logger.debug("phantom %s %s seed %d -> %s", kind, "x".join(map(str, phantom.image.shape)), seed, image_path)
+    return image_path, label_path
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry helpers
+
+
+class _Space:
+    """The voxel grid in physical units; voxel i along an axis sits at i * spacing."""
+
+    def __init__(self, shape: tuple[int, int, int], spacing: Spacing):
+        self.shape = shape
+        self.spacing = np.asarray(spacing, dtype=np.float64)
+        self.extent = np.asarray(shape) * self.spacing
+        self.voxel_volume = float(np.prod(self.spacing))
+
+    def axis(self, d: int) -> np.ndarray:
+        return np.arange(self.shape[d]) * self.spacing[d]
+
+    def sigma_voxels(self, sigma_um) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.broadcast_to(sigma_um, 3) / self.spacing)
+
+    def nearest(self, points_um: np.ndarray) -> np.ndarray:
+        return np.rint(points_um / self.spacing).astype(np.int64)
+
+    def inside(self, idx: np.ndarray) -> np.ndarray:
+        return np.all((idx >= 0) & (idx < np.asarray(self.shape)), axis=-1)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _standardise(a: np.ndarray) -> np.ndarray:
+    a = a - a.mean()
+    return a / max(float(a.std()), 1e-12)
+
+
+def _fine_noise(rng: np.random.Generator, space: _Space, scale_um: float) -> np.ndarray:
+    """Zero-mean, unit-variance Gaussian random field with correlation length ``scale_um``."""
+    noise = rng.standard_normal(space.shape, dtype=np.float32)
+    return _standardise(ndimage.gaussian_filter(noise, space.sigma_voxels(scale_um), mode="wrap"))
+
+
+def _coarse_noise(rng: np.random.Generator, space: _Space, scale_um: float) -> np.ndarray:
+    """Like ``_fine_noise`` for large scales: a sum of Gaussians on a coarse lattice (separable, cheap)."""
+    step = scale_um / 1.5
+    out = None
+    weights = []
+    for d in range(3):
+        centres = np.arange(-2 * scale_um, space.extent[d] + 2 * scale_um + step, step)
+        w = np.exp(-0.5 * ((space.axis(d)[:, None] - centres[None, :]) / scale_um) ** 2)
+        weights.append(w.astype(np.float32))
+    coarse = rng.standard_normal(tuple(w.shape[1] for w in weights), dtype=np.float32)
+    out = coarse @ weights[2].T  # (cz, cy, X)
+    out = np.einsum("jb,abk->ajk", weights[1], out)  # (cz, Y, X)
+    out = np.tensordot(weights[0], out, axes=(1, 0))  # (Z, Y, X)
+    return _standardise(out)
+
+
+def _tissue_mask(rng: np.random.Generator, space: _Space) -> np.ndarray:
+    """An irregular organ: a perturbed ellipsoid covering roughly 40-50% of the volume."""
+    centre = space.extent * (0.5 + rng.uniform(-0.06, 0.06, 3))
+    semi = space.extent * np.array([0.62, 0.40, 0.40]) * rng.uniform(0.9, 1.1, 3)
+    rot = _random_rotation(rng) if rng.random() < 0.5 else np.eye(3)
+    # Only rotate within the y-x plane: a tilted organ in z would look like an odd crop.
+    rot[0, :], rot[:, 0] = 0.0, 0.0
+    rot[0, 0] = 1.0
+    if rot[1:, 1:].any():
+        angle = rng.uniform(0, np.pi)
+        rot[1:, 1:] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    z, y, x = (space.axis(d) - centre[d] for d in range(3))
+    u1 = rot[1, 1] * y[:, None] + rot[1, 2] * x[None, :]
+    u2 = rot[2, 1] * y[:, None] + rot[2, 2] * x[None, :]
+    rho2 = (z[:, None, None] / semi[0]) ** 2 + (u1 / semi[1])[None] ** 2 + (u2 / semi[2])[None] ** 2
+    lobes = _coarse_noise(rng, space, scale_um=0.25 * float(np.min(space.extent[1:])))
+    return np.sqrt(rho2) < 1.0 + 0.12 * lobes
+
+
+def _random_points_in(rng: np.random.Generator, space: _Space, mask: np.ndarray, n: int) -> np.ndarray:
+    """``n`` uniformly random points (µm) inside ``mask``."""
+    flat = np.flatnonzero(mask)
+    picks = flat[rng.integers(0, flat.size, n)]
+    idx = np.stack(np.unravel_index(picks, space.shape), axis=-1)
+    return (idx + rng.uniform(-0.5, 0.5, (n, 3))) * space.spacing
+
+
+def _paint_balls(
+    label: np.ndarray, signal: np.ndarray, space: _Space, centres: np.ndarray, radii: np.ndarray, values: np.ndarray
+) -> None:
+    """Rasterise balls (µm): every voxel centre within a radius, plus each centre's nearest voxel.
+
+    The nearest voxel keeps sub-voxel vessels connected (a 1 µm capillary is thinner than a 3 µm
+    z step). Balls are grouped by radius so that each group is one vectorised scatter.
+    """
+    near = space.nearest(centres)
+    bins = np.ceil(radii / 0.5).astype(np.int64)
+    for b in np.unique(bins):
+        sel = np.flatnonzero(bins == b)
+        r_max = b * 0.5
+        reach = np.ceil(r_max / space.spacing).astype(int) + 1
+        grid = np.stack(np.meshgrid(*(np.arange(-k, k + 1) for k in reach), indexing="ij"), -1).reshape(-1, 3)
+        keep = np.linalg.norm(grid * space.spacing, axis=1) <= r_max + 0.5 * np.linalg.norm(space.spacing)
+        offsets = grid[keep]
+        chunk = max(1, 2_000_000 // len(offsets))
+        for start in range(0, sel.size, chunk):
+            s = sel[start : start + chunk]
+            cand = near[s, None, :] + offsets[None]  # (n, m, 3)
+            d2 = np.sum((cand * space.spacing - centres[s, None, :]) ** 2, axis=-1)
+            hit = (d2 <= radii[s, None] ** 2) | np.all(offsets == 0, axis=-1)[None]
+            hit &= space.inside(cand)
+            idx = cand[hit]
+            vals = np.broadcast_to(values[s, None], hit.shape)[hit]
+            label[idx[:, 0], idx[:, 1], idx[:, 2]] = True
+            signal[idx[:, 0], idx[:, 1], idx[:, 2]] = vals
+
+
+def _paint_blob(
+    label: np.ndarray,
+    signal: np.ndarray,
+    space: _Space,
+    centre: np.ndarray,
+    semi: np.ndarray,
+    rot: np.ndarray,
+    roughness: np.ndarray,
+    amplitude: float,
+    value: float,
+    texture: np.ndarray,
+) -> None:
+    """Rasterise a rotated ellipsoid whose surface is pushed in and out by a smooth noise field."""
+    reach = float(semi.max()) * (1.0 + 2.5 * amplitude) + 0.5
+    lo = np.maximum(np.floor((centre - reach) / space.spacing).astype(int), 0)
+    hi = np.minimum(np.ceil((centre + reach) / space.spacing).astype(int) + 1, space.shape)
+    if np.any(hi <= lo):
+        return
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    rel = [np.arange(a, b) * s - c for a, b, s, c in zip(lo, hi, space.spacing, centre)]
+    grid = np.stack(np.meshgrid(*rel, indexing="ij"), -1)  # (dz, dy, dx, 3) µm
+    u = grid @ rot  # body coordinates
+    rho = np.sqrt(np.sum((u / semi) ** 2, axis=-1))
+    inside = rho <= 1.0 + amplitude * roughness[box]
+    nearest = tuple(np.clip(np.rint(centre / space.spacing).astype(int), 0, np.asarray(space.shape) - 1))
+    label[box] |= inside
+    # Brighter core, dimmer rim, and a grainy interior (chromatin, granules).
+    values = value * (1.15 - 0.3 * np.clip(rho, 0, 1) ** 2) * (1.0 + 0.15 * texture[box])
+    signal[box] = np.where(inside, values, signal[box])
+    label[nearest] = True
+    signal[nearest] = max(signal[nearest], value)
+
+
+def _place_separated(
+    rng: np.random.Generator, space: _Space, tissue: np.ndarray, radii: np.ndarray, min_gap: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy random placement in tissue: centres at least ``min_gap * (r_i + r_j)`` apart."""
+    centres = _random_points_in(rng, space, tissue, radii.size)
+    tree = cKDTree(centres)
+    alive = np.ones(radii.size, bool)
+    accepted = []
+    r_max = float(radii.max()) if radii.size else 0.0
+    for i in range(radii.size):
+        if not alive[i]:
+            continue
+        accepted.append(i)
+        near = np.asarray(tree.query_ball_point(centres[i], min_gap * (radii[i] + r_max)), dtype=np.int64)
+        near = near[near > i]
+        if near.size:
+            dist = np.linalg.norm(centres[near] - centres[i], axis=1)
+            alive[near[dist < min_gap * (radii[i] + radii[near])]] = False
+    idx = np.asarray(accepted, dtype=np.int64)
+    return centres[idx], radii[idx]
+
+
+def _tissue_volume(space: _Space, tissue: np.ndarray) -> float:
+    return float(tissue.sum()) * space.voxel_volume
+
+
+# --------------------------------------------------------------------------------------------
+# Structures. Each returns (label bool, signal float32 in units of tissue brightness, extra
+# unlabelled signal float32 or None).
+
+
+# Vessel directions lean into the y-x plane: in thin light-sheet stacks most vessels run in-plane.
+_IN_PLANE = np.array([0.4, 1.0, 1.0])
+
+
+def _vessels(rng, space: _Space, tissue: np.ndarray, fraction: float | None):
+    """Branching vessel trees: persistent random-walk centre lines that taper and bifurcate."""
+    fraction = fraction if fraction is not None else rng.uniform(0.04, 0.08)
+    target = fraction * _tissue_volume(space, tissue)
+    r_min = 0.7  # µm: capillaries thinner than one z step
+    points, radii, values = [], [], []
+    volume = 0.0
+    shape = np.asarray(space.shape)
+    trees = 0
+    while volume < target and trees < 2000:
+        trees += 1
+        start = _random_points_in(rng, space, tissue, 1)[0]
+        r0 = float(np.clip(rng.lognormal(np.log(2.2), 0.4), 1.0, 6.0))
+        brightness = rng.uniform(2.0, 6.0)
+        queue = [(start, _unit(rng.standard_normal(3) * _IN_PLANE), r0, brightness)]
+        segments = 0
+        while queue and segments < 24 and volume < target:
+            pos, direction, r, bright = queue.pop()
+            segments += 1
+            length = rng.exponential(60.0) + 10.0
+            step = float(np.clip(0.4 * r, 0.4, 1.5))
+            n = max(2, int(length / step))
+            wander = rng.normal(0.0, 0.12 * np.sqrt(step), (n, 3)) * _IN_PLANE
+            dirs = _unit(direction + np.cumsum(wander, axis=0))
+            path = pos + np.cumsum(dirs * step, axis=0)
+            taper = np.exp(-np.arange(1, n + 1) * step / rng.uniform(150.0, 400.0))
+            rad = r * taper
+            idx = space.nearest(path)
+            ok = np.all((idx >= 0) & (idx < shape), axis=1)
+            ok[ok] = tissue[tuple(idx[ok].T)]
+            ok &= rad >= r_min
+            stop = n if ok.all() else int(np.argmin(ok))
+            if stop == 0:
+                continue
+            path, rad, dirs = path[:stop], rad[:stop], dirs[:stop]
+            # Brightness drifts along a vessel (uneven staining).
+            drift = 1.0 + 0.15 * np.sin(np.arange(stop) * step / rng.uniform(15, 40) + rng.uniform(0, 6.3))
+            points.append(path)
+            radii.append(rad)
+            values.append(bright * drift)
+            volume += float(np.sum(np.pi * np.maximum(rad, 0.5) ** 2 * step))
+            if stop < n:
+                continue  # left the tissue or got too thin
+            r_end = float(rad[-1])
+            for _ in range(2):  # bifurcation (Murray-like: children thinner than the parent)
+                child_r = r_end * rng.uniform(0.6, 0.85)
+                if child_r < r_min:
+                    continue
+                axis = _unit(np.cross(dirs[-1], rng.standard_normal(3)))
+                angle = np.deg2rad(rng.uniform(20, 70))
+                child_dir = _unit((np.cos(angle) * dirs[-1] + np.sin(angle) * axis) * _IN_PLANE)
+                queue.append((path[-1], child_dir, child_r, bright * rng.uniform(0.8, 1.1)))
+    label = np.zeros(space.shape, bool)
+    signal = np.zeros(space.shape, np.float32)
+    if points:
+        _paint_balls(
+            label, signal, space, np.concatenate(points), np.concatenate(radii), np.concatenate(values).astype(np.float32)
+        )
+    return label, signal, None
+
+
+def _blobs(rng, space, tissue, fraction, *, radius_mu, radius_sigma, radius_range, elongation, amplitude,
+           roughness_um, brightness, min_gap):
+    target = fraction * _tissue_volume(space, tissue)
+    mean_volume = 4.0 / 3.0 * np.pi * np.exp(3 * np.log(radius_mu) + 4.5 * radius_sigma**2)
+    n = int(np.ceil(1.5 * target / mean_volume)) + 1
+    radii = np.clip(rng.lognormal(np.log(radius_mu), radius_sigma, n), *radius_range)
+    centres, radii = _place_separated(rng, space, tissue, radii, min_gap)
+    roughness = _fine_noise(rng, space, roughness_um)
+    texture = _fine_noise(rng, space, 0.8)
+    label = np.zeros(space.shape, bool)
+    signal = np.zeros(space.shape, np.float32)
+    volume = 0.0
+    for centre, r in zip(centres, radii):
+        if volume >= target:
+            break
+        semi = r * rng.uniform(1.0 - elongation, 1.0 + elongation, 3)
+        _paint_blob(label, signal, space, centre, semi, _random_rotation(rng), roughness, amplitude,
+                    rng.uniform(*brightness), texture)
+        volume += 4.0 / 3.0 * np.pi * float(np.prod(semi))
+    return label, signal
+
+
+def _cells(rng, space, tissue, fraction):
+    """Irregular cell bodies of varied size and brightness, sparse."""
+    fraction = fraction if fraction is not None else rng.uniform(0.04, 0.09)
+    label, signal = _blobs(rng, space, tissue, fraction, radius_mu=5.5, radius_sigma=0.3, radius_range=(3.0, 12.0),
+                           elongation=0.3, amplitude=0.3, roughness_um=2.5, brightness=(1.5, 5.0), min_gap=0.9)
+    return label, signal, None
+
+
+def _nuclei(rng, space, tissue, fraction):
+    """Small, dense, roughly ellipsoidal nuclei that nearly touch."""
+    fraction = fraction if fraction is not None else rng.uniform(0.15, 0.28)
+    label, signal = _blobs(rng, space, tissue, fraction, radius_mu=3.2, radius_sigma=0.15, radius_range=(2.2, 5.0),
+                           elongation=0.2, amplitude=0.08, roughness_um=1.5, brightness=(1.5, 4.0), min_gap=0.95)
+    return label, signal, None
+
+
+def _plaques(rng, space, tissue, fraction):
+    """Compact, very bright, irregular deposits with a diffuse unlabelled halo."""
+    fraction = fraction if fraction is not None else rng.uniform(0.01, 0.025)
+    target = fraction * _tissue_volume(space, tissue)
+    roughness = _fine_noise(rng, space, 2.0)
+    texture = _fine_noise(rng, space, 0.8)
+    label = np.zeros(space.shape, bool)
+    signal = np.zeros(space.shape, np.float32)
+    halo_seed = np.zeros(space.shape, np.float32)
+    volume = 0.0
+    for _ in range(2000):
+        if volume >= target:
+            break
+        centre = _random_points_in(rng, space, tissue, 1)[0]
+        r0 = float(np.clip(rng.lognormal(np.log(5.0), 0.4), 2.5, 12.0))
+        value = rng.uniform(4.0, 9.0)
+        for _ in range(rng.integers(1, 5)):  # a plaque is a cluster of lumps
+            c = centre + rng.normal(0, 0.5 * r0, 3)
+            semi = r0 * rng.uniform(0.5, 1.0, 3)
+            _paint_blob(label, signal, space, c, semi, _random_rotation(rng), roughness, 0.35, value, texture)
+            volume += 4.0 / 3.0 * np.pi * float(np.prod(semi))
+            idx = tuple(np.clip(space.nearest(c), 0, np.asarray(space.shape) - 1))
+            halo_seed[idx] += value * float(np.prod(semi)) / space.voxel_volume
+    # Fibrillar halo: a wide, faint glow around each plaque, not part of the label.
+    halo = ndimage.gaussian_filter(halo_seed, space.sigma_voxels(8.0), mode="constant") * 0.35
+    return label, signal, halo
+
+
+_STRUCTURES = {"vessels": _vessels, "cells": _cells, "nuclei": _nuclei, "plaques": _plaques}
+
+
+# --------------------------------------------------------------------------------------------
+# Image formation
+
+
+def _speckles(rng, space: _Space, tissue: np.ndarray) -> np.ndarray:
+    """Unlabelled autofluorescent debris (lipofuscin-like): sparse, bright, sub-cellular dots."""
+    speckles = np.zeros(space.shape, np.float32)
+    n = int(_tissue_volume(space, tissue) / 3000.0)
+    if n:
+        idx = space.nearest(_random_points_in(rng, space, tissue, n))
+        idx = np.clip(idx, 0, np.asarray(space.shape) - 1)
+        speckles[tuple(idx.T)] = rng.uniform(2.0, 8.0, n)
+    return ndimage.gaussian_filter(speckles, space.sigma_voxels(0.6), mode="constant")
+
+
+def _stripes(rng, space: _Space) -> np.ndarray:
+    """Light-sheet shadows: an absorber casts a dark stripe that runs along x from where it sits."""
+    field = np.ones(space.shape, np.float32)
+    n = rng.poisson(space.extent[1] / 10.0)
+    x = space.axis(2)
+    z_all = space.axis(0)
+    for _ in range(n):
+        y0 = rng.uniform(0, space.extent[1])
+        width = rng.uniform(0.8, 4.0)
+        z0 = rng.uniform(0, space.extent[0])
+        depth_um = rng.uniform(10.0, 60.0)
+        strength = rng.uniform(0.1, 0.55) * (1 if rng.random() < 0.85 else -0.5)  # a few bright streaks
+        x0 = rng.uniform(-0.2, 0.7) * space.extent[2]
+        ys = slice(max(0, int((y0 - 3 * width) / space.spacing[1])),
+                   min(space.shape[1], int((y0 + 3 * width) / space.spacing[1]) + 2))
+        zs = slice(max(0, int((z0 - 2.5 * depth_um) / space.spacing[0])),
+                   min(space.shape[0], int((z0 + 2.5 * depth_um) / space.spacing[0]) + 2))
+        gy = np.exp(-0.5 * ((space.axis(1)[ys] - y0) / width) ** 2)
+        gz = np.exp(-0.5 * ((z_all[zs] - z0) / depth_um) ** 2)
+        # The shadow fades in behind the absorber and slowly out as scattered light refills it.
+        gx = 1.0 / (1.0 + np.exp(-(x - x0) / 3.0)) * np.exp(-np.maximum(x - x0, 0) / rng.uniform(200, 800))
+        field[zs, ys, :] *= (1.0 - strength * gz[:, None, None] * gy[None, :, None] * gx[None, None, :]).astype(
+            np.float32
+        )
+    return field
+
+
+def _render(rng, space: _Space, tissue: np.ndarray, signal: np.ndarray, extra, settings: PhantomSettings) -> np.ndarray:
+    photons_per_unit = settings.tissue_photons * rng.uniform(0.6, 1.6)
+    tissue_f = tissue.astype(np.float32)
+    soft = ndimage.gaussian_filter(tissue_f, space.sigma_voxels(1.5), mode="nearest")
+    # Autofluorescence: cell-scale grain, mid-scale anatomy, large-scale regional differences.
+    texture = (
+        0.5 * _fine_noise(rng, space, 1.5)
+        + 0.6 * _fine_noise(rng, space, 6.0)
+        + 0.6 * _coarse_noise(rng, space, 40.0)
+    )
+    autofluorescence = np.clip(1.0 + 0.22 * texture, 0.3, None)
+    # Cleared tissue glows at its cut surface; the rim fades over ~10 µm.
+    inner = ndimage.gaussian_filter(tissue_f, space.sigma_voxels(8.0), mode="nearest")
+    rim = rng.uniform(0.3, 1.0) * np.clip(tissue_f - inner, 0.0, None) * 2.0
+    emitted = soft * autofluorescence + tissue_f * rim + signal + _speckles(rng, space, tissue)
+    if extra is not None:
+        emitted += extra * soft
+    if settings.attenuation:
+        # Detection through tissue above (z) and excitation through tissue from the sheet side (x).
+        depth_z = np.cumsum(tissue, axis=0, dtype=np.float32) * space.spacing[0]
+        depth_x = np.cumsum(tissue, axis=2, dtype=np.float32) * space.spacing[2]
+        emitted *= np.exp(-depth_z / rng.uniform(200.0, 500.0) - depth_x / rng.uniform(400.0, 1000.0))
+    if settings.stripes:
+        emitted *= _stripes(rng, space)
+        # Plane-to-plane flicker of the laser power.
+        emitted *= (1.0 + rng.normal(0.0, 0.03, space.shape[0])).astype(np.float32)[:, None, None]
+    sigma = (settings.axial_psf_um * rng.uniform(0.85, 1.15), settings.lateral_psf_um, settings.lateral_psf_um)
+    blurred = ndimage.gaussian_filter(emitted.astype(np.float32), space.sigma_voxels(sigma), mode="nearest")
+    # Stray light / out-of-focus haze around the sample, then the camera.
+    photons = photons_per_unit * np.clip(blurred, 0.0, None) + rng.uniform(2.0, 6.0)
+    gain = settings.counts_per_photon
+    if settings.noise:
+        counts = gain * rng.poisson(photons).astype(np.float32)
+        counts += rng.normal(0.0, settings.read_noise_counts, space.shape).astype(np.float32)
+    else:
+        counts = gain * photons
+    counts += settings.camera_offset
+    return np.clip(np.rint(counts), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+
+
+__all__ = ["KINDS", "Phantom", "PhantomSettings", "make_phantom", "phantom_name", "write_phantom"]

@@ -1,0 +1,199 @@
+"""Synthetic light-sheet phantoms: determinism, exact labels, light-sheet look, and the bundled sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from lsmseg.errors import ConfigError
+from lsmseg.phantom import KINDS, PhantomSettings, make_phantom, write_phantom
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "sample"
+SMALL = (24, 96, 96)
+
+# Labelled fraction of the tissue each kind should have (vessel trees and sparse cells a few percent,
+# nuclei dense, plaques rare).
+LABEL_FRACTION = {"vessels": (0.02, 0.15), "cells": (0.02, 0.15), "nuclei": (0.08, 0.35), "plaques": (0.003, 0.05)}
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    return {kind: make_phantom(kind, SMALL, seed=3) for kind in KINDS}
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold on a 256-bin histogram (kept here so the test needs no scikit-image)."""
+    hist, edges = np.histogram(values, bins=256)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    return float(centres[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
+
+
+def _lag_correlation(image: np.ndarray, axis: int, lag: int, mask: np.ndarray) -> float:
+    a, b = [slice(None)] * 3, [slice(None)] * 3
+    a[axis], b[axis] = slice(0, -lag), slice(lag, None)
+    both = mask[tuple(a)] & mask[tuple(b)]
+    x = image[tuple(a)][both].astype(np.float64)
+    y = image[tuple(b)][both].astype(np.float64)
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_types_shape_and_values(phantoms, kind):
+    p = phantoms[kind]
+    assert p.kind == kind and p.spacing == (3.0, 1.0, 1.0)
+    assert p.image.shape == SMALL and p.image.dtype == np.uint16
+    assert p.label.shape == SMALL and p.label.dtype == np.uint8
+    assert set(np.unique(p.label)) == {0, 1}
+    assert p.tissue.dtype == bool and p.tissue.shape == SMALL
+    # The camera offset (100 counts) is the floor; dark background sits just above it.
+    background = p.image[~p.tissue]
+    assert 95 <= np.median(background) <= 140
+    assert p.image.max() > np.median(background) + 100
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_label_is_plausible_and_inside_tissue(phantoms, kind):
+    p = phantoms[kind]
+    label = p.label.astype(bool)
+    assert not np.any(label & ~p.tissue)
+    low, high = LABEL_FRACTION[kind]
+    assert low <= label.sum() / p.tissue.sum() <= high
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_structures_are_brighter_than_the_tissue_around_them(phantoms, kind):
+    p = phantoms[kind]
+    label = p.label.astype(bool)
+    offset = 100.0
+    inside = p.image[label].mean() - offset
+    around = p.image[p.tissue & ~label].mean() - offset
+    outside = p.image[~p.tissue].mean() - offset
+    assert inside > 1.3 * around
+    assert around > 2.0 * outside  # tissue autofluorescence stands out from the dark background
+
+
+def test_most_of_a_default_volume_is_dark_background():
+    for kind in ("vessels", "cells"):
+        p = make_phantom(kind, (32, 128, 128), seed=11)
+        assert 0.4 <= 1.0 - p.tissue.mean() <= 0.8
+
+
+def test_tissue_off_fills_the_volume():
+    p = make_phantom("vessels", SMALL, seed=1, settings=PhantomSettings(tissue=False))
+    assert p.tissue.all()
+    assert 0.02 <= p.label.mean() <= 0.15
+
+
+def test_same_seed_same_volume_other_seed_or_kind_another():
+    a = make_phantom("vessels", SMALL, seed=7)
+    b = make_phantom("vessels", SMALL, seed=7)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.label, b.label)
+    c = make_phantom("vessels", SMALL, seed=8)
+    assert not np.array_equal(a.label, c.label)
+    assert np.mean(a.image != c.image) > 0.5
+    d = make_phantom("cells", SMALL, seed=7)
+    assert not np.array_equal(a.label, d.label)
+
+
+def test_axial_blur_is_wider_than_lateral():
+    """At the same physical lag (3 µm) neighbouring voxels correlate more along z than along x/y;
+    with an isotropic PSF (the control) they do not, so the difference comes from the PSF."""
+    lag_x = 3  # 3 µm at 1 µm pixels, one z step at 3 µm
+    default = make_phantom("cells", (32, 96, 96), seed=5)
+    z = _lag_correlation(default.image, 0, 1, default.tissue)
+    x = _lag_correlation(default.image, 2, lag_x, default.tissue)
+    y = _lag_correlation(default.image, 1, lag_x, default.tissue)
+    assert z > x + 0.03 and z > y + 0.03
+    iso = make_phantom("cells", (32, 96, 96), seed=5, settings=PhantomSettings(axial_psf_um=0.8))
+    z_iso = _lag_correlation(iso.image, 0, 1, iso.tissue)
+    x_iso = _lag_correlation(iso.image, 2, lag_x, iso.tissue)
+    assert z_iso < x_iso + 0.03
+    assert z - x > z_iso - x_iso + 0.05
+
+
+def test_attenuation_dims_deep_planes():
+    flat = make_phantom("cells", (32, 96, 96), seed=2, settings=PhantomSettings(noise=False, attenuation=False))
+    deep = make_phantom("cells", (32, 96, 96), seed=2, settings=PhantomSettings(noise=False))
+
+    def ratio(p):
+        tissue_mean = [p.image[z][p.tissue[z]].mean() - 100.0 for z in (8, 24)]
+        return tissue_mean[1] / tissue_mean[0]
+
+    assert ratio(deep) < ratio(flat) - 0.03
+
+
+def test_smoothed_otsu_is_not_near_perfect_on_vessels():
+    """The phantoms must leave room for a learned model: a smoothed global threshold is far from
+    the truth, even Otsu restricted to the true tissue, and even the best threshold in hindsight."""
+    scores = []
+    for seed in (0, 1):
+        p = make_phantom("vessels", (32, 128, 128), seed=seed)
+        label = p.label.astype(bool)
+        smooth = ndimage.gaussian_filter(p.image.astype(np.float32), 1.0)
+        otsu = _dice(smooth > _otsu(smooth), label)
+        otsu_tissue = _dice((smooth > _otsu(smooth[p.tissue])) & p.tissue, label)
+        thresholds = np.quantile(smooth[p.tissue], np.linspace(0.5, 0.995, 50))
+        best = max(_dice(smooth > t, label) for t in thresholds)
+        scores.append((otsu, otsu_tissue, best))
+    otsu, otsu_tissue, best = np.mean(scores, axis=0)
+    assert otsu < 0.5
+    assert otsu_tissue < 0.8
+    assert 0.3 < best < 0.85  # hard, but the vessels are really there
+
+
+@pytest.mark.parametrize("fmt", ["tif", "nii.gz"])
+def test_write_phantom_round_trip(tmp_path, fmt):
+    from lsmseg.io import read_volume
+
+    image_path, label_path = write_phantom(tmp_path, "nuclei", (8, 32, 32), seed=4, fmt=fmt)
+    assert image_path == tmp_path / "images" / f"nuclei_4.{fmt}"
+    assert label_path == tmp_path / "labels" / f"nuclei_4.{fmt}"
+    expected = make_phantom("nuclei", (8, 32, 32), seed=4)
+    image, label = read_volume(image_path), read_volume(label_path)
+    np.testing.assert_array_equal(image.load(), expected.image)
+    np.testing.assert_array_equal(label.load(), expected.label)
+    assert np.allclose(image.spacing, (3.0, 1.0, 1.0)) and np.allclose(label.spacing, (3.0, 1.0, 1.0))
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [f"nuclei_4.{fmt}"] * 2
+
+
+@pytest.mark.parametrize(
+    "args", [("tubes", (8, 16, 16), 0), ("vessels", (8, 16), 0), ("vessels", (0, 16, 16), 0)]
+)
+def test_bad_arguments_say_what_is_wrong(args):
+    with pytest.raises(ConfigError, match="kind|shape"):
+        make_phantom(*args)
+
+
+def test_tiny_volumes_still_work():
+    p = make_phantom("vessels", (1, 4, 4), seed=0)
+    assert p.image.shape == (1, 4, 4) and p.label.any()
+
+
+def test_shipped_sample_regenerates_identically():
+    from lsmseg.io import read_volume
+
+    manifest = json.loads((SAMPLE / "sample.json").read_text())["phantoms"]
+    assert {entry["kind"] for entry in manifest} >= {"vessels", "cells", "nuclei"}
+    total_bytes = sum(p.stat().st_size for p in SAMPLE.rglob("*") if p.is_file())
+    assert total_bytes < 5e6  # "a few MB at most"
+    for entry in manifest:
+        fresh = make_phantom(entry["kind"], tuple(entry["shape"]), entry["seed"], spacing=tuple(entry["spacing"]))
+        image, label = read_volume(SAMPLE / entry["image"]), read_volume(SAMPLE / entry["label"])
+        hint = f"{entry['image']} differs from a fresh phantom; regenerate with scripts/make_sample.py"
+        np.testing.assert_array_equal(label.load(), fresh.label, err_msg=hint)
+        np.testing.assert_array_equal(image.load(), fresh.image, err_msg=hint)
+        assert np.allclose(image.spacing, entry["spacing"])
