@@ -186,7 +186,6 @@ def _fine_noise(rng: np.random.Generator, space: _Space, scale_um: float) -> np.
 def _coarse_noise(rng: np.random.Generator, space: _Space, scale_um: float) -> np.ndarray:
     """Like ``_fine_noise`` for large scales: a sum of Gaussians on a coarse lattice (separable, cheap)."""
     step = scale_um / 1.5
-    out = None
     weights = []
     for d in range(3):
         centres = np.arange(-2 * scale_um, space.extent[d] + 2 * scale_um + step, step)
@@ -379,14 +378,14 @@ def _vessels(rng, space: _Space, tissue: np.ndarray, fraction: float | None):
     label = np.zeros(space.shape, bool)
     signal = np.zeros(space.shape, np.float32)
     if points:
-        _paint_balls(
-            label, signal, space, np.concatenate(points), np.concatenate(radii), np.concatenate(values).astype(np.float32)
-        )
+        values = np.concatenate(values).astype(np.float32)
+        _paint_balls(label, signal, space, np.concatenate(points), np.concatenate(radii), values)
     return label, signal, None
 
 
 def _blobs(rng, space, tissue, fraction, *, radius_mu, radius_sigma, radius_range, elongation, amplitude,
            roughness_um, brightness, min_gap):
+    """Place separated blobs (lognormal radii, µm) in tissue until ``fraction`` of it is covered."""
     target = fraction * _tissue_volume(space, tissue)
     mean_volume = 4.0 / 3.0 * np.pi * np.exp(3 * np.log(radius_mu) + 4.5 * radius_sigma**2)
     n = int(np.ceil(1.5 * target / mean_volume)) + 1
