@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:
             continue  # optional subtree not installed (e.g. training in the inference image)
         getattr(module, function_name)(subparsers)
+    # Let -v/-q also follow the command (`lsmseg predict ... -q`), for every command alike.
+    for subparser in subparsers.choices.values():
+        subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        subparser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                               help="warnings and errors only, no progress bars")
     return parser
 
 

@@ -1,0 +1,76 @@
+"""The command line as a user runs it: real subprocesses, real files."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lsmseg import io
+
+from ..conftest import make_weights
+
+
+def lsmseg(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "lsmseg", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, tiny_model_config, tiny_model):
+    return make_weights(tmp_path_factory.mktemp("w"), tiny_model_config, tiny_model)
+
+
+def test_help_lists_commands():
+    result = lsmseg("--help")
+    assert result.returncode == 0
+    for command in ("predict", "phantom"):
+        assert command in result.stdout
+    assert "--mask-value" in lsmseg("predict", "--help").stdout
+
+
+def test_phantom_then_predict_with_a_bad_file_among_good_ones(tmp_path, weights):
+    made = lsmseg("phantom", tmp_path / "data", "--kind", "cells", "--shape", "24,64,64", "--seed", "3")
+    assert made.returncode == 0, made.stderr
+    images = tmp_path / "data" / "images"
+    (images / "broken.tif").write_bytes(b"II*\x00not really a tiff")
+    result = lsmseg("predict", images, "-o", tmp_path / "out", "--weights", weights, "--mask-value", "255", "-q")
+    assert result.returncode == 1
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(error_lines) == 1 and "broken.tif" in error_lines[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cells_3.provenance.json", "cells_3.tif"]
+    mask = io.read_volume(tmp_path / "out" / "cells_3.tif")
+    assert mask.shape == (24, 64, 64) and set(np.unique(mask.load())) <= {0, 255}
+    provenance = json.loads((tmp_path / "out" / "cells_3.provenance.json").read_text())
+    assert provenance["weights"]["sha256"] and provenance["parameters"]["mask_value"] == 255
+
+
+def test_no_weights_is_one_clear_line(tmp_path):
+    result = lsmseg("predict", tmp_path, "-o", tmp_path / "out", "--weights", tmp_path / "nothing.yaml")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"ERROR: {tmp_path / 'nothing.yaml'}: weights manifest not found"]
+
+
+def test_tampered_weights_refuse_to_run(tmp_path, weights):
+    copy = make_weights(tmp_path / "w", *_config_and_model(weights))
+    checkpoint = copy.parent / "general.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+    result = lsmseg("predict", tmp_path, "-o", tmp_path / "out", "--weights", copy)
+    assert result.returncode == 1 and "checksum mismatch" in result.stderr and "general.safetensors" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _config_and_model(manifest_path):
+    from lsmseg.weights import load_manifest, load_model
+
+    manifest = load_manifest(manifest_path)
+    entry = manifest.models["general"]
+    return entry.model, load_model(manifest, entry)
+
+
+def test_empty_input_folder_is_not_an_error(tmp_path, weights):
+    (tmp_path / "in").mkdir()
+    result = lsmseg("predict", tmp_path / "in", "-o", tmp_path / "out", "--weights", weights)
+    assert result.returncode == 0 and "no volumes found" in result.stderr
