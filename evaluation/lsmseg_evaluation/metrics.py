@@ -66,8 +66,8 @@ def dice(pred, label, valid=None) -> float:
         valid = _as_bool(valid)
         pred, label = pred & valid, label & valid
     value = compute_dice(
-        torch.from_numpy(pred)[None, None].float(),
-        torch.from_numpy(label)[None, None].float(),
+        torch.from_numpy(pred)[None, None].double(),  # float64: exact counts on big volumes
+        torch.from_numpy(label)[None, None].double(),
         include_background=True,
         ignore_empty=False,  # MONAI then scores empty/empty as 1 and empty label + prediction as 0
     )

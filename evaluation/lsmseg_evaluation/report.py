@@ -195,14 +195,23 @@ _TABLE_METRICS = [
 ]
 
 
+def _digits(metric: str) -> int:
+    """Decimals worth showing: scores in [0, 1] get 4, distances 2, counts 1 (their means)."""
+    if metric.startswith(("hd95",)) or metric.endswith("_um3"):
+        return 2
+    if metric.startswith(("betti", "b0", "b1", "b2")) or metric.endswith("voxels"):
+        return 1
+    return 4
+
+
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
-def _stats_cell(stats: dict | None) -> str:
+def _stats_cell(stats: dict | None, digits: int = 3) -> str:
     if not stats or stats["n"] == 0:
         return "–" if not stats else f"undefined ×{stats['n_undefined']}"
-    text = f"{stats['mean']:.3f} ± {stats['std']:.3f} (n={stats['n']})"
+    text = f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f} (n={stats['n']})"
     return text + (f", undefined ×{stats['n_undefined']}" if stats["n_undefined"] else "")
 
 
@@ -213,7 +222,7 @@ def _group_table(groups: dict, heading: str) -> str:
     head = "".join(f"<th>{html.escape(t)}</th>" for _, t in used)
     body = "".join(
         f"<tr><td class=text>{html.escape(name)}</td><td>{group['n_volumes']}</td>"
-        + "".join(f"<td>{_stats_cell(group['metrics'].get(k))}</td>" for k, _ in used)
+        + "".join(f"<td>{_stats_cell(group['metrics'].get(k), min(_digits(k), 3))}</td>" for k, _ in used)
         + "</tr>"
         for name, group in groups.items()
     )
@@ -244,7 +253,7 @@ def render_html(result, distributions_png: bytes | None, title: str = "lsmseg ev
         head = "".join(f"<th>{h}</th>" for h in ("mean", "median", "std", "min", "max", "n", "undefined"))
         body = "".join(
             f"<tr><td class=text>{html.escape(t)}</td>"
-            + "".join(f"<td>{_fmt(metrics[k][s], 4)}</td>" for s in ("mean", "median", "std", "min", "max"))
+            + "".join(f"<td>{_fmt(metrics[k][s], _digits(k))}</td>" for s in ("mean", "median", "std", "min", "max"))
             + f"<td>{metrics[k]['n']}</td><td>{metrics[k]['n_undefined']}</td></tr>"
             for k, t in _TABLE_METRICS
             if k in metrics
@@ -257,6 +266,8 @@ def render_html(result, distributions_png: bytes | None, title: str = "lsmseg ev
     columns = [("structure", "structure"), ("category", "category"), *_TABLE_METRICS,
                ("b0_pred", "b0 pred"), ("b0_label", "b0 label"), ("b1_pred", "b1 pred"), ("b1_label", "b1 label"),
                ("pred_voxels", "pred voxels"), ("label_voxels", "label voxels")]
+    scored = [row for row in rows if row["status"] == "ok"]
+    columns = [(k, t) for k, t in columns if any(row[k] is not None for row in scored)]
     head = "".join(f"<th>{html.escape(t)}</th>" for _, t in columns)
     body = []
     for row in rows:
@@ -265,7 +276,7 @@ def render_html(result, distributions_png: bytes | None, title: str = "lsmseg ev
                         f"<td class=text colspan={len(columns) + 1}>{html.escape(row['error'] or '')}</td></tr>")
             continue
         cells = "".join(
-            f"<td class=text>{html.escape(str(row[k]))}</td>" if k in ("structure", "category") else f"<td>{_fmt(row[k], 4)}</td>"
+            f"<td class=text>{html.escape(str(row[k]))}</td>" if k in ("structure", "category") else f"<td>{_fmt(row[k], _digits(k))}</td>"
             for k, _ in columns
         )
         body.append(f"<tr><td class=text>{html.escape(row['name'])}</td>{cells}"

@@ -77,7 +77,9 @@ def results_markdown(result, weights_note: str) -> str:
             return "–"
         if isinstance(value, float) and value != value:
             return "undefined"
-        return f"{value:.1f}" if key == "hd95_um" else f"{value:.3f}" if isinstance(value, float) else str(value)
+        if key.startswith("betti") or key == "hd95_um":
+            return f"{value:.1f}" if isinstance(value, float) else str(value)
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
 
     lines = ["| volume | " + " | ".join(t for _, t in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in result.rows:
