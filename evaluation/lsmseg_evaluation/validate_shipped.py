@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         lsmseg_cli.configure_logging(quiet=args.quiet)
         settings = EvaluationSettings(structure=args.structure, spacing=args.spacing, progress=not args.quiet)
         result = evaluate_folders(predictions, labels_dir, images_dir, settings)
+        if args.predictions is None:
+            result.summary["inputs"]["predictions"] = "temporary folder (removed; --predictions DIR keeps the masks)"
         provenance = sorted(Path(predictions).glob("*.provenance.json"))
         weights_note = _weights_note(provenance, predict_seconds)
         result.summary["weights"] = weights_note
