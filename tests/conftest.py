@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+for _package_root in ("src", "training", "evaluation"):
+    sys.path.insert(0, str(REPO / _package_root))
 REAL_DATA = REPO.parent / "shared" / "data" / "real"
 
 

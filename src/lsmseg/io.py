@@ -190,7 +190,8 @@ _UNIT_TO_UM = {"micron": 1.0, "um": 1.0, "µm": 1.0, "\\u00B5m": 1.0, "microns":
 
 def _tiff_spacing(tif) -> Spacing | None:
     """Voxel spacing from ImageJ metadata (z) and resolution tags (x, y), in micrometres."""
-    ij = tif.imagej_metadata or {}
+    # ImageJ metadata, or tifffile's own JSON description for dtypes ImageJ cannot hold.
+    ij = tif.imagej_metadata or (tif.shaped_metadata[0] if tif.shaped_metadata else None) or {}
     page = tif.pages[0]
     z = ij.get("spacing")
     try:
@@ -265,8 +266,12 @@ def _read_tiff(path: Path, lazy: bool) -> Volume:
     return Volume(data=data, spacing=spacing, path=path, fmt="tiff", meta=meta)
 
 
-def _tiff_write_kwargs(spacing: Spacing | None) -> dict:
-    kwargs: dict = {"compression": "zlib", "imagej": True, "metadata": {"axes": "ZYX"}}
+IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)
+
+
+def _tiff_write_kwargs(spacing: Spacing | None, dtype: np.dtype) -> dict:
+    imagej = np.dtype(dtype) in [np.dtype(d) for d in IMAGEJ_DTYPES]
+    kwargs: dict = {"compression": "zlib", "imagej": imagej, "metadata": {"axes": "ZYX"}}
     if spacing is not None:
         kwargs["resolution"] = (1.0 / spacing[2], 1.0 / spacing[1])
         kwargs["metadata"].update(spacing=spacing[0], unit="um")
@@ -276,7 +281,7 @@ def _tiff_write_kwargs(spacing: Spacing | None) -> dict:
 def _write_tiff(mask: np.ndarray, path: Path, like: Volume | None, spacing: Spacing | None) -> None:
     import tifffile
 
-    tifffile.imwrite(path, mask, **_tiff_write_kwargs(spacing))
+    tifffile.imwrite(path, mask, **_tiff_write_kwargs(spacing, mask.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,7 +396,7 @@ def _write_planes(mask: np.ndarray, path: Path, like: Volume | None, spacing: Sp
     if len(names) != mask.shape[0]:
         raise OutputError(path, f"mask has {mask.shape[0]} planes but the input had {len(names)}")
     path.mkdir(parents=True)
-    kwargs = _tiff_write_kwargs(spacing)
+    kwargs = _tiff_write_kwargs(spacing, mask.dtype)
     kwargs["metadata"] = {k: v for k, v in kwargs["metadata"].items() if k != "axes"} | {"axes": "YX"}
     for index, name in enumerate(names):
         tifffile.imwrite(path / name, mask[index], **kwargs)

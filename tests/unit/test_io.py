@@ -25,6 +25,14 @@ def test_round_trip_keeps_data_and_spacing(tmp_path, volume, name):
     assert io.volume_name(path) == name.split(".")[0]
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int16, np.float64, np.uint32])
+def test_tiff_round_trip_of_dtypes_imagej_cannot_hold(tmp_path, dtype):
+    array = np.arange(2 * 3 * 4).reshape(2, 3, 4).astype(dtype)
+    vol = io.read_volume(io.write_volume(array, tmp_path / "x.tif", spacing=SPACING))
+    np.testing.assert_array_equal(vol.load(), array)
+    np.testing.assert_allclose(vol.spacing, SPACING, rtol=1e-5)
+
+
 def test_mask_written_in_same_container_as_input(tmp_path, volume):
     io.write_volume(volume, tmp_path / "in" / "brain.nii.gz", spacing=SPACING)
     vol = io.read_volume(tmp_path / "in" / "brain.nii.gz")
