@@ -1,0 +1,70 @@
+# lsmseg inference image: /input volumes -> masks in /output (folder, exec and invoke modes).
+#
+#   docker build -t lsmseg .                      # exec/folder mode (SELMA3D 2024/2025 style)
+#   docker build --target invoke -t lsmseg .      # Grand Challenge invoke API (SELMA3D 2026)
+#   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
+#                --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu126 -t lsmseg:cuda .
+# Without a Docker engine: scripts/build_image.sh [--invoke] (buildah). See docs/container.md.
+ARG BASE_IMAGE=debian:bookworm-slim
+
+FROM ${BASE_IMAGE} AS runtime
+
+# Debian's python3 and venv only; everything else comes as wheels.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv "$VIRTUAL_ENV"
+
+# Runtime dependencies first, torch before the rest (a code or pyproject change does not
+# reinstall it). PIP_CERT / PIP_FIND_LINKS are empty on a normal machine; scripts/build_image.sh
+# sets them where a proxy CA or a local wheel folder is needed. PIP_EXTRA_INDEX_URL picks a torch
+# build (https://download.pytorch.org/whl/cpu for a slim CPU image, .../cu126 for CUDA); pip
+# ignores empty values.
+ARG PIP_CERT=""
+ARG PIP_FIND_LINKS=""
+ARG PIP_EXTRA_INDEX_URL=""
+ARG TORCH_VERSION=2.13.0
+RUN pip install "torch==${TORCH_VERSION}"
+
+# The package's runtime dependencies from pyproject.toml, plus optional extras, comma-separated
+# (e.g. LSMSEG_EXTRAS=zarr for OME-Zarr input).
+ARG LSMSEG_EXTRAS=""
+COPY pyproject.toml /opt/lsmseg/pyproject.toml
+RUN python3 -c 'import os, tomllib; p = tomllib.load(open("/opt/lsmseg/pyproject.toml", "rb"))["project"]; extras = [e for e in os.environ.get("LSMSEG_EXTRAS", "").split(",") if e]; deps = p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]; print("\n".join(d for d in deps if not d.lower().startswith("torch")))' > /tmp/requirements.txt \
+    && pip install --requirement /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# The package itself (no dependencies left to resolve), then the weights.
+COPY README.md /opt/lsmseg/README.md
+COPY src/lsmseg /opt/lsmseg/src/lsmseg
+RUN pip install --no-deps /opt/lsmseg && rm -rf /opt/lsmseg/src /opt/lsmseg/build
+COPY weights/ /opt/lsmseg/weights/
+COPY entrypoint.sh /usr/local/bin/entrypoint.sh
+
+# Not root at run time. Weights mounted at /opt/ml/model (a Grand Challenge model tarball) win
+# over the image's own weights in /opt/lsmseg/weights.
+RUN useradd --create-home --uid 1001 --user-group user \
+    && mkdir -p /input /output /opt/ml/model \
+    && chown user:user /output
+USER 1001:1001
+WORKDIR /home/user
+ENV LSMSEG_BUNDLED_WEIGHTS=/opt/lsmseg/weights
+ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]
+
+# Grand Challenge invoke API: the label makes the platform start the container as a server on
+# port 4743 (GET /health, POST /invoke) instead of running it once per case.
+FROM runtime AS invoke
+LABEL org.grand-challenge.api-method="invoke"
+ENV LSMSEG_MODE=invoke
+EXPOSE 4743
+
+# Default target: exec mode when /input/images exists, folder mode otherwise.
+FROM runtime AS default

@@ -1,0 +1,163 @@
+"""The invoke HTTP server, in process on an ephemeral port of 127.0.0.1."""
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from lsmseg import challenge, io
+from lsmseg.config import InferenceSettings
+from lsmseg.errors import InputError, OutputError, WeightsError
+from lsmseg.predictor import Predictor
+from lsmseg.server import InvokeService, make_server, serve
+
+from .test_challenge import SELMA3D_2026_INPUTS, settings_for
+
+
+def request(base: str, method: str, path: str, timeout: float = 60) -> tuple[int, dict]:
+    req = urllib.request.Request(base + path, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@pytest.fixture
+def running():
+    """Start a server around an InvokeService; yields (service, base URL)."""
+    servers = []
+
+    def start(service: InvokeService) -> str:
+        server = make_server(service, "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_health_before_and_after_loading_and_invoke_errors_keep_serving(tmp_path, running):
+    outcomes = iter([InputError(tmp_path / "x.tif", "corrupt"), OutputError(tmp_path, "disk full"),
+                     RuntimeError("boom"), {"output": "/output/images/s/output.mha"}])
+
+    def fake_invoke(predictor, settings):
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    service = InvokeService(settings_for(tmp_path), invoke=fake_invoke)
+    base = running(service)
+    assert request(base, "GET", "/health") == (503, {"status": "loading"})
+    status, body = request(base, "POST", "/invoke")
+    assert status == 503 and "loading" in body["error"]
+
+    service.predictor = object()  # loaded
+    assert request(base, "GET", "/health") == (200, {"status": "ready"})
+    status, body = request(base, "POST", "/invoke")
+    assert status == 422 and body["error"] == f"{tmp_path / 'x.tif'}: corrupt"
+    status, body = request(base, "POST", "/invoke")
+    assert status == 500 and "disk full" in body["error"]
+    status, body = request(base, "POST", "/invoke")
+    assert status == 500 and body["error"] == "unexpected RuntimeError: boom"
+    status, body = request(base, "POST", "/invoke")
+    assert status == 201 and body["output"] == "/output/images/s/output.mha"
+    assert request(base, "GET", "/health")[0] == 200  # still serving after every kind of error
+    assert request(base, "GET", "/nope")[0] == 404
+    assert request(base, "POST", "/health")[0] == 404
+
+
+def test_one_invocation_at_a_time(tmp_path, running):
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_invoke(predictor, settings):
+        entered.set()
+        release.wait(30)
+        return {"output": "done"}
+
+    service = InvokeService(settings_for(tmp_path), invoke=slow_invoke)
+    service.predictor = object()
+    base = running(service)
+    first = {}
+    worker = threading.Thread(target=lambda: first.update(result=request(base, "POST", "/invoke")))
+    worker.start()
+    assert entered.wait(30)
+    assert request(base, "POST", "/invoke")[0] == 409
+    assert request(base, "GET", "/health")[0] == 200  # health answers while an invocation runs
+    release.set()
+    worker.join(30)
+    assert first["result"][0] == 201
+
+
+def test_serve_end_to_end_with_a_real_predictor(tmp_path, tiny_model, tiny_model_config):
+    predictor = Predictor(tiny_model, tiny_model_config, InferenceSettings(), device="cpu", progress=False)
+    settings = settings_for(tmp_path, host="127.0.0.1", port=0)
+    folder = tmp_path / "in" / "images" / "light-sheet-3d-microscopy"
+    folder.mkdir(parents=True)
+    image = np.random.default_rng(0).integers(0, 4000, (9, 40, 36)).astype(np.uint16)
+    io.write_volume(image, folder / "case.mha", spacing=(3.0, 0.5, 0.5))
+    (tmp_path / "in" / "inputs.json").write_text(json.dumps(SELMA3D_2026_INPUTS))
+
+    stop, listening, codes = threading.Event(), {}, []
+    ready = threading.Event()
+
+    def on_listen(address, service):
+        listening["base"] = f"http://{address[0]}:{address[1]}"
+        ready.set()
+
+    thread = threading.Thread(
+        target=lambda: codes.append(serve(settings, loader=lambda s: predictor, stop=stop, on_listen=on_listen))
+    )
+    thread.start()
+    try:
+        assert ready.wait(30)
+        base = listening["base"]
+        for _ in range(100):  # the model loads in the background
+            if request(base, "GET", "/health")[0] == 200:
+                break
+            threading.Event().wait(0.05)
+        status, body = request(base, "POST", "/invoke")
+        assert status == 201, body
+        mask = sitk.ReadImage(body["output"])
+        assert mask.GetSize() == (36, 40, 9) and mask.GetPixelID() == sitk.sitkUInt8
+        np.testing.assert_allclose(mask.GetSpacing(), (0.5, 0.5, 3.0))
+        assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
+
+        (folder / "case.mha").write_bytes(b"not an image")  # the next case is broken
+        status, body = request(base, "POST", "/invoke")
+        assert status == 422 and str(folder / "case.mha") in body["error"]
+        (tmp_path / "in" / "inputs.json").unlink()
+        status, body = request(base, "POST", "/invoke")
+        assert status == 422 and "inputs.json" in body["error"]
+        assert request(base, "GET", "/health")[0] == 200
+    finally:
+        stop.set()
+        thread.join(30)
+    assert codes == [challenge.EXIT_OK]
+
+
+def test_serve_exits_one_when_weights_cannot_load(tmp_path, caplog):
+    def failing_loader(settings):
+        raise WeightsError("/opt/ml/model/general.safetensors: checksum mismatch")
+
+    code = serve(settings_for(tmp_path, host="127.0.0.1", port=0), loader=failing_loader)
+    assert code == challenge.EXIT_FAILED
+    assert "checksum mismatch" in caplog.text
+
+
+def test_serve_reports_a_busy_port(tmp_path, caplog):
+    blocker = make_server(InvokeService(settings_for(tmp_path)), "127.0.0.1", 0)
+    try:
+        port = blocker.server_address[1]
+        assert serve(settings_for(tmp_path, host="127.0.0.1", port=port), loader=lambda s: object()) == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
+    finally:
+        blocker.server_close()
