@@ -3,6 +3,8 @@
 #
 #   scripts/build_image.sh [--invoke] [--tag NAME] [-- EXTRA BUILDAH ARGS]
 #
+# Tags localhost/lsmseg:latest, or localhost/lsmseg:invoke with --invoke, unless --tag is given.
+#
 # --invoke builds the Grand Challenge invoke variant (Dockerfile target `invoke`: label
 # org.grand-challenge.api-method="invoke", starts the HTTP server by default); without it the
 # image runs in exec/folder mode. As root on a Debian machine the script installs podman/buildah
@@ -12,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TAG="localhost/lsmseg:latest"
+TAG=""
 TARGET="default"
 BASE_IMAGE="${BASE_IMAGE:-docker.io/library/debian:bookworm-slim}"
 EXTRA=()
@@ -21,10 +23,12 @@ while [ $# -gt 0 ]; do
     --invoke) TARGET="invoke"; shift ;;
     --tag) TAG="$2"; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 0 ;;
     *) echo "build_image.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
+
+TAG="${TAG:-localhost/lsmseg:$([ "$TARGET" = invoke ] && echo invoke || echo latest)}"
 
 log() { printf '[build_image] %s\n' "$*" >&2; }
 
