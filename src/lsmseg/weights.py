@@ -41,6 +41,7 @@ MANIFEST_FORMAT = 1
 # Where to look for weights when none are named: an env override, a Grand Challenge model
 # tarball mount, the image's own weights, then the source tree's weights/ folder.
 ENV_WEIGHTS = "LSMSEG_WEIGHTS"
+ENV_BUNDLED_WEIGHTS = "LSMSEG_BUNDLED_WEIGHTS"  # set by the container image
 GRAND_CHALLENGE_MODEL_DIR = Path("/opt/ml/model")
 SOURCE_TREE_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 
@@ -134,7 +135,10 @@ def find_manifest(explicit: str | Path | None = None) -> Path:
     elif os.environ.get(ENV_WEIGHTS):
         candidates.append(Path(os.environ[ENV_WEIGHTS]))
     else:
-        candidates += [GRAND_CHALLENGE_MODEL_DIR, SOURCE_TREE_WEIGHTS]
+        candidates.append(GRAND_CHALLENGE_MODEL_DIR)
+        if os.environ.get(ENV_BUNDLED_WEIGHTS):
+            candidates.append(Path(os.environ[ENV_BUNDLED_WEIGHTS]))
+        candidates.append(SOURCE_TREE_WEIGHTS)
     for candidate in candidates:
         manifest = candidate / MANIFEST_NAME if candidate.is_dir() else candidate
         if manifest.is_file():

@@ -38,10 +38,25 @@ def test_no_weights_installed_message(monkeypatch, tmp_path):
     import lsmseg.weights as w
 
     monkeypatch.delenv("LSMSEG_WEIGHTS", raising=False)
+    monkeypatch.delenv("LSMSEG_BUNDLED_WEIGHTS", raising=False)
     monkeypatch.setattr(w, "GRAND_CHALLENGE_MODEL_DIR", tmp_path / "none1")
     monkeypatch.setattr(w, "SOURCE_TREE_WEIGHTS", tmp_path / "none2")
     with pytest.raises(WeightsError, match="no trained weights are installed"):
         find_manifest()
+
+
+def test_bundled_weights_found_after_model_mount(monkeypatch, tmp_path, tiny_weights):
+    import lsmseg.weights as w
+
+    monkeypatch.delenv("LSMSEG_WEIGHTS", raising=False)
+    monkeypatch.setattr(w, "GRAND_CHALLENGE_MODEL_DIR", tmp_path / "empty-mount")
+    monkeypatch.setenv("LSMSEG_BUNDLED_WEIGHTS", str(tiny_weights.parent))
+    assert find_manifest() == tiny_weights
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    (mount / "manifest.yaml").write_text(tiny_weights.read_text())
+    monkeypatch.setattr(w, "GRAND_CHALLENGE_MODEL_DIR", mount)
+    assert find_manifest() == mount / "manifest.yaml"  # a mounted model wins over the image's
 
 
 def test_weights_for_another_architecture(tmp_path, tiny_model_config, tiny_model):
