@@ -1,0 +1,165 @@
+"""The smoke configs end to end, as CI runs them: pretrain -> finetune -> export -> predict.
+
+Plus resuming, the 2-process gloo (DistributedDataParallel) run and refusals before training.
+Every run happens in a temporary folder: the configs' relative ``runs/smoke/...`` paths land there.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lsmseg import io
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "training" / "configs"
+
+
+def _env():
+    env = dict(os.environ)
+    roots = [str(REPO / "src"), str(REPO / "training"), str(REPO / "evaluation")]
+    env["PYTHONPATH"] = os.pathsep.join(roots + [env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def lsmseg(*args, cwd, launcher=None):
+    command = (launcher or [sys.executable, "-m", "lsmseg"]) + [str(a) for a in args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=600)
+
+
+def _config(tmp_path, name, **changes):
+    data = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    data.update(changes)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """Pretrain (interrupted after one epoch, then resumed), fine-tune, export."""
+    work = tmp_path_factory.mktemp("smoke")
+    first = lsmseg("pretrain", "-c", _config(work, "smoke_pretrain", epochs=1), cwd=work)
+    assert first.returncode == 0, first.stderr
+    resumed = lsmseg("pretrain", "-c", _config(work, "smoke_pretrain"), "--resume", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr
+    finetune = lsmseg("finetune", "-c", _config(work, "smoke_finetune"), cwd=work)
+    assert finetune.returncode == 0, finetune.stderr
+    export = lsmseg("export", "runs/smoke/finetune", "-o", "weights", cwd=work)
+    assert export.returncode == 0, export.stderr
+    return {"work": work, "resumed": resumed, "finetune": finetune}
+
+
+def test_resume_continues_the_same_run(smoke_run):
+    work = smoke_run["work"]
+    assert "resumed runs/smoke/pretrain/checkpoint_last.pt at step 2" in smoke_run["resumed"].stderr
+    steps = [line.split(",")[0] for line in (work / "runs/smoke/pretrain/log.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4"]
+    assert (work / "runs/smoke/pretrain/encoder.safetensors").is_file()
+
+
+def test_finetune_reports_the_encoder_match_and_validates(smoke_run):
+    work = smoke_run["work"]
+    assert "89 of 89 encoder tensors matched" in smoke_run["finetune"].stderr
+    record = json.loads((work / "runs/smoke/finetune/run.json").read_text())
+    assert [h["step"] for h in record["history"]] == [2, 4]
+    assert record["best"]["step"] in (2, 4) and record["final"]["step"] == 4
+    assert 0.0 <= record["best"]["evaluation"]["best_dice"] <= 1.0
+    assert record["pretrained"]["matched"] == 89
+
+
+def test_export_manifest_then_predict_with_it(smoke_run):
+    from lsmseg.weights import load_manifest, sha256_file
+
+    work = smoke_run["work"]
+    manifest = load_manifest(work / "weights")
+    entry = manifest.models["general"]
+    assert entry.sha256 == sha256_file(work / "weights" / entry.file)
+    assert entry.inference.overlap == 0.5 and entry.inference.blend == "gaussian"
+    assert entry.inference.threshold == entry.validation["threshold"]
+    assert entry.inference.spacing is None  # the smoke run trains on the native grid
+    assert set(entry.validation["per_volume"]) == {"vessels_100", "nuclei_100"}
+    assert len(entry.provenance["training_data"]["sha256"]) == 64
+    assert entry.provenance["training_config"]["name"] == "smoke_finetune"
+    assert entry.provenance["versions"]["torch"]
+
+    image_path, _ = _phantom(work)
+    result = lsmseg("predict", image_path, "-o", work / "masks", "--weights", work / "weights", "-q", cwd=work)
+    assert result.returncode == 0, result.stderr
+    mask = io.read_volume(work / "masks" / image_path.name).load()
+    assert mask.shape == io.read_volume(image_path).shape and set(np.unique(mask)) <= {0, 1}
+    provenance = json.loads((work / "masks" / "cells_7.provenance.json").read_text())
+    assert provenance["weights"]["sha256"] == entry.sha256
+
+
+def _phantom(work):
+    from lsmseg.phantom import write_phantom
+
+    return write_phantom(work / "new", "cells", (24, 70, 70), 7)
+
+
+def test_two_process_gloo_training(tmp_path):
+    """torchrun with 2 CPU processes: DDP over gloo keeps both ranks' parameters identical."""
+    config = _config(tmp_path, "smoke_pretrain", epochs=1, batch_size=1)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                "--nproc_per_node", "2", "-m", "lsmseg"]
+    result = lsmseg("pretrain", "-c", config, cwd=tmp_path, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "joined the gloo process group" in result.stderr
+    digests = {}
+    for line in result.stderr.splitlines():
+        if "parameter digest" in line:
+            rank = line.split("rank ")[1].split()[0]
+            digests[rank] = line.split("parameter digest ")[1].strip()
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    record = json.loads((tmp_path / "runs/smoke/pretrain/run.json").read_text())
+    assert record["world_size"] == 2 and record["steps"] == 2
+
+
+def test_bad_inputs_are_refused_before_training(tmp_path):
+    # a checkpoint for another architecture
+    shutil.copytree(CONFIGS, tmp_path / "configs")
+    bigger = yaml.safe_load((CONFIGS / "smoke_finetune.yaml").read_text())
+    bigger["model"]["feature_size"] = 24
+    bigger["pretrained"] = str(tmp_path / "encoder.safetensors")
+    _encoder_of_tiny_model(tmp_path / "encoder.safetensors")
+    path = tmp_path / "bigger.yaml"
+    path.write_text(yaml.safe_dump(bigger))
+    result = lsmseg("finetune", "-c", path, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "encoder.safetensors: checkpoint is for another architecture" in result.stderr
+    assert not (tmp_path / "runs/smoke/finetune/log.csv").exists()
+
+    # an unknown key
+    bad = tmp_path / "typo.yaml"
+    bad.write_text((CONFIGS / "smoke_pretrain.yaml").read_text() + "learning_rate: 0.1\n")
+    result = lsmseg("pretrain", "-c", bad, cwd=tmp_path)
+    assert result.returncode == 1 and f"ERROR: {bad}: unknown key 'learning_rate'" in result.stderr
+
+    # a data path that does not exist
+    missing = yaml.safe_load((CONFIGS / "smoke_pretrain.yaml").read_text())
+    missing["data"]["train"] = [{"images": "no/such/folder"}]
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(missing))
+    result = lsmseg("pretrain", "-c", path, cwd=tmp_path)
+    assert result.returncode == 1 and "data.train[0].images: no/such/folder: no such file or folder" in result.stderr
+
+
+def _encoder_of_tiny_model(path):
+    import torch
+
+    from lsmseg.config import ModelConfig
+    from lsmseg.model import build_model
+    from lsmseg.weights import save_weights
+    from lsmseg_training.pretrain import encoder_state
+
+    torch.manual_seed(0)
+    config = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), roi=(32, 64, 64))
+    save_weights(encoder_state(build_model(config)), path)

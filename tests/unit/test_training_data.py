@@ -1,0 +1,157 @@
+"""The patch stream: checks before training, lazy reads, padding, resampling, balance, seeds."""
+
+import numpy as np
+import pytest
+
+from lsmseg import io
+from lsmseg.errors import ConfigError, InputError
+from lsmseg_training.config import AugmentConfig, DataConfig, MaskingConfig, VolumeSet
+from lsmseg_training.data import PatchStream, VolumeCache, cuboid_mask, prepare_volumes, read_patch
+
+ROI = (32, 64, 64)
+
+
+def _volume_pair(folder, name, shape=(20, 80, 90), label_value=1, seed=0, spacing=(4.0, 1.0, 1.0)):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(100, 200, size=shape, dtype=np.uint16)
+    label = np.zeros(shape, np.uint8)
+    label[shape[0] // 2, 10:14, 20:24] = label_value  # one small foreground blob
+    image[label > 0] += 1000
+    io.write_volume(image, folder / "images" / f"{name}.tif", spacing=spacing)
+    io.write_volume(label, folder / "labels" / f"{name}.tif", spacing=spacing)
+    return image, label
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    _volume_pair(tmp_path, "a")
+    _volume_pair(tmp_path, "b", shape=(40, 70, 70), seed=1)
+    return tmp_path
+
+
+def _data(folder, **set_options):
+    return DataConfig(train=[VolumeSet(images=folder / "images", labels=folder / "labels", **set_options)])
+
+
+def test_records_hold_percentiles_and_foreground(data_dir):
+    records = prepare_volumes(_data(data_dir), "train", need_labels=True, where="cfg")
+    assert [r.name for r in records] == ["a", "b"]
+    a = records[0]
+    assert a.shape == (20, 80, 90) and a.grid == (20, 80, 90) and a.spacing == (4.0, 1.0, 1.0)
+    assert 100 <= a.lo < a.hi
+    assert len(a.foreground) == 16 and set(a.foreground[:, 0]) == {10}
+
+
+def test_missing_data_path_names_the_config_key(tmp_path):
+    data = DataConfig(train=[VolumeSet(images=tmp_path / "nowhere")])
+    with pytest.raises(ConfigError, match=r"cfg: data\.train\[0\]\.images: .*nowhere: no such file"):
+        prepare_volumes(data, "train", need_labels=False, where="cfg")
+
+
+def test_include_typo_is_refused(data_dir):
+    with pytest.raises(ConfigError, match=r"data\.train\[0\]\.exclude: no volume named 'c'"):
+        prepare_volumes(_data(data_dir, exclude=["c"]), "train", need_labels=True, where="cfg")
+
+
+def test_label_shape_mismatch_names_the_label(data_dir):
+    io.write_volume(np.zeros((20, 80, 91), np.uint8), data_dir / "labels" / "a.tif")
+    with pytest.raises(InputError, match=r"labels/a\.tif: label shape \(20, 80, 91\) differs from its image"):
+        prepare_volumes(_data(data_dir), "train", need_labels=True, where="cfg")
+
+
+def test_missing_label_is_refused(data_dir):
+    (data_dir / "labels" / "b.tif").unlink()
+    with pytest.raises(InputError, match=r"labels/b\.tif: no label for image"):
+        prepare_volumes(_data(data_dir), "train", need_labels=True, where="cfg")
+
+
+@pytest.mark.parametrize("value", [2, 254])
+def test_non_binary_label_values_are_refused(data_dir, value):
+    _volume_pair(data_dir, "a", label_value=value)
+    with pytest.raises(InputError, match=rf"labels/a\.tif: label values \{{0, {value}\}} are not binary"):
+        prepare_volumes(_data(data_dir), "train", need_labels=True, where="cfg")
+
+
+def test_nonzero_option_accepts_other_foreground_values(data_dir):
+    _volume_pair(data_dir, "a", label_value=254)
+    records = prepare_volumes(_data(data_dir, label_values="nonzero"), "train", need_labels=True, where="cfg")
+    assert len(records[0].foreground) == 16
+
+
+def test_0_255_labels_are_accepted(data_dir):
+    _volume_pair(data_dir, "a", label_value=255)
+    records = prepare_volumes(_data(data_dir), "train", need_labels=True, where="cfg")
+    image, label = read_patch(records[0], VolumeCache(0), (0, 0, 0), ROI, np.random.default_rng(0))
+    assert set(np.unique(label)) <= {0.0, 1.0}
+
+
+def test_patch_reads_lazily_and_pads_short_axes(data_dir):
+    record = prepare_volumes(_data(data_dir), "train", need_labels=True, where="cfg")[0]
+    cache = VolumeCache(cache_mb=0)  # nothing held in memory: lazy reader
+    image, label = read_patch(record, cache, (0, 5, 7), ROI, np.random.default_rng(0))
+    assert image.shape == ROI and label.shape == ROI and image.dtype == np.float32
+    assert not isinstance(cache.get(record.image, record.nbytes), np.ndarray)
+    # z has 20 planes in a 32-plane window: 12 planes of zero padding, placed at random
+    z_has_data = np.abs(image).reshape(32, -1).max(axis=1) > 0
+    assert z_has_data.sum() == 20
+    # the patch equals the normalised source region
+    source = io.read_volume(record.image).load()[:, 5:69, 7:71]
+    expected = np.clip((source - record.lo) / (record.hi - record.lo), 0, 1)
+    first = int(np.argmax(z_has_data))
+    np.testing.assert_allclose(image[first : first + 20], expected, atol=1e-5)
+
+
+def test_target_spacing_resamples_the_grid(data_dir):
+    data = _data(data_dir)
+    data.target_spacing = (2.0, 2.0, 2.0)
+    record = prepare_volumes(data, "train", need_labels=True, where="cfg")[0]
+    assert record.factors == (0.5, 2.0, 2.0) and record.grid == (40, 40, 45)
+    image, label = read_patch(record, VolumeCache(0), (0, 0, 0), ROI, np.random.default_rng(0))
+    assert image.shape == ROI and label.sum() > 0
+
+
+def test_target_spacing_needs_a_known_spacing(tmp_path):
+    _volume_pair(tmp_path, "a", spacing=None)
+    data = _data(tmp_path)
+    data.target_spacing = (2.0, 2.0, 2.0)
+    with pytest.raises(InputError, match="voxel spacing unknown"):
+        prepare_volumes(data, "train", need_labels=True, where="cfg")
+
+
+def _take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def test_foreground_ratio_and_seeds(data_dir):
+    records = prepare_volumes(_data(data_dir), "train", need_labels=True, where="cfg")
+    always = PatchStream(records, ROI, seed=3, set_weights=[1.0], foreground_ratio=1.0, labels=True)
+    assert all(s["label"].sum() > 0 for s in _take(always, 6))
+    never = PatchStream(records, ROI, seed=3, set_weights=[1.0], foreground_ratio=0.0, labels=True)
+    # The blobs are 16 voxels of ~1.2 million: random windows rarely hit them.
+    assert sum(int(s["label"].sum() > 0) for s in _take(never, 6)) < 6
+    again = PatchStream(records, ROI, seed=3, set_weights=[1.0], foreground_ratio=1.0, labels=True,
+                        augment=AugmentConfig())
+    first, second = _take(again, 3), _take(again, 3)
+    for x, y in zip(first, second):  # same seed: same patches and augmentations
+        assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"])
+    other = PatchStream(records, ROI, seed=4, set_weights=[1.0], foreground_ratio=1.0, labels=True)
+    assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(_take(other, 3), first))
+
+
+def test_augmented_labels_stay_binary(data_dir):
+    records = prepare_volumes(_data(data_dir), "train", need_labels=True, where="cfg")
+    augment = AugmentConfig(rotate_prob=1.0, flip_prob=1.0, noise_prob=1.0)
+    stream = PatchStream(records, ROI, seed=0, set_weights=[1.0], foreground_ratio=1.0, labels=True, augment=augment)
+    for sample in _take(stream, 4):
+        assert sample["image"].shape == (1, *ROI)
+        assert set(np.unique(sample["label"].numpy())) <= {0.0, 1.0}
+
+
+def test_cuboid_mask_respects_its_settings():
+    config = MaskingConfig(count=(3, 8), size=(0.1, 0.3), max_fraction=0.4)
+    rng = np.random.default_rng(0)
+    fractions = [cuboid_mask(ROI, config, rng).mean() for _ in range(50)]
+    assert min(fractions) > 0
+    # one cuboid can overshoot the cap by at most its own size (0.3^3 of the patch)
+    assert max(fractions) <= 0.4 + 0.3**3

@@ -1,0 +1,100 @@
+"""Encoder transfer (loud on mismatch), masked L1, schedule, checkpoints refuse other architectures."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from lsmseg.config import ModelConfig
+from lsmseg.errors import WeightsError
+from lsmseg.model import build_model
+from lsmseg.weights import save_weights
+from lsmseg_training.config import OptimConfig
+from lsmseg_training.engine import load_checkpoint, make_optimiser, make_scaler, save_checkpoint
+from lsmseg_training.finetune import dice_scores, load_pretrained_encoder
+from lsmseg_training.pretrain import ENCODER_PREFIXES, encoder_state, masked_l1
+
+TINY = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), roi=(32, 64, 64))
+
+
+def _model(config=TINY, seed=0):
+    torch.manual_seed(seed)
+    return build_model(config)
+
+
+def test_encoder_transfer_copies_every_encoder_tensor_and_nothing_else(tmp_path):
+    source, target = _model(seed=1), _model(seed=2)
+    save_weights(encoder_state(source), tmp_path / "encoder.safetensors")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    summary = load_pretrained_encoder(target, tmp_path / "encoder.safetensors", min_fraction=0.9)
+    assert summary["matched"] == summary["encoder_tensors"] > 50
+    after, src = target.state_dict(), source.state_dict()
+    for key in after:
+        if key.startswith(ENCODER_PREFIXES):
+            assert torch.equal(after[key], src[key]), key
+        else:  # decoder and output head keep their own initialisation
+            assert torch.equal(after[key], before[key]), key
+
+
+def test_checkpoint_of_another_architecture_fails_loudly(tmp_path):
+    bigger = dataclasses.replace(TINY, feature_size=24)
+    save_weights(encoder_state(_model(bigger)), tmp_path / "encoder.safetensors")
+    with pytest.raises(WeightsError, match=r"encoder\.safetensors: checkpoint is for another architecture: only \d+ of \d+ encoder tensors match"):
+        load_pretrained_encoder(_model(), tmp_path / "encoder.safetensors", min_fraction=0.9)
+
+
+def test_unrelated_checkpoint_fails_loudly(tmp_path):
+    save_weights({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.safetensors")
+    with pytest.raises(WeightsError, match="only 0 of"):
+        load_pretrained_encoder(_model(), tmp_path / "other.safetensors", min_fraction=0.9)
+
+
+def test_ddp_prefixed_names_are_accepted(tmp_path):
+    state = {f"module.{k}": v for k, v in encoder_state(_model(seed=1)).items()}
+    save_weights(state, tmp_path / "ddp.safetensors")
+    summary = load_pretrained_encoder(_model(), tmp_path / "ddp.safetensors", min_fraction=1.0)
+    assert summary["matched"] == summary["encoder_tensors"]
+
+
+def test_masked_l1_weights_hidden_and_visible_voxels():
+    target = torch.zeros(1, 1, 4, 4, 4)
+    reconstruction = torch.zeros_like(target)
+    mask = torch.zeros_like(target, dtype=torch.bool)
+    mask[..., :2] = True
+    reconstruction[mask] = 0.5  # error 0.5 on hidden voxels
+    reconstruction[~mask] = 0.1  # error 0.1 on visible voxels
+    loss, hidden, visible = masked_l1(reconstruction, target, mask, visible_weight=0.2)
+    assert hidden.item() == pytest.approx(0.5) and visible.item() == pytest.approx(0.1)
+    assert loss.item() == pytest.approx(0.5 + 0.2 * 0.1)
+
+
+def test_warmup_then_cosine():
+    param = torch.nn.Parameter(torch.zeros(1))
+    model = torch.nn.Module()
+    model.p = param
+    optimiser, scheduler = make_optimiser(model, OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1), 20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimiser.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] == pytest.approx(0.1, abs=0.02)
+
+
+def test_resume_checkpoint_of_another_architecture_is_refused(tmp_path):
+    model = _model()
+    optimiser, scheduler = make_optimiser(model, OptimConfig(), 10)
+    save_checkpoint(tmp_path / "c.pt", model, optimiser, scheduler, make_scaler(torch.device("cpu"), False), 3, TINY)
+    assert load_checkpoint(tmp_path / "c.pt", TINY)["step"] == 3
+    with pytest.raises(WeightsError, match=r"c\.pt: checkpoint is for another architecture \(feature_size 12 here, 24"):
+        load_checkpoint(tmp_path / "c.pt", dataclasses.replace(TINY, feature_size=24))
+
+
+def test_dice_scores_over_thresholds():
+    import numpy as np
+
+    label = np.zeros((4, 4, 4), bool)
+    label[:2] = True
+    probabilities = np.where(label, 0.6, 0.3).astype(np.float32)
+    assert dice_scores(probabilities, label, [0.2, 0.5, 0.7]) == pytest.approx([2 * 32 / (64 + 32), 1.0, 0.0])

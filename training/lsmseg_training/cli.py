@@ -1,0 +1,76 @@
+"""``lsmseg pretrain``, ``lsmseg finetune`` and ``lsmseg export`` (registered by lsmseg.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain",
+        help="masked self-supervised pretraining of the Swin UNETR encoder",
+        description="Masked self-supervised pretraining on unlabelled volumes (training/README.md). "
+        "Runs under torchrun for several processes (NCCL on GPUs, gloo on CPUs).",
+    )
+    p.add_argument("-c", "--config", type=Path, required=True, help="YAML config (training/configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint_last.pt if present")
+    p.set_defaults(func=run_pretrain)
+
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune on labelled volumes from a pretrained encoder",
+        description="Fine-tune a Swin UNETR on labelled volumes with periodic sliding-window validation; keeps "
+        "the best and the final checkpoint and tunes the threshold (training/README.md).",
+    )
+    p.add_argument("-c", "--config", type=Path, required=True, help="YAML config (training/configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint_last.pt if present")
+    p.set_defaults(func=run_finetune)
+
+    p = subparsers.add_parser(
+        "export",
+        help="write a fine-tuned checkpoint to weights/ with its manifest entry",
+        description="Copy the best (or final) checkpoint of a fine-tuning run into a weights folder as "
+        "NAME.safetensors and add its entry (sha256, model config, inference settings with the tuned "
+        "threshold, validation metrics, training config, data fingerprint, versions) to manifest.yaml.",
+    )
+    p.add_argument("run", type=Path, help="output folder of a finished `lsmseg finetune` run")
+    p.add_argument("-o", "--weights-dir", type=Path, default=Path("weights"), help="weights folder (default: weights)")
+    p.add_argument("--name", default="general", help="model name in the manifest (default: general)")
+    p.add_argument("--checkpoint", choices=["best", "final"], default="best")
+    p.add_argument("--structures", nargs="*", help="structures it segments (default: the run config's)")
+    p.add_argument("--default", dest="make_default", action="store_true",
+                   help="make it the manifest's default model")
+    p.add_argument("--threshold", type=float, help="override the tuned threshold")
+    p.set_defaults(func=run_export)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from .config import PretrainConfig, load_run_config
+    from .pretrain import run_pretraining
+
+    config = load_run_config(PretrainConfig, args.config)
+    run_pretraining(config, args.config, resume=args.resume)
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from .config import FinetuneConfig, load_run_config
+    from .finetune import run_finetuning
+
+    config = load_run_config(FinetuneConfig, args.config)
+    run_finetuning(config, args.config, resume=args.resume)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    manifest = export_run(args.run, args.weights_dir, name=args.name, checkpoint=args.checkpoint,
+                          structures=args.structures, make_default=args.make_default or None,
+                          threshold=args.threshold)
+    print(manifest)
+    return 0

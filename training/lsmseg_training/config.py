@@ -1,0 +1,225 @@
+"""Training settings as strict dataclasses loaded from YAML (unknown keys and wrong types refused).
+
+Relative data paths in a config are resolved against the current working directory (the repository
+root in every documented command), so that ``../shared/data/real/...`` means the shared data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lsmseg.config import ModelConfig, from_dict, load_yaml, to_dict
+from lsmseg.errors import ConfigError
+
+PHANTOM_KINDS = ("vessels", "cells", "nuclei", "plaques")
+
+
+@dataclass
+class VolumeSet:
+    """Volumes from one source: a file or a folder of volumes, with same-named labels."""
+
+    images: Path  # a volume (file, plane folder, zarr) or a folder of volumes
+    labels: Path | None = None  # folder (or file) of labels with the images' names; needed to fine-tune
+    include: list[str] = field(default_factory=list)  # volume names to keep (empty: all)
+    exclude: list[str] = field(default_factory=list)  # volume names to leave out (e.g. held out for validation)
+    # "binary": labels must be {0, 1} or {0, 255} (anything else is refused as a probable mistake);
+    # "nonzero": any non-zero voxel is foreground (for sets known to use another value, e.g. 0/254).
+    label_values: typing.Literal["binary", "nonzero"] = "binary"
+    spacing: tuple[float, float, float] | None = None  # (z, y, x) um, for files that do not record it
+    weight: float = 1.0  # how often this set is sampled relative to the other sets
+
+    def __post_init__(self):
+        if self.weight <= 0:
+            raise ValueError(f"weight {self.weight} must be positive")
+        if self.spacing is not None and min(self.spacing) <= 0:
+            raise ValueError(f"spacing {self.spacing} must be positive")
+
+
+@dataclass
+class PhantomSet:
+    """Synthetic phantoms (lsmseg.phantom) written once into ``folder`` and reused."""
+
+    folder: Path
+    kinds: list[str] = field(default_factory=lambda: list(PHANTOM_KINDS))
+    per_kind: int = 2
+    shape: tuple[int, int, int] = (48, 128, 128)
+    spacing: tuple[float, float, float] = (3.0, 1.0, 1.0)
+    seed: int = 0  # phantom seeds are seed, seed + 1, ... per kind
+    weight: float = 1.0
+
+    def __post_init__(self):
+        unknown = [k for k in self.kinds if k not in PHANTOM_KINDS]
+        if unknown:
+            raise ValueError(f"unknown phantom kind {unknown[0]!r} (choose from {', '.join(PHANTOM_KINDS)})")
+        if self.per_kind < 1 or min(self.shape) < 1 or self.weight <= 0:
+            raise ValueError("per_kind, shape and weight must be positive")
+
+
+@dataclass
+class DataConfig:
+    train: list[VolumeSet] = field(default_factory=list)
+    validation: list[VolumeSet] = field(default_factory=list)
+    train_phantoms: PhantomSet | None = None
+    validation_phantoms: PhantomSet | None = None
+    # Resample every volume to this voxel spacing (z, y, x um) while sampling; recorded in the
+    # manifest so that inference resamples the same way. None: train on the native grids.
+    target_spacing: tuple[float, float, float] | None = None
+    downscale: float = 1.0  # extra in-plane (y, x) factor; the paper used 1/3
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    foreground_ratio: float = 0.5  # fine-tuning: share of patches centred on a foreground voxel
+    workers: int = 0  # DataLoader worker processes
+    cache_mb: int = 256  # volumes smaller than this are held in memory (per worker); larger ones read lazily
+
+    def __post_init__(self):
+        if not 0.0 < self.downscale <= 1.0:
+            raise ValueError(f"downscale {self.downscale} must be in (0, 1]")
+        if not 0.0 <= self.foreground_ratio <= 1.0:
+            raise ValueError(f"foreground_ratio {self.foreground_ratio} must be in [0, 1]")
+        if self.workers < 0:
+            raise ValueError("workers must be >= 0")
+        if self.target_spacing is not None and min(self.target_spacing) <= 0:
+            raise ValueError("target_spacing must be positive")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+
+
+@dataclass
+class MaskingConfig:
+    """Random cuboids set to zero in the input (masked self-supervision)."""
+
+    count: tuple[int, int] = (4, 16)  # cuboids per patch, inclusive range
+    size: tuple[float, float] = (0.1, 0.35)  # cuboid side as a fraction of the patch side
+    max_fraction: float = 0.6  # stop adding cuboids once this share of the patch is masked
+    visible_weight: float = 0.1  # L1 weight on the visible voxels (masked voxels weigh 1)
+
+    def __post_init__(self):
+        if not 1 <= self.count[0] <= self.count[1]:
+            raise ValueError(f"count {self.count} must be 1 <= low <= high")
+        if not 0.0 < self.size[0] <= self.size[1] <= 1.0:
+            raise ValueError(f"size {self.size} must satisfy 0 < low <= high <= 1")
+        if not 0.0 < self.max_fraction <= 1.0 or self.visible_weight < 0:
+            raise ValueError("max_fraction must be in (0, 1] and visible_weight >= 0")
+
+
+@dataclass
+class AugmentConfig:
+    """MONAI augmentations for fine-tuning (crop and pad happen in the patch sampler)."""
+
+    flip_prob: float = 0.5  # per axis
+    rotate90_prob: float = 0.5  # in-plane quarter turns
+    rotate_prob: float = 0.2  # small in-plane rotations
+    rotate_range_deg: float = 15.0
+    scale_prob: float = 0.5
+    scale_factor: float = 0.2  # intensity *= 1 + U(-f, f)
+    shift_prob: float = 0.5
+    shift_offset: float = 0.1  # intensity += U(-o, o)
+    noise_prob: float = 0.2
+    noise_std: float = 0.05
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 100  # steps between validations (0: only at the end)
+    overlap: float = 0.25  # sliding-window overlap during training (the final sweep uses 0.5)
+    threshold: float = 0.5
+    thresholds: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    sw_batch_size: int = 4
+
+
+@dataclass
+class RunConfig:
+    """What both pretraining and fine-tuning share."""
+
+    name: str
+    output: Path  # run folder: checkpoints, CSV log, run.json
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 4
+    epochs: int = 100
+    steps_per_epoch: int = 100  # patches are streamed, so an epoch is a fixed number of steps
+    checkpoint_every: int = 100  # steps between resumable checkpoints
+    log_every: int = 10
+    seed: int = 0
+    device: str | None = None  # default: cuda if available, else cpu
+    threads: int | None = None  # torch CPU threads per process (None: torch's default)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def _check_common(self):
+        if self.batch_size < 1 or self.epochs < 1 or self.steps_per_epoch < 1:
+            raise ValueError("batch_size, epochs and steps_per_epoch must be positive")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every and log_every must be positive")
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+
+    def __post_init__(self):
+        self._check_common()
+        if not self.data.train and self.data.train_phantoms is None:
+            raise ValueError("data.train lists no volumes to pretrain on")
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    epochs: int = 2000
+    pretrained: Path | None = None  # encoder weights from `lsmseg pretrain` (None: from scratch)
+    min_matched_fraction: float = 0.9  # refuse a pretrained file that fills less of the encoder
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    dice_weight: float = 1.0  # loss = dice_weight * Dice + bce_weight * BCE
+    bce_weight: float = 1.0
+    structures: list[str] = field(default_factory=lambda: ["vessels", "cells", "nuclei", "plaques"])
+
+    def __post_init__(self):
+        self._check_common()
+        if not self.data.train and self.data.train_phantoms is None:
+            raise ValueError("data.train lists no labelled volumes to fine-tune on")
+        if not 0.0 < self.min_matched_fraction <= 1.0:
+            raise ValueError("min_matched_fraction must be in (0, 1]")
+
+
+def load_run_config(cls, path: str | Path):
+    """Load ``cls`` from YAML; every error names the file and the key."""
+    return from_dict(cls, load_yaml(path), where=str(path))
+
+
+def config_dict(config) -> dict:
+    return to_dict(config)
+
+
+def replace(config, **changes):
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = [
+    "VolumeSet",
+    "PhantomSet",
+    "DataConfig",
+    "OptimConfig",
+    "MaskingConfig",
+    "AugmentConfig",
+    "ValidationConfig",
+    "PretrainConfig",
+    "FinetuneConfig",
+    "ConfigError",
+    "load_run_config",
+    "config_dict",
+]

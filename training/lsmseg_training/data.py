@@ -1,0 +1,426 @@
+"""Random 3-D patches streamed straight from (possibly huge) volumes.
+
+Volumes are opened with the package's reader in lazy mode (TIFF stacks through tifffile's zarr
+view, plane folders plane by plane, zarr natively), so a patch reads only the planes and tiles it
+touches; nothing is converted or loaded whole (the paper's TIFF -> PNG step is not needed). Small
+volumes (below ``cache_mb``) are held in memory once per worker because re-decoding them for every
+patch would cost more than keeping them.
+
+Before any training starts, :func:`prepare_volumes` checks every volume (path exists, readable,
+label present with the same shape, label values binary) and computes, once per volume, the
+intensity percentiles (:func:`lsmseg.normalise.percentiles`, the same numbers inference uses) and a
+sample of foreground positions for foreground/background balanced sampling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from lsmseg.errors import ConfigError, InputError
+from lsmseg.io import expand_inputs, read_volume, volume_name
+from lsmseg.normalise import normalise, percentiles
+
+from .config import DataConfig, MaskingConfig, PhantomSet, VolumeSet
+
+logger = logging.getLogger(__name__)
+
+MAX_FOREGROUND_SAMPLES = 200_000  # foreground positions kept per volume for balanced sampling
+SCAN_VOXELS = 32 * 1024 * 1024  # voxels per chunk when scanning a label
+
+
+@dataclass
+class VolumeRecord:
+    """What the sampler needs to know about one volume (picklable, no open file handles)."""
+
+    name: str
+    image: Path
+    label: Path | None
+    shape: tuple[int, int, int]  # native (z, y, x)
+    spacing: tuple[float, float, float] | None
+    lo: float  # normalisation percentiles, computed once
+    hi: float
+    factors: tuple[float, float, float]  # native voxels per training voxel along (z, y, x)
+    grid: tuple[int, int, int]  # shape on the training grid
+    set_index: int
+    nbytes: int
+    foreground: np.ndarray | None = field(default=None, repr=False)  # (N, 3) native positions
+    foreground_fraction: float | None = None
+
+    @property
+    def resampled(self) -> bool:
+        return any(abs(f - 1.0) > 1e-6 for f in self.factors)
+
+
+# --------------------------------------------------------------------------------------------
+# Phantoms
+
+
+def ensure_phantoms(spec: PhantomSet) -> VolumeSet:
+    """Write the phantoms ``spec`` asks for into ``spec.folder`` (once) and describe them as a set."""
+    from lsmseg.phantom import phantom_name, write_phantom
+
+    folder = Path(spec.folder)
+    wanted = {
+        "kinds": list(spec.kinds),
+        "per_kind": spec.per_kind,
+        "shape": list(spec.shape),
+        "spacing": list(spec.spacing),
+        "seed": spec.seed,
+    }
+    stamp = folder / "phantoms.json"
+    names = [phantom_name(kind, spec.seed + i) for kind in spec.kinds for i in range(spec.per_kind)]
+    complete = all((folder / sub / f"{name}.tif").is_file() for sub in ("images", "labels") for name in names)
+    if not (complete and stamp.is_file() and json.loads(stamp.read_text()) == wanted):
+        logger.info("writing %d phantoms to %s", len(names), folder)
+        for kind in spec.kinds:
+            for i in range(spec.per_kind):
+                write_phantom(folder, kind, tuple(spec.shape), spec.seed + i, spacing=tuple(spec.spacing))
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(wanted))
+    return VolumeSet(images=folder / "images", labels=folder / "labels", include=names, weight=spec.weight)
+
+
+def resolve_sets(data: DataConfig, split: str) -> list[tuple[str, VolumeSet]]:
+    """The volume sets of ``split`` ("train" or "validation"), phantoms included, with config keys."""
+    sets = [(f"data.{split}[{i}]", s) for i, s in enumerate(getattr(data, split))]
+    phantoms = data.train_phantoms if split == "train" else data.validation_phantoms
+    if phantoms is not None:
+        sets.append((f"data.{split}_phantoms", ensure_phantoms(phantoms)))
+    return sets
+
+
+# --------------------------------------------------------------------------------------------
+# Checking and indexing volumes before training
+
+
+def _label_path(volume_set: VolumeSet, image: Path) -> Path:
+    """A folder of images pairs with a folder of same-named labels; a single volume with a label volume."""
+    labels = Path(volume_set.labels)
+    if Path(volume_set.images) != Path(image):  # images named a folder of volumes
+        return labels / Path(image).name
+    return labels
+
+
+def _scan_label(label_path: Path, data, mode: str, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """Check a label's values chunk by chunk; return sampled foreground positions and the fraction."""
+    shape = tuple(int(s) for s in data.shape)
+    planes_per_chunk = max(1, SCAN_VOXELS // max(1, shape[1] * shape[2]))
+    values: set = set()
+    positions, count = [], 0
+    per_chunk = max(1, MAX_FOREGROUND_SAMPLES * planes_per_chunk // shape[0])
+    for z0 in range(0, shape[0], planes_per_chunk):
+        chunk = np.asarray(data[z0 : z0 + planes_per_chunk])
+        if mode == "binary" and len(values) <= 3:
+            values.update(np.unique(chunk).tolist())
+            if not (values <= {0, 1} or values <= {0, 255}):
+                shown = ", ".join(str(v) for v in sorted(values)[:6])
+                raise InputError(
+                    label_path,
+                    f"label values {{{shown}}} are not binary {{0, 1}} or {{0, 255}}; fix the label, or set "
+                    "label_values: nonzero for this set if any non-zero value means foreground",
+                )
+        flat = np.flatnonzero(chunk)
+        count += flat.size
+        if flat.size > per_chunk:
+            flat = rng.choice(flat, per_chunk, replace=False)
+        if flat.size:
+            zyx = np.stack(np.unravel_index(flat, chunk.shape), axis=1)
+            zyx[:, 0] += z0
+            positions.append(zyx.astype(np.int32))
+    fg = np.concatenate(positions) if positions else np.zeros((0, 3), np.int32)
+    return fg, count / math.prod(shape)
+
+
+def prepare_volumes(
+    data: DataConfig, split: str, need_labels: bool, where: str, seed: int = 0
+) -> list[VolumeRecord]:
+    """Check and index every volume of ``split``; raise one clear error before training starts."""
+    records: list[VolumeRecord] = []
+    rng = np.random.default_rng(seed)
+    for set_index, (key, volume_set) in enumerate(resolve_sets(data, split)):
+        images = Path(volume_set.images)
+        if not images.exists():
+            raise ConfigError(f"{where}: {key}.images: {images}: no such file or folder")
+        if need_labels and volume_set.labels is None:
+            raise ConfigError(f"{where}: {key}.labels is required for fine-tuning and validation")
+        if volume_set.labels is not None and not Path(volume_set.labels).exists():
+            raise ConfigError(f"{where}: {key}.labels: {volume_set.labels}: no such file or folder")
+        paths = expand_inputs([images])
+        names = [volume_name(p) for p in paths]
+        for list_key in ("include", "exclude"):
+            missing = [n for n in getattr(volume_set, list_key) if n not in names]
+            if missing:
+                raise ConfigError(f"{where}: {key}.{list_key}: no volume named {missing[0]!r} in {images}")
+        for path, name in zip(paths, names):
+            if (volume_set.include and name not in volume_set.include) or name in volume_set.exclude:
+                continue
+            records.append(_index_volume(data, volume_set, set_index, path, name, need_labels, rng))
+    if not records:
+        raise ConfigError(f"{where}: data.{split} selects no volumes")
+    return records
+
+
+def _index_volume(data: DataConfig, volume_set: VolumeSet, set_index: int, path: Path, name: str,
+                  need_labels: bool, rng: np.random.Generator) -> VolumeRecord:
+    volume = read_volume(path, lazy=True)
+    spacing = tuple(volume_set.spacing) if volume_set.spacing else volume.spacing
+    factors = [1.0, 1.0, 1.0]
+    if data.target_spacing is not None:
+        if spacing is None:
+            raise InputError(path, "voxel spacing unknown, so it cannot be resampled to data.target_spacing; "
+                             "set spacing for this set in the config")
+        factors = [t / s for t, s in zip(data.target_spacing, spacing)]
+    factors[1] /= data.downscale
+    factors[2] /= data.downscale
+    grid = tuple(max(1, round(n / f)) for n, f in zip(volume.shape, factors))
+    lo, hi = percentiles(volume.data, data.lower_percentile, data.upper_percentile)
+    if hi <= lo:
+        logger.warning("%s: constant intensity; its patches will be all zero", path)
+    record = VolumeRecord(
+        name=name, image=path, label=None, shape=volume.shape, spacing=spacing, lo=lo, hi=hi,
+        factors=tuple(factors), grid=grid, set_index=set_index,
+        nbytes=int(math.prod(volume.shape) * volume.dtype.itemsize),
+    )
+    if volume_set.labels is not None:
+        label_path = _label_path(volume_set, path)
+        if not label_path.exists():
+            raise InputError(label_path, f"no label for image {path}")
+        label = read_volume(label_path, lazy=True)
+        if label.shape != volume.shape:
+            raise InputError(label_path, f"label shape {label.shape} differs from its image's shape {volume.shape} ({path})")
+        record.label = label_path
+        record.foreground, record.foreground_fraction = _scan_label(label_path, label.data, volume_set.label_values, rng)
+        if record.foreground_fraction == 0:
+            logger.warning("%s: label has no foreground voxels", label_path)
+    elif need_labels:
+        raise InputError(path, "no label given for this volume")
+    return record
+
+
+def fingerprint(records: Sequence[VolumeRecord]) -> dict:
+    """A digest of the training data: each file's sha256 (or size and listing for folders)."""
+    from lsmseg.weights import sha256_file
+
+    def digest(path: Path | None) -> str | None:
+        if path is None:
+            return None
+        path = Path(path)
+        if path.is_file():
+            return sha256_file(path)
+        listing = sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+        return "listing:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+    volumes = [
+        {"name": r.name, "shape": list(r.shape), "image_sha256": digest(r.image), "label_sha256": digest(r.label)}
+        for r in records
+    ]
+    total = hashlib.sha256(json.dumps(volumes, sort_keys=True).encode()).hexdigest()
+    return {"sha256": total, "volumes": volumes}
+
+
+# --------------------------------------------------------------------------------------------
+# Patch extraction
+
+
+def _resize(array: np.ndarray, shape: Sequence[int], mode: str = "trilinear") -> np.ndarray:
+    if tuple(array.shape) == tuple(shape):
+        return array
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    out = torch.nn.functional.interpolate(tensor, size=tuple(int(s) for s in shape), mode=mode, align_corners=False)
+    return out[0, 0].numpy()
+
+
+class VolumeCache:
+    """Opened volumes of one process (lazy readers, or arrays for small volumes)."""
+
+    def __init__(self, cache_mb: int):
+        self.cache_bytes = cache_mb * 1024 * 1024
+        self._open: dict[Path, object] = {}
+
+    def get(self, path: Path, nbytes: int):
+        if path not in self._open:
+            volume = read_volume(path, lazy=True)
+            self._open[path] = volume.load() if nbytes <= self.cache_bytes else volume.data
+        return self._open[path]
+
+
+def read_patch(
+    record: VolumeRecord, cache: VolumeCache, corner: Sequence[int], roi: Sequence[int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A normalised image patch (and binary label) of size ``roi`` on the training grid at ``corner``.
+
+    Axes where the volume is shorter than the window are padded with zeros (background after
+    normalisation) at a random offset, as a small volume is padded at inference.
+    """
+    extent = [min(r, g) for r, g in zip(roi, record.grid)]
+    native = []
+    for c, e, f, n in zip(corner, extent, record.factors, record.shape):
+        start = min(int(math.floor(c * f)), n - 1)
+        stop = max(start + 1, min(n, int(math.ceil((c + e) * f))))
+        native.append(slice(start, stop))
+    native = tuple(native)
+    image = normalise(np.asarray(cache.get(record.image, record.nbytes)[native]), record.lo, record.hi)
+    image = _resize(image, extent)
+    label = None
+    if record.label is not None:
+        raw = np.asarray(cache.get(record.label, record.nbytes)[native]) != 0
+        label = (_resize(raw.astype(np.float32), extent) >= 0.5).astype(np.float32)
+    if extent != list(roi):
+        before = [int(rng.integers(0, r - e + 1)) for r, e in zip(roi, extent)]
+        widths = [(b, r - e - b) for b, r, e in zip(before, roi, extent)]
+        image = np.pad(image, widths)
+        label = np.pad(label, widths) if label is not None else None
+    return image, label
+
+
+def choose_corner(record: VolumeRecord, roi: Sequence[int], rng: np.random.Generator, foreground: bool) -> list[int]:
+    """A window corner on the training grid; around a random foreground voxel when asked."""
+    limits = [max(0, g - r) for g, r in zip(record.grid, roi)]
+    if foreground and record.foreground is not None and len(record.foreground):
+        point = record.foreground[rng.integers(len(record.foreground))]
+        corner = []
+        for p, f, r, limit in zip(point, record.factors, roi, limits):
+            centre = int(p / f)
+            corner.append(int(np.clip(centre - rng.integers(0, r), 0, limit)))
+        return corner
+    return [int(rng.integers(0, limit + 1)) for limit in limits]
+
+
+def cuboid_mask(roi: Sequence[int], config: MaskingConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random cuboids (bool, True = hidden) covering up to ``max_fraction`` of the patch."""
+    mask = np.zeros(tuple(roi), dtype=bool)
+    total = mask.size
+    for _ in range(int(rng.integers(config.count[0], config.count[1] + 1))):
+        sizes = [max(1, int(round(r * rng.uniform(*config.size)))) for r in roi]
+        corner = [int(rng.integers(0, r - s + 1)) for r, s in zip(roi, sizes)]
+        mask[tuple(slice(c, c + s) for c, s in zip(corner, sizes))] = True
+        if mask.sum() >= config.max_fraction * total:
+            break
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def build_augmentation(config, seed: int) -> Callable[[dict], dict]:
+    """MONAI flips, in-plane rotations, intensity scale/shift and noise on {"image", "label"}."""
+    from monai.transforms import (
+        Compose,
+        RandFlipd,
+        RandGaussianNoised,
+        RandRotate90d,
+        RandRotated,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    keys = ["image", "label"]
+    transform = Compose(
+        [
+            RandFlipd(keys, prob=config.flip_prob, spatial_axis=0),
+            RandFlipd(keys, prob=config.flip_prob, spatial_axis=1),
+            RandFlipd(keys, prob=config.flip_prob, spatial_axis=2),
+            # Quarter turns and small angles in the (y, x) plane only: z is usually coarser.
+            RandRotate90d(keys, prob=config.rotate90_prob, max_k=3, spatial_axes=(1, 2)),
+            RandRotated(keys, range_x=math.radians(config.rotate_range_deg), prob=config.rotate_prob,
+                        mode=("bilinear", "nearest"), padding_mode="zeros"),
+            RandScaleIntensityd("image", factors=config.scale_factor, prob=config.scale_prob),
+            RandShiftIntensityd("image", offsets=config.shift_offset, prob=config.shift_prob),
+            RandGaussianNoised("image", prob=config.noise_prob, std=config.noise_std),
+        ],
+        lazy=False,
+    )
+    transform.set_random_state(seed=seed % (2**32))
+    return transform
+
+
+# --------------------------------------------------------------------------------------------
+# The stream
+
+
+class PatchStream(IterableDataset):
+    """An endless, seeded stream of patches: {"image", ["label"], ["mask"]} tensors of (1, *roi).
+
+    Each (seed, rank, worker) triple has its own random generator, so a run is reproducible for a
+    given number of processes and workers. Sets are drawn by weight, then a volume uniformly.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[VolumeRecord],
+        roi: Sequence[int],
+        seed: int,
+        set_weights: Sequence[float],
+        foreground_ratio: float = 0.0,
+        labels: bool = False,
+        masking: MaskingConfig | None = None,
+        augment=None,
+        rank: int = 0,
+        cache_mb: int = 256,
+    ):
+        self.records = list(records)
+        self.roi = tuple(int(r) for r in roi)
+        self.seed, self.rank = int(seed), int(rank)
+        self.foreground_ratio = foreground_ratio
+        self.labels = labels
+        self.masking = masking
+        self.augment = augment
+        self.cache_mb = cache_mb
+        by_set: dict[int, list[int]] = {}
+        for i, record in enumerate(self.records):
+            by_set.setdefault(record.set_index, []).append(i)
+        self._sets = sorted(by_set)
+        self._members = [by_set[s] for s in self._sets]
+        weights = np.array([set_weights[s] for s in self._sets], dtype=np.float64)
+        self._set_p = weights / weights.sum()
+
+    def _sample(self, rng: np.random.Generator, cache: VolumeCache, transform) -> dict:
+        members = self._members[rng.choice(len(self._sets), p=self._set_p)]
+        record = self.records[members[rng.integers(len(members))]]
+        foreground = self.labels and rng.random() < self.foreground_ratio
+        corner = choose_corner(record, self.roi, rng, foreground)
+        image, label = read_patch(record, cache, corner, self.roi, rng)
+        sample = {"image": image[None]}
+        if self.labels:
+            sample["label"] = label[None]
+            if transform is not None:
+                sample = transform(sample)
+        out = {key: torch.as_tensor(np.asarray(value), dtype=torch.float32) for key, value in sample.items()}
+        if self.masking is not None:
+            out["mask"] = torch.from_numpy(cuboid_mask(self.roi, self.masking, rng))[None]
+        return out
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        sequence = np.random.SeedSequence([self.seed, self.rank, worker])
+        rng = np.random.default_rng(sequence)
+        cache = VolumeCache(self.cache_mb)
+        transform = None
+        if self.augment is not None:
+            transform = build_augmentation(self.augment, int(sequence.generate_state(1)[0]))
+        while True:
+            yield self._sample(rng, cache, transform)
+
+
+def make_loader(stream: PatchStream, batch_size: int, workers: int):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        stream,
+        batch_size=batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+    )

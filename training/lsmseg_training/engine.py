@@ -1,0 +1,248 @@
+"""What pretraining and fine-tuning share: processes, optimiser, schedule, checkpoints, logs.
+
+Both commands run as a single process or under ``torchrun`` (DistributedDataParallel; NCCL on GPUs,
+gloo on CPU). Rank 0 alone writes files; every rank draws its own patches (seed, rank, worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lsmseg.config import ModelConfig, to_dict
+from lsmseg.errors import WeightsError
+from lsmseg.model import select_device
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint_last.pt"
+LOG_NAME = "log.csv"
+RUN_RECORD = "run.json"
+
+
+@dataclass
+class Processes:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+
+def setup_processes(device: str | None, threads: int | None) -> Processes:
+    """Join the torchrun process group when launched by torchrun; pick this process's device."""
+    if threads:
+        torch.set_num_threads(threads)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = select_device(device)
+    if chosen.type == "cuda" and world_size > 1:
+        chosen = torch.device("cuda", local_rank)
+        torch.cuda.set_device(chosen)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+        logger.info("rank %d of %d joined the %s process group on %s", rank, world_size, backend, chosen)
+    return Processes(rank, world_size, local_rank, chosen)
+
+
+def teardown_processes(processes: Processes) -> None:
+    if processes.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, processes: Processes) -> torch.nn.Module:
+    model = model.to(processes.device)
+    if processes.distributed:
+        ids = [processes.device.index] if processes.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """A short digest of the parameters, to check that every rank ends with the same model."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unwrap(model).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def make_optimiser(model: torch.nn.Module, optim, total_steps: int):
+    """AdamW with a linear warm-up and a cosine decay to ``lr * min_lr_ratio``."""
+    optimiser = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    warmup = max(0, min(optim.warmup_steps, total_steps - 1))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+    return optimiser, scheduler
+
+
+def autocast(device: torch.device, enabled: bool):
+    """fp16/bf16 autocast on CUDA when enabled; full precision on CPU (autocast there is slower)."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def make_scaler(device: torch.device, enabled: bool):
+    use = enabled and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler("cuda", enabled=use)
+
+
+def backward_step(loss, model, optimiser, scheduler, scaler, grad_clip: float) -> float:
+    """One optimiser step with gradient scaling and clipping; returns the gradient norm."""
+    optimiser.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimiser)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(optimiser)
+    scaler.update()
+    scheduler.step()
+    return float(norm)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints (data only: torch.save of tensors and plain values, loaded with weights_only=True)
+
+
+def save_checkpoint(path: Path, model, optimiser, scheduler, scaler, step: int, model_config: ModelConfig,
+                    extra: dict | None = None) -> None:
+    state = {
+        "model": unwrap(model).state_dict(),
+        "optimiser": optimiser.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "model_config": to_dict(model_config),
+        "extra": extra or {},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".partial-{path.name}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def check_architecture(found: dict, expected: ModelConfig, path: Path) -> None:
+    """Refuse a checkpoint made for another model configuration, naming what differs."""
+    wanted = to_dict(expected)
+    for key in ("in_channels", "out_channels", "feature_size", "depths", "num_heads", "use_v2"):
+        have = found.get(key)
+        want = wanted[key]
+        if isinstance(want, list):
+            have = list(have) if have is not None else None
+        if have != want:
+            raise WeightsError(f"{path}: checkpoint is for another architecture ({key} {have} here, {want} in the config)")
+
+
+def load_checkpoint(path: Path, model_config: ModelConfig) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise WeightsError(f"{path}: not a training checkpoint of lsmseg")
+    check_architecture(state["model_config"], model_config, path)
+    return state
+
+
+def restore(state: dict, model, optimiser, scheduler, scaler) -> int:
+    unwrap(model).load_state_dict(state["model"])
+    optimiser.load_state_dict(state["optimiser"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------------------------
+# Logs and the run record
+
+
+class CsvLog:
+    """Append-only CSV of per-step values (a resumed run continues the same file)."""
+
+    def __init__(self, path: Path, fields: list[str], enabled: bool = True):
+        self.path, self.fields, self.enabled = path, fields, enabled
+        if enabled and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", newline="") as handle:
+                csv.writer(handle).writerow(fields)
+
+    def write(self, **row) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as handle:
+            csv.writer(handle).writerow([_fmt(row.get(f)) for f in self.fields])
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value
+
+
+def write_record(folder: Path, record: dict) -> Path:
+    path = folder / RUN_RECORD
+    tmp = path.with_name(f".partial-{path.name}")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_record(folder: Path) -> dict:
+    path = Path(folder) / RUN_RECORD
+    if not path.is_file():
+        raise WeightsError(f"{path}: no run record; is {folder} the output folder of a finished run?")
+    return json.loads(path.read_text())
+
+
+def versions() -> dict:
+    from lsmseg.predictor import versions as package_versions
+
+    return package_versions()
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def dataclass_dict(obj) -> dict:
+    return to_dict(obj) if dataclasses.is_dataclass(obj) else dict(obj)

@@ -1,0 +1,117 @@
+"""``lsmseg export``: a fine-tuning run's checkpoint -> ``weights/<name>.safetensors`` + manifest entry.
+
+The entry records everything needed to trust and reproduce the weights: sha256, model config,
+inference settings (overlap 0.5, Gaussian blending, the threshold tuned on the validation set, the
+training voxel spacing or null), validation metrics, the training config, a fingerprint of the
+training data and the package and library versions.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lsmseg.config import InferenceSettings, ModelConfig, from_dict
+from lsmseg.errors import WeightsError
+from lsmseg.weights import (
+    MANIFEST_NAME,
+    Manifest,
+    WeightsEntry,
+    load_manifest,
+    load_model,
+    load_state_dict,
+    save_weights,
+    write_manifest,
+)
+
+from .engine import read_record
+
+logger = logging.getLogger(__name__)
+
+
+def export_run(
+    run: Path,
+    weights_dir: Path,
+    name: str = "general",
+    checkpoint: str = "best",
+    structures: list[str] | None = None,
+    make_default: bool | None = None,
+    threshold: float | None = None,
+) -> Path:
+    """Export ``checkpoint`` ("best" or "final") of the fine-tuning run in ``run``; return the manifest."""
+    run, weights_dir = Path(run), Path(weights_dir)
+    record = read_record(run)
+    if record.get("kind") != "finetune":
+        raise WeightsError(f"{run}: not a fine-tuning run (kind {record.get('kind')!r}); export fine-tuned weights")
+    if checkpoint not in ("best", "final") or checkpoint not in record:
+        raise WeightsError(f"{run}: no '{checkpoint}' checkpoint recorded (has the run finished?)")
+    chosen = record[checkpoint]
+    source = run / chosen["file"]
+    state = load_state_dict(source, chosen["sha256"])
+    config = record["config"]
+    model_config = from_dict(ModelConfig, config["model"], f"{run}/run.json:config.model")
+    evaluation = chosen.get("evaluation")
+    if threshold is None:
+        threshold = evaluation["best_threshold"] if evaluation else config["validation"]["threshold"]
+    data = config["data"]
+    settings = InferenceSettings(
+        threshold=float(threshold),
+        lower_percentile=data["lower_percentile"],
+        upper_percentile=data["upper_percentile"],
+        spacing=tuple(data["target_spacing"]) if data.get("target_spacing") else None,
+    )
+    if data.get("downscale", 1.0) != 1.0 and settings.spacing is None:
+        logger.warning("the run down-scaled planes by %s without a target spacing; inference will not "
+                       "down-scale (set data.target_spacing to make it)", data["downscale"])
+    file_name = f"{name}.safetensors"
+    sha = save_weights(state, weights_dir / file_name)
+    validation = {"checkpoint": checkpoint, "step": chosen.get("step")}
+    if evaluation:
+        validation.update(
+            metric="MONAI DiceMetric, mean over validation volumes",
+            overlap=evaluation["overlap"],
+            threshold=evaluation["best_threshold"],
+            mean_dice=evaluation["best_dice"],
+            dice_by_threshold=dict(zip(evaluation["thresholds"], evaluation["mean_dice"])),
+            per_volume={
+                volume: scores[evaluation["thresholds"].index(evaluation["best_threshold"])]
+                for volume, scores in evaluation["per_volume"].items()
+            },
+        )
+    provenance = {
+        "run": record["name"],
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "steps": record.get("steps"),
+        "training_seconds": record.get("seconds"),
+        "world_size": record.get("world_size"),
+        "pretrained": record.get("pretrained"),
+        "training_config": config,
+        "training_data": record.get("data"),
+        "validation_data": record.get("validation_data"),
+        "versions": record.get("versions"),
+    }
+    entry = WeightsEntry(
+        file=file_name,
+        sha256=sha,
+        model=model_config,
+        inference=settings,
+        structures=list(structures if structures is not None else config.get("structures", [])),
+        validation=validation,
+        provenance=provenance,
+    )
+    manifest_path = weights_dir / MANIFEST_NAME
+    if manifest_path.is_file():
+        manifest = load_manifest(manifest_path)
+        manifest.models[name] = entry
+        if make_default:
+            manifest.default = name
+    else:
+        manifest = Manifest(models={name: entry}, default=name)
+    write_manifest(manifest, manifest_path)
+    # Prove the export is usable the way inference will use it (checksum + strict load).
+    check = load_manifest(manifest_path)
+    load_model(check, check.models[name])
+    logger.info("exported %s (%s checkpoint, step %s) -> %s, sha256 %s..., threshold %.2f",
+                run, checkpoint, chosen.get("step"), weights_dir / file_name, sha[:12], settings.threshold)
+    return manifest_path

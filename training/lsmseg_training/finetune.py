@@ -1,0 +1,299 @@
+"""Fine-tuning (``lsmseg finetune``): pretrained encoder -> binary segmentation.
+
+Dice + BCE loss (MONAI ``DiceCELoss`` with a sigmoid: one output channel uses BCE) on augmented
+patches, foreground/background balanced. Every ``validation.every`` steps the model is applied to
+whole validation volumes with the package's own :class:`lsmseg.predictor.Predictor` (the exact
+inference path: percentile normalisation, Gaussian-blended sliding window) and scored with MONAI's
+``DiceMetric``; the best checkpoint (by mean Dice at the swept threshold) and the final one are kept.
+At the end both are evaluated with the shipped inference settings (overlap 0.5) over a threshold
+sweep, and the best threshold is recorded for export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lsmseg.config import InferenceSettings, to_dict
+from lsmseg.errors import WeightsError
+from lsmseg.io import read_volume
+from lsmseg.model import build_model
+from lsmseg.weights import load_state_dict, save_weights, sha256_file
+
+from .config import FinetuneConfig, config_dict
+from .data import PatchStream, VolumeRecord, fingerprint, make_loader, prepare_volumes
+from .engine import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    CsvLog,
+    Timer,
+    autocast,
+    backward_step,
+    load_checkpoint,
+    make_optimiser,
+    make_scaler,
+    parameter_digest,
+    restore,
+    save_checkpoint,
+    setup_processes,
+    teardown_processes,
+    unwrap,
+    versions,
+    wrap_model,
+    write_record,
+)
+from .pretrain import ENCODER_PREFIXES
+
+logger = logging.getLogger(__name__)
+
+BEST_FILE = "best.safetensors"
+FINAL_FILE = "final.safetensors"
+EXPORT_OVERLAP = 0.5  # what the exported inference settings use; the final sweep uses it too
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a pretrained encoder, loudly
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Names as saved by DDP (``module.``) or by a wrapper (``model.``) map onto the bare model."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "model."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_pretrained_encoder(model: torch.nn.Module, path: Path, min_fraction: float) -> dict:
+    """Copy the matching encoder tensors of ``path`` into ``model``; refuse a poor match.
+
+    A silent ``load_state_dict(strict=False)`` of a checkpoint from another architecture loads
+    nothing and trains from scratch unnoticed; here a file that fills less than ``min_fraction`` of
+    the encoder's tensors (by name and shape) stops the run before it starts.
+    """
+    path = Path(path)
+    state = _strip_prefixes(load_state_dict(path, sha256=None))
+    own = model.state_dict()
+    encoder_keys = [k for k in own if k.startswith(ENCODER_PREFIXES)]
+    matched = {k: v for k, v in state.items() if k in own and k.startswith(ENCODER_PREFIXES) and v.shape == own[k].shape}
+    wrong_shape = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    fraction = len(matched) / max(1, len(encoder_keys))
+    summary = {
+        "path": str(path),
+        "sha256": sha256_file(path),
+        "matched": len(matched),
+        "encoder_tensors": len(encoder_keys),
+        "file_tensors": len(state),
+        "wrong_shape": len(wrong_shape),
+    }
+    logger.info("pretrained encoder %s: %d of %d encoder tensors matched (%d tensors in the file, %d of wrong shape)",
+                path, len(matched), len(encoder_keys), len(state), len(wrong_shape))
+    if fraction < min_fraction:
+        example = f"; e.g. {wrong_shape[0]} is {tuple(state[wrong_shape[0]].shape)} there, " \
+                  f"{tuple(own[wrong_shape[0]].shape)} here" if wrong_shape else ""
+        raise WeightsError(
+            f"{path}: checkpoint is for another architecture: only {len(matched)} of {len(encoder_keys)} encoder "
+            f"tensors match ({fraction:.0%} < min_matched_fraction {min_fraction:.0%}){example}"
+        )
+    model.load_state_dict({**own, **matched})
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Validation through the package's predictor
+
+
+def load_validation(records: list[VolumeRecord]) -> list[dict]:
+    """Validation volumes in memory (raw intensities; the predictor normalises them as inference does)."""
+    volumes = []
+    for record in records:
+        image = read_volume(record.image).load()
+        label = read_volume(record.label).load() != 0
+        volumes.append({"name": record.name, "image": image, "label": label, "spacing": record.spacing})
+    return volumes
+
+
+def dice_scores(probabilities: np.ndarray, label: np.ndarray, thresholds) -> list[float]:
+    """MONAI DiceMetric of ``probabilities >= t`` against ``label``, for each threshold."""
+    from monai.metrics import DiceMetric
+
+    metric = DiceMetric(include_background=True, reduction="mean", ignore_empty=False)
+    truth = torch.from_numpy(label.astype(np.float32))[None, None]
+    prob = torch.from_numpy(probabilities)[None, None]
+    scores = []
+    for threshold in thresholds:
+        metric.reset()
+        metric((prob >= threshold).float(), truth)
+        scores.append(float(metric.aggregate().item()))
+    return scores
+
+
+def validate(model: torch.nn.Module, config: FinetuneConfig, volumes: list[dict], device, overlap: float) -> dict:
+    """Per-volume Dice over the threshold sweep; the model is left in eval mode."""
+    from lsmseg.predictor import Predictor
+
+    thresholds = sorted(set(config.validation.thresholds) | {config.validation.threshold})
+    settings = InferenceSettings(overlap=overlap, sw_batch_size=config.validation.sw_batch_size,
+                                 lower_percentile=config.data.lower_percentile,
+                                 upper_percentile=config.data.upper_percentile,
+                                 spacing=config.data.target_spacing)
+    predictor = Predictor(unwrap(model), config.model, settings, device=device, progress=False)
+    per_volume = {}
+    for volume in volumes:
+        logits = predictor.predict_logits(volume["image"], volume["spacing"], name=volume["name"])
+        probabilities = torch.sigmoid(torch.from_numpy(logits)).numpy()
+        per_volume[volume["name"]] = dice_scores(probabilities, volume["label"], thresholds)
+    mean = np.mean(list(per_volume.values()), axis=0)
+    best = int(np.argmax(mean))
+    return {
+        "overlap": overlap,
+        "thresholds": thresholds,
+        "mean_dice": [round(float(v), 5) for v in mean],
+        "per_volume": {k: [round(float(v), 5) for v in s] for k, s in per_volume.items()},
+        "best_threshold": thresholds[best],
+        "best_dice": round(float(mean[best]), 5),
+        "dice_at_default": round(float(mean[thresholds.index(config.validation.threshold)]), 5),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resume: bool = False) -> dict:
+    from monai.losses import DiceCELoss
+
+    where = str(config_path or config.name)
+    processes = setup_processes(config.device, config.threads)
+    output = Path(config.output)
+    try:
+        # Every check before training: data, labels, the pretrained encoder, a resumed checkpoint.
+        if processes.main:
+            records = prepare_volumes(config.data, "train", need_labels=True, where=where, seed=config.seed)
+            validation_records = []
+            if config.data.validation or config.data.validation_phantoms is not None:
+                validation_records = prepare_volumes(config.data, "validation", need_labels=True, where=where,
+                                                     seed=config.seed)
+        processes.barrier()
+        if not processes.main:
+            records = prepare_volumes(config.data, "train", need_labels=True, where=where, seed=config.seed)
+            validation_records = []
+        torch.manual_seed(config.seed)
+        base = build_model(config.model)
+        pretrained = None
+        if config.pretrained is not None:
+            if not Path(config.pretrained).is_file():
+                raise WeightsError(f"{where}: pretrained: {config.pretrained}: no such file")
+            pretrained = load_pretrained_encoder(base, Path(config.pretrained), config.min_matched_fraction)
+        resume_state = None
+        if resume and (output / CHECKPOINT_NAME).is_file():
+            resume_state = load_checkpoint(output / CHECKPOINT_NAME, config.model)
+
+        model = wrap_model(base, processes)
+        optimiser, scheduler = make_optimiser(model, config.optim, config.total_steps)
+        scaler = make_scaler(processes.device, config.optim.amp)
+        step, history, best = 0, [], {"dice": -1.0, "step": None}
+        if resume_state:
+            step = restore(resume_state, model, optimiser, scheduler, scaler)
+            history = resume_state["extra"].get("history", [])
+            best = resume_state["extra"].get("best", best)
+            logger.info("resumed %s at step %d", output / CHECKPOINT_NAME, step)
+
+        set_weights = [s.weight for s in config.data.train]
+        if config.data.train_phantoms is not None:
+            set_weights.append(config.data.train_phantoms.weight)
+        stream = PatchStream(
+            records, config.model.roi, seed=config.seed + 1000 * step, set_weights=set_weights,
+            foreground_ratio=config.data.foreground_ratio, labels=True, augment=config.augment,
+            rank=processes.rank, cache_mb=config.data.cache_mb,
+        )
+        batches = iter(make_loader(stream, config.batch_size, config.data.workers))
+        loss_fn = DiceCELoss(sigmoid=True, lambda_dice=config.dice_weight, lambda_ce=config.bce_weight)
+        validation_volumes = load_validation(validation_records) if processes.main else []
+        log = CsvLog(output / LOG_NAME, ["step", "epoch", "lr", "loss", "grad_norm", "val_dice", "val_threshold",
+                                         "seconds"], enabled=processes.main)
+        record = {
+            "kind": "finetune",
+            "name": config.name,
+            "config": config_dict(config),
+            "config_path": str(config_path) if config_path else None,
+            "world_size": processes.world_size,
+            "pretrained": pretrained,
+            "data": fingerprint(records) if processes.main else None,
+            "validation_data": fingerprint(validation_records) if validation_records else None,
+            "versions": versions(),
+        }
+        logger.info("fine-tuning %s: %d training and %d validation volume(s), %d steps of batch %d x %d process(es), "
+                    "roi %s, %s, on %s", config.name, len(records), len(validation_volumes), config.total_steps,
+                    config.batch_size, processes.world_size, tuple(config.model.roi),
+                    "from the pretrained encoder" if pretrained else "from scratch", processes.device)
+        timer = Timer()
+        model.train()
+        while step < config.total_steps:
+            batch = next(batches)
+            image = batch["image"].to(processes.device, non_blocking=True)
+            label = batch["label"].to(processes.device, non_blocking=True)
+            with autocast(processes.device, config.optim.amp):
+                logits = model(image)
+            loss = loss_fn(logits.float(), label)
+            lr = scheduler.get_last_lr()[0]
+            norm = backward_step(loss, model, optimiser, scheduler, scaler, config.optim.grad_clip)
+            step += 1
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower optim.lr")
+            val = None
+            due = config.validation.every and step % config.validation.every == 0
+            if processes.main and validation_volumes and (due or step == config.total_steps):
+                val = validate(model, config, validation_volumes, processes.device, config.validation.overlap)
+                model.train()
+                history.append({"step": step, **val})
+                logger.info("step %d: validation Dice %.4f at threshold %.2f (%.4f at %.2f)", step, val["best_dice"],
+                            val["best_threshold"], val["dice_at_default"], config.validation.threshold)
+                if val["best_dice"] > best["dice"]:
+                    best = {"dice": val["best_dice"], "step": step, "threshold": val["best_threshold"]}
+                    save_weights(unwrap(model).state_dict(), output / BEST_FILE)
+            if step % config.log_every == 0 or step == config.total_steps or val is not None:
+                log.write(step=step, epoch=step / config.steps_per_epoch, lr=lr, loss=loss.item(), grad_norm=norm,
+                          val_dice=val["best_dice"] if val else None,
+                          val_threshold=val["best_threshold"] if val else None, seconds=timer.elapsed())
+                if step % config.log_every == 0:
+                    logger.info("step %d/%d  loss %.4f  %.1f s", step, config.total_steps, loss.item(), timer.elapsed())
+            if processes.main and (step % config.checkpoint_every == 0 or step == config.total_steps):
+                save_checkpoint(output / CHECKPOINT_NAME, model, optimiser, scheduler, scaler, step, config.model,
+                                extra={"history": history, "best": best})
+                record.update(steps=step, seconds=round(timer.elapsed(), 1), history=history, best=best)
+                write_record(output, record)
+        logger.info("rank %d parameter digest %s", processes.rank, parameter_digest(model))
+        processes.barrier()
+        if processes.main:
+            final_sha = save_weights(unwrap(model).state_dict(), output / FINAL_FILE)
+            if best["step"] is None:  # no validation set: the final weights are the best we know
+                save_weights(unwrap(model).state_dict(), output / BEST_FILE)
+            record["final"] = {"file": FINAL_FILE, "sha256": final_sha, "step": step}
+            record["best"] = {**best, "file": BEST_FILE, "sha256": sha256_file(output / BEST_FILE)}
+            if validation_volumes:
+                # Threshold sweep of both checkpoints with the settings that will be exported.
+                for which in ("best", "final"):
+                    if which == "final" and record["best"]["sha256"] == final_sha:
+                        record["final"]["evaluation"] = record["best"]["evaluation"]  # same weights
+                        continue
+                    state = load_state_dict(output / record[which]["file"], record[which]["sha256"])
+                    unwrap(model).load_state_dict(state)
+                    record[which]["evaluation"] = validate(model, config, validation_volumes, processes.device,
+                                                           EXPORT_OVERLAP)
+                    logger.info("%s checkpoint (step %s): Dice %.4f at tuned threshold %.2f (overlap %.2f)", which,
+                                record[which]["step"], record[which]["evaluation"]["best_dice"],
+                                record[which]["evaluation"]["best_threshold"], EXPORT_OVERLAP)
+            record.update(steps=step, seconds=round(timer.elapsed(), 1), history=history)
+            write_record(output, record)
+        return record
+    finally:
+        teardown_processes(processes)
+
+
+__all__ = ["run_finetuning", "load_pretrained_encoder", "validate", "dice_scores", "to_dict", "dataclasses"]
