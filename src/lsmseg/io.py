@@ -563,6 +563,137 @@ def write_mask(
     return path
 
 
+# --------------------------------------------------------------------------------------------
+# Block-wise mask writers: the mask arrives block by block and is never whole in memory (except for
+# the SimpleITK formats, whose writers need the whole image; their readers hold it anyway).
+
+def iter_slabs(blocks, shape: tuple[int, ...], dtype=np.uint8) -> Iterator[tuple[int, np.ndarray]]:
+    """Assemble z-major blocks into complete z-slabs; yield ``(z_start, slab)``.
+
+    Blocks must come in z-major order (all blocks of one z-range before the next), which is the
+    order :func:`lsmseg.blocks.plan_blocks` produces; only one slab is held at a time.
+    """
+    slab, slab_start, filled = None, None, 0
+
+    def complete():
+        if filled != slab.size:
+            raise RuntimeError(f"z-slab at {slab_start} is incomplete ({filled} of {slab.size} voxels)")
+        return slab_start, slab
+
+    for index, block in blocks:
+        z = index[0]
+        if slab is None or z.start != slab_start:
+            if slab is not None:
+                yield complete()
+            slab_start, filled = z.start, 0
+            slab = np.zeros((z.stop - z.start, *shape[1:]), dtype=dtype)
+        slab[(slice(0, z.stop - z.start), *index[1:])] = block
+        filled += block.size
+    if slab is not None:
+        yield complete()
+
+
+def _planes_from_blocks(blocks, shape, dtype) -> Iterator[np.ndarray]:
+    for _, slab in iter_slabs(blocks, shape, dtype):
+        yield from slab
+
+
+def _write_tiff_blocks(blocks, path: Path, shape, dtype, like: Volume | None, spacing: Spacing | None) -> None:
+    """A multi-page TIFF written plane by plane as z-slabs complete (tifffile pulls the planes)."""
+    import tifffile
+
+    kwargs = _tiff_write_kwargs(spacing, dtype)
+    imagej = kwargs.pop("imagej")
+    bigtiff = math.prod(shape) * np.dtype(dtype).itemsize > 2**32 - 2**25
+    with tifffile.TiffWriter(path, imagej=imagej and not bigtiff, bigtiff=bigtiff) as tif:
+        tif.write(_planes_from_blocks(blocks, shape, dtype), shape=tuple(shape), dtype=dtype, **kwargs)
+
+
+def _write_planes_blocks(blocks, path: Path, shape, dtype, like: Volume | None, spacing: Spacing | None) -> None:
+    import tifffile
+
+    names = (like.meta.get("plane_names") if like is not None else None) or [
+        f"z{index:05d}.tif" for index in range(shape[0])
+    ]
+    if len(names) != shape[0]:
+        raise OutputError(path, f"mask has {shape[0]} planes but the input had {len(names)}")
+    path.mkdir(parents=True)
+    kwargs = _tiff_write_kwargs(spacing, dtype)
+    kwargs["metadata"] = {k: v for k, v in kwargs["metadata"].items() if k != "axes"} | {"axes": "YX"}
+    for start, slab in iter_slabs(blocks, shape, dtype):
+        for offset, plane in enumerate(slab):
+            tifffile.imwrite(path / names[start + offset], plane, **kwargs)
+
+
+def create_zarr_mask(path: Path, shape, dtype, chunks, spacing: Spacing | None):
+    """An empty OME-Zarr (v0.4 multiscales, one level) whose array '0' blocks can be written into."""
+    import zarr
+
+    chunks = tuple(max(1, min(int(s), int(c))) for s, c in zip(shape, chunks))
+    root = zarr.open_group(str(path), mode="w")
+    array = root.create_array("0", shape=tuple(shape), dtype=dtype, chunks=chunks, fill_value=0)
+    scale = list(spacing) if spacing is not None else [1.0, 1.0, 1.0]
+    root.attrs["multiscales"] = [
+        {
+            "version": "0.4",
+            "axes": [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+        }
+    ]
+    return array
+
+
+ZARR_MASK_CHUNKS = (64, 256, 256)
+
+
+def _write_zarr_blocks(
+    blocks, path: Path, shape, dtype, like: Volume | None, spacing: Spacing | None, chunks=ZARR_MASK_CHUNKS
+) -> None:
+    array = create_zarr_mask(path, shape, dtype, chunks, spacing)
+    for index, block in blocks:
+        array[index] = block
+
+
+def _write_sitk_blocks(blocks, path: Path, shape, dtype, like: Volume | None, spacing: Spacing | None) -> None:
+    mask = np.zeros(tuple(shape), dtype=dtype)
+    for index, block in blocks:
+        mask[index] = block
+    _write_sitk(mask, path, like, spacing)
+
+
+BLOCK_WRITERS: dict[str, Callable] = {
+    "tiff": _write_tiff_blocks,
+    "planes": _write_planes_blocks,
+    "zarr": _write_zarr_blocks,
+    "sitk": _write_sitk_blocks,
+}
+
+
+def mask_format_for(path: str | Path) -> str:
+    """The writer for an output path: by suffix; a name without a volume suffix is a plane folder."""
+    path = Path(path)
+    return detect_format(path) if path.name.lower().endswith(KNOWN_SUFFIXES) else "planes"
+
+
+def write_mask_blocks(
+    blocks, path: str | Path, shape, like: Volume | None = None, spacing: Spacing | None = None,
+    dtype=np.uint8, **writer_options,
+) -> Path:
+    """Write a mask that arrives as ``(slices, block)`` pairs in z-major order, atomically.
+
+    The writer pulls blocks as it goes (TIFF plane by plane, zarr region by region), so the mask is
+    never whole in memory. Any error - in the writer or in whatever produces the blocks - removes
+    the partial output; an ``OSError`` (disk full) becomes an :class:`OutputError` naming the file.
+    """
+    path = Path(path)
+    if spacing is None and like is not None:
+        spacing = like.spacing
+    fmt = mask_format_for(path)
+    with atomic_output(path) as tmp:
+        BLOCK_WRITERS[fmt](blocks, tmp, tuple(int(s) for s in shape), np.dtype(dtype), like, spacing, **writer_options)
+    return path
+
+
 def write_volume(array: np.ndarray, path: str | Path, spacing: Spacing | None = None) -> Path:
     """Write any 3-D array (image or label) in the format ``path`` implies; used by phantoms/tests."""
     return write_mask(array, path, like=None, spacing=spacing)

@@ -28,11 +28,14 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import InferenceSettings, ModelConfig, to_dict
 from .errors import InputError, LsmsegError, OutputError
-from .io import Volume, atomic_output, output_path_for, read_volume, volume_name, write_mask
+from .io import Volume, atomic_output, output_path_for, read_volume, volume_name, write_mask_blocks
 from .model import select_device
 from .normalise import normalise, percentiles
 from .weights import Manifest, find_manifest, load_manifest, load_model
-from .windows import batched, blend_weights, crop_padding, pad_widths, window_starts
+from .blocks import DEFAULT_BLOCK_EDGE, Block, BlockPlan, accumulate_block, plan_blocks, prefetched
+from .foreground import Background, dark_windows, estimate_background
+from .normalise import DEFAULT_MAX_SAMPLES, subsample
+from .windows import blend_weights
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,10 @@ class Predictor:
         mask_value: int = 1,
         progress: bool = True,
         weights_info: dict | None = None,
+        block_size: int | Sequence[int] | None = None,
+        skip_background: bool = True,
+        prefetch: bool = True,
+        compile: bool = False,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -76,6 +83,17 @@ class Predictor:
         self.mask_value = mask_value
         self.progress = progress
         self.weights_info = weights_info or {}
+        # Output block edge(s); None: one block for in-memory arrays, DEFAULT_BLOCK_EDGE for files.
+        self.block_size = block_size
+        self.skip_background = skip_background
+        self.prefetch = prefetch
+        self.compile = compile
+        if compile:
+            self.model = torch.compile(self.model)
+        self._background_cache: dict[float, torch.Tensor] = {}
+        # Voxels in the subsample that percentiles and the background level come from.
+        self.sample_voxels = DEFAULT_MAX_SAMPLES
+        self.last_stats: dict = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -132,30 +150,84 @@ class Predictor:
         return out[:, :1].float()
 
     def sliding_window_logits(self, image: np.ndarray, desc: str | None = None) -> np.ndarray:
-        """Gaussian-blended logits of a normalised float32 volume (any size; padded if small)."""
-        roi, settings = self.roi, self.settings
-        widths = pad_widths(image.shape, roi)
-        padded = np.pad(image, widths) if any(sum(w) for w in widths) else image
-        starts = window_starts(padded.shape, roi, settings.overlap)
-        weights = blend_weights(roi, settings.blend, settings.sigma_scale)
-        weights_np = weights.numpy()
-        accumulated = np.zeros(padded.shape, dtype=np.float32)
-        weight_sum = np.zeros(padded.shape, dtype=np.float32)
-        source = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))
-        bar = tqdm(
-            total=len(starts), desc=desc or "windows", unit="win", leave=False, disable=not self.progress
+        """Gaussian-blended logits of a normalised float32 volume (any size; padded if small).
+
+        The same block-wise engine as for files, with one block unless ``block_size`` was given.
+        """
+        image = np.asarray(image, dtype=np.float32)
+        background = self._background(image) if self.skip_background else None
+        plan = plan_blocks(image.shape, self.roi, self.settings.overlap, self.block_size)
+        logits = np.empty(image.shape, dtype=np.float32)
+        for block, block_logits in self.iter_block_logits(plan, image, None, None, background, desc=desc):
+            logits[block.out] = block_logits
+        return logits
+
+    # ------------------------------------------------------------------ block engine
+    def _background(self, normalised_sample_source) -> Background | None:
+        """The volume's dark background (from its normalised subsample), or None."""
+        return estimate_background(subsample(normalised_sample_source, self.sample_voxels))
+
+    def background_logits(self, level: float) -> torch.Tensor:
+        """The model's logits for a uniform window at ``level`` (what a skipped window contributes)."""
+        key = round(float(level), 6)
+        if key not in self._background_cache:
+            window = torch.full((1, 1, *self.roi), key, dtype=torch.float32)
+            self._background_cache[key] = self.run_windows(window)[0, 0].cpu()
+        return self._background_cache[key]
+
+    def load_block(self, plan: BlockPlan, block: Block, source, lo, hi, background, on_raw=None):
+        """Read and normalise a block's input region; decide which of its windows are dark."""
+        region = plan.read_region(source, block, lo, hi, on_raw=on_raw)
+        skip = None
+        if background is not None:
+            origin = [s.start for s in block.region]
+            skip = dark_windows(region, origin, plan.window_corners(block), plan.roi, background)
+        return region, skip
+
+    def block_logits(self, plan: BlockPlan, block: Block, region: np.ndarray, skip, background) -> np.ndarray:
+        """Blended logits on one block from its (normalised) input region."""
+        settings = self.settings
+        weights = blend_weights(self.roi, settings.blend, settings.sigma_scale)
+        background_logits = self.background_logits(background.level) if skip is not None and any(skip) else None
+        return accumulate_block(
+            plan, block, region, self.run_windows, weights, settings.sw_batch_size, skip, background_logits
         )
-        for batch in batched(starts, settings.sw_batch_size):
-            slices = [tuple(slice(s, s + r) for s, r in zip(corner, roi)) for corner in batch]
-            windows = torch.stack([source[index] for index in slices])[:, None]
-            logits = (self.run_windows(windows)[:, 0].cpu() * weights).numpy()
-            for index, window_logits in zip(slices, logits):
-                accumulated[index] += window_logits
-                weight_sum[index] += weights_np
-            bar.update(len(batch))
-        bar.close()
-        accumulated /= weight_sum
-        return crop_padding(accumulated, widths)
+
+    def iter_block_logits(
+        self, plan: BlockPlan, source, lo, hi, background: Background | None, desc: str | None = None, on_raw=None
+    ):
+        """Yield ``(block, logits)`` for every block of ``plan``, z-major; reads overlap compute.
+
+        Fills ``self.last_stats`` with window and block counts (for provenance).
+        """
+        stats = {
+            "blocks": len(plan.blocks),
+            "block_size": list(plan.block_size),
+            "windows": plan.n_windows,
+            "window_runs": 0,
+            "windows_skipped": 0,
+            "background": background.as_dict() if background is not None else None,
+        }
+        self.last_stats = stats
+        skipped_ids: set[int] = set()
+        bar = tqdm(
+            total=len(plan.blocks), desc=desc or "blocks", unit="block", leave=False,
+            disable=not self.progress or len(plan.blocks) < 2,
+        )
+        load = lambda block: self.load_block(plan, block, source, lo, hi, background, on_raw)  # noqa: E731
+        try:
+            for block, (region, skip) in prefetched(plan.blocks, load, enabled=self.prefetch):
+                logits = self.block_logits(plan, block, region, skip, background)
+                if skip is not None:
+                    skipped_ids.update(i for i, s in zip(plan.window_ids(block), skip) if s)
+                    stats["window_runs"] += len(skip) - sum(skip)
+                else:
+                    stats["window_runs"] += block.n_windows
+                stats["windows_skipped"] = len(skipped_ids)
+                bar.update(1)
+                yield block, logits
+        finally:
+            bar.close()
 
     # ------------------------------------------------------------------ volumes
     def _target_spacing(self, spacing: Sequence[float] | None) -> tuple[float, ...] | None:
@@ -176,7 +248,7 @@ class Predictor:
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             bad = int(array.size - np.isfinite(array).sum())
             raise InputError(name, f"volume contains {bad} NaN/Inf voxel(s); refusing to guess their values")
-        lo, hi = percentiles(array, self.settings.lower_percentile, self.settings.upper_percentile)
+        lo, hi = percentiles(array, self.settings.lower_percentile, self.settings.upper_percentile, self.sample_voxels)
         normalised = normalise(array, lo, hi)
         target = self._target_spacing(spacing)
         if target is None:
@@ -211,24 +283,79 @@ class Predictor:
             "mask_value": self.mask_value,
         }
 
+    def prepare(self, volume: Volume, block_size: int | Sequence[int] | None = None) -> "PreparedVolume":
+        """Everything decided once per volume before its blocks run: range, background, blocks.
+
+        Reads only a strided subsample of a lazy volume (twice: percentiles, background).
+        """
+        data = volume.data
+        lo, hi = percentiles(data, self.settings.lower_percentile, self.settings.upper_percentile, self.sample_voxels)
+        constant = hi <= lo and _is_constant_lazy(data)
+        background = None
+        if self.skip_background and not constant:
+            background = estimate_background(normalise(subsample(data, self.sample_voxels), lo, hi))
+        size = block_size or self.block_size or DEFAULT_BLOCK_EDGE
+        plan = plan_blocks(volume.shape, self.roi, self.settings.overlap, size)
+        return PreparedVolume(volume, lo, hi, background, plan, constant)
+
+    def check_finite(self, path) -> "callable":
+        def check(raw: np.ndarray) -> None:
+            if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+                bad = int(raw.size - np.isfinite(raw).sum())
+                raise InputError(path, f"volume contains NaN/Inf voxel(s) ({bad} in one block); refusing to guess their values")
+
+        return check
+
+    def mask_from_logits(self, logits: np.ndarray) -> np.ndarray:
+        """Thresholded logits as the written mask: 0 and ``mask_value``."""
+        return self._with_mask_value((logits >= logit(self.settings.threshold)).astype(np.uint8))
+
+    def _with_mask_value(self, mask: np.ndarray) -> np.ndarray:
+        return mask * np.uint8(self.mask_value) if self.mask_value != 1 else mask
+
+    def iter_mask_blocks(self, prepared: "PreparedVolume", desc: str | None = None):
+        """Yield ``(slices, mask block)`` for a prepared volume, z-major, with ``mask_value``."""
+        volume, plan = prepared.volume, prepared.plan
+        if prepared.constant:
+            logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", volume.path)
+            self.last_stats = {"blocks": len(plan.blocks), "block_size": list(plan.block_size), "windows": plan.n_windows,
+                               "window_runs": 0, "windows_skipped": 0, "background": None}
+            for block in plan.blocks:
+                yield block.out, np.zeros(block.shape, dtype=np.uint8)
+            return
+        for block, logits in self.iter_block_logits(
+            plan, volume.data, prepared.lo, prepared.hi, prepared.background, desc=desc,
+            on_raw=self.check_finite(volume.path),
+        ):
+            yield block.out, self.mask_from_logits(logits)
+
     def predict_file(
         self, input_path: str | Path, output_path: str | Path, provenance_path: str | Path | None = None
     ) -> dict:
-        """Segment one file; write the mask atomically and a provenance JSON beside it."""
+        """Segment one file block by block; write the mask atomically and a provenance JSON beside it.
+
+        The input is read lazily and the mask written as blocks complete, so memory depends on the
+        block size, not on the volume. Volumes that must be resampled to the model's spacing are
+        the exception: they are resampled (and predicted) in memory.
+        """
         input_path, output_path = Path(input_path), Path(output_path)
         timings = {}
         start = time.perf_counter()
-        volume = read_volume(input_path)
-        timings["read_s"] = time.perf_counter() - start
-        start = time.perf_counter()
+        volume = read_volume(input_path, lazy=True)
         target = self._target_spacing(volume.spacing)
-        mask = self.predict_volume(volume.load(), volume.spacing, name=str(input_path))
-        timings["predict_s"] = time.perf_counter() - start
+        if target is None:
+            prepared = self.prepare(volume)
+            blocks = self.iter_mask_blocks(prepared, desc=volume.name)
+        else:
+            logger.info("%s: resampling needs the whole volume in memory", input_path)
+            blocks = self._resampled_mask_blocks(volume)
+        timings["read_s"] = time.perf_counter() - start
+        counter = _BlockCounter(blocks)
         start = time.perf_counter()
-        if self.mask_value != 1:
-            mask = mask * np.uint8(self.mask_value)
-        write_mask(mask, output_path, like=volume)
-        timings["write_s"] = time.perf_counter() - start
+        write_mask_blocks(counter, output_path, volume.shape, like=volume)
+        total = time.perf_counter() - start
+        timings["predict_s"] = counter.seconds
+        timings["write_s"] = max(total - counter.seconds, 0.0)
         record = {
             "input": str(input_path),
             "output": str(output_path),
@@ -238,23 +365,44 @@ class Predictor:
             "dtype": str(volume.dtype),
             "spacing_um": list(volume.spacing) if volume.spacing else None,
             "resampled_to_um": list(target) if target else None,
-            "foreground_fraction": float(np.count_nonzero(mask)) / max(mask.size, 1),
+            "foreground_fraction": counter.foreground / max(math.prod(volume.shape), 1),
             "parameters": self.parameters(),
+            "blocks": dict(self.last_stats),
             "weights": self.weights_info,
             "versions": versions(),
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
         provenance_path = Path(provenance_path) if provenance_path else provenance_path_for(output_path)
         write_json(record, provenance_path)
-        logger.info("%s -> %s (%.1f s)", input_path, output_path, sum(timings.values()))
+        stats = self.last_stats
+        logger.info(
+            "%s -> %s (%.1f s; %d of %d windows skipped as background)", input_path, output_path,
+            sum(timings.values()), stats.get("windows_skipped", 0), stats.get("windows", 0),
+        )
         return record
 
+    def _resampled_mask_blocks(self, volume: Volume):
+        mask = self.predict_volume(volume.load(), volume.spacing, name=str(volume.path))
+        yield tuple(slice(0, s) for s in mask.shape), self._with_mask_value(mask)
+
+    def output_path(self, input_path: str | Path, out_dir: str | Path, output_format: str = "same") -> Path:
+        """Where ``input_path``'s mask goes: same name and container, or ``<name>.ome.zarr``."""
+        if output_format == "zarr":
+            return Path(out_dir) / f"{volume_name(input_path)}.ome.zarr"
+        if output_format != "same":
+            raise ValueError(f"output format must be 'same' or 'zarr', got {output_format!r}")
+        return output_path_for(input_path, out_dir)
+
     def predict_files(
-        self, inputs: Sequence[str | Path], out_dir: str | Path, output_paths: Sequence[str | Path] | None = None
+        self,
+        inputs: Sequence[str | Path],
+        out_dir: str | Path,
+        output_paths: Sequence[str | Path] | None = None,
+        output_format: str = "same",
     ) -> list[dict]:
         """Segment many files; a failure is one logged line and never stops the others."""
         out_dir = Path(out_dir)
-        outputs = list(output_paths) if output_paths else [output_path_for(p, out_dir) for p in inputs]
+        outputs = list(output_paths) if output_paths else [self.output_path(p, out_dir, output_format) for p in inputs]
         results = []
         for input_path, output_path in tqdm(
             list(zip(inputs, outputs)), desc="volumes", unit="vol", disable=not self.progress or len(inputs) < 2
@@ -277,6 +425,56 @@ class Predictor:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+@dataclasses.dataclass
+class PreparedVolume:
+    """A volume ready for block-wise prediction (see :meth:`Predictor.prepare`)."""
+
+    volume: Volume
+    lo: float
+    hi: float
+    background: Background | None
+    plan: BlockPlan
+    constant: bool
+
+
+class _BlockCounter:
+    """Pass blocks through, counting foreground voxels and the time spent producing them."""
+
+    def __init__(self, blocks):
+        self.blocks, self.foreground, self.seconds = blocks, 0, 0.0
+
+    def __iter__(self):
+        iterator = iter(self.blocks)
+        while True:
+            start = time.perf_counter()
+            try:
+                index, block = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - start
+            self.foreground += int(np.count_nonzero(block))
+            yield index, block
+
+
+def _is_constant_lazy(data, planes_per_read: int = 16) -> bool:
+    """Whether a (possibly lazy) volume holds one value, read a few planes at a time."""
+    if isinstance(data, np.ndarray):
+        return data.size > 0 and _is_constant(data)
+    first = None
+    for z in range(0, int(data.shape[0]), planes_per_read):
+        slab = np.asarray(data[z : z + planes_per_read])
+        if first is None:
+            if slab.size == 0:
+                return False
+            first = slab.flat[0]
+            if slab.dtype.kind == "f" and not np.isfinite(first):
+                return False
+        if not np.all(slab == first):
+            return False
+    return first is not None
 
 
 def _is_constant(array: np.ndarray) -> bool:

@@ -1,0 +1,186 @@
+"""Block-wise prediction: exactness across block borders, lazy files, block-by-block writers."""
+
+import errno
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from lsmseg import io
+from lsmseg.blocks import plan_blocks
+from lsmseg.config import InferenceSettings
+from lsmseg.predictor import Predictor
+from lsmseg.windows import pad_widths, window_starts
+
+ROI = (32, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def conv_model():
+    """A small convolutional stand-in for Swin UNETR: exactness does not depend on the network,
+    and it keeps these tests fast on two shared cores."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(4, 1, 3, padding=1)
+    ).eval()
+
+
+def make_predictor(model, config, **options):
+    options.setdefault("progress", False)
+    return Predictor(model, config, InferenceSettings(overlap=0.5), device="cpu", **options)
+
+
+@pytest.mark.parametrize("shape, block", [((40, 70, 80), (16, 24, 40)), ((10, 40, 20), 7), ((64, 130, 64), (32, 64, 64))])
+def test_plan_covers_every_voxel_once_with_exactly_the_intersecting_windows(shape, block):
+    plan = plan_blocks(shape, ROI, 0.5, block)
+    count = np.zeros(shape, np.int32)
+    pad = pad_widths(shape, ROI)
+    padded = [s + a + b for s, (a, b) in zip(shape, pad)]
+    every_window = window_starts(padded, ROI, 0.5)
+    assert plan.n_windows == len(every_window)
+    for b in plan.blocks:
+        count[b.out] += 1
+        lo = [s.start + p for s, (p, _) in zip(b.out, pad)]
+        hi = [s.stop + p for s, (p, _) in zip(b.out, pad)]
+        expected = [w for w in every_window if all(w[a] < hi[a] and w[a] + ROI[a] > lo[a] for a in range(3))]
+        assert plan.window_corners(b) == expected  # same windows, global scan order
+        ids = plan.window_ids(b)
+        assert [every_window[i] for i in ids] == expected
+        region = [(s.start, s.stop) for s in b.region]
+        assert region == [(min(w[a] for w in expected), max(w[a] for w in expected) + ROI[a]) for a in range(3)]
+    assert (count == 1).all()
+
+
+@pytest.mark.parametrize("skip_background", [False, True])
+def test_many_blocks_give_exactly_the_one_block_result(conv_model, tiny_model_config, skip_background):
+    rng = np.random.default_rng(0)
+    volume = rng.integers(100, 4000, (40, 100, 200)).astype(np.uint16)
+    volume[:, :, :110] = rng.integers(95, 105, (40, 100, 110))  # a dark side, so that windows are skipped
+    whole = make_predictor(conv_model, tiny_model_config, skip_background=skip_background)
+    split = make_predictor(conv_model, tiny_model_config, skip_background=skip_background, block_size=(20, 50, 70))
+    logits_whole = whole.predict_logits(volume)
+    logits_split = split.predict_logits(volume)
+    assert split.last_stats["blocks"] == 2 * 2 * 3 and whole.last_stats["blocks"] == 1
+    assert split.last_stats["windows_skipped"] == whole.last_stats["windows_skipped"]
+    assert (whole.last_stats["windows_skipped"] > 0) == skip_background
+    np.testing.assert_array_equal(logits_split, logits_whole)  # same windows, same order: bit-identical
+    threshold = np.float32(np.median(logits_whole))
+    np.testing.assert_array_equal(logits_split >= threshold, logits_whole >= threshold)
+
+
+def test_lazy_file_prediction_equals_in_memory(conv_model, tiny_model_config, tmp_path):
+    rng = np.random.default_rng(1)
+    volume = rng.integers(100, 4000, (36, 80, 72)).astype(np.uint16)
+    io.write_volume(volume, tmp_path / "v.tif", spacing=(2.0, 1.0, 1.0))
+    predictor = make_predictor(conv_model, tiny_model_config, block_size=(20, 32, 40))
+    expected = make_predictor(conv_model, tiny_model_config).predict_volume(volume)
+    record = predictor.predict_file(tmp_path / "v.tif", tmp_path / "out" / "v.tif")
+    written = io.read_volume(tmp_path / "out" / "v.tif")
+    np.testing.assert_array_equal(written.load(), expected)
+    np.testing.assert_allclose(written.spacing, (2.0, 1.0, 1.0), rtol=1e-5)
+    assert record["blocks"]["blocks"] == 2 * 3 * 2
+    assert record["foreground_fraction"] == pytest.approx(expected.mean())
+    provenance = json.loads((tmp_path / "out" / "v.provenance.json").read_text())
+    assert provenance["blocks"]["windows"] == record["blocks"]["windows"] > 0
+
+
+def test_plane_folder_and_zarr_outputs_written_block_by_block(conv_model, tiny_model_config, tmp_path):
+    rng = np.random.default_rng(2)
+    volume = rng.integers(0, 255, (12, 48, 40)).astype(np.uint8)
+    planes = tmp_path / "planes"
+    planes.mkdir()
+    for z, plane in enumerate(volume):
+        tifffile.imwrite(planes / f"slice_{z:03d}.tif", plane)
+    expected = make_predictor(conv_model, tiny_model_config).predict_volume(volume)
+    predictor = make_predictor(conv_model, tiny_model_config, block_size=(5, 30, 40), mask_value=255)
+    results = predictor.predict_files([planes], tmp_path / "out")
+    assert results[0]["ok"], results
+    out = tmp_path / "out" / "planes"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in planes.iterdir())
+    np.testing.assert_array_equal(io.read_volume(out).load(), expected * 255)
+    results = predictor.predict_files([planes], tmp_path / "zarr", output_format="zarr")
+    written = io.read_volume(tmp_path / "zarr" / "planes.ome.zarr")
+    assert results[0]["output"].endswith("planes.ome.zarr") and written.fmt == "zarr"
+    np.testing.assert_array_equal(written.load(), expected * 255)
+
+
+def test_disk_full_mid_volume_removes_partial_output_and_continues(conv_model, tiny_model_config, tmp_path, monkeypatch, caplog):
+    rng = np.random.default_rng(3)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a.tif", "b.tif", "c.nii.gz"):
+        io.write_volume(rng.integers(0, 999, (24, 40, 40)).astype(np.uint16), inputs / name)
+    real_writer = io.BLOCK_WRITERS["tiff"]
+
+    def filling_disk(blocks, path, *args, **kwargs):
+        def until_full():
+            for number, item in enumerate(blocks):
+                if number == 2 and path.name.endswith("a.tif"):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                yield item
+
+        return real_writer(until_full(), path, *args, **kwargs)
+
+    monkeypatch.setitem(io.BLOCK_WRITERS, "tiff", filling_disk)
+    predictor = make_predictor(conv_model, tiny_model_config, block_size=(8, 40, 40))
+    results = predictor.predict_files(io.list_volumes(inputs), tmp_path / "out")
+    assert [r["ok"] for r in results] == [False, True, True]
+    assert "No space left on device" in results[0]["error"] and str(tmp_path / "out" / "a.tif") in results[0]["error"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "b.provenance.json", "b.tif", "c.nii.gz", "c.provenance.json"
+    ]
+    errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0]
+
+
+def test_bad_plane_folders_are_reported_and_others_processed(conv_model, tiny_model_config, tmp_path, caplog):
+    root = tmp_path / "in"
+    mixed_shapes, mixed_types, missing = root / "mixed_shapes", root / "mixed_types", root / "missing"
+    for folder in (mixed_shapes, mixed_types, missing):
+        folder.mkdir(parents=True)
+        for z in (0, 1, 2, 3):
+            tifffile.imwrite(folder / f"z{z:04d}.tif", np.full((32, 32), 10 * z, np.uint16))
+    tifffile.imwrite(mixed_shapes / "z0002.tif", np.zeros((32, 30), np.uint16))
+    tifffile.imwrite(mixed_types / "z0003.tif", np.zeros((32, 32), np.float32))
+    (missing / "z0002.tif").unlink()
+    good = root / "good.tif"
+    io.write_volume(np.random.default_rng(4).integers(0, 999, (8, 32, 32)).astype(np.uint16), good)
+    predictor = make_predictor(conv_model, tiny_model_config)
+    results = predictor.predict_files([mixed_shapes, mixed_types, missing, good], tmp_path / "out")
+    assert [r["ok"] for r in results] == [False, False, False, True]
+    assert "differ in shape" in results[0]["error"] and "mixed_shapes" in results[0]["error"]
+    assert "differ in type" in results[1]["error"]
+    assert "missing plane" in results[2]["error"] and ": 2" in results[2]["error"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.provenance.json", "good.tif"]
+
+
+def test_nan_in_a_later_block_fails_that_file_cleanly(conv_model, tiny_model_config, tmp_path):
+    volume = np.random.default_rng(5).random((24, 40, 40)).astype(np.float32)
+    volume[20, 5, 5] = np.nan
+    io.write_volume(volume, tmp_path / "nan.tif")
+    predictor = make_predictor(conv_model, tiny_model_config, block_size=(8, 40, 40))
+    results = predictor.predict_files([tmp_path / "nan.tif"], tmp_path / "out")
+    assert not results[0]["ok"] and "NaN/Inf" in results[0]["error"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_peak_memory_follows_block_size_not_volume_size(conv_model, tiny_model_config, tmp_path):
+    """numpy allocations (regions, accumulators, slabs) traced for a volume and one 4x its size."""
+    predictor = make_predictor(conv_model, tiny_model_config, block_size=(16, 64, 64), prefetch=False)
+    predictor.sample_voxels = 20_000  # as a whole organ is to the default: the subsample stays small
+    peaks = []
+    predictor.predict_volume(np.zeros((8, 8, 8), np.float32) + np.arange(8))  # warm-up allocations
+    for factor in (1, 4):
+        shape = (64 * factor, 64, 128)
+        path = tmp_path / f"v{factor}.tif"
+        io.write_volume(np.random.default_rng(factor).integers(0, 999, shape).astype(np.uint16), path)
+        tracemalloc.start()
+        predictor.predict_file(path, tmp_path / "out" / path.name)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    volume_bytes = 64 * 64 * 128 * 4  # the 1x volume as float32
+    assert peaks[1] < 1.3 * peaks[0], peaks
+    assert peaks[1] - peaks[0] < volume_bytes, peaks  # growing 4x must not cost another volume
