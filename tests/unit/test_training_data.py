@@ -139,12 +139,13 @@ def test_foreground_ratio_and_seeds(data_dir):
     assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(_take(other, 3), first))
 
 
-def test_augmented_labels_stay_binary(data_dir):
+@pytest.mark.parametrize("roi", [ROI, (32, 64, 96)], ids=["square", "non-square"])
+def test_augmented_patches_keep_shape_and_binary_labels(data_dir, roi):
     records = prepare_volumes(_data(data_dir), "train", need_labels=True, where="cfg")
-    augment = AugmentConfig(rotate_prob=1.0, flip_prob=1.0, noise_prob=1.0)
-    stream = PatchStream(records, ROI, seed=0, set_weights=[1.0], foreground_ratio=1.0, labels=True, augment=augment)
+    augment = AugmentConfig(rotate_prob=1.0, rotate90_prob=1.0, flip_prob=1.0, noise_prob=1.0)
+    stream = PatchStream(records, roi, seed=0, set_weights=[1.0], foreground_ratio=1.0, labels=True, augment=augment)
     for sample in _take(stream, 4):
-        assert sample["image"].shape == (1, *ROI)
+        assert sample["image"].shape == (1, *roi) and sample["label"].shape == (1, *roi)
         assert set(np.unique(sample["label"].numpy())) <= {0.0, 1.0}
 
 

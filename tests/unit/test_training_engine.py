@@ -98,3 +98,15 @@ def test_dice_scores_over_thresholds():
     label[:2] = True
     probabilities = np.where(label, 0.6, 0.3).astype(np.float32)
     assert dice_scores(probabilities, label, [0.2, 0.5, 0.7]) == pytest.approx([2 * 32 / (64 + 32), 1.0, 0.0])
+
+
+def test_exported_spacing_is_the_training_grid_spacing():
+    from lsmseg_training.export import training_spacing
+
+    assert training_spacing({"target_spacing": [2, 1, 1]}, {}) == (2.0, 1.0, 1.0)
+    assert training_spacing({"downscale": 1.0}, {}) is None  # native grids: never resample
+    same = {"volumes": [{"training_spacing": [3.0, 3.0, 3.0]}, {"training_spacing": [3.0, 3.0, 3.0]}]}
+    assert training_spacing({"downscale": 1 / 3}, same) == (3.0, 3.0, 3.0)
+    mixed = {"volumes": [{"training_spacing": [3.0, 3.0, 3.0]}, {"training_spacing": [4.0, 3.0, 3.0]}]}
+    assert training_spacing({"downscale": 1 / 3}, mixed) is None
+    assert training_spacing({"downscale": 1 / 3}, {"volumes": [{"training_spacing": None}]}) is None

@@ -60,6 +60,13 @@ class VolumeRecord:
     def resampled(self) -> bool:
         return any(abs(f - 1.0) > 1e-6 for f in self.factors)
 
+    @property
+    def training_spacing(self) -> tuple[float, float, float] | None:
+        """Voxel spacing of the training grid (um), when the native spacing is known."""
+        if self.spacing is None:
+            return None
+        return tuple(round(s * f, 6) for s, f in zip(self.spacing, self.factors))
+
 
 # --------------------------------------------------------------------------------------------
 # Phantoms
@@ -225,6 +232,8 @@ def fingerprint(records: Sequence[VolumeRecord]) -> dict:
         for r in records
     ]
     total = hashlib.sha256(json.dumps(volumes, sort_keys=True).encode()).hexdigest()
+    for volume, record in zip(volumes, records):  # not part of the digest: settings, not data
+        volume["training_spacing"] = list(record.training_spacing) if record.training_spacing else None
     return {"sha256": total, "volumes": volumes}
 
 
@@ -313,7 +322,7 @@ def cuboid_mask(roi: Sequence[int], config: MaskingConfig, rng: np.random.Genera
 # Augmentation
 
 
-def build_augmentation(config, seed: int) -> Callable[[dict], dict]:
+def build_augmentation(config, seed: int, roi: Sequence[int] = (64, 64, 64)) -> Callable[[dict], dict]:
     """MONAI flips, in-plane rotations, intensity scale/shift and noise on {"image", "label"}."""
     from monai.transforms import (
         Compose,
@@ -332,7 +341,8 @@ def build_augmentation(config, seed: int) -> Callable[[dict], dict]:
             RandFlipd(keys, prob=config.flip_prob, spatial_axis=1),
             RandFlipd(keys, prob=config.flip_prob, spatial_axis=2),
             # Quarter turns and small angles in the (y, x) plane only: z is usually coarser.
-            RandRotate90d(keys, prob=config.rotate90_prob, max_k=3, spatial_axes=(1, 2)),
+            # (quarter turns would change the patch shape of a non-square window)
+            RandRotate90d(keys, prob=config.rotate90_prob if roi[1] == roi[2] else 0.0, max_k=3, spatial_axes=(1, 2)),
             RandRotated(keys, range_x=math.radians(config.rotate_range_deg), prob=config.rotate_prob,
                         mode=("bilinear", "nearest"), padding_mode="zeros"),
             RandScaleIntensityd("image", factors=config.scale_factor, prob=config.scale_prob),
@@ -409,7 +419,7 @@ class PatchStream(IterableDataset):
         cache = VolumeCache(self.cache_mb)
         transform = None
         if self.augment is not None:
-            transform = build_augmentation(self.augment, int(sequence.generate_state(1)[0]))
+            transform = build_augmentation(self.augment, int(sequence.generate_state(1)[0]), self.roi)
         while True:
             yield self._sample(rng, cache, transform)
 

@@ -59,11 +59,8 @@ def export_run(
         threshold=float(threshold),
         lower_percentile=data["lower_percentile"],
         upper_percentile=data["upper_percentile"],
-        spacing=tuple(data["target_spacing"]) if data.get("target_spacing") else None,
+        spacing=training_spacing(data, record.get("data") or {}),
     )
-    if data.get("downscale", 1.0) != 1.0 and settings.spacing is None:
-        logger.warning("the run down-scaled planes by %s without a target spacing; inference will not "
-                       "down-scale (set data.target_spacing to make it)", data["downscale"])
     file_name = f"{name}.safetensors"
     sha = save_weights(state, weights_dir / file_name)
     validation = {"checkpoint": checkpoint, "step": chosen.get("step")}
@@ -115,3 +112,24 @@ def export_run(
     logger.info("exported %s (%s checkpoint, step %s) -> %s, sha256 %s..., threshold %.2f",
                 run, checkpoint, chosen.get("step"), weights_dir / file_name, sha[:12], settings.threshold)
     return manifest_path
+
+
+def training_spacing(data: dict, fingerprint: dict) -> tuple[float, float, float] | None:
+    """The voxel spacing inference should resample to: the one the model was trained at, or None.
+
+    With ``target_spacing`` it is that. With only an in-plane ``downscale`` it is the training
+    grid's spacing when every training volume had the same one (else inference could not know
+    which to use: warn, and record None). Native-grid training records None (never resample).
+    """
+    if data.get("target_spacing"):
+        return tuple(float(v) for v in data["target_spacing"])
+    if data.get("downscale", 1.0) == 1.0:
+        return None
+    spacings = {tuple(v["training_spacing"]) if v.get("training_spacing") else None
+                for v in fingerprint.get("volumes", [])}
+    if len(spacings) == 1 and None not in spacings:
+        return spacings.pop()
+    logger.warning("the run down-scaled planes by %s but its volumes had unknown or differing spacings; the "
+                   "manifest records no spacing, so inference will not down-scale (set data.target_spacing)",
+                   data["downscale"])
+    return None
