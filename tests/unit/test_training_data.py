@@ -156,3 +156,19 @@ def test_cuboid_mask_respects_its_settings():
     assert min(fractions) > 0
     # one cuboid can overshoot the cap by at most its own size (0.3^3 of the patch)
     assert max(fractions) <= 0.4 + 0.3**3
+
+
+@pytest.mark.parametrize("suffix", ["nii.gz", "zarr", "planes"])
+def test_patches_from_every_container_format(tmp_path, suffix):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 1000, size=(12, 70, 66), dtype=np.uint16)
+    label = (image > 900).astype(np.uint8)
+    name = "vol" if suffix == "planes" else f"vol.{suffix}"
+    io.write_volume(image, tmp_path / "images" / name, spacing=(2.0, 1.0, 1.0))
+    io.write_volume(label, tmp_path / "labels" / name, spacing=(2.0, 1.0, 1.0))
+    records = prepare_volumes(_data(tmp_path), "train", need_labels=True, where="cfg")
+    assert [r.name for r in records] == ["vol"] and records[0].shape == (12, 70, 66)
+    patch, patch_label = read_patch(records[0], VolumeCache(0), (0, 3, 1), ROI, np.random.default_rng(0))
+    z = np.flatnonzero(np.abs(patch).reshape(32, -1).max(axis=1) > 0)
+    expected = (image[:, 3:67, 1:65] > 900).astype(np.float32)
+    np.testing.assert_array_equal(patch_label[z[0] : z[0] + 12], expected)

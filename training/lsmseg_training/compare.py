@@ -8,7 +8,8 @@
 1. The exported weights, applied exactly as ``lsmseg predict`` applies them (Predictor.from_manifest,
    the manifest's threshold), against a smoothed-Otsu baseline (Gaussian sigma 1 voxel, Otsu's
    threshold on the smoothed volume) on the named labelled volumes; Dice with MONAI's DiceMetric.
-2. For each fine-tuning run: validation Dice of its best and final checkpoints (run.json).
+2. For each fine-tuning run: its best and final checkpoints re-scored on the same volumes with the
+   current predictor (overlap 0.5), at threshold 0.5 and at the threshold tuned on these volumes.
 """
 
 from __future__ import annotations
@@ -54,31 +55,52 @@ def weights_vs_otsu(weights: Path, images: Path, labels: Path, names: list[str])
     return rows
 
 
-def run_rows(run: Path, real: list[str]) -> list[dict]:
+def evaluate_run(run: Path, images: Path, labels: Path, names: list[str]) -> list[dict]:
+    """Re-score a fine-tuning run's best and final checkpoints on the named volumes, now, with the
+    current predictor (so that runs made with different code versions are compared alike)."""
+    from lsmseg.config import ModelConfig, from_dict
+    from lsmseg.model import build_model
+    from lsmseg.weights import load_state_dict
+
+    from .config import FinetuneConfig
+    from .finetune import EXPORT_OVERLAP, validate
+
     record = json.loads((Path(run) / "run.json").read_text())
+    config = from_dict(FinetuneConfig, record["config"], f"{run}/run.json:config")
+    volumes = []
+    for name in names:
+        from lsmseg.io import read_volume
+
+        image_path = next(p for p in Path(images).iterdir() if p.name.startswith(name + "."))
+        volume = read_volume(image_path)
+        volumes.append({"name": name, "image": volume.load(), "spacing": volume.spacing,
+                        "label": read_volume(Path(labels) / image_path.name).load() != 0})
     rows = []
     for which in ("best", "final"):
-        evaluation = record[which].get("evaluation")
-        if not evaluation:
-            continue
-        thresholds = evaluation["thresholds"]
-        at_half = thresholds.index(0.5) if 0.5 in thresholds else None
-        tuned = thresholds.index(evaluation["best_threshold"])
-        per_volume = evaluation["per_volume"]
-        real_names = [n for n in per_volume if n in real]
-        other = [n for n in per_volume if n not in real]
+        model = build_model(from_dict(ModelConfig, record["config"]["model"], "model"))
+        model.load_state_dict(load_state_dict(Path(run) / record[which]["file"], record[which]["sha256"]))
+        result = validate(model, config, volumes, torch_device(), EXPORT_OVERLAP)
+        thresholds = result["thresholds"]
+        tuned = thresholds.index(result["best_threshold"])
+        half = thresholds.index(0.5)
         rows.append({
             "run": record["name"],
             "init": "pretrained encoder" if record.get("pretrained") else "scratch",
             "checkpoint": f"{which} (step {record[which]['step']})",
             "steps": record.get("steps"),
-            "threshold": evaluation["best_threshold"],
-            "real_tuned": float(np.mean([per_volume[n][tuned] for n in real_names])) if real_names else None,
-            "real_at_0.5": float(np.mean([per_volume[n][at_half] for n in real_names])) if real_names and at_half is not None else None,
-            "phantoms_tuned": float(np.mean([per_volume[n][tuned] for n in other])) if other else None,
-            "per_volume_tuned": {n: per_volume[n][tuned] for n in per_volume},
+            "threshold": result["best_threshold"],
+            "tuned": result["best_dice"],
+            "at_0.5": result["mean_dice"][half],
+            "per_volume_tuned": {n: v[tuned] for n, v in result["per_volume"].items()},
+            "per_volume_0.5": {n: v[half] for n, v in result["per_volume"].items()},
         })
     return rows
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cpu")
 
 
 def main(argv=None) -> int:
@@ -98,14 +120,14 @@ def main(argv=None) -> int:
         print(f"| **mean** | **{np.mean([r['model'] for r in rows]):.3f}** | **{np.mean([r['otsu'] for r in rows]):.3f}** |")
         print(f"\n(model threshold {rows[0]['threshold']} from the manifest)\n")
     if args.runs:
-        print("| run | initialisation | checkpoint | real val Dice (tuned thr.) | real val Dice (thr. 0.5) | "
-              "phantom val Dice (tuned) | tuned thr. |\n|---|---|---|---|---|---|---|")
+        print("| run | initialisation | checkpoint | " + " | ".join(f"{n} (thr. 0.5)" for n in args.names)
+              + " | mean Dice, thr. 0.5 | mean Dice, tuned thr. (thr.) |")
+        print("|---" * (5 + len(args.names)) + "|")
         for run in args.runs:
-            for row in run_rows(run, args.names):
-                def fmt(v):
-                    return "–" if v is None else f"{v:.3f}"
-                print(f"| {row['run']} | {row['init']} | {row['checkpoint']} | {fmt(row['real_tuned'])} | "
-                      f"{fmt(row['real_at_0.5'])} | {fmt(row['phantoms_tuned'])} | {row['threshold']} |")
+            for row in evaluate_run(run, args.images, args.labels, args.names):
+                cells = " | ".join(f"{row['per_volume_0.5'][n]:.3f}" for n in args.names)
+                print(f"| {row['run']} | {row['init']} | {row['checkpoint']} | {cells} | {row['at_0.5']:.3f} | "
+                      f"{row['tuned']:.3f} ({row['threshold']}) |")
     return 0
 
 
