@@ -25,6 +25,33 @@ def _shape(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
+def _block_size(text: str) -> int | tuple[int, int, int]:
+    if text.strip().isdigit():
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"block size must be positive, got {text}")
+        return value
+    return _shape(text)
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N, e.g. 2/4, got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"expected 1 <= K <= N, got {text!r}")
+    return k, n
+
+
+def select_part(items: list, part: tuple[int, int] | None) -> list:
+    """The K-th of N interleaved shares (1-based): every N-th item from the K-th."""
+    if part is None:
+        return list(items)
+    k, n = part
+    return list(items)[k - 1 :: n]
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0.0 < value < 1.0:
@@ -54,6 +81,22 @@ def add_predict_command(subparsers) -> None:
                    help="do not resample inputs whose voxel spacing differs from the model's")
     p.add_argument("--mask-value", type=int, choices=[1, 255], default=1,
                    help="foreground value in the masks (255 is easier to see in viewers)")
+    scale = p.add_argument_group("large volumes and throughput")
+    scale.add_argument("--output-format", choices=["same", "zarr"], default="same",
+                       help="same: the input's container (TIFF written plane by plane); zarr: OME-Zarr <name>.ome.zarr")
+    scale.add_argument("--block-size", type=_block_size, metavar="N|Z,Y,X",
+                       help="output block edge in voxels; memory follows it, not the volume (default 256)")
+    scale.add_argument("--no-skip-background", dest="skip_background", action="store_false",
+                       help="run the network on uniformly dark windows too (default: skip them)")
+    scale.add_argument("--compile", action="store_true", help="torch.compile the model (slow start; off by default)")
+    scale.add_argument("--scheduler", choices=["local", "dask"], default="local",
+                       help="dask: spread each volume's blocks over dask.distributed workers")
+    scale.add_argument("--address", metavar="tcp://HOST:PORT",
+                       help="dask scheduler to use (default: a LocalCluster, one worker per GPU)")
+    scale.add_argument("--workers", type=int, metavar="N", help="LocalCluster workers (default: one per GPU, or 1)")
+    scale.add_argument("--part", type=_part, metavar="K/N",
+                       help="process only the K-th of N interleaved shares of the input volumes (1-based), "
+                       "for running N independent jobs")
     p.set_defaults(func=run_predict)
 
 
@@ -72,12 +115,26 @@ def run_predict(args) -> int:
         resample=args.resample,
         mask_value=args.mask_value,
         progress=not args.quiet,
+        block_size=args.block_size,
+        skip_background=args.skip_background,
+        compile=args.compile,
     )
     inputs = expand_inputs(args.inputs)
     if not inputs:
         logger.warning("no volumes found in %s", ", ".join(map(str, args.inputs)))
         return EXIT_OK
-    results = predictor.predict_files(inputs, args.output)
+    if args.part:
+        total = len(inputs)
+        inputs = select_part(inputs, args.part)
+        logger.info("part %d/%d: %d of %d volume(s)", *args.part, len(inputs), total)
+        if not inputs:
+            return EXIT_OK
+    if args.scheduler == "dask":
+        from .distributed import predict_files_dask
+
+        results = predict_files_dask(predictor, inputs, args.output, args.output_format, args.address, args.workers)
+    else:
+        results = predictor.predict_files(inputs, args.output, output_format=args.output_format)
     failed = [r for r in results if not r["ok"]]
     logger.info("%d of %d volume(s) segmented into %s", len(results) - len(failed), len(results), args.output)
     return EXIT_FAILED if failed else EXIT_OK
