@@ -3,9 +3,13 @@
     predictor = Predictor.from_manifest()                 # verified weights from weights/manifest.yaml
     predictor.predict_files([Path("in/brain01.tif")], Path("out"))
 
-Pipeline: read (lsmseg.io) -> percentile normalisation (lsmseg.normalise) -> optional resampling to
-the model's voxel spacing -> Gaussian-blended sliding window (lsmseg.windows) -> sigmoid ->
-threshold -> write the mask in the input's container format, plus a provenance JSON beside it.
+Pipeline: read (lsmseg.io, lazily) -> percentiles on a subsample (lsmseg.normalise) -> blocks
+(lsmseg.blocks): for each output block, read and normalise its input region, skip uniformly dark
+windows (lsmseg.foreground), run and Gaussian-blend every window of the global grid that touches
+the block -> threshold -> the block goes to the writer (TIFF plane by plane, zarr region by region)
+-> a provenance JSON beside the mask. In-memory arrays take the same path with one block; volumes
+that must be resampled to the model's spacing are resampled in memory. ``lsmseg.distributed``
+spreads the same blocks over dask workers.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -298,7 +302,9 @@ class Predictor:
         plan = plan_blocks(volume.shape, self.roi, self.settings.overlap, size)
         return PreparedVolume(volume, lo, hi, background, plan, constant)
 
-    def check_finite(self, path) -> "callable":
+    def check_finite(self, path) -> Callable[[np.ndarray], None]:
+        """A check for raw block data: NaN/Inf voxels are bad input, never guessed."""
+
         def check(raw: np.ndarray) -> None:
             if raw.dtype.kind == "f" and not np.isfinite(raw).all():
                 bad = int(raw.size - np.isfinite(raw).sum())

@@ -1,0 +1,106 @@
+"""Shared by the benchmark scripts: the model under test, child-process runs, Dice, tables.
+
+Every variant runs in its own Python process so that its peak RSS (``ru_maxrss``) is its own; the
+parent only prepares inputs, collects the children's JSON and prints tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+REAL_DATA = REPO.parent / "shared" / "data" / "real"
+
+# The shipped model's architecture (training/configs/general_finetune.yaml).
+MODEL = {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 6, 12, 24], "roi": [32, 64, 64]}
+
+
+def model_and_config(weights: str | None):
+    """(model, ModelConfig, InferenceSettings, description): shipped weights if named, else random."""
+    import torch
+
+    from lsmseg.config import InferenceSettings, ModelConfig, from_dict
+    from lsmseg.model import build_model
+
+    if weights:
+        from lsmseg.weights import find_manifest, load_manifest, load_model
+
+        manifest = load_manifest(find_manifest(weights))
+        name, entry = manifest.entry_for(None)
+        return load_model(manifest, entry), entry.model, entry.inference, f"weights '{name}' from {manifest.path}"
+    torch.manual_seed(0)
+    config = from_dict(ModelConfig, MODEL)
+    return build_model(config).eval(), config, InferenceSettings(), "random weights (seed 0), shipped architecture"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+
+
+def current_rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def run_child(script: Path, spec: dict, timeout: float = 3600) -> dict:
+    """Run ``script --child SPEC_JSON`` in a fresh interpreter; return the JSON it prints last."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS=str(spec.get("threads", 2)))
+    result = subprocess.run(
+        [sys.executable, str(script), "--child", json.dumps(spec)], capture_output=True, text=True, env=env,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{spec.get('variant')} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def dice(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    if where is not None:
+        a, b = a[where], b[where]
+    total = a.sum() + b.sum()
+    return float(2.0 * np.logical_and(a, b).sum() / total) if total else 1.0
+
+
+def machine() -> str:
+    import torch
+
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, Python {platform.python_version()}; "
+            f"load average at start {os.getloadavg()[0]:.1f}")
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table: columns are (key, header, format)."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = row.get(key)
+            cells.append("" if value is None else format(value, fmt) if fmt else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,148 @@
+"""lsmseg's block-wise predictor against MONAI's sliding_window_inference, in one run.
+
+Same model, ROI, overlap, Gaussian blending (sigma 0.125), batch size and normalisation; each
+variant in its own process (peak RSS is its own). Volumes: (a) a vessel phantom with a realistic
+dark background (>= 50 % outside the tissue), (b) the real TRAILMAP light-sheet crop. Reported:
+throughput (input voxels per second, read to mask), its ratio to MONAI, peak RSS, Dice of each
+mask against the ground truth and the difference to MONAI's Dice.
+
+    python benchmarks/bench_vs_monai.py                       # random weights, shipped architecture
+    python benchmarks/bench_vs_monai.py --weights weights/    # the shipped weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REAL_DATA, Timer, current_rss_mb, dice, machine, model_and_config, peak_rss_mb, run_child, table  # noqa: E402
+
+# monai: same batch size as lsmseg; monai-default: MONAI's default sw_batch_size=1.
+VARIANTS = ("monai", "monai-default", "lsmseg", "lsmseg-no-skip")
+
+
+def child(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from lsmseg import io
+
+    model, config, settings, _ = model_and_config(spec["weights"])
+    settings.sw_batch_size = spec["batch"]
+    with torch.inference_mode():  # warm-up outside the timing, for every variant alike
+        model(torch.zeros(1, 1, *config.roi))
+    baseline = current_rss_mb()
+    out = Path(spec["out"])
+    if spec["variant"].startswith("monai"):
+        from monai.inferers import sliding_window_inference
+
+        from lsmseg.normalise import normalise_volume
+
+        with Timer() as timer:
+            image = io.read_volume(spec["input"]).load()
+            normalised = normalise_volume(image, settings.lower_percentile, settings.upper_percentile)
+            with torch.inference_mode():
+                logits = sliding_window_inference(
+                    torch.from_numpy(normalised)[None, None], tuple(config.roi),
+                    1 if spec["variant"] == "monai-default" else settings.sw_batch_size, model,
+                    overlap=settings.overlap, mode="gaussian", sigma_scale=settings.sigma_scale,
+                )[0, 0]
+            probability_threshold = torch.logit(torch.tensor(settings.threshold)).item()
+            mask = (logits >= probability_threshold).numpy().astype(np.uint8)
+        stats = {}
+    else:
+        from lsmseg.predictor import Predictor
+
+        predictor = Predictor(model, config, settings, device="cpu", progress=False,
+                              skip_background=spec["variant"] == "lsmseg", block_size=spec.get("block"))
+        with Timer() as timer:
+            record = predictor.predict_file(spec["input"], out / "mask.tif")
+        mask = io.read_volume(out / "mask.tif").load()
+        stats = record["blocks"]
+    np.save(out / "mask.npy", mask)
+    return {"seconds": timer.seconds, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline,
+            "windows": stats.get("windows"), "window_runs": stats.get("window_runs"),
+            "windows_skipped": stats.get("windows_skipped")}
+
+
+def prepare_inputs(work: Path, phantom_shape, use_real: bool) -> list[dict]:
+    from lsmseg import io
+    from lsmseg.phantom import make_phantom
+
+    cases = []
+    phantom = make_phantom("vessels", phantom_shape, seed=1)
+    io.write_volume(phantom.image, work / "phantom.tif", spacing=phantom.spacing)
+    cases.append({"name": f"phantom vessels {'x'.join(map(str, phantom_shape))}", "input": str(work / "phantom.tif"),
+                  "label": phantom.label.astype(bool), "where": None,
+                  "dark": 1.0 - float(phantom.tissue.mean())})
+    if use_real and (REAL_DATA / "trailmap" / "volume.tif").is_file():
+        sparse = io.read_volume(REAL_DATA / "trailmap" / "sparse_label.tif").load()
+        cases.append({"name": "real TRAILMAP 101x120x120", "input": str(REAL_DATA / "trailmap" / "volume.tif"),
+                      "label": sparse == 2, "where": np.isin(sparse, (1, 2)), "dark": None})
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--child")
+    parser.add_argument("--weights", help="weights manifest or folder (default: random weights)")
+    parser.add_argument("--phantom-shape", default="48,256,256")
+    parser.add_argument("--no-real", action="store_true")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    _, config, settings, weights_note = model_and_config(args.weights)
+    print(f"machine: {machine()}\nmodel: Swin UNETR {json.dumps(dict(feature_size=config.feature_size, depths=list(config.depths), roi=list(config.roi)))}, {weights_note}")
+    print(f"overlap {settings.overlap}, gaussian sigma {settings.sigma_scale}, batch {args.batch}, {args.threads} threads\n")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shape = tuple(int(v) for v in args.phantom_shape.split(","))
+        for case in prepare_inputs(work, shape, not args.no_real):
+            results = {}
+            for variant in VARIANTS:
+                out = work / case["name"].replace(" ", "_") / variant
+                out.mkdir(parents=True)
+                spec = {"variant": variant, "input": case["input"], "out": str(out), "weights": args.weights,
+                        "batch": args.batch, "threads": args.threads}
+                result = run_child(Path(__file__), spec)
+                mask = np.load(out / "mask.npy")
+                result["dice"] = dice(mask, case["label"], case["where"])
+                result["mask"] = mask
+                results[variant] = result
+                print(f"  {case['name']}: {variant} {result['seconds']:.1f} s", flush=True)
+            voxels = int(np.prod(results["monai"]["mask"].shape))
+            for variant, result in results.items():
+                rows.append({
+                    "volume": case["name"], "dark": case["dark"], "variant": variant,
+                    "seconds": result["seconds"], "mvox_s": voxels / result["seconds"] / 1e6,
+                    "speedup": results["monai"]["seconds"] / result["seconds"],
+                    "rss": result["peak_rss_mb"], "rss_above": result["peak_rss_mb"] - result["baseline_rss_mb"],
+                    "runs": f"{result['window_runs']}/{result['windows']}" if result["windows"] else "",
+                    "dice": result["dice"], "dice_diff": result["dice"] - results["monai"]["dice"],
+                    "agree": dice(result["mask"], results["monai"]["mask"]),
+                })
+    print()
+    print(table(rows, [
+        ("volume", "volume", ""), ("dark", "dark fraction", ".2f"), ("variant", "variant", ""),
+        ("seconds", "time (s)", ".1f"), ("mvox_s", "Mvoxel/s", ".3f"), ("speedup", "throughput vs MONAI (same batch)", ".2f"),
+        ("rss", "peak RSS (MB)", ".0f"), ("rss_above", "peak above model-loaded (MB)", ".0f"),
+        ("runs", "windows run/total", ""), ("dice", "Dice vs truth", ".4f"), ("dice_diff", "Dice - MONAI's", "+.4f"),
+        ("agree", "Dice vs MONAI mask", ".4f"),
+    ]))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
