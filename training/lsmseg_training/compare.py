@@ -55,7 +55,7 @@ def weights_vs_otsu(weights: Path, images: Path, labels: Path, names: list[str])
     return rows
 
 
-def evaluate_run(run: Path, images: Path, labels: Path, names: list[str]) -> list[dict]:
+def evaluate_run(run: Path, images: Path, labels: Path, names: list[str], thresholds: list[float] | None = None) -> list[dict]:
     """Re-score a fine-tuning run's best and final checkpoints on the named volumes, now, with the
     current predictor (so that runs made with different code versions are compared alike)."""
     from lsmseg.config import ModelConfig, from_dict
@@ -67,6 +67,8 @@ def evaluate_run(run: Path, images: Path, labels: Path, names: list[str]) -> lis
 
     record = json.loads((Path(run) / "run.json").read_text())
     config = from_dict(FinetuneConfig, record["config"], f"{run}/run.json:config")
+    if thresholds:
+        config.validation.thresholds = list(thresholds)
     volumes = []
     for name in names:
         from lsmseg.io import read_volume
@@ -110,6 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", type=Path)
     parser.add_argument("--names", nargs="*", default=[])
     parser.add_argument("--runs", nargs="*", type=Path, default=[])
+    parser.add_argument("--thresholds", nargs="*", type=float, help="threshold sweep for --runs (default: the run's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.weights:
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
               + " | mean Dice, thr. 0.5 | mean Dice, tuned thr. (thr.) |")
         print("|---" * (5 + len(args.names)) + "|")
         for run in args.runs:
-            for row in evaluate_run(run, args.images, args.labels, args.names):
+            for row in evaluate_run(run, args.images, args.labels, args.names, args.thresholds):
                 cells = " | ".join(f"{row['per_volume_0.5'][n]:.3f}" for n in args.names)
                 print(f"| {row['run']} | {row['init']} | {row['checkpoint']} | {cells} | {row['at_0.5']:.3f} | "
                       f"{row['tuned']:.3f} ({row['threshold']}) |")

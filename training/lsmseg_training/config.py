@@ -134,7 +134,7 @@ class ValidationConfig:
     every: int = 100  # steps between validations (0: only at the end)
     overlap: float = 0.25  # sliding-window overlap during training (the final sweep uses 0.5)
     threshold: float = 0.5
-    thresholds: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    thresholds: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     sw_batch_size: int = 4
 
 
