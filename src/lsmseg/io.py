@@ -406,6 +406,41 @@ def _write_planes(mask: np.ndarray, path: Path, like: Volume | None, spacing: Sp
 # NIfTI / MHA / NRRD through SimpleITK
 
 
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _nifti_nonfinite(path: Path, shape: tuple) -> np.ndarray | None:
+    """Where a float NIfTI file holds NaN/Inf, read from its raw data (None: none, or not float).
+
+    ITK's NIfTI reader replaces NaN with 0, which would let a damaged volume pass as a valid one;
+    reading the raw voxels lets the caller see what the file really holds.
+    """
+    import gzip
+    import struct
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        header = handle.read(540)
+        for endian in ("<", ">"):
+            size = struct.unpack(endian + "i", header[:4])[0]
+            if size == 348:  # NIfTI-1
+                datatype = struct.unpack(endian + "h", header[70:72])[0]
+                offset = int(struct.unpack(endian + "f", header[108:112])[0])
+                break
+            if size == 540:  # NIfTI-2
+                datatype = struct.unpack(endian + "h", header[12:14])[0]
+                offset = struct.unpack(endian + "q", header[168:176])[0]
+                break
+        else:
+            return None
+        if datatype not in _NIFTI_FLOAT_TYPES:
+            return None
+        handle.seek(offset)
+        raw = np.frombuffer(handle.read(), dtype=endian + _NIFTI_FLOAT_TYPES[datatype], count=int(np.prod(shape)))
+    nonfinite = ~np.isfinite(raw)
+    return nonfinite.reshape(shape) if nonfinite.any() else None
+
+
 def _read_sitk(path: Path, lazy: bool) -> Volume:
     import SimpleITK as sitk
 
@@ -425,6 +460,10 @@ def _read_sitk(path: Path, lazy: bool) -> Volume:
     _check_array_shape(path, tuple(size))
     data = sitk.GetArrayFromImage(image)
     _check_dtype(path, data.dtype)
+    if data.dtype.kind == "f" and path.name.lower().endswith((".nii", ".nii.gz")):
+        nonfinite = _nifti_nonfinite(path, data.shape)
+        if nonfinite is not None:
+            data[nonfinite] = np.nan  # restore what ITK silently zeroed, so callers can refuse it
     meta = {"origin": image.GetOrigin(), "direction": image.GetDirection(), "sitk_spacing": image.GetSpacing()}
     spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
     return Volume(data=data, spacing=spacing, path=path, fmt="sitk", meta=meta)  # type: ignore[arg-type]

@@ -33,6 +33,18 @@ def test_tiff_round_trip_of_dtypes_imagej_cannot_hold(tmp_path, dtype):
     np.testing.assert_allclose(vol.spacing, SPACING, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["n.nii.gz", "n.nii", "n.mha"])
+def test_nan_voxels_survive_reading(tmp_path, name):
+    import SimpleITK as sitk
+
+    array = np.ones((4, 5, 6), np.float32)
+    array[1, 2, 3] = np.nan
+    array[2, 2, 2] = np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / name))
+    data = io.read_volume(tmp_path / name).load()
+    assert np.isnan(data[1, 2, 3]) and not np.isfinite(data[2, 2, 2]) and np.isfinite(data).sum() == array.size - 2
+
+
 def test_mask_written_in_same_container_as_input(tmp_path, volume):
     io.write_volume(volume, tmp_path / "in" / "brain.nii.gz", spacing=SPACING)
     vol = io.read_volume(tmp_path / "in" / "brain.nii.gz")
