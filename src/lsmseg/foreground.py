@@ -47,14 +47,25 @@ def _pool(array: np.ndarray, cell: int) -> np.ndarray:
     return torch.nn.functional.avg_pool3d(tensor, kernel, kernel, ceil_mode=True)[0, 0].numpy()
 
 
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample (numpy only: the inference image has no scikit-image)."""
+    counts, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(counts)
+    weight_high = weight_low[-1] - weight_low
+    sum_low = np.cumsum(counts * centres)
+    mean_low = sum_low / np.maximum(weight_low, 1)
+    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(centres[int(np.argmax(between[:-1]))])
+
+
 def estimate_background(normalised_sample: np.ndarray) -> Background | None:
     """The dark background of a volume from its normalised subsample, or None if it has none.
 
     The subsample is a strided grid (see :func:`lsmseg.normalise.subsample`); it is pooled by 2 so
     that its noise is comparable with the pooled cells tested per window.
     """
-    from skimage.filters import threshold_otsu
-
     sample = np.asarray(normalised_sample, dtype=np.float32)
     if sample.ndim != 3 or sample.size < 8:
         return None
@@ -63,7 +74,7 @@ def estimate_background(normalised_sample: np.ndarray) -> Background | None:
     if pooled.size == 0 or float(pooled.max()) <= float(pooled.min()):
         return None
     darkest = float(np.percentile(pooled, 1))
-    threshold = min(float(threshold_otsu(pooled)), darkest + MAX_MARGIN)
+    threshold = min(otsu_threshold(pooled), darkest + MAX_MARGIN)
     dark = pooled[pooled <= threshold]
     fraction = dark.size / pooled.size
     if fraction < MIN_DARK_FRACTION:

@@ -69,3 +69,16 @@ def test_skipping_keeps_dice_on_the_bundled_samples(conv_model, tiny_model_confi
         assert abs(dice_on - dice_off) <= 0.002, (dice_on, dice_off)
         if volume is wide:
             assert stats["windows_skipped"] >= 0.3 * stats["windows"], stats
+
+
+def test_numpy_otsu_matches_scikit_image():
+    from skimage.filters import threshold_otsu
+
+    from lsmseg.foreground import otsu_threshold
+
+    rng = np.random.default_rng(7)
+    for values in (
+        np.concatenate([rng.normal(0.1, 0.03, 5000), rng.normal(0.6, 0.1, 2000)]),
+        rng.gamma(2.0, 0.1, 10000),
+    ):
+        assert abs(otsu_threshold(values) - threshold_otsu(values)) < 1e-9
