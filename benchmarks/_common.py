@@ -1,6 +1,6 @@
 """Shared by the benchmark scripts: the model under test, child-process runs, Dice, tables.
 
-Every variant runs in its own Python process so that its peak RSS (``ru_maxrss``) is its own; the
+Every variant runs in its own Python process so that its peak RSS (VmHWM) is its own; the
 parent only prepares inputs, collects the children's JSON and prints tables.
 """
 
@@ -44,7 +44,17 @@ def model_and_config(weights: str | None):
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+    """This process's peak resident memory, from /proc (VmHWM).
+
+    Not ``ru_maxrss``: Linux carries it across fork+exec, so a child would report its parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kilobytes on Linux
 
 
 def current_rss_mb() -> float:
@@ -97,10 +107,21 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Timer:
+    """Wall-clock and CPU seconds (user + system, all threads) of a block.
+
+    On a shared machine wall time swings with other people's load; CPU time much less.
+    """
+
     def __enter__(self):
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), cpu_seconds()
         return self
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+        self.cpu = cpu_seconds() - self.cpu_start

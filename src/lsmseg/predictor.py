@@ -71,7 +71,7 @@ class Predictor:
         weights_info: dict | None = None,
         block_size: int | Sequence[int] | None = None,
         skip_background: bool = True,
-        prefetch: bool = True,
+        prefetch: bool | None = None,
         compile: bool = False,
     ):
         if precision not in PRECISIONS:
@@ -90,7 +90,9 @@ class Predictor:
         # Output block edge(s); None: one block for in-memory arrays, DEFAULT_BLOCK_EDGE for files.
         self.block_size = block_size
         self.skip_background = skip_background
-        self.prefetch = prefetch
+        # Reading the next block in a thread pays when the network runs elsewhere (a GPU); on CPU the
+        # network already uses every core, and benchmarks/ measured no gain but more memory.
+        self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
         self.compile = compile
         if compile:
             self.model = torch.compile(self.model)
@@ -175,6 +177,8 @@ class Predictor:
         """The model's logits for a uniform window at ``level`` (what a skipped window contributes)."""
         key = round(float(level), 6)
         if key not in self._background_cache:
+            if len(self._background_cache) >= 8:  # one level per volume: keep the cache small
+                self._background_cache.pop(next(iter(self._background_cache)))
             window = torch.full((1, 1, *self.roi), key, dtype=torch.float32)
             self._background_cache[key] = self.run_windows(window)[0, 0].cpu()
         return self._background_cache[key]

@@ -60,7 +60,8 @@ def test_many_blocks_give_exactly_the_one_block_result(conv_model, tiny_model_co
     volume = rng.integers(100, 4000, (40, 100, 200)).astype(np.uint16)
     volume[:, :, :110] = rng.integers(95, 105, (40, 100, 110))  # a dark side, so that windows are skipped
     whole = make_predictor(conv_model, tiny_model_config, skip_background=skip_background)
-    split = make_predictor(conv_model, tiny_model_config, skip_background=skip_background, block_size=(20, 50, 70))
+    split = make_predictor(conv_model, tiny_model_config, skip_background=skip_background, block_size=(20, 50, 70),
+                           prefetch=True)  # the next block is read in a thread: same result
     logits_whole = whole.predict_logits(volume)
     logits_split = split.predict_logits(volume)
     assert split.last_stats["blocks"] == 2 * 2 * 3 and whole.last_stats["blocks"] == 1

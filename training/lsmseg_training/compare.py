@@ -79,6 +79,9 @@ def evaluate_run(run: Path, images: Path, labels: Path, names: list[str], thresh
                         "label": read_volume(Path(labels) / image_path.name).load() != 0})
     rows = []
     for which in ("best", "final"):
+        if which == "final" and record["final"]["sha256"] == record["best"]["sha256"]:
+            rows[-1]["checkpoint"] = f"best = final (step {record['final']['step']})"
+            continue
         model = build_model(from_dict(ModelConfig, record["config"]["model"], "model"))
         model.load_state_dict(load_state_dict(Path(run) / record[which]["file"], record[which]["sha256"]))
         result = validate(model, config, volumes, torch_device(), EXPORT_OVERLAP)
