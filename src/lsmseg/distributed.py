@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 import uuid
 from pathlib import Path
@@ -114,8 +113,6 @@ def _quiet_dask_logs() -> None:
 
 def predict_file_dask(predictor, input_path, output_path, client, provenance_path=None) -> dict:
     """Segment one file with its blocks spread over ``client``'s workers."""
-    from .predictor import provenance_path_for, versions, write_json
-
     input_path, output_path = Path(input_path), Path(output_path)
     start = time.perf_counter()
     volume = read_volume(input_path, lazy=True)
@@ -165,23 +162,10 @@ def predict_file_dask(predictor, input_path, output_path, client, provenance_pat
         "workers": len(client.scheduler_info().get("workers", {})),
     }
     predictor.last_stats = stats
-    record = {
-        "input": str(input_path),
-        "output": str(output_path),
-        "ok": True,
-        "error": None,
-        "shape": list(volume.shape),
-        "dtype": str(volume.dtype),
-        "spacing_um": list(volume.spacing) if volume.spacing else None,
-        "resampled_to_um": None,
-        "foreground_fraction": sum(r["foreground"] for r in results) / max(math.prod(volume.shape), 1),
-        "parameters": predictor.parameters(),
-        "blocks": stats,
-        "weights": predictor.weights_info,
-        "versions": versions(),
-        "timings": {"read_s": round(read_s, 3), "predict_s": round(predict_s, 3)},
-    }
-    write_json(record, Path(provenance_path) if provenance_path else provenance_path_for(output_path))
+    record = predictor.write_provenance(
+        input_path, output_path, volume, provenance_path,
+        foreground=sum(r["foreground"] for r in results), timings={"read_s": read_s, "predict_s": predict_s},
+    )
     logger.info("%s -> %s (%.1f s on %d dask worker(s); %d of %d windows skipped as background)",
                 input_path, output_path, read_s + predict_s, stats["workers"], stats["windows_skipped"], stats["windows"])
     return record

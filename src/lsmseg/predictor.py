@@ -366,6 +366,20 @@ class Predictor:
         total = time.perf_counter() - start
         timings["predict_s"] = counter.seconds
         timings["write_s"] = max(total - counter.seconds, 0.0)
+        record = self.write_provenance(
+            input_path, output_path, volume, provenance_path,
+            resampled_to=target, foreground=counter.foreground, timings=timings,
+        )
+        stats = self.last_stats
+        logger.info(
+            "%s -> %s (%.1f s; %d of %d windows skipped as background)", input_path, output_path,
+            sum(timings.values()), stats.get("windows_skipped", 0), stats.get("windows", 0),
+        )
+        return record
+
+    def write_provenance(self, input_path, output_path, volume: Volume, provenance_path=None, *,
+                         resampled_to=None, foreground: int, timings: dict) -> dict:
+        """The provenance JSON beside a mask (inputs, parameters, block stats, weights, versions, timings)."""
         record = {
             "input": str(input_path),
             "output": str(output_path),
@@ -374,21 +388,15 @@ class Predictor:
             "shape": list(volume.shape),
             "dtype": str(volume.dtype),
             "spacing_um": list(volume.spacing) if volume.spacing else None,
-            "resampled_to_um": list(target) if target else None,
-            "foreground_fraction": counter.foreground / max(math.prod(volume.shape), 1),
+            "resampled_to_um": list(resampled_to) if resampled_to else None,
+            "foreground_fraction": foreground / max(math.prod(volume.shape), 1),
             "parameters": self.parameters(),
             "blocks": dict(self.last_stats),
             "weights": self.weights_info,
             "versions": versions(),
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
-        provenance_path = Path(provenance_path) if provenance_path else provenance_path_for(output_path)
-        write_json(record, provenance_path)
-        stats = self.last_stats
-        logger.info(
-            "%s -> %s (%.1f s; %d of %d windows skipped as background)", input_path, output_path,
-            sum(timings.values()), stats.get("windows_skipped", 0), stats.get("windows", 0),
-        )
+        write_json(record, Path(provenance_path) if provenance_path else provenance_path_for(output_path))
         return record
 
     def _resampled_mask_blocks(self, volume: Volume):

@@ -10,25 +10,19 @@ logger = logging.getLogger(__name__)
 
 
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser(
-        "pretrain",
-        help="masked self-supervised pretraining of the Swin UNETR encoder",
-        description="Masked self-supervised pretraining on unlabelled volumes (training/README.md). "
-        "Runs under torchrun for several processes (NCCL on GPUs, gloo on CPUs).",
-    )
-    p.add_argument("-c", "--config", type=Path, required=True, help="YAML config (training/configs/)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint_last.pt if present")
-    p.set_defaults(func=run_pretrain)
-
-    p = subparsers.add_parser(
-        "finetune",
-        help="fine-tune on labelled volumes from a pretrained encoder",
-        description="Fine-tune a Swin UNETR on labelled volumes with periodic sliding-window validation; keeps "
-        "the best and the final checkpoint and tunes the threshold (training/README.md).",
-    )
-    p.add_argument("-c", "--config", type=Path, required=True, help="YAML config (training/configs/)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint_last.pt if present")
-    p.set_defaults(func=run_finetune)
+    stages = [
+        ("pretrain", run_pretrain, "masked self-supervised pretraining of the Swin UNETR encoder",
+         "Masked self-supervised pretraining on unlabelled volumes (training/README.md). "
+         "Runs under torchrun for several processes (NCCL on GPUs, gloo on CPUs)."),
+        ("finetune", run_finetune, "fine-tune on labelled volumes from a pretrained encoder",
+         "Fine-tune a Swin UNETR on labelled volumes with periodic sliding-window validation; keeps "
+         "the best and the final checkpoint and tunes the threshold (training/README.md)."),
+    ]
+    for name, func, summary, description in stages:
+        p = subparsers.add_parser(name, help=summary, description=description)
+        p.add_argument("-c", "--config", type=Path, required=True, help="YAML config (training/configs/)")
+        p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint_last.pt if present")
+        p.set_defaults(func=func)
 
     p = subparsers.add_parser(
         "export",

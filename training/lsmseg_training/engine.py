@@ -68,6 +68,13 @@ def setup_processes(device: str | None, threads: int | None) -> Processes:
     return Processes(rank, world_size, local_rank, chosen)
 
 
+def main_first(processes: Processes, prepare):
+    """``prepare()`` on every rank, the main one first (it writes shared files such as phantoms)."""
+    result = prepare() if processes.main else None
+    processes.barrier()
+    return result if processes.main else prepare()
+
+
 def teardown_processes(processes: Processes) -> None:
     if processes.distributed and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -221,6 +228,31 @@ def write_record(folder: Path, record: dict) -> Path:
     tmp.write_text(json.dumps(record, indent=2, default=str))
     os.replace(tmp, path)
     return path
+
+
+def start_record(kind: str, config, config_path, processes: Processes, records, **extra) -> dict:
+    """The run record (``run.json``) every stage starts with: config, data fingerprint, versions."""
+    from .config import config_dict
+    from .data import fingerprint
+
+    return {
+        "kind": kind,
+        "name": config.name,
+        "config": config_dict(config),
+        "config_path": str(config_path) if config_path else None,
+        "world_size": processes.world_size,
+        **extra,
+        "data": fingerprint(records) if processes.main else None,
+        "versions": versions(),
+    }
+
+
+def set_weights(data) -> list[float]:
+    """Sampling weight of each training set, the phantom set last (the order prepare_volumes uses)."""
+    weights = [s.weight for s in data.train]
+    if data.train_phantoms is not None:
+        weights.append(data.train_phantoms.weight)
+    return weights
 
 
 def read_record(folder: Path) -> dict:

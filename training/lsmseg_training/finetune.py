@@ -24,7 +24,7 @@ from lsmseg.io import read_volume
 from lsmseg.model import build_model
 from lsmseg.weights import load_state_dict, save_weights, sha256_file
 
-from .config import FinetuneConfig, config_dict
+from .config import FinetuneConfig
 from .data import PatchStream, VolumeRecord, fingerprint, make_loader, prepare_volumes
 from .engine import (
     CHECKPOINT_NAME,
@@ -34,15 +34,17 @@ from .engine import (
     autocast,
     backward_step,
     load_checkpoint,
+    main_first,
     make_optimiser,
     make_scaler,
     parameter_digest,
     restore,
     save_checkpoint,
+    set_weights,
     setup_processes,
+    start_record,
     teardown_processes,
     unwrap,
-    versions,
     wrap_model,
     write_record,
 )
@@ -173,16 +175,12 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
     output = Path(config.output)
     try:
         # Every check before training: data, labels, the pretrained encoder, a resumed checkpoint.
-        if processes.main:
-            records = prepare_volumes(config.data, "train", need_labels=True, where=where, seed=config.seed)
-            validation_records = []
-            if config.data.validation or config.data.validation_phantoms is not None:
-                validation_records = prepare_volumes(config.data, "validation", need_labels=True, where=where,
-                                                     seed=config.seed)
-        processes.barrier()
-        if not processes.main:
-            records = prepare_volumes(config.data, "train", need_labels=True, where=where, seed=config.seed)
-            validation_records = []
+        records = main_first(processes, lambda: prepare_volumes(config.data, "train", need_labels=True,
+                                                                 where=where, seed=config.seed))
+        validation_records = []  # rank 0 validates
+        if processes.main and (config.data.validation or config.data.validation_phantoms is not None):
+            validation_records = prepare_volumes(config.data, "validation", need_labels=True, where=where,
+                                                 seed=config.seed)
         torch.manual_seed(config.seed)
         base = build_model(config.model)
         pretrained = None
@@ -204,11 +202,8 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
             best = resume_state["extra"].get("best", best)
             logger.info("resumed %s at step %d", output / CHECKPOINT_NAME, step)
 
-        set_weights = [s.weight for s in config.data.train]
-        if config.data.train_phantoms is not None:
-            set_weights.append(config.data.train_phantoms.weight)
         stream = PatchStream(
-            records, config.model.roi, seed=config.seed + 1000 * step, set_weights=set_weights,
+            records, config.model.roi, seed=config.seed + 1000 * step, set_weights=set_weights(config.data),
             foreground_ratio=config.data.foreground_ratio, labels=True, augment=config.augment,
             rank=processes.rank, cache_mb=config.data.cache_mb,
         )
@@ -217,17 +212,10 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
         validation_volumes = load_validation(validation_records) if processes.main else []
         log = CsvLog(output / LOG_NAME, ["step", "epoch", "lr", "loss", "grad_norm", "val_dice", "val_threshold",
                                          "seconds"], enabled=processes.main)
-        record = {
-            "kind": "finetune",
-            "name": config.name,
-            "config": config_dict(config),
-            "config_path": str(config_path) if config_path else None,
-            "world_size": processes.world_size,
-            "pretrained": pretrained,
-            "data": fingerprint(records) if processes.main else None,
-            "validation_data": fingerprint(validation_records) if validation_records else None,
-            "versions": versions(),
-        }
+        record = start_record(
+            "finetune", config, config_path, processes, records, pretrained=pretrained,
+            validation_data=fingerprint(validation_records) if validation_records else None,
+        )
         logger.info("fine-tuning %s: %d training and %d validation volume(s), %d steps of batch %d x %d process(es), "
                     "roi %s, %s, on %s", config.name, len(records), len(validation_volumes), config.total_steps,
                     config.batch_size, processes.world_size, tuple(config.model.roi),

@@ -18,8 +18,8 @@ import torch
 from lsmseg.model import build_model
 from lsmseg.weights import save_weights
 
-from .config import PretrainConfig, config_dict
-from .data import PatchStream, fingerprint, make_loader, prepare_volumes
+from .config import PretrainConfig
+from .data import PatchStream, make_loader, prepare_volumes
 from .engine import (
     CHECKPOINT_NAME,
     LOG_NAME,
@@ -28,15 +28,17 @@ from .engine import (
     autocast,
     backward_step,
     load_checkpoint,
+    main_first,
     make_optimiser,
     make_scaler,
     parameter_digest,
     restore,
     save_checkpoint,
+    set_weights,
     setup_processes,
+    start_record,
     teardown_processes,
     unwrap,
-    versions,
     wrap_model,
     write_record,
 )
@@ -68,11 +70,8 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
     output = Path(config.output)
     try:
         # Every check (paths, readable volumes, architecture of a resumed checkpoint) before training.
-        if processes.main:
-            records = prepare_volumes(config.data, "train", need_labels=False, where=where, seed=config.seed)
-        processes.barrier()
-        if not processes.main:
-            records = prepare_volumes(config.data, "train", need_labels=False, where=where, seed=config.seed)
+        records = main_first(processes, lambda: prepare_volumes(config.data, "train", need_labels=False,
+                                                                 where=where, seed=config.seed))
         records = [dataclasses.replace(r, label=None, foreground=None) for r in records]
         resume_state = None
         if resume and (output / CHECKPOINT_NAME).is_file():
@@ -86,25 +85,14 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
         if resume_state:
             logger.info("resumed %s at step %d", output / CHECKPOINT_NAME, step)
 
-        set_weights = [s.weight for s in config.data.train]
-        if config.data.train_phantoms is not None:
-            set_weights.append(config.data.train_phantoms.weight)
         stream = PatchStream(
-            records, config.model.roi, seed=config.seed + 1000 * step, set_weights=set_weights,
+            records, config.model.roi, seed=config.seed + 1000 * step, set_weights=set_weights(config.data),
             masking=config.masking, rank=processes.rank, cache_mb=config.data.cache_mb,
         )
         batches = iter(make_loader(stream, config.batch_size, config.data.workers))
         log = CsvLog(output / LOG_NAME, ["step", "epoch", "lr", "loss", "hidden_l1", "visible_l1", "grad_norm",
                                          "seconds"], enabled=processes.main)
-        record = {
-            "kind": "pretrain",
-            "name": config.name,
-            "config": config_dict(config),
-            "config_path": str(config_path) if config_path else None,
-            "world_size": processes.world_size,
-            "data": fingerprint(records) if processes.main else None,
-            "versions": versions(),
-        }
+        record = start_record("pretrain", config, config_path, processes, records)
         logger.info("pretraining %s: %d volume(s), %d steps of batch %d x %d process(es), roi %s, on %s",
                     config.name, len(records), config.total_steps, config.batch_size, processes.world_size,
                     tuple(config.model.roi), processes.device)
