@@ -67,8 +67,23 @@ def _stage_images(images: list[Path], spacing, folder: Path) -> list[Path]:
     return staged
 
 
-def results_markdown(result, weights_note: str) -> str:
-    """A Markdown table of the per-volume scores and their mean, for README.md."""
+def held_out_names(weights, structure: str | None) -> set[str]:
+    """Names of the volumes the weights were validated on (their manifest entry), i.e. not trained on."""
+    from lsmseg.weights import find_manifest, load_manifest
+
+    try:
+        _, entry = load_manifest(find_manifest(weights)).entry_for(structure)
+    except Exception:  # no manifest: prediction reports that in its own words
+        return set()
+    return set(entry.validation.get("per_volume", {}))
+
+
+def results_markdown(result, weights_note: str, held_out: set[str] = frozenset()) -> str:
+    """A Markdown table of the per-volume scores and their mean, for README.md.
+
+    With ``held_out`` (the weights' validation volumes), a column says which volumes the weights
+    were trained on, and a second mean row covers the held-out ones only.
+    """
     columns = [("dice", "Dice"), ("cldice", "clDice"), ("precision", "precision"), ("recall", "recall"),
                ("hd95_um", "HD95 (µm)"), ("betti0_error", "abs Δb0"), ("betti1_error", "abs Δb1")]
 
@@ -81,15 +96,26 @@ def results_markdown(result, weights_note: str) -> str:
             return f"{value:.1f}" if isinstance(value, float) else str(value)
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    lines = ["| volume | " + " | ".join(t for _, t in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    role = (lambda name: "held out" if name in held_out else "training") if held_out else None
+    header = "| volume | " + ("role | " if role else "") + " | ".join(t for _, t in columns) + " |"
+    lines = [header, "|---" * (len(columns) + 1 + bool(role)) + "|"]
     for row in result.rows:
+        prefix = f"| {row['name']} | " + (f"{role(row['name'])} | " if role else "")
         if row["status"] != "ok":
-            lines.append(f"| {row['name']} | failed: {row['error']} |")
+            lines.append(f"{prefix}failed: {row['error']} |")
             continue
-        lines.append(f"| {row['name']} | " + " | ".join(cell(row[k], k) for k, _ in columns) + " |")
+        lines.append(prefix + " | ".join(cell(row[k], k) for k, _ in columns) + " |")
     metrics = result.summary["metrics"]
     means = [cell(metrics[k]["mean"], k) if k in metrics and metrics[k]["n"] else "–" for k, _ in columns]
-    lines.append(f"| **mean (n={result.summary['n_scored']})** | " + " | ".join(f"**{m}**" for m in means) + " |")
+    lines.append(f"| **mean (n={result.summary['n_scored']})** | " + ("all | " if role else "")
+                 + " | ".join(f"**{m}**" for m in means) + " |")
+    held = [row for row in result.rows if row["status"] == "ok" and role and role(row["name"]) == "held out"]
+    if held:
+        def mean(key):
+            values = [row[key] for row in held if isinstance(row[key], (int, float)) and row[key] == row[key]]
+            return cell(float(sum(values) / len(values)), key) if values else "–"
+
+        lines.append(f"| **mean (n={len(held)})** | held out | " + " | ".join(f"**{mean(k)}**" for k, _ in columns) + " |")
     return "\n".join(lines) + f"\n\n{weights_note}\n"
 
 
@@ -130,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         weights_note = _weights_note(provenance, predict_seconds)
         result.summary["weights"] = weights_note
         paths = write_report(result, args.out, title=args.title or f"lsmseg weights on {args.data.name}")
-        markdown = results_markdown(result, weights_note)
+        markdown = results_markdown(result, weights_note, held_out_names(args.weights, args.structure))
         write_text_atomic(Path(args.out) / "results.md", markdown)
     print(markdown)
     logger.info("report: %s", paths["report"])

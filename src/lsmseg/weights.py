@@ -161,6 +161,7 @@ def save_weights(state_dict: dict, path: str | Path) -> str:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     tmp = path.with_name(f".partial-{path.name}")
     save_file(tensors, str(tmp))
+    os.chmod(tmp, 0o644)  # safetensors writes 0600: an image's non-root user could not read it
     os.replace(tmp, path)
     return sha256_file(path)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 pytest.importorskip("skimage")
 pytest.importorskip("cc3d")
@@ -196,6 +197,9 @@ def test_validate_shipped_runs_predict_then_evaluate(tmp_path, tiny_weights):
         label = tubes((10, 48, 48), seed=10 + i)
         write_volume(image_for(label, seed=i), tmp_path / "data" / "images" / f"vol{i}.tif")
         write_volume(label * 255, tmp_path / "data" / "labels" / f"vol{i}.tif")
+    manifest = yaml.safe_load(tiny_weights.read_text())  # the weights were validated on vol1 only
+    manifest["models"]["general"]["validation"] = {"per_volume": {"vol1": 0.5}}
+    tiny_weights.write_text(yaml.safe_dump(manifest))
     status = validate(["--data", str(tmp_path / "data"), "--weights", str(tiny_weights), "--out",
                        str(tmp_path / "out"), "--device", "cpu", "--quiet"])
     assert status == 0
@@ -203,5 +207,7 @@ def test_validate_shipped_runs_predict_then_evaluate(tmp_path, tiny_weights):
     assert sorted(rows) == ["vol0", "vol1"] and all(r["status"] == "ok" for r in rows.values())
     assert all(r["spacing_um"] == "5x0.99x0.99" for r in rows.values())  # the dataset's voxel size
     results = (tmp_path / "out" / "results.md").read_text()
-    assert "| vol0 |" in results and "**mean (n=2)**" in results and "general.safetensors" in results
+    assert "| vol0 | training |" in results and "| vol1 | held out |" in results
+    assert "**mean (n=2)** | all |" in results and "**mean (n=1)** | held out |" in results
+    assert "general.safetensors" in results
     assert all(math.isfinite(float(r["dice"])) for r in rows.values())

@@ -89,3 +89,12 @@ def test_model_config_validation():
         from_dict(ModelConfig, {"feature_sise": 12}, "cfg.yaml")
     with pytest.raises(ConfigError, match=r"cfg.yaml.feature_size: expected an integer"):
         from_dict(ModelConfig, {"feature_size": "big"}, "cfg.yaml")
+
+
+def test_saved_weights_are_world_readable(tmp_path, tiny_model):
+    # The container runs as a non-root user over weights copied in by root.
+    from lsmseg.weights import save_weights
+
+    path = tmp_path / "w.safetensors"
+    save_weights(tiny_model.state_dict(), path)
+    assert path.stat().st_mode & 0o444 == 0o444
