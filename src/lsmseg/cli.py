@@ -73,6 +73,8 @@ def add_predict_command(subparsers) -> None:
     p.add_argument("--structure", help="structure to segment (default: the manifest's general model)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
     p.add_argument("--threshold", type=_probability, help="probability threshold (default: the manifest's)")
+    p.add_argument("--min-component-voxels", type=int, metavar="N",
+                   help="remove connected components smaller than N voxels (default: the manifest's; 0 keeps all)")
     p.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the manifest's)")
     p.add_argument("--batch-size", type=int, dest="sw_batch_size", help="windows per forward pass")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
@@ -109,6 +111,7 @@ def run_predict(args) -> int:
         structure=args.structure,
         device=args.device,
         threshold=args.threshold,
+        min_component_voxels=args.min_component_voxels,
         overlap=args.overlap,
         sw_batch_size=args.sw_batch_size,
         precision=args.precision,

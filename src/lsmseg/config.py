@@ -183,6 +183,9 @@ class InferenceSettings:
     # Voxel spacing (z, y, x, micrometres) the model was trained at; None: never resample.
     spacing: tuple[float, float, float] | None = None
     spacing_tolerance: float = 0.25  # relative difference below which no resampling is done
+    # Connected components (26-connected) smaller than this many voxels are removed from the mask:
+    # threshold speckle that hardly moves Dice but dominates the Betti-0 error. 0 keeps everything.
+    min_component_voxels: int = 0
 
     def __post_init__(self):
         if not 0.0 <= self.overlap < 1.0:
@@ -191,6 +194,8 @@ class InferenceSettings:
             raise ValueError(f"threshold {self.threshold} must be in (0, 1)")
         if self.sw_batch_size < 1:
             raise ValueError("sw_batch_size must be >= 1")
+        if self.min_component_voxels < 0:
+            raise ValueError("min_component_voxels must be >= 0")
         if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
             raise ValueError("percentiles must satisfy 0 <= lower < upper <= 100")
 

@@ -38,6 +38,7 @@ from .normalise import normalise, percentiles
 from .weights import Manifest, find_manifest, load_manifest, load_model
 from .blocks import DEFAULT_BLOCK_EDGE, Block, BlockPlan, accumulate_block, plan_blocks, prefetched
 from .foreground import Background, dark_windows, estimate_background
+from .postprocess import open_faces_of, remove_small_components
 from .normalise import DEFAULT_MAX_SAMPLES, subsample
 from .windows import blend_weights
 
@@ -278,7 +279,8 @@ class Predictor:
             logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", name)
             return np.zeros(array.shape, dtype=np.uint8)
         logits = self.predict_logits(array, spacing, name)
-        return (logits >= logit(self.settings.threshold)).astype(np.uint8)
+        mask = (logits >= logit(self.settings.threshold)).astype(np.uint8)
+        return remove_small_components(mask, self.settings.min_component_voxels)
 
     # ------------------------------------------------------------------ files
     def parameters(self) -> dict:
@@ -316,9 +318,16 @@ class Predictor:
 
         return check
 
-    def mask_from_logits(self, logits: np.ndarray) -> np.ndarray:
-        """Thresholded logits as the written mask: 0 and ``mask_value``."""
-        return self._with_mask_value((logits >= logit(self.settings.threshold)).astype(np.uint8))
+    def mask_from_logits(self, logits: np.ndarray, out=None, volume_shape=None) -> np.ndarray:
+        """Thresholded, cleaned logits as the written mask: 0 and ``mask_value``.
+
+        ``out``/``volume_shape``: where this block lies in its volume, so that components cut by a
+        block border are kept (see :mod:`lsmseg.postprocess`); None for a whole volume.
+        """
+        mask = (logits >= logit(self.settings.threshold)).astype(np.uint8)
+        open_faces = open_faces_of(out, volume_shape) if out is not None else (False,) * 6
+        mask = remove_small_components(mask, self.settings.min_component_voxels, open_faces)
+        return self._with_mask_value(mask)
 
     def _with_mask_value(self, mask: np.ndarray) -> np.ndarray:
         return mask * np.uint8(self.mask_value) if self.mask_value != 1 else mask
@@ -337,7 +346,7 @@ class Predictor:
             plan, volume.data, prepared.lo, prepared.hi, prepared.background, desc=desc,
             on_raw=self.check_finite(volume.path),
         ):
-            yield block.out, self.mask_from_logits(logits)
+            yield block.out, self.mask_from_logits(logits, block.out, volume.shape)
 
     def predict_file(
         self, input_path: str | Path, output_path: str | Path, provenance_path: str | Path | None = None

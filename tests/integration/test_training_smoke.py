@@ -52,7 +52,7 @@ def smoke_run(tmp_path_factory):
     assert resumed.returncode == 0, resumed.stderr
     finetune = lsmseg("finetune", "-c", _config(work, "smoke_finetune"), cwd=work)
     assert finetune.returncode == 0, finetune.stderr
-    export = lsmseg("export", "runs/smoke/finetune", "-o", "weights", cwd=work)
+    export = lsmseg("export", "runs/smoke/finetune", "-o", "weights", "--min-component-voxels", "5", cwd=work)
     assert export.returncode == 0, export.stderr
     return {"work": work, "resumed": resumed, "finetune": finetune}
 
@@ -83,6 +83,7 @@ def test_export_manifest_then_predict_with_it(smoke_run):
     entry = manifest.models["general"]
     assert entry.sha256 == sha256_file(work / "weights" / entry.file)
     assert entry.inference.overlap == 0.5 and entry.inference.blend == "gaussian"
+    assert entry.inference.min_component_voxels == 5
     assert entry.inference.threshold == entry.validation["threshold"]
     assert entry.inference.spacing is None  # the smoke run trains on the native grid
     assert set(entry.validation["per_volume"]) == {"vessels_100", "nuclei_100"}

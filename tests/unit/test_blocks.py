@@ -185,3 +185,39 @@ def test_peak_memory_follows_block_size_not_volume_size(conv_model, tiny_model_c
     volume_bytes = 64 * 64 * 128 * 4  # the 1x volume as float32
     assert peaks[1] < 1.3 * peaks[0], peaks
     assert peaks[1] - peaks[0] < volume_bytes, peaks  # growing 4x must not cost another volume
+
+
+def test_small_components_removed_in_files_and_arrays(conv_model, tiny_model_config, tmp_path):
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(3)
+    volume = rng.integers(100, 4000, (20, 60, 70)).astype(np.uint16)  # noise: plenty of speckle
+    io.write_volume(volume, tmp_path / "noise.tif")
+    logits = Predictor(conv_model, tiny_model_config, InferenceSettings(overlap=0.5), device="cpu",
+                       progress=False).predict_logits(volume)
+    threshold = float(1 / (1 + np.exp(-np.percentile(logits, 93))))  # the brightest 7 %: speckle
+    settings = InferenceSettings(overlap=0.5, threshold=threshold, min_component_voxels=15)
+
+    def sizes_and_borders(mask, block=None):
+        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((mask > 0).astype(np.uint8)), True))
+        touching = set()
+        if block is not None:  # components on an inner block border may be kept whatever their size
+            for axis, edge in enumerate(block):
+                for cut in range(edge, mask.shape[axis], edge):
+                    touching |= set(np.unique(np.take(labels, [cut - 1, cut], axis=axis)).tolist())
+        return np.bincount(labels.ravel())[1:], touching
+
+    plain = Predictor(conv_model, tiny_model_config, InferenceSettings(overlap=0.5, threshold=threshold), device="cpu",
+                      progress=False)
+    assert sizes_and_borders(plain.predict_volume(volume))[0].min() < 15  # there is speckle to remove
+    whole = Predictor(conv_model, tiny_model_config, settings, device="cpu", progress=False).predict_volume(volume)
+    assert whole.any() and sizes_and_borders(whole)[0].min() >= 15
+    block = (10, 30, 35)
+    split = Predictor(conv_model, tiny_model_config, settings, device="cpu", progress=False, block_size=block)
+    record = split.predict_file(tmp_path / "noise.tif", tmp_path / "out" / "noise.tif")
+    assert record["parameters"]["inference"]["min_component_voxels"] == 15
+    mask = io.read_volume(tmp_path / "out" / "noise.tif").load()
+    sizes, touching = sizes_and_borders(mask, block)
+    small = {i + 1 for i in np.flatnonzero(sizes < 15)}
+    assert small <= touching  # every small component left is cut by a block border
+    assert ((mask > 0) <= (plain.predict_volume(volume) > 0)).all()  # cleaning only removes voxels

@@ -39,6 +39,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--default", dest="make_default", action="store_true",
                    help="make it the manifest's default model")
     p.add_argument("--threshold", type=float, help="override the tuned threshold")
+    p.add_argument("--min-component-voxels", type=int, default=0, metavar="N",
+                   help="inference removes connected components smaller than N voxels (default 0: none)")
     p.set_defaults(func=run_export)
 
 
@@ -65,6 +67,6 @@ def run_export(args: argparse.Namespace) -> int:
 
     manifest = export_run(args.run, args.weights_dir, name=args.name, checkpoint=args.checkpoint,
                           structures=args.structures, make_default=args.make_default or None,
-                          threshold=args.threshold)
+                          threshold=args.threshold, min_component_voxels=args.min_component_voxels)
     print(manifest)
     return 0

@@ -38,6 +38,7 @@ def export_run(
     structures: list[str] | None = None,
     make_default: bool | None = None,
     threshold: float | None = None,
+    min_component_voxels: int = 0,
 ) -> Path:
     """Export ``checkpoint`` ("best" or "final") of the fine-tuning run in ``run``; return the manifest."""
     run, weights_dir = Path(run), Path(weights_dir)
@@ -57,6 +58,7 @@ def export_run(
     data = config["data"]
     settings = InferenceSettings(
         threshold=float(threshold),
+        min_component_voxels=int(min_component_voxels),
         lower_percentile=data["lower_percentile"],
         upper_percentile=data["upper_percentile"],
         spacing=training_spacing(data, record.get("data") or {}),
