@@ -6,6 +6,7 @@ parent only prepares inputs, collects the children's JSON and prints tables.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -37,7 +38,9 @@ def model_and_config(weights: str | None):
 
         manifest = load_manifest(find_manifest(weights))
         name, entry = manifest.entry_for(None)
-        return load_model(manifest, entry), entry.model, entry.inference, f"weights '{name}' from {manifest.path}"
+        # The engines are compared, not the clean-up: MONAI has no component removal, so none here.
+        settings = dataclasses.replace(entry.inference, min_component_voxels=0)
+        return load_model(manifest, entry), entry.model, settings, f"weights '{name}' from {manifest.path}"
     torch.manual_seed(0)
     config = from_dict(ModelConfig, MODEL)
     return build_model(config).eval(), config, InferenceSettings(), "random weights (seed 0), shipped architecture"
