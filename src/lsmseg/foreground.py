@@ -5,10 +5,13 @@ content is uniformly at that dark level gives (up to noise) the network's output
 window, so instead of running it the predictor blends in that output, computed once per volume.
 
 The decision is made at low resolution: intensities are averaged over small cells (which removes
-most shot noise) and a window is dark when every cell it touches is at or below a threshold. The
-threshold comes from the volume's percentile subsample (the same one normalisation uses): Otsu's
-split between background and tissue, but never more than a small margin above the darkest level,
-so that dim tissue is never taken for background in volumes without a dark region.
+most shot noise). A window is dark when no cell it touches exceeds a *ceiling* (halfway between the
+background and the typical tissue: a bright object is never skipped) and at most a tiny share of its
+cells exceed the *threshold* (the dark level plus its noise tail: a window of thousands of cells in a
+noisy dark field always holds a few noisy ones). Both come from the volume's percentile subsample
+(the same one normalisation uses); the dark set is Otsu's lower class but never more than a small
+margin above the darkest level, so that dim tissue is never taken for background in volumes
+without a dark region.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ import torch
 CELL = 4
 # At most this far (in normalised units, 0..1) above the darkest level counts as dark.
 MAX_MARGIN = 0.05
+# Noise allowance above the dark level, in standard deviations of the 2^3-pooled dark background.
+NOISE_SIGMAS = 4.0
+# Share of a dark window's cells that may lie between ``threshold`` and ``ceiling`` (noise tail).
+NOISY_CELLS = 0.005
 # Fewer dark cells than this in the subsample: no dark background worth skipping.
 MIN_DARK_FRACTION = 0.02
 
@@ -34,10 +41,14 @@ class Background:
     threshold: float  # cells with a mean <= threshold are dark
     level: float  # typical intensity of the dark background (the uniform window's value)
     dark_fraction: float  # share of the subsample's cells that are dark
+    # No cell of a dark window may exceed this (Otsu's background/tissue split): a rare noisy cell
+    # above ``threshold`` is tolerated, a bright object is not.
+    ceiling: float | None = None
 
     def as_dict(self) -> dict:
         return {"threshold": round(self.threshold, 5), "level": round(self.level, 5),
-                "dark_fraction": round(self.dark_fraction, 4)}
+                "dark_fraction": round(self.dark_fraction, 4),
+                "ceiling": None if self.ceiling is None else round(self.ceiling, 5)}
 
 
 def _pool(array: np.ndarray, cell: int) -> np.ndarray:
@@ -74,12 +85,25 @@ def estimate_background(normalised_sample: np.ndarray) -> Background | None:
     if pooled.size == 0 or float(pooled.max()) <= float(pooled.min()):
         return None
     darkest = float(np.percentile(pooled, 1))
-    threshold = min(otsu_threshold(pooled), darkest + MAX_MARGIN)
+    otsu = otsu_threshold(pooled)
+    threshold = min(otsu, darkest + MAX_MARGIN)
     dark = pooled[pooled <= threshold]
     fraction = dark.size / pooled.size
     if fraction < MIN_DARK_FRACTION:
         return None
-    return Background(threshold=threshold, level=float(np.median(dark)), dark_fraction=fraction)
+    level = float(np.median(dark))
+    # A window is dark only if every one of its (thousands of) cells is: a threshold inside the
+    # background's noise would then skip almost nothing in a noisy dark field. Allow the noise's
+    # tail (NOISE_SIGMAS x its spread, read off the untruncated lower side), never beyond Otsu's
+    # split between background and tissue.
+    spread = level - float(np.percentile(dark, 15.87))
+    threshold = max(threshold, min(otsu, level + NOISE_SIGMAS * spread))
+    # The ceiling: halfway from the background to the typical tissue, where a cell is more tissue than
+    # background (Otsu's own split sits anywhere in the gap of well-separated classes, even at its
+    # dark end).
+    tissue = pooled[pooled > otsu]
+    ceiling = (level + float(np.median(tissue))) / 2 if tissue.size else otsu
+    return Background(threshold=threshold, level=level, dark_fraction=fraction, ceiling=max(ceiling, threshold))
 
 
 def dark_windows(
@@ -95,18 +119,28 @@ def dark_windows(
     origin; a window tests every cell it touches, so a cell half inside still counts.
     """
     pooled = _pool(region, CELL)
-    bright = pooled > background.threshold
-    # Summed-area table over bright cells: "any bright cell in a box" in O(1) per window.
-    table = np.zeros([s + 1 for s in bright.shape], dtype=np.int64)
-    table[1:, 1:, 1:] = bright.cumsum(0).cumsum(1).cumsum(2)
+    # Summed-area tables: "how many cells above a level in a box" in O(1) per window.
+    above = _box_counter(pooled > background.threshold)
+    ceiling = background.threshold if background.ceiling is None else background.ceiling
+    above_ceiling = _box_counter(pooled > ceiling)
     flags = []
     for corner in corners:
         lo = [(c - o) // CELL for c, o in zip(corner, origin)]
-        hi = [min(-(-(c - o + r) // CELL), n) for c, o, r, n in zip(corner, origin, roi, bright.shape)]
+        hi = [min(-(-(c - o + r) // CELL), n) for c, o, r, n in zip(corner, origin, roi, pooled.shape)]
+        cells = (hi[0] - lo[0]) * (hi[1] - lo[1]) * (hi[2] - lo[2])
+        flags.append(above_ceiling(lo, hi) == 0 and above(lo, hi) <= NOISY_CELLS * cells)
+    return flags
+
+
+def _box_counter(flags: np.ndarray):
+    table = np.zeros([s + 1 for s in flags.shape], dtype=np.int64)
+    table[1:, 1:, 1:] = flags.cumsum(0).cumsum(1).cumsum(2)
+
+    def count(lo, hi) -> int:
         (z0, y0, x0), (z1, y1, x1) = lo, hi
-        count = (
+        return int(
             table[z1, y1, x1] - table[z0, y1, x1] - table[z1, y0, x1] - table[z1, y1, x0]
             + table[z0, y0, x1] + table[z0, y1, x0] + table[z1, y0, x0] - table[z0, y0, x0]
         )
-        flags.append(bool(count == 0))
-    return flags
+
+    return count

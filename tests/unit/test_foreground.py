@@ -82,3 +82,19 @@ def test_numpy_otsu_matches_scikit_image():
         rng.gamma(2.0, 0.1, 10000),
     ):
         assert abs(otsu_threshold(values) - threshold_otsu(values)) < 1e-9
+
+
+def test_noise_tail_is_tolerated_but_a_small_bright_object_is_not():
+    rng = np.random.default_rng(4)
+    region = rng.normal(0.05, 0.01, (32, 128, 256)).astype(np.float32)
+    region[:, :, 192:] = rng.normal(0.5, 0.05, (32, 128, 64))  # tissue: sets Otsu's split near 0.27
+    background = estimate_background(region)
+    assert background.threshold < 0.12 < background.ceiling < 0.5
+    cells = [(z, y, x) for z in range(0, 32, 4) for y in range(0, 128, 4) for x in range(0, 128, 4)]
+    for i in rng.choice(len(cells), 20, replace=False):  # 20 of 8192 dark cells in the noise tail
+        z, y, x = cells[i]
+        region[z:z + 4, y:y + 4, x:x + 4] = 0.12
+    corners = [(0, y, x) for y in (0, 64) for x in (0, 64)]
+    assert dark_windows(region, (0, 0, 0), corners, (32, 64, 64), background) == [True] * 4
+    region[10:14, 20:24, 20:24] = 0.6  # one bright 4^3 object in the first window
+    assert dark_windows(region, (0, 0, 0), corners, (32, 64, 64), background) == [False, True, True, True]
