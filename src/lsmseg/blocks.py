@@ -27,9 +27,24 @@ from .windows import axis_starts, pad_widths
 
 Slices = tuple[slice, slice, slice]
 
-# Default output block edge for lazily read volumes. With a 64-voxel window at overlap 0.5 a block of
-# 256 re-runs ~12 % of windows per split axis; the input region is ~130 MB of float32.
+# Default output block size for lazily read volumes: at most 256^3 voxels (the input region is then
+# ~130 MB of float32). Windows on a block border run once per block, so a volume is cut as little as
+# the budget allows (see default_block_shape), not into fixed cubes.
 DEFAULT_BLOCK_EDGE = 256
+DEFAULT_BLOCK_VOXELS = DEFAULT_BLOCK_EDGE ** 3
+
+
+def default_block_shape(shape: Sequence[int], budget: int = DEFAULT_BLOCK_VOXELS) -> tuple[int, int, int]:
+    """The fewest cuts that bring a block under ``budget`` voxels: halve the longest axis until it fits.
+
+    A 32x448x448 volume stays one block (fixed 256-cubes would cut it in four and re-run a row of
+    windows at each cut); a whole organ still gets blocks of ~256^3.
+    """
+    block = [max(1, int(s)) for s in shape]
+    while math.prod(block) > budget:
+        axis = int(np.argmax(block))
+        block[axis] = -(-block[axis] // 2)
+    return tuple(block)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ def add_predict_command(subparsers) -> None:
     scale.add_argument("--output-format", choices=["same", "zarr"], default="same",
                        help="same: the input's container (TIFF written plane by plane); zarr: OME-Zarr <name>.ome.zarr")
     scale.add_argument("--block-size", type=_block_size, metavar="N|Z,Y,X",
-                       help="output block edge in voxels; memory follows it, not the volume (default 256)")
+                       help="output block edge in voxels; memory follows it, not the volume (default: blocks of at most 256^3 voxels, as few as possible)")
     scale.add_argument("--no-skip-background", dest="skip_background", action="store_false",
                        help="run the network on uniformly dark windows too (default: skip them)")
     scale.add_argument("--compile", action="store_true", help="torch.compile the model (slow start; off by default)")

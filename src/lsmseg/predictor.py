@@ -36,7 +36,7 @@ from .io import Volume, atomic_output, output_path_for, read_volume, volume_name
 from .model import select_device
 from .normalise import normalise, percentiles
 from .weights import Manifest, find_manifest, load_manifest, load_model
-from .blocks import DEFAULT_BLOCK_EDGE, Block, BlockPlan, accumulate_block, plan_blocks, prefetched
+from .blocks import Block, BlockPlan, accumulate_block, default_block_shape, plan_blocks, prefetched
 from .foreground import Background, dark_windows, estimate_background
 from .postprocess import open_faces_of, remove_small_components
 from .normalise import DEFAULT_MAX_SAMPLES, subsample
@@ -88,7 +88,7 @@ class Predictor:
         self.mask_value = mask_value
         self.progress = progress
         self.weights_info = weights_info or {}
-        # Output block edge(s); None: one block for in-memory arrays, DEFAULT_BLOCK_EDGE for files.
+        # Output block edge(s); None: one block for in-memory arrays, default_block_shape for files.
         self.block_size = block_size
         self.skip_background = skip_background
         # Reading the next block in a thread pays when the network runs elsewhere (a GPU); on CPU the
@@ -304,7 +304,7 @@ class Predictor:
         background = None
         if self.skip_background and not constant:
             background = estimate_background(normalise(subsample(data, self.sample_voxels), lo, hi))
-        size = block_size or self.block_size or DEFAULT_BLOCK_EDGE
+        size = block_size or self.block_size or default_block_shape(volume.shape)
         plan = plan_blocks(volume.shape, self.roi, self.settings.overlap, size)
         return PreparedVolume(volume, lo, hi, background, plan, constant)
 

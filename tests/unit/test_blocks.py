@@ -221,3 +221,14 @@ def test_small_components_removed_in_files_and_arrays(conv_model, tiny_model_con
     small = {i + 1 for i in np.flatnonzero(sizes < 15)}
     assert small <= touching  # every small component left is cut by a block border
     assert ((mask > 0) <= (plain.predict_volume(volume) > 0)).all()  # cleaning only removes voxels
+
+
+def test_default_blocks_cut_as_little_as_the_budget_allows():
+    from lsmseg.blocks import DEFAULT_BLOCK_VOXELS, default_block_shape
+
+    assert default_block_shape((32, 448, 448)) == (32, 448, 448)  # fits: one block, no re-run windows
+    big = (2000, 2000, 2000)
+    block = default_block_shape(big)
+    assert np.prod(block) <= DEFAULT_BLOCK_VOXELS and min(block) >= 200  # a whole organ: ~256^3 blocks
+    thin = default_block_shape((64, 4000, 4000))
+    assert thin[0] == 64 and np.prod(thin) <= DEFAULT_BLOCK_VOXELS
