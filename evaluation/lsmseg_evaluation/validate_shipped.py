@@ -69,11 +69,12 @@ def _stage_images(images: list[Path], spacing, folder: Path) -> list[Path]:
 
 def held_out_names(weights, structure: str | None) -> set[str]:
     """Names of the volumes the weights were validated on (their manifest entry), i.e. not trained on."""
+    from lsmseg.errors import LsmsegError
     from lsmseg.weights import find_manifest, load_manifest
 
     try:
         _, entry = load_manifest(find_manifest(weights)).entry_for(structure)
-    except Exception:  # no manifest: prediction reports that in its own words
+    except LsmsegError:  # no usable manifest: prediction reports that in its own words
         return set()
     return set(entry.validation.get("per_volume", {}))
 

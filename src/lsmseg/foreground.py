@@ -41,14 +41,14 @@ class Background:
     threshold: float  # cells with a mean <= threshold are dark
     level: float  # typical intensity of the dark background (the uniform window's value)
     dark_fraction: float  # share of the subsample's cells that are dark
-    # No cell of a dark window may exceed this (Otsu's background/tissue split): a rare noisy cell
-    # above ``threshold`` is tolerated, a bright object is not.
-    ceiling: float | None = None
+    # No cell of a dark window may exceed this (halfway from the background to the typical tissue):
+    # a rare noisy cell above ``threshold`` is tolerated, a bright object is not.
+    ceiling: float
 
     def as_dict(self) -> dict:
         return {"threshold": round(self.threshold, 5), "level": round(self.level, 5),
                 "dark_fraction": round(self.dark_fraction, 4),
-                "ceiling": None if self.ceiling is None else round(self.ceiling, 5)}
+                "ceiling": round(self.ceiling, 5)}
 
 
 def _pool(array: np.ndarray, cell: int) -> np.ndarray:
@@ -121,8 +121,7 @@ def dark_windows(
     pooled = _pool(region, CELL)
     # Summed-area tables: "how many cells above a level in a box" in O(1) per window.
     above = _box_counter(pooled > background.threshold)
-    ceiling = background.threshold if background.ceiling is None else background.ceiling
-    above_ceiling = _box_counter(pooled > ceiling)
+    above_ceiling = _box_counter(pooled > background.ceiling)
     flags = []
     for corner in corners:
         lo = [(c - o) // CELL for c, o in zip(corner, origin)]

@@ -278,9 +278,7 @@ class Predictor:
         if array.size and array.dtype.kind in "uif" and _is_constant(array):
             logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", name)
             return np.zeros(array.shape, dtype=np.uint8)
-        logits = self.predict_logits(array, spacing, name)
-        mask = (logits >= logit(self.settings.threshold)).astype(np.uint8)
-        return remove_small_components(mask, self.settings.min_component_voxels)
+        return self.binary_mask(self.predict_logits(array, spacing, name))
 
     # ------------------------------------------------------------------ files
     def parameters(self) -> dict:
@@ -318,16 +316,19 @@ class Predictor:
 
         return check
 
-    def mask_from_logits(self, logits: np.ndarray, out=None, volume_shape=None) -> np.ndarray:
-        """Thresholded, cleaned logits as the written mask: 0 and ``mask_value``.
+    def binary_mask(self, logits: np.ndarray, out=None, volume_shape=None) -> np.ndarray:
+        """Thresholded logits without small components, values {0, 1}.
 
         ``out``/``volume_shape``: where this block lies in its volume, so that components cut by a
         block border are kept (see :mod:`lsmseg.postprocess`); None for a whole volume.
         """
         mask = (logits >= logit(self.settings.threshold)).astype(np.uint8)
         open_faces = open_faces_of(out, volume_shape) if out is not None else (False,) * 6
-        mask = remove_small_components(mask, self.settings.min_component_voxels, open_faces)
-        return self._with_mask_value(mask)
+        return remove_small_components(mask, self.settings.min_component_voxels, open_faces)
+
+    def mask_from_logits(self, logits: np.ndarray, out=None, volume_shape=None) -> np.ndarray:
+        """:meth:`binary_mask` as the written mask: 0 and ``mask_value``."""
+        return self._with_mask_value(self.binary_mask(logits, out, volume_shape))
 
     def _with_mask_value(self, mask: np.ndarray) -> np.ndarray:
         return mask * np.uint8(self.mask_value) if self.mask_value != 1 else mask
