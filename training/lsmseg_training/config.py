@@ -7,6 +7,7 @@ root in every documented command), so that ``../shared/data/real/...`` means the
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,26 @@ class VolumeSet:
     label_values: typing.Literal["binary", "nonzero"] = "binary"
     spacing: tuple[float, float, float] | None = None  # (z, y, x) um, for files that do not record it
     weight: float = 1.0  # how often this set is sampled relative to the other sets
+    # "dense": every voxel is labelled. "sparse": only some are (TRAILMAP's convention: 0 unlabelled,
+    # 1 background, 2 foreground, any other value, e.g. 4 = axon edge, unlabelled); the loss counts
+    # labelled voxels only and patches are centred on labelled voxels.
+    label_mode: typing.Literal["dense", "sparse"] = "dense"
+    # Regular expression whose first group is a volume's source (scan, animal, study) from its name,
+    # e.g. '^patchvolume_(\d+)_' or '^([a-z]+\d{4})_'; splits must not share a source. None: each
+    # volume is its own source.
+    source: str | None = None
+    tubular: bool = False  # thin connected structures (vessels, axons): the clDice loss term applies
 
     def __post_init__(self):
         if self.weight <= 0:
             raise ValueError(f"weight {self.weight} must be positive")
+        if self.source is not None:
+            try:
+                pattern = re.compile(self.source)
+            except re.error as exc:
+                raise ValueError(f"source {self.source!r} is not a regular expression ({exc})") from exc
+            if pattern.groups < 1:
+                raise ValueError(f"source {self.source!r} needs one group (...) that captures the source")
         if self.spacing is not None and min(self.spacing) <= 0:
             raise ValueError(f"spacing {self.spacing} must be positive")
 
@@ -62,6 +79,9 @@ class PhantomSet:
 class DataConfig:
     train: list[VolumeSet] = field(default_factory=list)
     validation: list[VolumeSet] = field(default_factory=list)
+    # The test split: never read for training or any choice; listed so that the split is recorded
+    # with the run and checked to share no source with train or validation.
+    test: list[VolumeSet] = field(default_factory=list)
     train_phantoms: PhantomSet | None = None
     validation_phantoms: PhantomSet | None = None
     # Resample every volume to this voxel spacing (z, y, x um) while sampling; recorded in the
@@ -127,12 +147,23 @@ class AugmentConfig:
     shift_offset: float = 0.1  # intensity += U(-o, o)
     noise_prob: float = 0.2
     noise_std: float = 0.05
+    # Random zoom of image and label (same factor on every axis, shape kept): robustness to the
+    # unknown voxel spacing of challenge cases. 0 disables it.
+    zoom_prob: float = 0.0
+    zoom_range: tuple[float, float] = (0.8, 1.25)
+
+    def __post_init__(self):
+        if not 0.0 < self.zoom_range[0] <= self.zoom_range[1]:
+            raise ValueError(f"zoom_range {self.zoom_range} must satisfy 0 < low <= high")
 
 
 @dataclass
 class ValidationConfig:
     every: int = 100  # steps between validations (0: only at the end)
-    overlap: float = 0.25  # sliding-window overlap during training (the final sweep uses 0.5)
+    overlap: float = 0.25  # sliding-window overlap during training
+    # Overlap of the closing threshold sweep of the best and final checkpoints (the exported
+    # inference settings); None skips it (thresholds are then tuned after training, e.g. per structure).
+    final_overlap: float | None = 0.5
     threshold: float = 0.5
     thresholds: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     sw_batch_size: int = 4
@@ -181,11 +212,17 @@ class PretrainConfig(RunConfig):
 class FinetuneConfig(RunConfig):
     epochs: int = 2000
     pretrained: Path | None = None  # encoder weights from `lsmseg pretrain` (None: from scratch)
+    # A whole trained model to continue from (encoder and decoder): a weights manifest (its default
+    # entry, sha256-checked) or a .safetensors file. How a lab adapts the shipped model to its data.
+    init: Path | None = None
     min_matched_fraction: float = 0.9  # refuse a pretrained file that fills less of the encoder
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     dice_weight: float = 1.0  # loss = dice_weight * Dice + bce_weight * BCE
     bce_weight: float = 1.0
+    # Soft clDice (Shit et al., CVPR 2021) on the patches of tubular sets: rewards connected centrelines.
+    cldice_weight: float = 0.0
+    cldice_iterations: int = 5  # soft-skeleton iterations (about the largest radius in voxels)
     structures: list[str] = field(default_factory=lambda: ["vessels", "cells", "nuclei", "plaques"])
 
     def __post_init__(self):
@@ -194,6 +231,14 @@ class FinetuneConfig(RunConfig):
             raise ValueError("data.train lists no labelled volumes to fine-tune on")
         if not 0.0 < self.min_matched_fraction <= 1.0:
             raise ValueError("min_matched_fraction must be in (0, 1]")
+        if self.init is not None and self.pretrained is not None:
+            raise ValueError("set either init (a whole model) or pretrained (an encoder), not both")
+        if self.cldice_weight < 0 or self.cldice_iterations < 1:
+            raise ValueError("cldice_weight must be >= 0 and cldice_iterations >= 1")
+        for split in ("validation", "test"):
+            for volume_set in getattr(self.data, split):
+                if volume_set.label_mode == "sparse":
+                    raise ValueError(f"data.{split}: sparse labels are for training only (scores need dense labels)")
 
 
 def load_run_config(cls, path: str | Path):

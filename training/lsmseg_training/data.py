@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,6 +35,9 @@ from .config import DataConfig, MaskingConfig, PhantomSet, VolumeSet
 
 logger = logging.getLogger(__name__)
 
+# Patch label values: 0 background, 1 foreground, IGNORE unlabelled (sparse sets; the loss skips it).
+IGNORE = 2
+SPARSE_BACKGROUND, SPARSE_FOREGROUND = 1, 2  # TRAILMAP's convention; 0 and other values are unlabelled
 MAX_FOREGROUND_SAMPLES = 200_000  # foreground positions kept per volume for balanced sampling
 SCAN_VOXELS = 32 * 1024 * 1024  # voxels per chunk when scanning a label
 
@@ -55,6 +59,8 @@ class VolumeRecord:
     nbytes: int
     foreground: np.ndarray | None = field(default=None, repr=False)  # (N, 3) native positions
     foreground_fraction: float | None = None
+    sparse: bool = False  # sparse label: ``foreground`` holds labelled positions, patches centre on them
+    tubular: bool = False
 
     @property
     def resampled(self) -> bool:
@@ -107,6 +113,48 @@ def resolve_sets(data: DataConfig, split: str) -> list[tuple[str, VolumeSet]]:
 
 
 # --------------------------------------------------------------------------------------------
+# Splits by source
+
+
+def source_of(volume_set: VolumeSet, name: str) -> str:
+    """The source of volume ``name`` by the set's ``source`` pattern (the name itself without one)."""
+    if volume_set.source is None:
+        return name
+    match = re.search(volume_set.source, name)
+    return match.group(1) if match else name
+
+
+def check_splits(data: DataConfig, where: str) -> dict[str, dict[str, list[str]]]:
+    """Refuse a config whose train, validation and test splits share a source; return the splits.
+
+    A source is identified by its images location and the ``source`` pattern of its set, so patches
+    of one scan (``patchvolume_1008_0``, ``patchvolume_1008_1``) can never land in two splits.
+    Returns ``{split: {source: [volume names]}}`` for the record.
+    """
+    seen: dict[tuple[str, str], str] = {}
+    splits: dict[str, dict[str, list[str]]] = {}
+    for split in ("train", "validation", "test"):
+        splits[split] = {}
+        for i, volume_set in enumerate(getattr(data, split)):
+            images = Path(volume_set.images)
+            if not images.exists():
+                raise ConfigError(f"{where}: data.{split}[{i}].images: {images}: no such file or folder")
+            folder = str(images.resolve())
+            for path in expand_inputs([images]):
+                name = volume_name(path)
+                if (volume_set.include and name not in volume_set.include) or name in volume_set.exclude:
+                    continue
+                source = source_of(volume_set, name)
+                key = (folder, source)
+                if seen.get(key, split) != split:
+                    raise ConfigError(f"{where}: source {source!r} of {images} is in both data.{seen[key]} and "
+                                      f"data.{split} (volume {name}); split by source, never inside one")
+                seen[key] = split
+                splits[split].setdefault(f"{images.name}:{source}", []).append(name)
+    return splits
+
+
+# --------------------------------------------------------------------------------------------
 # Checking and indexing volumes before training
 
 
@@ -123,7 +171,7 @@ def _scan_label(label_path: Path, data, mode: str, rng: np.random.Generator) -> 
     shape = tuple(int(s) for s in data.shape)
     planes_per_chunk = max(1, SCAN_VOXELS // max(1, shape[1] * shape[2]))
     values: set = set()
-    positions, count = [], 0
+    positions, count, labelled = [], 0, 0
     per_chunk = max(1, MAX_FOREGROUND_SAMPLES * planes_per_chunk // shape[0])
     for z0 in range(0, shape[0], planes_per_chunk):
         chunk = np.asarray(data[z0 : z0 + planes_per_chunk])
@@ -133,11 +181,18 @@ def _scan_label(label_path: Path, data, mode: str, rng: np.random.Generator) -> 
                 shown = ", ".join(str(v) for v in sorted(values)[:6])
                 raise InputError(
                     label_path,
-                    f"label values {{{shown}}} are not binary {{0, 1}} or {{0, 255}}; fix the label, or set "
-                    "label_values: nonzero for this set if any non-zero value means foreground",
+                    f"label values {{{shown}}} are not binary {{0, 1}} or {{0, 255}}; fix the label, set "
+                    "label_values: nonzero for this set if any non-zero value means foreground, or "
+                    "label_mode: sparse if it labels only some voxels (0 unlabelled, 1 background, 2 foreground)",
                 )
-        flat = np.flatnonzero(chunk)
-        count += flat.size
+        if mode == "sparse":
+            count += int(np.count_nonzero(chunk == SPARSE_FOREGROUND))
+            labelled += int(np.count_nonzero(chunk == SPARSE_BACKGROUND))
+            chunk = (chunk == SPARSE_FOREGROUND) | (chunk == SPARSE_BACKGROUND)  # sample labelled positions
+            flat = np.flatnonzero(chunk)
+        else:
+            flat = np.flatnonzero(chunk)
+            count += flat.size
         if flat.size > per_chunk:
             flat = rng.choice(flat, per_chunk, replace=False)
         if flat.size:
@@ -145,6 +200,10 @@ def _scan_label(label_path: Path, data, mode: str, rng: np.random.Generator) -> 
             zyx[:, 0] += z0
             positions.append(zyx.astype(np.int32))
     fg = np.concatenate(positions) if positions else np.zeros((0, 3), np.int32)
+    if mode == "sparse":
+        if not len(fg):
+            raise InputError(label_path, f"sparse label has no voxel of value {SPARSE_BACKGROUND} or {SPARSE_FOREGROUND}")
+        return fg, count / max(1, count + labelled)  # foreground share of the labelled voxels
     return fg, count / math.prod(shape)
 
 
@@ -196,7 +255,7 @@ def _index_volume(data: DataConfig, volume_set: VolumeSet, set_index: int, path:
     record = VolumeRecord(
         name=name, image=path, label=None, shape=volume.shape, spacing=spacing, lo=lo, hi=hi,
         factors=tuple(factors), grid=grid, set_index=set_index,
-        nbytes=int(math.prod(volume.shape) * volume.dtype.itemsize),
+        nbytes=int(math.prod(volume.shape) * volume.dtype.itemsize), tubular=volume_set.tubular,
     )
     if volume_set.labels is not None:
         label_path = _label_path(volume_set, path)
@@ -206,7 +265,9 @@ def _index_volume(data: DataConfig, volume_set: VolumeSet, set_index: int, path:
         if label.shape != volume.shape:
             raise InputError(label_path, f"label shape {label.shape} differs from its image's shape {volume.shape} ({path})")
         record.label = label_path
-        record.foreground, record.foreground_fraction = _scan_label(label_path, label.data, volume_set.label_values, rng)
+        mode = "sparse" if volume_set.label_mode == "sparse" else volume_set.label_values
+        record.foreground, record.foreground_fraction = _scan_label(label_path, label.data, mode, rng)
+        record.sparse = volume_set.label_mode == "sparse"
         if record.foreground_fraction == 0:
             logger.warning("%s: label has no foreground voxels", label_path)
     elif need_labels:
@@ -282,13 +343,20 @@ def read_patch(
     image = _resize(image, extent)
     label = None
     if record.label is not None:
-        raw = np.asarray(cache.get(record.label, record.nbytes)[native]) != 0
-        label = (_resize(raw.astype(np.float32), extent) >= 0.5).astype(np.float32)
+        raw = np.asarray(cache.get(record.label, record.nbytes)[native])
+        if record.sparse:
+            coded = np.full(raw.shape, IGNORE, np.float32)
+            coded[raw == SPARSE_BACKGROUND] = 0
+            coded[raw == SPARSE_FOREGROUND] = 1
+            label = _resize(coded, extent, mode="nearest")
+        else:
+            label = (_resize((raw != 0).astype(np.float32), extent) >= 0.5).astype(np.float32)
     if extent != list(roi):
         before = [int(rng.integers(0, r - e + 1)) for r, e in zip(roi, extent)]
         widths = [(b, r - e - b) for b, r, e in zip(before, roi, extent)]
         image = np.pad(image, widths)
-        label = np.pad(label, widths) if label is not None else None
+        if label is not None:
+            label = np.pad(label, widths, constant_values=IGNORE if record.sparse else 0)
     return image, label
 
 
@@ -332,6 +400,7 @@ def build_augmentation(config, seed: int, roi: Sequence[int] = (64, 64, 64)) -> 
         RandRotated,
         RandScaleIntensityd,
         RandShiftIntensityd,
+        RandZoomd,
     )
 
     keys = ["image", "label"]
@@ -345,6 +414,9 @@ def build_augmentation(config, seed: int, roi: Sequence[int] = (64, 64, 64)) -> 
             RandRotate90d(keys, prob=config.rotate90_prob if roi[1] == roi[2] else 0.0, max_k=3, spatial_axes=(1, 2)),
             RandRotated(keys, range_x=math.radians(config.rotate_range_deg), prob=config.rotate_prob,
                         mode=("bilinear", "nearest"), padding_mode="zeros"),
+            # Same factor on every axis, shape kept (crop or zero-pad): unknown spacing of new data.
+            RandZoomd(keys, prob=config.zoom_prob, min_zoom=config.zoom_range[0], max_zoom=config.zoom_range[1],
+                      mode=("trilinear", "nearest"), padding_mode="constant", keep_size=True),
             RandScaleIntensityd("image", factors=config.scale_factor, prob=config.scale_prob),
             RandShiftIntensityd("image", offsets=config.shift_offset, prob=config.shift_prob),
             RandGaussianNoised("image", prob=config.noise_prob, std=config.noise_std),
@@ -398,7 +470,8 @@ class PatchStream(IterableDataset):
     def _sample(self, rng: np.random.Generator, cache: VolumeCache, transform) -> dict:
         members = self._members[rng.choice(len(self._sets), p=self._set_p)]
         record = self.records[members[rng.integers(len(members))]]
-        foreground = self.labels and rng.random() < self.foreground_ratio
+        # Sparse labels: always centre on a labelled voxel, or most patches would hold no label at all.
+        foreground = self.labels and (record.sparse or rng.random() < self.foreground_ratio)
         corner = choose_corner(record, self.roi, rng, foreground)
         image, label = read_patch(record, cache, corner, self.roi, rng)
         sample = {"image": image[None]}
@@ -407,6 +480,8 @@ class PatchStream(IterableDataset):
             if transform is not None:
                 sample = transform(sample)
         out = {key: torch.as_tensor(np.asarray(value), dtype=torch.float32) for key, value in sample.items()}
+        if self.labels:
+            out["tubular"] = torch.tensor(float(record.tubular))
         if self.masking is not None:
             out["mask"] = torch.from_numpy(cuboid_mask(self.roi, self.masking, rng))[None]
         return out

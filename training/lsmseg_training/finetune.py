@@ -25,7 +25,7 @@ from lsmseg.model import build_model
 from lsmseg.weights import load_state_dict, save_weights, sha256_file
 
 from .config import FinetuneConfig
-from .data import PatchStream, VolumeRecord, fingerprint, make_loader, prepare_volumes
+from .data import PatchStream, VolumeRecord, check_splits, fingerprint, make_loader, prepare_volumes
 from .engine import (
     CHECKPOINT_NAME,
     LOG_NAME,
@@ -107,6 +107,42 @@ def load_pretrained_encoder(model: torch.nn.Module, path: Path, min_fraction: fl
     return summary
 
 
+def load_full_model(model: torch.nn.Module, path: Path, model_config) -> dict:
+    """Load a whole trained model (encoder and decoder) into ``model``, strictly and checksummed.
+
+    ``path`` is a weights manifest (its default entry; the checkpoint's sha256 is verified and its
+    model config must equal the run's) or a ``.safetensors``/``.pt`` state dict.
+    """
+    from lsmseg.config import to_dict as plain
+    from lsmseg.weights import load_manifest
+
+    path = Path(path)
+    if path.is_dir() or path.suffix in (".yaml", ".yml"):
+        manifest = load_manifest(path)
+        name, entry = manifest.entry_for(None)
+        checkpoint = manifest.checkpoint_path(entry)
+        # The window (roi) may differ; the network's shape may not.
+        theirs = {k: v for k, v in plain(entry.model).items() if k != "roi"}
+        mine = {k: v for k, v in plain(model_config).items() if k != "roi"}
+        if theirs != mine:
+            differing = next(k for k in mine if mine[k] != theirs.get(k))
+            raise WeightsError(f"{manifest.path}: model '{name}' is another architecture ({differing} "
+                               f"{theirs.get(differing)} there, {mine[differing]} in the config)")
+        state = load_state_dict(checkpoint, entry.sha256)
+        source = {"manifest": str(manifest.path), "model": name, "file": str(checkpoint), "sha256": entry.sha256}
+    else:
+        if not path.is_file():
+            raise WeightsError(f"{path}: no such file")
+        state = load_state_dict(path, sha256=None)
+        source = {"file": str(path), "sha256": sha256_file(path)}
+    try:
+        model.load_state_dict(_strip_prefixes(state), strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{path}: weights do not fit the config's model ({str(exc).splitlines()[0]})") from exc
+    logger.info("initialised every tensor from %s", source["file"])
+    return source
+
+
 # --------------------------------------------------------------------------------------------
 # Validation through the package's predictor
 
@@ -168,13 +204,14 @@ def validate(model: torch.nn.Module, config: FinetuneConfig, volumes: list[dict]
 
 
 def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resume: bool = False) -> dict:
-    from monai.losses import DiceCELoss
+    from .losses import dice_bce, soft_cldice, split_label
 
     where = str(config_path or config.name)
     processes = setup_processes(config.device, config.threads)
     output = Path(config.output)
     try:
-        # Every check before training: data, labels, the pretrained encoder, a resumed checkpoint.
+        # Every check before training: splits by source, data, labels, the initial weights, a resume.
+        splits = check_splits(config.data, where)
         records = main_first(processes, lambda: prepare_volumes(config.data, "train", need_labels=True,
                                                                  where=where, seed=config.seed))
         validation_records = []  # rank 0 validates
@@ -188,6 +225,9 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
             if not Path(config.pretrained).is_file():
                 raise WeightsError(f"{where}: pretrained: {config.pretrained}: no such file")
             pretrained = load_pretrained_encoder(base, Path(config.pretrained), config.min_matched_fraction)
+        initialised = None
+        if config.init is not None:
+            initialised = load_full_model(base, Path(config.init), config.model)
         resume_state = None
         if resume and (output / CHECKPOINT_NAME).is_file():
             resume_state = load_checkpoint(output / CHECKPOINT_NAME, config.model)
@@ -208,18 +248,26 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
             rank=processes.rank, cache_mb=config.data.cache_mb,
         )
         batches = iter(make_loader(stream, config.batch_size, config.data.workers))
-        loss_fn = DiceCELoss(sigmoid=True, lambda_dice=config.dice_weight, lambda_ce=config.bce_weight)
+
+        def loss_fn(logits, batch_label, tubular):
+            target, valid = split_label(batch_label)
+            loss = dice_bce(logits, target, valid, config.dice_weight, config.bce_weight)
+            if config.cldice_weight and bool(tubular.any()):
+                loss = loss + config.cldice_weight * soft_cldice(logits, target, valid, config.cldice_iterations,
+                                                                 weights=tubular)
+            return loss
         validation_volumes = load_validation(validation_records) if processes.main else []
         log = CsvLog(output / LOG_NAME, ["step", "epoch", "lr", "loss", "grad_norm", "val_dice", "val_threshold",
                                          "seconds"], enabled=processes.main)
         record = start_record(
-            "finetune", config, config_path, processes, records, pretrained=pretrained,
-            validation_data=fingerprint(validation_records) if validation_records else None,
+            "finetune", config, config_path, processes, records, pretrained=pretrained, init=initialised,
+            splits=splits, validation_data=fingerprint(validation_records) if validation_records else None,
         )
         logger.info("fine-tuning %s: %d training and %d validation volume(s), %d steps of batch %d x %d process(es), "
                     "roi %s, %s, on %s", config.name, len(records), len(validation_volumes), config.total_steps,
                     config.batch_size, processes.world_size, tuple(config.model.roi),
-                    "from the pretrained encoder" if pretrained else "from scratch", processes.device)
+                    "from a whole model" if initialised else "from the pretrained encoder" if pretrained
+                    else "from scratch", processes.device)
         timer = Timer()
         model.train()
         while step < config.total_steps:
@@ -228,7 +276,7 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
             label = batch["label"].to(processes.device, non_blocking=True)
             with autocast(processes.device, config.optim.amp):
                 logits = model(image)
-            loss = loss_fn(logits.float(), label)
+            loss = loss_fn(logits.float(), label, batch["tubular"].to(processes.device))
             lr = scheduler.get_last_lr()[0]
             norm = backward_step(loss, model, optimiser, scheduler, scaler, config.optim.grad_clip)
             step += 1
@@ -264,7 +312,7 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
                 save_weights(unwrap(model).state_dict(), output / BEST_FILE)
             record["final"] = {"file": FINAL_FILE, "sha256": final_sha, "step": step}
             record["best"] = {**best, "file": BEST_FILE, "sha256": sha256_file(output / BEST_FILE)}
-            if validation_volumes:
+            if validation_volumes and config.validation.final_overlap is not None:
                 # Threshold sweep of both checkpoints with the settings that will be exported.
                 for which in ("best", "final"):
                     if which == "final" and record["best"]["sha256"] == final_sha:
@@ -273,10 +321,10 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
                     state = load_state_dict(output / record[which]["file"], record[which]["sha256"])
                     unwrap(model).load_state_dict(state)
                     record[which]["evaluation"] = validate(model, config, validation_volumes, processes.device,
-                                                           EXPORT_OVERLAP)
+                                                           config.validation.final_overlap)
                     logger.info("%s checkpoint (step %s): Dice %.4f at tuned threshold %.2f (overlap %.2f)", which,
                                 record[which]["step"], record[which]["evaluation"]["best_dice"],
-                                record[which]["evaluation"]["best_threshold"], EXPORT_OVERLAP)
+                                record[which]["evaluation"]["best_threshold"], config.validation.final_overlap)
             record.update(steps=step, seconds=round(timer.elapsed(), 1), history=history)
             write_record(output, record)
         return record
