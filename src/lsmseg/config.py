@@ -169,6 +169,9 @@ class ModelConfig:
             raise ValueError("depths and num_heads must have the same length")
 
 
+PER_STRUCTURE_FIELDS = ("threshold", "min_component_voxels", "split_touching")
+
+
 @dataclass
 class InferenceSettings:
     """How a checkpoint is applied: window, blending, threshold, normalisation, spacing."""
@@ -186,6 +189,13 @@ class InferenceSettings:
     # Connected components (26-connected) smaller than this many voxels are removed from the mask:
     # threshold speckle that hardly moves Dice but dominates the Betti-0 error. 0 keeps everything.
     min_component_voxels: int = 0
+    # Touching objects are split apart (seeded watershed of the distance transform, seeds of at least
+    # this prominence in voxels; lsmseg.postprocess.split_touching). 0 keeps them merged.
+    split_touching: float = 0.0
+    # Post-processing per structure (the 2026 challenge's names, lsmseg.structures), chosen on the
+    # validation split: {structure: {threshold, min_component_voxels, split_touching}}. Used when a
+    # case's structure is named or read from its name's prefix; other cases use the fields above.
+    per_structure: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         if not 0.0 <= self.overlap < 1.0:
@@ -198,6 +208,24 @@ class InferenceSettings:
             raise ValueError("min_component_voxels must be >= 0")
         if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
             raise ValueError("percentiles must satisfy 0 <= lower < upper <= 100")
+        if self.split_touching < 0:
+            raise ValueError("split_touching must be >= 0")
+        for structure, overrides in self.per_structure.items():
+            if not isinstance(overrides, dict):
+                raise ValueError(f"per_structure.{structure} must be a mapping")
+            unknown = sorted(set(overrides) - set(PER_STRUCTURE_FIELDS))
+            if unknown:
+                raise ValueError(f"per_structure.{structure}: unknown key '{unknown[0]}' "
+                                 f"(allowed: {', '.join(PER_STRUCTURE_FIELDS)})")
+            self.for_structure(structure)  # validates the merged values
+
+    def for_structure(self, structure: str | None) -> "InferenceSettings":
+        """These settings with ``per_structure[structure]`` applied (unchanged for None or an unlisted one)."""
+        overrides = self.per_structure.get(structure) if structure else None
+        if not overrides:
+            return self
+        merged = {**to_dict(self), **overrides, "per_structure": {}}
+        return from_dict(InferenceSettings, merged, where=f"per_structure.{structure}")
 
 
 __all__ = ["ModelConfig", "InferenceSettings", "from_dict", "to_dict", "load_config", "load_yaml", "field"]

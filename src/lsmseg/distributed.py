@@ -65,7 +65,7 @@ def run_block(predictor, input_path: str, prepared_state: dict, block_index: int
         on_raw=predictor.check_finite(volume.path),
     )
     mask = predictor.mask_from_logits(predictor.block_logits(plan, block, region, skip, background), block.out,
-                                      volume.shape)
+                                      volume.shape, predictor.settings_for(volume.name))
     zarr.open_array(str(Path(zarr_path) / "0"), mode="r+")[block.out] = mask
     skipped = [i for i, s in zip(plan.window_ids(block), skip) if s] if skip is not None else []
     return {

@@ -38,7 +38,8 @@ from .normalise import normalise, percentiles
 from .weights import Manifest, find_manifest, load_manifest, load_model
 from .blocks import Block, BlockPlan, accumulate_block, default_block_shape, plan_blocks, prefetched
 from .foreground import Background, dark_windows, estimate_background
-from .postprocess import open_faces_of, remove_small_components
+from .postprocess import open_faces_of, remove_small_components, split_touching
+from .structures import structure_from_name
 from .normalise import DEFAULT_MAX_SAMPLES, subsample
 from .windows import blend_weights
 
@@ -74,6 +75,7 @@ class Predictor:
         skip_background: bool = True,
         prefetch: bool | None = None,
         compile: bool = False,
+        structure: str | None = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -95,6 +97,9 @@ class Predictor:
         # network already uses every core, and benchmarks/ measured no gain but more memory.
         self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
         self.compile = compile
+        # The structure whose post-processing (settings.per_structure) applies to every volume;
+        # None: read from each volume's name (the 2026 challenge's case prefixes, lsmseg.structures).
+        self.structure = structure
         if compile:
             self.model = torch.compile(self.model)
         self._background_cache: dict[float, torch.Tensor] = {}
@@ -122,6 +127,11 @@ class Predictor:
         setting_overrides = {k: v for k, v in overrides.items() if k in setting_names and v is not None}
         other = {k: v for k, v in overrides.items() if k not in setting_names}
         settings = dataclasses.replace(entry.inference, **setting_overrides)
+        if setting_overrides and settings.per_structure:  # an explicit setting wins over every structure's
+            settings.per_structure = {
+                name_: {k: v for k, v in values.items() if k not in setting_overrides}
+                for name_, values in settings.per_structure.items()
+            }
         target = select_device(str(device) if device else None)
         model = load_model(manifest, entry, target)
         info = {
@@ -132,7 +142,7 @@ class Predictor:
             "structures": list(entry.structures),
         }
         logger.info("loaded weights '%s' (%s, sha256 %s...) on %s", name, entry.file, entry.sha256[:12], target)
-        return cls(model, entry.model, settings, device=target, weights_info=info, **other)
+        return cls(model, entry.model, settings, device=target, weights_info=info, structure=structure, **other)
 
     # ------------------------------------------------------------------ numerics
     @property
@@ -268,8 +278,15 @@ class Predictor:
         logits = self.sliding_window_logits(resampled, desc=name)
         return _resize(logits, array.shape)
 
+    def settings_for(self, name: str) -> InferenceSettings:
+        """The inference settings for the volume ``name``: its structure's post-processing applied."""
+        return self.settings.for_structure(self.structure or structure_from_name(str(name)))
+
     def predict_volume(self, image, spacing: Sequence[float] | None = None, name: str = "volume") -> np.ndarray:
-        """Binary mask (uint8, values {0, 1}) for a raw volume; ``spacing`` in (z, y, x) um."""
+        """Binary mask (uint8, values {0, 1}) for a raw volume; ``spacing`` in (z, y, x) um.
+
+        ``name`` labels log lines and picks the structure's post-processing (see :meth:`settings_for`).
+        """
         if isinstance(image, Volume):
             spacing = image.spacing if spacing is None else spacing
             name = str(image.path)
@@ -278,7 +295,7 @@ class Predictor:
         if array.size and array.dtype.kind in "uif" and _is_constant(array):
             logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", name)
             return np.zeros(array.shape, dtype=np.uint8)
-        return self.binary_mask(self.predict_logits(array, spacing, name))
+        return self.binary_mask(self.predict_logits(array, spacing, name), settings=self.settings_for(name))
 
     # ------------------------------------------------------------------ files
     def parameters(self) -> dict:
@@ -289,12 +306,15 @@ class Predictor:
             "precision": self.precision,
             "resample": self.resample,
             "mask_value": self.mask_value,
+            "structure": self.structure,
         }
 
-    def prepare(self, volume: Volume, block_size: int | Sequence[int] | None = None) -> "PreparedVolume":
-        """Everything decided once per volume before its blocks run: range, background, blocks.
+    def prepare(self, volume: Volume, block_size: int | Sequence[int] | None = None,
+                case_name: str | None = None) -> "PreparedVolume":
+        """Everything decided once per volume before its blocks run: range, background, blocks, settings.
 
         Reads only a strided subsample of a lazy volume (twice: percentiles, background).
+        ``case_name`` picks the structure's post-processing (default: the volume's file name).
         """
         data = volume.data
         lo, hi = percentiles(data, self.settings.lower_percentile, self.settings.upper_percentile, self.sample_voxels)
@@ -304,7 +324,8 @@ class Predictor:
             background = estimate_background(normalise(subsample(data, self.sample_voxels), lo, hi))
         size = block_size or self.block_size or default_block_shape(volume.shape)
         plan = plan_blocks(volume.shape, self.roi, self.settings.overlap, size)
-        return PreparedVolume(volume, lo, hi, background, plan, constant)
+        return PreparedVolume(volume, lo, hi, background, plan, constant,
+                              self.settings_for(case_name or volume.name))
 
     def check_finite(self, path) -> Callable[[np.ndarray], None]:
         """A check for raw block data: NaN/Inf voxels are bad input, never guessed."""
@@ -316,19 +337,24 @@ class Predictor:
 
         return check
 
-    def binary_mask(self, logits: np.ndarray, out=None, volume_shape=None) -> np.ndarray:
-        """Thresholded logits without small components, values {0, 1}.
+    def binary_mask(self, logits: np.ndarray, out=None, volume_shape=None,
+                    settings: InferenceSettings | None = None) -> np.ndarray:
+        """Thresholded logits, touching objects split, small components removed; values {0, 1}.
 
         ``out``/``volume_shape``: where this block lies in its volume, so that components cut by a
         block border are kept (see :mod:`lsmseg.postprocess`); None for a whole volume.
+        ``settings``: the volume's settings (:meth:`settings_for`); default ``self.settings``.
         """
-        mask = (logits >= logit(self.settings.threshold)).astype(np.uint8)
+        settings = settings or self.settings
+        mask = (logits >= logit(settings.threshold)).astype(np.uint8)
+        mask = split_touching(mask, settings.split_touching)
         open_faces = open_faces_of(out, volume_shape) if out is not None else (False,) * 6
-        return remove_small_components(mask, self.settings.min_component_voxels, open_faces)
+        return remove_small_components(mask, settings.min_component_voxels, open_faces)
 
-    def mask_from_logits(self, logits: np.ndarray, out=None, volume_shape=None) -> np.ndarray:
+    def mask_from_logits(self, logits: np.ndarray, out=None, volume_shape=None,
+                         settings: InferenceSettings | None = None) -> np.ndarray:
         """:meth:`binary_mask` as the written mask: 0 and ``mask_value``."""
-        return self._with_mask_value(self.binary_mask(logits, out, volume_shape))
+        return self._with_mask_value(self.binary_mask(logits, out, volume_shape, settings))
 
     def _with_mask_value(self, mask: np.ndarray) -> np.ndarray:
         return mask * np.uint8(self.mask_value) if self.mask_value != 1 else mask
@@ -347,16 +373,18 @@ class Predictor:
             plan, volume.data, prepared.lo, prepared.hi, prepared.background, desc=desc,
             on_raw=self.check_finite(volume.path),
         ):
-            yield block.out, self.mask_from_logits(logits, block.out, volume.shape)
+            yield block.out, self.mask_from_logits(logits, block.out, volume.shape, prepared.settings)
 
     def predict_file(
-        self, input_path: str | Path, output_path: str | Path, provenance_path: str | Path | None = None
+        self, input_path: str | Path, output_path: str | Path, provenance_path: str | Path | None = None,
+        case_name: str | None = None,
     ) -> dict:
         """Segment one file block by block; write the mask atomically and a provenance JSON beside it.
 
         The input is read lazily and the mask written as blocks complete, so memory depends on the
         block size, not on the volume. Volumes that must be resampled to the model's spacing are
-        the exception: they are resampled (and predicted) in memory.
+        the exception: they are resampled (and predicted) in memory. ``case_name`` (default: the
+        file's name) picks the structure's post-processing, e.g. the challenge's ``image.name``.
         """
         input_path, output_path = Path(input_path), Path(output_path)
         timings = {}
@@ -364,11 +392,11 @@ class Predictor:
         volume = read_volume(input_path, lazy=True)
         target = self._target_spacing(volume.spacing)
         if target is None:
-            prepared = self.prepare(volume)
+            prepared = self.prepare(volume, case_name=case_name)
             blocks = self.iter_mask_blocks(prepared, desc=volume.name)
         else:
             logger.info("%s: resampling needs the whole volume in memory", input_path)
-            blocks = self._resampled_mask_blocks(volume)
+            blocks = self._resampled_mask_blocks(volume, case_name)
         timings["read_s"] = time.perf_counter() - start
         counter = _BlockCounter(blocks)
         start = time.perf_counter()
@@ -376,9 +404,13 @@ class Predictor:
         total = time.perf_counter() - start
         timings["predict_s"] = counter.seconds
         timings["write_s"] = max(total - counter.seconds, 0.0)
+        effective = self.settings_for(case_name or volume.name)
         record = self.write_provenance(
             input_path, output_path, volume, provenance_path,
             resampled_to=target, foreground=counter.foreground, timings=timings,
+            postprocess={"structure": self.structure or structure_from_name(case_name or volume.name),
+                         "threshold": effective.threshold, "split_touching": effective.split_touching,
+                         "min_component_voxels": effective.min_component_voxels},
         )
         stats = self.last_stats
         logger.info(
@@ -388,7 +420,7 @@ class Predictor:
         return record
 
     def write_provenance(self, input_path, output_path, volume: Volume, provenance_path=None, *,
-                         resampled_to=None, foreground: int, timings: dict) -> dict:
+                         resampled_to=None, foreground: int, timings: dict, postprocess: dict | None = None) -> dict:
         """The provenance JSON beside a mask (inputs, parameters, block stats, weights, versions, timings)."""
         record = {
             "input": str(input_path),
@@ -401,6 +433,7 @@ class Predictor:
             "resampled_to_um": list(resampled_to) if resampled_to else None,
             "foreground_fraction": foreground / max(math.prod(volume.shape), 1),
             "parameters": self.parameters(),
+            "postprocess": postprocess,
             "blocks": dict(self.last_stats),
             "weights": self.weights_info,
             "versions": versions(),
@@ -409,8 +442,8 @@ class Predictor:
         write_json(record, Path(provenance_path) if provenance_path else provenance_path_for(output_path))
         return record
 
-    def _resampled_mask_blocks(self, volume: Volume):
-        mask = self.predict_volume(volume.load(), volume.spacing, name=str(volume.path))
+    def _resampled_mask_blocks(self, volume: Volume, case_name: str | None = None):
+        mask = self.predict_volume(volume.load(), volume.spacing, name=case_name or str(volume.path))
         yield tuple(slice(0, s) for s in mask.shape), self._with_mask_value(mask)
 
     def output_path(self, input_path: str | Path, out_dir: str | Path, output_format: str = "same") -> Path:
@@ -465,6 +498,7 @@ class PreparedVolume:
     background: Background | None
     plan: BlockPlan
     constant: bool
+    settings: InferenceSettings  # with the volume's structure's post-processing applied
 
 
 class _BlockCounter:

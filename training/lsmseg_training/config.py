@@ -40,10 +40,18 @@ class VolumeSet:
     # volume is its own source.
     source: str | None = None
     tubular: bool = False  # thin connected structures (vessels, axons): the clDice loss term applies
+    # What the set shows, by the 2026 challenge's names (lsmseg.structures.STRUCTURES): validation
+    # tunes post-processing per structure and reports score per structure with its metrics.
+    structure: str | None = None
 
     def __post_init__(self):
         if self.weight <= 0:
             raise ValueError(f"weight {self.weight} must be positive")
+        if self.structure is not None:
+            from lsmseg.structures import STRUCTURES
+
+            if self.structure not in STRUCTURES:
+                raise ValueError(f"structure {self.structure!r} is not one of {', '.join(STRUCTURES)}")
         if self.source is not None:
             try:
                 pattern = re.compile(self.source)

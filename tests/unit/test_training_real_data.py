@@ -1,0 +1,162 @@
+"""Training on real data: splits by source, sparse labels, masked losses, whole-model init."""
+
+import numpy as np
+import pytest
+import torch
+
+from lsmseg import io
+from lsmseg.errors import ConfigError, InputError, WeightsError
+from lsmseg_training.config import DataConfig, FinetuneConfig, VolumeSet
+from lsmseg_training.data import IGNORE, VolumeCache, check_splits, prepare_volumes, read_patch
+from lsmseg_training.losses import dice_bce, soft_cldice, split_label
+
+ROI = (32, 64, 64)
+
+
+def _patches(folder, names, shape=(20, 40, 40)):
+    rng = np.random.default_rng(0)
+    for name in names:
+        io.write_volume(rng.integers(0, 100, shape, dtype=np.uint16), folder / "images" / f"{name}.tif")
+        label = np.zeros(shape, np.uint8)
+        label[10, 5:9, 5:9] = 1
+        io.write_volume(label, folder / "labels" / f"{name}.tif")
+
+
+def _set(folder, include, **options):
+    return VolumeSet(images=folder / "images", labels=folder / "labels", include=include,
+                     source=r"^patchvolume_(\d+)_", **options)
+
+
+def test_a_source_in_two_splits_is_refused_naming_it(tmp_path):
+    _patches(tmp_path, ["patchvolume_1008_0", "patchvolume_1008_1", "patchvolume_695_0"])
+    data = DataConfig(train=[_set(tmp_path, ["patchvolume_1008_0"])],
+                      validation=[_set(tmp_path, ["patchvolume_1008_1"])],
+                      test=[_set(tmp_path, ["patchvolume_695_0"])])
+    with pytest.raises(ConfigError, match=r"cfg: source '1008' .* in both data\.train and data\.validation"):
+        check_splits(data, "cfg")
+
+
+def test_disjoint_sources_are_recorded_per_split(tmp_path):
+    _patches(tmp_path, ["patchvolume_1008_0", "patchvolume_1008_1", "patchvolume_695_0"])
+    data = DataConfig(train=[_set(tmp_path, ["patchvolume_1008_0", "patchvolume_1008_1"])],
+                      test=[_set(tmp_path, ["patchvolume_695_0"])])
+    splits = check_splits(data, "cfg")
+    assert splits["train"] == {"images:1008": ["patchvolume_1008_0", "patchvolume_1008_1"]}
+    assert splits["test"] == {"images:695": ["patchvolume_695_0"]} and splits["validation"] == {}
+
+
+def test_without_a_source_pattern_each_volume_is_its_own_source(tmp_path):
+    _patches(tmp_path, ["a_1", "a_2"])
+    plain = dict(images=tmp_path / "images", labels=tmp_path / "labels")
+    data = DataConfig(train=[VolumeSet(**plain, include=["a_1"])], validation=[VolumeSet(**plain, include=["a_2"])])
+    assert check_splits(data, "cfg")["validation"] == {"images:a_2": ["a_2"]}
+
+
+def _sparse(folder):
+    shape = (40, 64, 64)
+    image = np.random.default_rng(1).integers(0, 100, shape, dtype=np.uint16)
+    label = np.zeros(shape, np.uint8)  # 0 = unlabelled
+    label[20] = 1  # one labelled plane: background ...
+    label[20, 30:34, 30:34] = 2  # ... with an axon
+    label[20, 10, 10:14] = 4  # edge: unlabelled
+    io.write_volume(image, folder / "volume.tif")
+    io.write_volume(label, folder / "sparse_label.tif")
+    return VolumeSet(images=folder / "volume.tif", labels=folder / "sparse_label.tif")
+
+
+def test_a_sparse_label_without_the_sparse_mode_is_refused(tmp_path):
+    volume_set = _sparse(tmp_path)
+    with pytest.raises(InputError, match=r"sparse_label\.tif: label values \{0, 1, 2, 4\} .* label_mode: sparse"):
+        prepare_volumes(DataConfig(train=[volume_set]), "train", need_labels=True, where="cfg")
+
+
+def test_sparse_patches_code_unlabelled_voxels_and_centre_on_labels(tmp_path):
+    volume_set = _sparse(tmp_path)
+    volume_set.label_mode = "sparse"
+    (record,) = prepare_volumes(DataConfig(train=[volume_set]), "train", need_labels=True, where="cfg")
+    assert record.sparse and set(record.foreground[:, 0]) == {20}  # labelled positions only
+    assert record.foreground_fraction == pytest.approx(16 / (64 * 64 - 4))  # axon share of labelled voxels
+    rng = np.random.default_rng(0)
+    _, label = read_patch(record, VolumeCache(64), (4, 0, 0), ROI, rng)
+    assert set(np.unique(label)) == {0, 1, IGNORE}
+    assert (label[16] != IGNORE).sum() == 64 * 64 - 4 and (label[15] == IGNORE).all()  # plane 20 - corner 4
+    assert (label[16, 10, 10:14] == IGNORE).all() and (label[16, 30:34, 30:34] == 1).all()
+
+
+def test_sparse_sets_are_for_training_only(tmp_path):
+    with pytest.raises(ValueError, match="sparse labels are for training only"):
+        FinetuneConfig(name="x", output=tmp_path, data=DataConfig(
+            train=[VolumeSet(images=tmp_path)], validation=[VolumeSet(images=tmp_path, label_mode="sparse")]))
+
+
+def test_unknown_structure_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="structure 'vesels' is not one of"):
+        VolumeSet(images=tmp_path, structure="vesels")
+
+
+def test_dense_loss_equals_monai_dice_ce():
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 8, 16, 16)
+    label = (torch.rand(2, 1, 8, 16, 16) > 0.7).float()
+    target, valid = split_label(label)
+    assert float(dice_bce(logits, target, valid)) == pytest.approx(float(DiceCELoss(sigmoid=True)(logits, label)), abs=1e-6)
+
+
+def test_unlabelled_voxels_do_not_move_the_loss():
+    torch.manual_seed(0)
+    label = (torch.rand(1, 1, 8, 16, 16) > 0.7).float()
+    label[..., :4, :, :] = IGNORE
+    target, valid = split_label(label)
+    logits = torch.randn(1, 1, 8, 16, 16)
+    changed = logits.clone()
+    changed[..., :4, :, :] = 50.0  # only unlabelled voxels differ
+    assert float(dice_bce(logits, target, valid)) == pytest.approx(float(dice_bce(changed, target, valid)))
+    assert float(soft_cldice(logits, target, valid, 3)) == pytest.approx(float(soft_cldice(changed, target, valid, 3)))
+    changed[..., 5, :, :] = 50.0  # a labelled plane: now it must move
+    assert float(dice_bce(logits, target, valid)) != pytest.approx(float(dice_bce(changed, target, valid)))
+
+
+def test_soft_cldice_prefers_a_connected_tube_to_a_broken_one():
+    tube = torch.zeros(1, 1, 16, 32, 32)
+    tube[..., 6:10, 14:18, 2:30] = 1
+    broken = tube.clone()
+    broken[..., 12:20] = 0
+    valid = torch.ones_like(tube)
+
+    def loss(prediction):
+        return float(soft_cldice((prediction * 2 - 1) * 20, tube, valid, 3))
+
+    assert loss(tube) < 0.05 < loss(broken)
+    # Samples weighted 0 (not tubular) do not count.
+    both = torch.cat([tube, broken])
+    weighted = soft_cldice((both * 2 - 1) * 20, torch.cat([tube, tube]), torch.ones_like(both), 3,
+                           weights=torch.tensor([1.0, 0.0]))
+    assert float(weighted) == pytest.approx(loss(tube), abs=1e-6)
+
+
+def test_init_loads_a_whole_model_from_a_manifest(tmp_path, tiny_model_config, tiny_model):
+    from ..conftest import make_weights
+    from lsmseg.model import build_model
+    from lsmseg_training.finetune import load_full_model
+
+    manifest = make_weights(tmp_path / "w", tiny_model_config, tiny_model)
+    torch.manual_seed(1)
+    fresh = build_model(tiny_model_config)
+    source = load_full_model(fresh, manifest, tiny_model_config)
+    assert source["sha256"] and all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
+                                                                      tiny_model.state_dict().values()))
+
+
+def test_init_refuses_another_architecture(tmp_path, tiny_model_config, tiny_model):
+    import dataclasses
+
+    from ..conftest import make_weights
+    from lsmseg.model import build_model
+    from lsmseg_training.finetune import load_full_model
+
+    manifest = make_weights(tmp_path / "w", tiny_model_config, tiny_model)
+    other = dataclasses.replace(tiny_model_config, feature_size=24)
+    with pytest.raises(WeightsError, match="another architecture \\(feature_size 12 there, 24 in the config\\)"):
+        load_full_model(build_model(other), manifest, other)

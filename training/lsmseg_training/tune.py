@@ -1,0 +1,159 @@
+"""Per-structure post-processing chosen on the validation split, by the leaderboard's own metrics.
+
+``python -m lsmseg_training.tune -c CONFIG --weights DIR [--write]``
+
+Every validation volume of the config (each set names its ``structure``) is predicted once with the
+weights exactly as ``lsmseg predict`` applies them (the manifest's inference settings); then, per
+structure, every combination of threshold, touching-object splitting and small-component removal
+is scored with the SELMA3D 2026 metrics (lsmseg_evaluation.leaderboard: Dice + panoptic quality
+for isolated structures, Dice + clDice for contiguous ones) and the one with the best mean of the
+two is chosen. ``--write`` stores the choices in the manifest entry's ``inference.per_structure``
+(the checkpoint and its checksum are unchanged) with the validation scores that chose them.
+
+The test split is never read here: choices made on it would make its scores optimistic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+MIN_COMPONENTS = (0, 10, 30, 100)
+SPLITS = (0.0, 1.0, 2.0)  # split_touching h (voxels); isolated structures only
+
+
+def validation_volumes(config) -> list[dict]:
+    """(name, structure, image path, label path, spacing, nonzero) of every validation volume."""
+    from lsmseg.io import expand_inputs, volume_name
+
+    from .data import _label_path
+
+    volumes = []
+    for volume_set in config.data.validation:
+        if volume_set.structure is None:
+            raise SystemExit(f"ERROR: {volume_set.images}: validation set names no structure (set structure:)")
+        for path in expand_inputs([Path(volume_set.images)]):
+            name = volume_name(path)
+            if (volume_set.include and name not in volume_set.include) or name in volume_set.exclude:
+                continue
+            volumes.append({"name": name, "structure": volume_set.structure, "image": path,
+                            "label": _label_path(volume_set, path),
+                            "spacing": tuple(volume_set.spacing) if volume_set.spacing else None})
+    return volumes
+
+
+def leaderboard_score(structure: str, pred: np.ndarray, label: np.ndarray) -> dict:
+    """Dice and the structure's second 2026 metric, and their mean (``score``)."""
+    from lsmseg.structures import category_of
+    from lsmseg_evaluation.leaderboard import dice, panoptica_cldice, panoptica_pq
+
+    result = {"dice": dice(pred, label)}
+    if category_of(structure) == "isolated":
+        result["panoptic_quality"] = panoptica_pq(pred, label)
+        second = result["panoptic_quality"]
+    else:
+        result["cldice"] = panoptica_cldice(pred, label)
+        second = result["cldice"]
+    # Both empty: PQ/clDice are undefined (NaN); the case then counts by its Dice alone.
+    result["score"] = result["dice"] if math.isnan(second) else (result["dice"] + second) / 2
+    return result
+
+
+def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_COMPONENTS,
+         splits=SPLITS) -> dict:
+    """Predict the validation volumes once, score the grid per structure, return the choices."""
+    import dataclasses
+
+    import torch
+
+    from lsmseg.io import read_volume
+    from lsmseg.predictor import Predictor
+    from lsmseg.structures import category_of
+
+    predictor = Predictor.from_manifest(manifest_path, progress=False)
+    volumes = validation_volumes(config)
+    start = time.perf_counter()
+    for volume in volumes:
+        image = read_volume(volume["image"]).load()
+        volume["logits"] = predictor.predict_logits(image, volume["spacing"], name=volume["name"])
+        volume["truth"] = read_volume(volume["label"]).load() != 0
+        logger.info("predicted %s (%s)", volume["name"], volume["structure"])
+    predict_seconds = time.perf_counter() - start
+    base = dataclasses.replace(predictor.settings, per_structure={})
+    choices, grids = {}, {}
+    for structure in sorted({v["structure"] for v in volumes}):
+        members = [v for v in volumes if v["structure"] == structure]
+        structure_splits = splits if category_of(structure) == "isolated" else (0.0,)
+        rows = []
+        for threshold, split, min_voxels in itertools.product(thresholds, structure_splits, min_components):
+            settings = dataclasses.replace(base, threshold=threshold, split_touching=split,
+                                           min_component_voxels=min_voxels)
+            scores = [leaderboard_score(structure, predictor.binary_mask(v["logits"], settings=settings), v["truth"])
+                      for v in members]
+            row = {"threshold": threshold, "split_touching": split, "min_component_voxels": min_voxels}
+            for key in scores[0]:
+                row[key] = round(float(np.nanmean([s[key] for s in scores])), 5)
+            rows.append(row)
+        # Best mean score; ties go to the simpler setting (the grid's earlier, plainer entries).
+        best = max(rows, key=lambda r: r["score"])
+        at_base = next(r for r in rows if r["threshold"] == min(thresholds, key=lambda t: abs(t - base.threshold))
+                       and r["split_touching"] == base.split_touching
+                       and r["min_component_voxels"] == base.min_component_voxels) if rows else None
+        choices[structure] = {"threshold": best["threshold"], "split_touching": best["split_touching"],
+                              "min_component_voxels": best["min_component_voxels"]}
+        grids[structure] = {"volumes": [v["name"] for v in members], "best": best, "at_manifest_settings": at_base,
+                            "grid": rows}
+        logger.info("%s: %s -> mean score %.4f (%s)", structure, choices[structure], best["score"],
+                    ", ".join(f"{k} {best[k]:.4f}" for k in best if k not in choices[structure]))
+    return {"per_structure": choices, "validation": grids, "predict_seconds": round(predict_seconds, 1)}
+
+
+def write_choices(manifest_path: Path, result: dict) -> Path:
+    """Store the chosen per-structure settings and their validation scores in the manifest entry."""
+    from lsmseg.weights import find_manifest, load_manifest, write_manifest
+
+    path = find_manifest(manifest_path)
+    manifest = load_manifest(path)
+    name, entry = manifest.entry_for(None)
+    entry.inference.per_structure = result["per_structure"]
+    entry.inference.__post_init__()  # validate the merged values before writing
+    entry.validation["per_structure"] = {
+        structure: {"volumes": grid["volumes"], "chosen": grid["best"], "at_manifest_settings": grid["at_manifest_settings"]}
+        for structure, grid in result["validation"].items()
+    }
+    return write_manifest(manifest, path)
+
+
+def main(argv=None) -> int:
+    from .config import FinetuneConfig, load_run_config
+
+    parser = argparse.ArgumentParser(prog="python -m lsmseg_training.tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--config", type=Path, required=True, help="fine-tuning config (its data.validation)")
+    parser.add_argument("--weights", type=Path, required=True, help="weights manifest or folder to tune")
+    parser.add_argument("--out", type=Path, help="JSON with the whole grid (default: print the choices only)")
+    parser.add_argument("--write", action="store_true", help="store the choices in the manifest")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = load_run_config(FinetuneConfig, args.config)
+    result = tune(config, args.weights)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["per_structure"], indent=1))
+    if args.write:
+        print(write_choices(args.weights, result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
