@@ -280,7 +280,9 @@ class Predictor:
 
     def settings_for(self, name: str) -> InferenceSettings:
         """The inference settings for the volume ``name``: its structure's post-processing applied."""
-        return self.settings.for_structure(self.structure or structure_from_name(str(name)))
+        # A named structure may be one of our aliases ("vessels"): the manifest keys the 2026 names.
+        named = structure_from_name(self.structure) or self.structure if self.structure else None
+        return self.settings.for_structure(named or structure_from_name(str(name)))
 
     def predict_volume(self, image, spacing: Sequence[float] | None = None, name: str = "volume") -> np.ndarray:
         """Binary mask (uint8, values {0, 1}) for a raw volume; ``spacing`` in (z, y, x) um.
