@@ -183,7 +183,7 @@ def test_tiny_volumes_still_work():
     assert p.image.shape == (1, 4, 4) and p.label.any()
 
 
-def test_shipped_sample_regenerates_identically():
+def test_shipped_sample_regenerates():
     from lsmseg.io import read_volume
 
     manifest = json.loads((SAMPLE / "sample.json").read_text())["phantoms"]
@@ -195,5 +195,8 @@ def test_shipped_sample_regenerates_identically():
         image, label = read_volume(SAMPLE / entry["image"]), read_volume(SAMPLE / entry["label"])
         hint = f"{entry['image']} differs from a fresh phantom; regenerate with scripts/make_sample.py"
         np.testing.assert_array_equal(label.load(), fresh.label, err_msg=hint)
-        np.testing.assert_array_equal(image.load(), fresh.image, err_msg=hint)
+        # Float rounding differs between numpy/scipy builds and moves a handful of voxels across a
+        # quantisation step (CI saw 20 of 1.2 M); the labels must match exactly, the image almost.
+        differs = image.load() != fresh.image
+        assert differs.mean() < 1e-4, f"{hint} ({int(differs.sum())} voxels)"
         assert np.allclose(image.spacing, entry["spacing"])
