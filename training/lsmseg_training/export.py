@@ -53,6 +53,8 @@ def export_run(
     config = record["config"]
     model_config = from_dict(ModelConfig, config["model"], f"{run}/run.json:config.model")
     evaluation = chosen.get("evaluation")
+    if evaluation is None:  # no final sweep (validation.final_overlap null): the in-training one at that step
+        evaluation = next((h for h in record.get("history", []) if h.get("step") == chosen.get("step")), None)
     if threshold is None:
         threshold = evaluation["best_threshold"] if evaluation else config["validation"]["threshold"]
     data = config["data"]
