@@ -113,8 +113,10 @@ def test_bad_pairs_become_error_rows_and_fail_the_run(tmp_path):
 
     rows = read_rows(tmp_path / "report" / "metrics.csv")
     assert rows["good"]["status"] == "ok" and float(rows["good"]["dice"]) == 1.0
+    # a label without a prediction is scored as an empty prediction, and listed
+    assert rows["unpredicted"]["status"] == "ok" and float(rows["unpredicted"]["lb_dice"]) == 0.0
+    assert "no prediction" in rows["unpredicted"]["notes"] and rows["unpredicted"]["prediction"] == ""
     expected_errors = {
-        "unpredicted": "no prediction for label unpredicted.tif",
         "unlabelled": "prediction unlabelled.tif has no label",
         "wrongshape": "shape (12, 20, 40) differs from the label's (12, 40, 40)",
         "sparse_by_mistake": "non-binary label: values [1, 2]",
@@ -128,8 +130,9 @@ def test_bad_pairs_become_error_rows_and_fail_the_run(tmp_path):
         assert "\n" not in rows[name]["error"]
         assert name in html
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
-    assert summary["n_failed"] == len(expected_errors) and summary["n_scored"] == 1
-    assert "6 failure(s)" in html
+    assert summary["n_failed"] == len(expected_errors) and summary["n_scored"] == 2
+    assert summary["missing_predictions"] == ["unpredicted"]
+    assert "5 failure(s)" in html and "1 label(s) without a prediction" in html
 
 
 def test_same_base_name_twice_is_reported(tmp_path):
