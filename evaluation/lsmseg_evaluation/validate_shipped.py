@@ -254,7 +254,7 @@ def results_markdown(model, baseline=None, model_2024=None, baseline_2024=None, 
                 by_structure.setdefault(row["structure"], {}).setdefault(id(result), []).append(row)
     for structure, groups in by_structure.items():
         rows = groups.get(id(model), [])
-        second = "lb_cldice" if rows and rows[0]["lb_category"] == "contiguous" else "lb_panoptic_quality"
+        second = "lb_cldice" if rows and rows[0]["lb_group"] == "contiguous" else "lb_panoptic_quality"
         cells = [structure, rows[0]["category"] if rows else "–", str(len(rows)),
                  _mean_std(r["lb_dice"] for r in rows), _mean_std(r[second] for r in rows)]
         if baseline is not None:
