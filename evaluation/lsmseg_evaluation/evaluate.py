@@ -318,7 +318,7 @@ def _csv_cell(value) -> str:
     if _is_undefined(value):
         return "nan"  # undefined by the conventions (e.g. HD95 with one empty mask)
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return f"{value:.12g}"  # enough digits to carry the leaderboard values to 1e-6 and beyond
     return str(value)
 
 
