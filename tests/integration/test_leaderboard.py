@@ -260,6 +260,9 @@ def test_reference_sees_the_intended_cases():
     cube(pred, 4, 20, 20)  # a false positive
     assert ref_pq_dsc(pred, label) == pytest.approx(0.5 * 1 / 1.5)
     assert ref_pq_dsc(pred, label, threshold=0.5) == 0.0  # 0.5 would not match it
+    for seed in range(4):  # every random cell case has matches that only the 0.3 threshold accepts
+        pred, label = cells_case(seed)
+        assert ref_pq_dsc(pred, label) > ref_pq_dsc(pred, label, threshold=0.5) > 0
     cases = cases_2026()
     broken, vessel = cases["blood_vessel_broken"]
     assert ref_betti(vessel) == (1, 2) and ref_betti(broken)[0] > 1
