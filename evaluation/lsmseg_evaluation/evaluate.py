@@ -103,7 +103,7 @@ class EvaluationResult:
 
 
 def _row(pair: Pair, settings: EvaluationSettings) -> dict:
-    structure, category, by_prefix = classify(pair.name, settings.mapping, settings.structure)
+    structure, category, _ = classify(pair.name, settings.mapping, settings.structure)
     group, by_rule = route(pair.name, structure, category, settings.preset)
     row = {column: None for column in row_columns(settings.preset)}
     row.update(
