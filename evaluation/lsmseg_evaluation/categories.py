@@ -1,14 +1,23 @@
-"""Which structure a volume shows, and which SELMA3D 2026 category that structure belongs to.
+"""Which structure a case shows, and how each SELMA3D edition routes it to its metrics.
 
-The 2026 edition groups structures as isolated-sparse, isolated-dense, contiguous-sparse and
-contiguous-dense and scores each group separately (Dice + PQ for isolated structures, Dice +
-clDice for contiguous ones). The organisers' pages name the four groups but, at the time of
-writing, not which stained structure falls in which, so ``DEFAULT_CATEGORIES`` is our reading of
-morphology (isolated = dot-like cells/objects, contiguous = tree-like networks) and density.
-Override it per volume with a mapping file whenever the truth is known.
+Sources of each mapping:
 
-A volume's structure comes from, in order: the mapping file (by base name), ``--structure``, the
-leading word of its name (``vessels_003`` -> vessels, ``cFos-12`` -> cfos), else ``unknown``.
+* ``SELMA3D_2026_CONTIGUOUS`` / ``SELMA3D_2026_ISOLATED``: the organisers' evaluator,
+  YingChen7/SELMA3D2026_evaluation, ``evaluate.py`` (``process_interf0``): ``name.startswith``
+  with these exact, case-sensitive tuples, contiguous first; any other name stops their evaluator
+  with ``RuntimeError("Unknown category")``. Contiguous cases get Dice + clDice, isolated ones
+  Dice + PQ; microglia is isolated there.
+* ``SELMA3D_2024``: YingChen7/SELMA3D_challenge-evaluation, ``evaluate.py`` (``process``):
+  ``'cfos' in name`` (checked first), then ``'microglia' in name``, substrings, case-sensitive.
+* ``DEFAULT_CATEGORIES``: the 2026 pages group structures as isolated/contiguous x sparse/dense
+  but name neither the members nor the split in code; isolated/contiguous is the organisers'
+  (above), sparse/dense is OUR reading of density, used only for grouping report tables.
+* ``ALIASES``: our own names (``vessels_003``, ``cFos-12``, ``nuclei12``), tried only when no
+  organisers' prefix matches; such cases are scored as their structure but flagged, because the
+  organisers' evaluator would refuse the name.
+
+A case's structure comes from, in order: an organisers' prefix of its name, the mapping file
+(by base name), ``--structure``, the leading word of its name, else ``unknown``.
 """
 
 from __future__ import annotations
@@ -21,37 +30,73 @@ from lsmseg.errors import ConfigError
 
 CATEGORIES = ("isolated-sparse", "isolated-dense", "contiguous-sparse", "contiguous-dense")
 UNKNOWN = "unknown"
+CONTIGUOUS, ISOLATED = "contiguous", "isolated"
+
+# YingChen7/SELMA3D2026_evaluation evaluate.py, process_interf0 (str.startswith, case-sensitive).
+SELMA3D_2026_CONTIGUOUS = ("axonalmarker", "blood_vessel", "gutnerve", "lymphatic_vessel", "peripheral_nerve")
+SELMA3D_2026_ISOLATED = ("AD_plaques", "cell_nuclei", "cfos_neuron", "microglia", "protein")
+# YingChen7/SELMA3D_challenge-evaluation evaluate.py, process ('x' in name, in this order).
+SELMA3D_2024 = ("cfos", "microglia")
 
 DEFAULT_CATEGORIES = {
-    "cfos": "isolated-sparse",  # activity-marked cells: scattered dots
-    "cells": "isolated-sparse",
-    "plaques": "isolated-sparse",  # amyloid plaques
-    "nuclei": "isolated-dense",  # cell nuclei: packed dots
-    "vessels": "contiguous-dense",  # brain vasculature: a space-filling network
-    "axons": "contiguous-sparse",  # labelled projections: thin fibres, few per volume
-    "nerves": "contiguous-sparse",
-    "microglia": "contiguous-sparse",  # small bodies with long thin branches
+    # contiguous (organisers); sparse/dense is our reading
+    "blood_vessel": "contiguous-dense",  # a space-filling network
+    "lymphatic_vessel": "contiguous-sparse",
+    "axonalmarker": "contiguous-sparse",  # labelled projections: thin fibres
+    "gutnerve": "contiguous-sparse",
+    "peripheral_nerve": "contiguous-sparse",
+    # isolated (organisers); sparse/dense is our reading
+    "cfos_neuron": "isolated-sparse",  # activity-marked cells: scattered dots
+    "microglia": "isolated-sparse",  # cell bodies ~0.2-1.5 % of DELiVR patches
+    "AD_plaques": "isolated-sparse",
+    "cell_nuclei": "isolated-dense",  # packed dots
+    "protein": "isolated-dense",
+    "cells": "isolated-sparse",  # ours (phantoms): no organisers' prefix
 }
 
-# Words that name a structure at the start of a file name -> canonical structure.
+# Our words for a structure at the start of a name -> the organisers' structure name.
 ALIASES = {
-    "vessel": "vessels", "vessels": "vessels", "vasculature": "vessels", "vascular": "vessels",
-    "capillaries": "vessels", "artery": "vessels", "arteries": "vessels",
-    "cfos": "cfos", "c-fos": "cfos", "fos": "cfos",
+    "vessel": "blood_vessel", "vessels": "blood_vessel", "vasculature": "blood_vessel", "vascular": "blood_vessel",
+    "capillaries": "blood_vessel", "artery": "blood_vessel", "arteries": "blood_vessel",
+    "lymphatic": "lymphatic_vessel",
+    "cfos": "cfos_neuron", "c-fos": "cfos_neuron", "fos": "cfos_neuron",
     "cell": "cells", "cells": "cells",
-    "nucleus": "nuclei", "nuclei": "nuclei",
-    "plaque": "plaques", "plaques": "plaques", "amyloid": "plaques",
-    "axon": "axons", "axons": "axons",
-    "nerve": "nerves", "nerves": "nerves",
+    "nucleus": "cell_nuclei", "nuclei": "cell_nuclei",
+    "plaque": "AD_plaques", "plaques": "AD_plaques", "amyloid": "AD_plaques",
+    "axon": "axonalmarker", "axons": "axonalmarker",
+    "nerve": "peripheral_nerve", "nerves": "peripheral_nerve",
     "microglia": "microglia", "microglial": "microglia",
 }
+ALIASES.update({name.lower(): name for name in DEFAULT_CATEGORIES})  # blood_vessel, ad_plaques, ...
+
+
+def organisers_prefix_2026(name: str) -> str | None:
+    """The 2026 organisers' structure prefix ``name`` starts with (exactly as they test it), or None."""
+    for prefix in SELMA3D_2026_CONTIGUOUS + SELMA3D_2026_ISOLATED:
+        if name.startswith(prefix):
+            return prefix
+    return None
+
+
+def organisers_structure_2024(name: str) -> str | None:
+    """``cfos`` or ``microglia`` as the 2024 organisers route ``name`` (substring, cfos first), or None."""
+    return next((key for key in SELMA3D_2024 if key in name), None)
+
+
+def category_2026(structure: str) -> str:
+    """``contiguous``, ``isolated`` (the 2026 evaluator's two metric sets) or ``unknown``."""
+    category = DEFAULT_CATEGORIES.get(structure, UNKNOWN)
+    return category.split("-")[0] if category != UNKNOWN else UNKNOWN
 
 
 def structure_from_name(name: str) -> str | None:
-    """The structure a volume name starts with, or None (``Vessels_01`` -> vessels)."""
+    """Our alias a name starts with, as the organisers' structure name (``Vessels_01`` -> blood_vessel)."""
     lower = name.lower()
     if lower.startswith("c-fos"):
-        return "cfos"
+        return "cfos_neuron"
+    for known in sorted((k for k in ALIASES if "_" in k), key=len, reverse=True):
+        if lower.startswith(known):
+            return ALIASES[known]
     match = re.match(r"[a-z]+", lower)
     return ALIASES.get(match.group(0)) if match else None
 
@@ -87,7 +132,7 @@ def load_mapping(path: str | Path) -> dict[str, dict[str, str]]:
         unknown = set(entry) - {"name", "structure", "category"}
         if unknown and path.suffix.lower() in (".yaml", ".yml"):
             raise ConfigError(f"{path}: {name}: unknown key(s) {sorted(unknown)}")
-        structure = str(entry.get("structure") or "").strip().lower() or None
+        structure = str(entry.get("structure") or "").strip() or None
         category = str(entry.get("category") or "").strip().lower() or None
         if category is not None and category not in CATEGORIES:
             raise ConfigError(f"{path}: {name}: category {category!r} is not one of {', '.join(CATEGORIES)}")
@@ -95,10 +140,21 @@ def load_mapping(path: str | Path) -> dict[str, dict[str, str]]:
     return mapping
 
 
-def classify(name: str, mapping: dict | None = None, structure: str | None = None) -> tuple[str, str]:
-    """(structure, category) for the volume called ``name``."""
+def _canonical(structure: str) -> str:
+    return structure if structure in DEFAULT_CATEGORIES else ALIASES.get(structure.lower(), structure.lower())
+
+
+def classify(name: str, mapping: dict | None = None, structure: str | None = None) -> tuple[str, str, bool]:
+    """(structure, category, by_prefix) for the case called ``name``.
+
+    ``by_prefix`` is True when an organisers' 2026 prefix decided (the leaderboard would route it
+    the same way); False when our mapping, ``structure`` or an alias did, or nothing did.
+    """
     entry = (mapping or {}).get(name, {})
-    found = entry.get("structure") or (structure.lower() if structure else None) or structure_from_name(name)
-    found = ALIASES.get(found, found) if found else UNKNOWN
+    prefix = organisers_prefix_2026(name)
+    if prefix is not None:
+        return prefix, entry.get("category") or DEFAULT_CATEGORIES[prefix], True
+    found = entry.get("structure") or structure or structure_from_name(name)
+    found = _canonical(found) if found else UNKNOWN
     category = entry.get("category") or DEFAULT_CATEGORIES.get(found, UNKNOWN)
-    return found, category
+    return found, category, False

@@ -21,8 +21,26 @@ def spacing_argument(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+def jobs_argument(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 process, got {value}")
+    return value
+
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     from .labels import LABEL_SCHEMES, SPARSE_EDGE_MODES
+    from .leaderboard import DEFAULT_PRESET, PRESETS
+
+    parser.add_argument("--preset", choices=PRESETS, default=DEFAULT_PRESET,
+                        help="whose leaderboard metrics come first: selma3d-2026 (Dice + clDice for contiguous, "
+                             "Dice + panoptica PQ for isolated structures) or selma3d-2024 (c-Fos: Dice, Betti-0 "
+                             "error; microglia: + Betti-1 error, clDice). Default: %(default)s")
+    parser.add_argument("--jobs", type=jobs_argument, default=1, metavar="N",
+                        help="score N cases in parallel processes (default: 1)")
 
     parser.add_argument("--label-scheme", choices=LABEL_SCHEMES, default="binary",
                         help="binary: 0 and one foreground value (0/1, 0/255); nonzero: any non-zero is "
@@ -44,9 +62,12 @@ def add_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate",
         help="score predictions against labels and write a report",
-        description="Pair predictions with labels by base name (any supported format), compute Dice, clDice, "
-        "precision, recall, HD95, PQ and Betti-number errors per volume, and write metrics.csv, "
-        "summary.json and report.html (with figures) to OUT. Exit code 1 if any pair failed.",
+        description="Pair predictions with labels by base name (any supported format), compute the SELMA3D "
+        "leaderboard's own metrics (--preset) and ours (Dice, clDice, precision, recall, HD95, PQ, Betti-number "
+        "errors) per case, and write metrics.csv, metrics.json (the organisers' results + aggregates), "
+        "summary.json and report.html (with figures) to OUT. A case's structure comes from its name's "
+        "SELMA3D prefix (blood_vessel_..., cfos_neuron_..., microglia_...). Exit code 1 if any pair failed "
+        "or any label had no prediction (scored as an empty prediction).",
     )
     parser.add_argument("--pred", type=Path, required=True, metavar="DIR", help="folder of predicted masks")
     parser.add_argument("--labels", type=Path, required=True, metavar="DIR", help="folder of label volumes")
@@ -73,6 +94,8 @@ def settings_from_args(args):
         topology=args.topology,
         figures=args.figures,
         progress=not getattr(args, "quiet", False),
+        preset=args.preset,
+        jobs=args.jobs,
     )
 
 
@@ -84,15 +107,24 @@ def run_evaluate(args) -> int:
     paths = write_report(result, args.out, title=args.title)
     print_summary(result)
     logger.info("report: %s", paths["report"])
+    missing = result.summary["missing_predictions"]
+    if missing:
+        logger.error("%d label(s) had no prediction and were scored as empty predictions: %s",
+                     len(missing), ", ".join(missing))
+    for name in result.summary["leaderboard"]["unrouted"]:
+        logger.warning("%s: name matches no %s rule; scored with Dice only", name, args.preset)
     if result.failed:
         logger.error("%d of %d volume(s) could not be scored (see %s)", len(result.failed), len(result.rows), paths["metrics"])
-        return EXIT_FAILED
-    return EXIT_OK
+    return EXIT_FAILED if result.failed or missing else EXIT_OK
 
 
 def print_summary(result) -> None:
     metrics = result.summary["metrics"]
     parts = [f"{result.summary['n_scored']}/{result.summary['n_volumes']} scored"]
+    board = result.summary.get("leaderboard")
+    if board:
+        values = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in board["aggregates"].items())
+        logger.info("%s leaderboard aggregates: %s", board["preset"], values)
     for key, label in (("dice", "Dice"), ("cldice", "clDice"), ("hd95_um", "HD95 um"), ("hd95_voxels", "HD95 vox"),
                        ("betti0_error", "|db0|"), ("betti1_error", "|db1|")):
         stats = metrics.get(key)

@@ -3,7 +3,12 @@
 ``evaluate_folders`` reads every pair through :mod:`lsmseg.io` (so every input format works),
 scores it with :mod:`lsmseg_evaluation.metrics` and draws its figure; ``write_report`` writes
 ``metrics.csv``, ``summary.json``, ``report.html`` and ``figures/*.png``, each atomically.
-A pair that cannot be scored becomes a row with ``status = error`` and a one-line reason.
+A pair that cannot be scored becomes a row with ``status = error`` and a one-line reason; a label
+without a prediction is scored against an empty prediction and listed.
+
+Every row starts with the leaderboard's own values for the chosen preset (``lb_*`` columns,
+:mod:`lsmseg_evaluation.leaderboard`), followed by our extra metrics; ``metrics.json`` holds the
+organisers' ``results`` + ``aggregates``. ``jobs > 1`` scores pairs in a process pool.
 """
 
 from __future__ import annotations
@@ -26,17 +31,30 @@ from tqdm import tqdm
 
 from .categories import classify
 from .labels import label_masks, prediction_mask
+from .leaderboard import DEFAULT_PRESET, LB_PREFIX, check_preset, lb_columns, leaderboard_summary, route, score_case
 from .metrics import CONVENTIONS, METRIC_COLUMNS, score_volume
 from .pairing import Pair, pair_volumes
 
 logger = logging.getLogger(__name__)
 
-ROW_COLUMNS = [
-    "name", "status", "error", "structure", "category", "label_scheme", "shape", "spacing_um",
-    *METRIC_COLUMNS, "seconds", "prediction", "label", "image", "notes",
-]
+ROW_HEAD = ["name", "status", "error", "structure", "category", "lb_group", "lb_by_rule"]
+ROW_TAIL = ["label_scheme", "shape", "spacing_um", *METRIC_COLUMNS, "seconds", "prediction", "label", "image", "notes"]
+
+
+def row_columns(preset: str = DEFAULT_PRESET) -> list[str]:
+    """metrics.csv columns: identification, the preset's leaderboard values (lb_*), then ours."""
+    return [*ROW_HEAD, *lb_columns(preset), *ROW_TAIL]
+
+
+ROW_COLUMNS = row_columns()
 # Metrics aggregated in summary.json and the report, with how to read them.
 SUMMARY_METRICS = {
+    "lb_dice": "leaderboard Dice",
+    "lb_cldice": "leaderboard clDice (2026, panoptica; contiguous)",
+    "lb_panoptic_quality": "leaderboard PQ (2026, panoptica pq_dsc; isolated)",
+    "lb_betti_matching_error_0": "leaderboard |Δb0| (2024)",
+    "lb_betti_matching_error_1": "leaderboard |Δb1| (2024, microglia)",
+    "lb_centerline_dice": "leaderboard clDice (2024, microglia)",
     "dice": "Dice (higher is better)",
     "cldice": "clDice (higher is better)",
     "precision": "precision",
@@ -60,6 +78,13 @@ class EvaluationSettings:
     topology: bool = True  # clDice, PQ, Betti numbers
     figures: bool = True
     progress: bool = True
+    preset: str = DEFAULT_PRESET  # selma3d-2026 | selma3d-2024: which leaderboard's metrics come first
+    jobs: int = 1  # processes scoring pairs in parallel
+
+    def __post_init__(self):
+        check_preset(self.preset)
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be at least 1, got {self.jobs}")
 
 
 @dataclass
@@ -67,6 +92,7 @@ class EvaluationResult:
     rows: list[dict]
     summary: dict
     figures: dict[str, bytes] = field(default_factory=dict)  # name -> PNG
+    metrics_json: dict = field(default_factory=dict)  # the organisers' metrics.json: results + aggregates
 
     @property
     def failed(self) -> list[dict]:
@@ -77,13 +103,16 @@ class EvaluationResult:
 
 
 def _row(pair: Pair, settings: EvaluationSettings) -> dict:
-    structure, category = classify(pair.name, settings.mapping, settings.structure)
-    row = {column: None for column in ROW_COLUMNS}
+    structure, category, _ = classify(pair.name, settings.mapping, settings.structure)
+    group, by_rule = route(pair.name, structure, category, settings.preset)
+    row = {column: None for column in row_columns(settings.preset)}
     row.update(
         name=pair.name,
         status="ok",
         structure=structure,
         category=category,
+        lb_group=group,
+        lb_by_rule=by_rule,
         label_scheme=settings.label_scheme,
         prediction=str(pair.pred) if pair.pred else None,
         label=str(pair.label) if pair.label else None,
@@ -117,18 +146,34 @@ def evaluate_pair(pair: Pair, settings: EvaluationSettings) -> tuple[dict, bytes
     start = time.perf_counter()
     try:
         label_volume = read_volume(pair.label)
-        pred_volume = read_volume(pair.pred)
-        if pred_volume.shape != label_volume.shape:
-            raise InputError(
-                pair.pred,
-                f"shape {pred_volume.shape} differs from the label's {label_volume.shape} ({pair.label.name})",
-            )
+        if pair.pred is not None:
+            pred_volume = read_volume(pair.pred)
+            if pred_volume.shape != label_volume.shape:
+                raise InputError(
+                    pair.pred,
+                    f"shape {pred_volume.shape} differs from the label's {label_volume.shape} ({pair.label.name})",
+                )
         label, valid = label_masks(label_volume.load(), pair.label, settings.label_scheme, settings.sparse_edge)
-        pred = prediction_mask(pred_volume.load(), pair.pred)
-        spacing = _spacing_for(row, settings, pred_volume.spacing, label_volume.spacing)
+        if pair.pred is not None:
+            pred = prediction_mask(pred_volume.load(), pair.pred)
+            spacing = _spacing_for(row, settings, pred_volume.spacing, label_volume.spacing)
+        else:  # missing prediction: scored as an empty one (the leaderboard has no better answer)
+            pred = np.zeros(label.shape, dtype=bool)
+            spacing = _spacing_for(row, settings, None, label_volume.spacing)
+            _note(row, "no prediction: scored as an empty prediction")
         row["shape"] = "x".join(map(str, label_volume.shape))
         row["spacing_um"] = "x".join(f"{s:g}" for s in spacing) if spacing else None
-        row.update(score_volume(pred, label, spacing=spacing, valid=valid, topology=settings.topology))
+        known_pq = None
+        if valid is None:  # the leaderboards score fully labelled volumes only
+            lb = score_case(pred, label, row["lb_group"], settings.preset)
+            row.update({LB_PREFIX + key: value for key, value in lb.items()})
+            if "panoptic_quality" in lb and (pred.any() or label.any()):
+                known_pq = lb["panoptic_quality"]  # the same panoptica call; no need to run it twice
+            if row["lb_group"] == "unknown":
+                _note(row, f"name matches no {settings.preset} rule: leaderboard Dice only")
+            elif not row["lb_by_rule"]:
+                _note(row, f"routed as {row['structure']} by our alias; the organisers' evaluator would refuse the name")
+        row.update(score_volume(pred, label, spacing=spacing, valid=valid, topology=settings.topology, known_pq=known_pq))
         row["seconds"] = round(time.perf_counter() - start, 3)
         figure = _figure(pair, row, pred, label, valid, spacing) if settings.figures else None
         return row, figure
@@ -173,8 +218,7 @@ def evaluate_folders(
     settings = settings or EvaluationSettings()
     pairs = pair_volumes(pred_dir, label_dir, image_dir)
     rows, figures = [], {}
-    for pair in tqdm(pairs, desc="scoring", unit="vol", disable=not settings.progress or len(pairs) < 2):
-        row, figure = evaluate_pair(pair, settings)
+    for pair, (row, figure) in zip(pairs, _score_pairs(pairs, settings)):
         if row["status"] != "ok":
             logger.error("%s", row["error"])
         else:
@@ -189,7 +233,23 @@ def evaluate_folders(
         "labels": str(label_dir),
         "images": str(image_dir) if image_dir is not None else None,
     }
-    return EvaluationResult(rows=rows, summary=summary, figures=figures)
+    summary["leaderboard"], metrics_json = leaderboard_summary(rows, settings.preset)
+    return EvaluationResult(rows=rows, summary=summary, figures=figures, metrics_json=metrics_json)
+
+
+def _score_pairs(pairs: list[Pair], settings: EvaluationSettings):
+    """(row, figure) per pair, in order; in a process pool when ``settings.jobs > 1``."""
+    progress = dict(desc="scoring", unit="vol", total=len(pairs), disable=not settings.progress or len(pairs) < 2)
+    if settings.jobs == 1 or len(pairs) < 2:
+        yield from tqdm((evaluate_pair(pair, settings) for pair in pairs), **progress)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: torch (MONAI's HD95) and OpenMP do not survive fork reliably.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(settings.jobs, len(pairs)), mp_context=context) as pool:
+        yield from tqdm(pool.map(evaluate_pair, pairs, [settings] * len(pairs)), **progress)
 
 
 # ------------------------------------------------------------------------------------- summary
@@ -218,7 +278,7 @@ def metric_stats(values: Sequence) -> dict:
 def _group_stats(rows: list[dict]) -> dict:
     out = {}
     for metric in SUMMARY_METRICS:
-        stats = metric_stats([row[metric] for row in rows])
+        stats = metric_stats([row.get(metric) for row in rows])
         if stats["n"] or stats["n_undefined"]:
             out[metric] = stats
     return out
@@ -233,6 +293,7 @@ def summarise(rows: list[dict], settings: EvaluationSettings | None = None) -> d
         "n_scored": len(scored),
         "n_failed": len(rows) - len(scored),
         "failures": [{"name": row["name"], "error": row["error"]} for row in rows if row["status"] != "ok"],
+        "missing_predictions": [row["name"] for row in rows if row["status"] == "ok" and row["prediction"] is None],
         "label_scheme": settings.label_scheme,
         "sparse_edge": settings.sparse_edge if settings.label_scheme == "sparse" else None,
         "spacing_override_um": list(settings.spacing) if settings.spacing else None,
@@ -257,16 +318,17 @@ def _csv_cell(value) -> str:
     if _is_undefined(value):
         return "nan"  # undefined by the conventions (e.g. HD95 with one empty mask)
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return f"{value:.12g}"  # enough digits to carry the leaderboard values to 1e-6 and beyond
     return str(value)
 
 
-def metrics_csv(rows: list[dict]) -> str:
+def metrics_csv(rows: list[dict], preset: str = DEFAULT_PRESET) -> str:
+    columns = row_columns(preset)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(ROW_COLUMNS)
+    writer.writerow(columns)
     for row in rows:
-        writer.writerow([_csv_cell(row[column]) for column in ROW_COLUMNS])
+        writer.writerow([_csv_cell(row.get(column)) for column in columns])
     return buffer.getvalue()
 
 
@@ -276,12 +338,17 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_report(result: EvaluationResult, out_dir: str | Path, title: str = "lsmseg evaluation") -> dict[str, Path]:
-    """Write metrics.csv, summary.json, figures/*.png and report.html into ``out_dir``."""
+    """Write metrics.csv, metrics.json (the organisers' shape), summary.json, figures/*.png and
+    report.html into ``out_dir``."""
     from .report import distributions_figure, render_html
 
     out_dir = Path(out_dir)
-    paths = {"metrics": out_dir / "metrics.csv", "summary": out_dir / "summary.json", "report": out_dir / "report.html"}
-    write_text_atomic(paths["metrics"], metrics_csv(result.rows))
+    paths = {"metrics": out_dir / "metrics.csv", "metrics_json": out_dir / "metrics.json",
+             "summary": out_dir / "summary.json", "report": out_dir / "report.html"}
+    preset = result.summary.get("leaderboard", {}).get("preset", DEFAULT_PRESET)
+    write_text_atomic(paths["metrics"], metrics_csv(result.rows, preset))
+    # As the organisers write it (json.dumps, indent 4): NaN stays NaN.
+    write_text_atomic(paths["metrics_json"], json.dumps(result.metrics_json, indent=4) + "\n")
     write_text_atomic(paths["summary"], json.dumps(result.summary, indent=2) + "\n")
     figures_dir = out_dir / "figures"
     for name, png in result.figures.items():

@@ -1,6 +1,6 @@
 """Per-volume segmentation metrics, built on library implementations.
 
-Dice and the 95th-percentile Hausdorff distance come from MONAI, skeletons from scikit-image,
+The 95th-percentile Hausdorff distance comes from MONAI, PQ from panoptica, skeletons from scikit-image,
 connected-component labelling from cc3d (connected-components-3d), the Euler characteristic from
 scikit-image. What is written here is only the glue and the conventions for empty masks.
 
@@ -34,8 +34,8 @@ CONVENTIONS = [
     "Betti numbers of the zero-padded mask: b0 = 26-connected foreground components, b2 = 6-connected "
     "background components - 1, b1 = b0 + b2 - Euler characteristic (26-connectivity, scikit-image).",
     "clDice uses scikit-image 3-D skeletons on the voxel grid (no resampling of anisotropic voxels).",
-    "PQ (panoptic quality, SELMA3D 2026 metric for isolated structures): 26-connected components of "
-    "prediction and label matched one-to-one when IoU > 0.5; PQ = sum(IoU of matches) / (TP + FP/2 + FN/2).",
+    "pq: panoptica's pq_dsc with the SELMA3D 2026 settings (26-connected components, greedy one-to-one "
+    "matching at IoU >= 0.3, quality = mean Dice of matched instances) for every case, with the conventions above.",
     "Sparse labels: Dice, precision and recall over labelled voxels only; clDice, HD95, PQ and Betti "
     "numbers need a fully labelled volume and are not computed (empty cells, not counted as undefined).",
 ]
@@ -57,21 +57,14 @@ def confusion(pred, label, valid=None) -> tuple[int, int, int]:
 
 
 def dice(pred, label, valid=None) -> float:
-    """Volumetric Dice (MONAI ``compute_dice``, empty-vs-empty = 1); ``valid`` restricts the voxels."""
-    import torch
-    from monai.metrics import compute_dice
+    """Volumetric Dice 2 TP / (|pred| + |label|) from integer voxel counts; 1 when both are empty.
 
-    pred, label = _as_bool(pred), _as_bool(label)
-    if valid is not None:
-        valid = _as_bool(valid)
-        pred, label = pred & valid, label & valid
-    value = compute_dice(
-        torch.from_numpy(pred)[None, None].double(),  # float64: exact counts on big volumes
-        torch.from_numpy(label)[None, None].double(),
-        include_background=True,
-        ignore_empty=False,  # MONAI then scores empty/empty as 1 and empty label + prediction as 0
-    )
-    return float(value.item())
+    The formula of both SELMA3D evaluators (and of MONAI's ``compute_dice`` with
+    ``ignore_empty=False``, which the tests check it against); ``valid`` restricts the voxels.
+    """
+    tp, fp, fn = confusion(pred, label, valid)
+    total = 2 * tp + fp + fn  # |pred| + |label|
+    return 1.0 if total == 0 else float(2.0 * tp / total)
 
 
 def precision_recall(tp: int, fp: int, fn: int) -> tuple[float, float]:
@@ -184,28 +177,15 @@ def betti_numbers(mask) -> tuple[int, int, int]:
     return b0, b0 + b2 - euler, b2
 
 
-def panoptic_quality(pred, label, iou_threshold: float = 0.5) -> float:
-    """PQ of the 26-connected components: matched pairs (IoU > 0.5, hence unique) vs the rest."""
-    import cc3d
+def panoptic_quality(pred, label) -> float:
+    """Panoptica's ``pq_dsc`` exactly as the SELMA3D 2026 evaluator computes it, with this module's
+    empty-mask conventions (1 when both masks are empty, where panoptica gives NaN)."""
+    from .leaderboard import panoptica_pq
 
     pred, label = _as_bool(pred), _as_bool(label)
-    pred_labels, n_pred = cc3d.connected_components(pred.view(np.uint8), connectivity=26, return_N=True)
-    label_labels, n_label = cc3d.connected_components(label.view(np.uint8), connectivity=26, return_N=True)
-    if n_pred == 0 and n_label == 0:
+    if not pred.any() and not label.any():
         return 1.0
-    if n_pred == 0 or n_label == 0:
-        return 0.0
-    pred_sizes = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)
-    label_sizes = np.bincount(label_labels.ravel(), minlength=n_label + 1)
-    overlap = (pred_labels > 0) & (label_labels > 0)
-    pair_keys = pred_labels[overlap].astype(np.int64) * (n_label + 1) + label_labels[overlap]
-    keys, intersections = np.unique(pair_keys, return_counts=True)
-    pred_ids, label_ids = keys // (n_label + 1), keys % (n_label + 1)
-    iou = intersections / (pred_sizes[pred_ids] + label_sizes[label_ids] - intersections)
-    matched = iou > iou_threshold
-    tp = int(matched.sum())
-    denominator = tp + 0.5 * (n_pred - tp) + 0.5 * (n_label - tp)
-    return float(iou[matched].sum() / denominator)
+    return panoptica_pq(pred, label)
 
 
 # Columns of one scored volume, in CSV order.
@@ -217,12 +197,17 @@ METRIC_COLUMNS = [
 
 
 def score_volume(
-    pred, label, spacing: Sequence[float] | None = None, valid=None, topology: bool = True
+    pred, label, spacing: Sequence[float] | None = None, valid=None, topology: bool = True,
+    known_pq: float | None = None,
 ) -> dict:
     """Every metric for one prediction/label pair (boolean-like arrays of equal shape).
 
-    ``valid`` marks the labelled voxels of a sparse label: only Dice, precision and recall are
-    computed then. ``topology=False`` skips clDice, PQ and Betti numbers (the slow part on big volumes).
+    Args:
+        pred, label: masks (any non-zero voxel is foreground), same shape.
+        spacing: (z, y, x) voxel size in um; HD95 and volumes in um when given, else in voxels.
+        valid: the labelled voxels of a sparse label: only Dice, precision and recall are computed then.
+        topology: False skips clDice, PQ and Betti numbers (the slow part on big volumes).
+        known_pq: panoptica's PQ of this pair when the caller already has it (not both masks empty).
     """
     pred, label = _as_bool(pred), _as_bool(label)
     if pred.shape != label.shape:
@@ -256,7 +241,7 @@ def score_volume(
         b_pred, b_label = betti_numbers(pred), betti_numbers(label)
         row.update(
             cldice=cldice(pred, label),
-            pq=panoptic_quality(pred, label),
+            pq=known_pq if known_pq is not None else panoptic_quality(pred, label),
             b0_pred=b_pred[0], b1_pred=b_pred[1], b2_pred=b_pred[2],
             b0_label=b_label[0], b1_label=b_label[1], b2_label=b_label[2],
             betti0_error=abs(b_pred[0] - b_label[0]),

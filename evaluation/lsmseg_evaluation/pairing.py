@@ -1,8 +1,9 @@
 """Pairing predictions with labels (and optionally images) by base name, across formats.
 
 ``brain01.tif`` pairs with ``brain01.nii.gz`` and with a plane folder ``brain01/``: names come
-from :func:`lsmseg.io.volume_name`. A label without a prediction, a prediction without a label
-and two files with the same base name in one folder are all reported, never skipped.
+from :func:`lsmseg.io.volume_name`. A prediction without a label and two files with the same base
+name in one folder are reported as problems; a label without a prediction is a pair with
+``pred = None`` (scored as an empty prediction). Nothing is skipped.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def pair_volumes(pred_dir: str | Path, label_dir: str | Path, image_dir: str | P
         elif pair.label is None:
             pair.problem = f"prediction {pair.pred.name} has no label in {label_dir}"
         elif pair.pred is None:
-            pair.problem = f"no prediction for label {pair.label.name} in {pred_dir}"
+            pass  # scored as an empty prediction and listed (evaluate.evaluate_pair)
         elif name in image_clashes:
             pair.notes.append(image_clashes[name] + "; figure drawn without the image")
         pairs.append(pair)

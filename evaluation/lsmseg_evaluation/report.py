@@ -72,6 +72,11 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _fmt_lb(value, digits: int = 4) -> str:
+    """Leaderboard values: NaN is the organisers' own value there, not "undefined" by our conventions."""
+    return "NaN" if isinstance(value, float) and math.isnan(value) else _fmt(value, digits)
+
+
 def _headline(row: dict) -> str:
     parts = [f"Dice {_fmt(row['dice'])}"]
     if row.get("cldice") is not None:
@@ -188,7 +193,13 @@ figure { display: inline-block; margin: 0.5em; } figure img { max-width: 100%; }
 code { background: #f4f4f4; padding: 0 0.2em; }
 """
 
-_TABLE_METRICS = [
+# Leaderboard columns first (labelled "LB"), then ours.
+_LB_METRICS = [
+    ("lb_dice", "LB Dice"), ("lb_cldice", "LB clDice"), ("lb_panoptic_quality", "LB PQ"),
+    ("lb_betti_matching_error_0", "LB |Δb0|"), ("lb_betti_matching_error_1", "LB |Δb1|"),
+    ("lb_centerline_dice", "LB clDice 2024"),
+]
+_TABLE_METRICS = _LB_METRICS + [
     ("dice", "Dice"), ("cldice", "clDice"), ("precision", "precision"), ("recall", "recall"),
     ("hd95_um", "HD95 µm"), ("hd95_voxels", "HD95 vox"), ("pq", "PQ"), ("betti0_error", "|Δb0|"),
     ("betti1_error", "|Δb1|"),
@@ -199,7 +210,7 @@ def _digits(metric: str) -> int:
     """Decimals worth showing: scores in [0, 1] get 4, distances 2, counts 1 (their means)."""
     if metric.startswith(("hd95",)) or metric.endswith("_um3"):
         return 2
-    if metric.startswith(("betti", "b0", "b1", "b2")) or metric.endswith("voxels"):
+    if metric.startswith(("betti", "b0", "b1", "b2", "lb_betti")) or metric.endswith("voxels"):
         return 1
     return 4
 
@@ -229,6 +240,38 @@ def _group_table(groups: dict, heading: str) -> str:
     return f"<h3>{heading}</h3><table><tr><th class=text>group</th><th>volumes</th>{head}</tr>{body}</table>"
 
 
+def _leaderboard_block(summary: dict) -> str:
+    """What the leaderboard would show for these cases, and every case it would not score as is."""
+    board = summary.get("leaderboard")
+    if not board:
+        return ""
+    year = board["preset"].split("-")[-1]
+    parts = [f"<h2>Leaderboard: what the SELMA3D {year} leaderboard would show for these cases</h2>",
+             f"<p>Computed as {html.escape(board['source'])} computes it (<code>metrics.json</code> beside this "
+             "report holds its <code>results</code> and <code>aggregates</code>). Columns marked LB below are its "
+             "per-case values; NaN is kept where its code produces NaN.</p>"]
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in board["aggregates"])
+    cells = "".join(f"<td>{_fmt_lb(v) if v is not None else 'null'}</td>" for v in board["aggregates"].values())
+    parts.append(f"<table><tr>{head}</tr><tr>{cells}</tr></table>")
+    groups = ", ".join(f"{html.escape(g)}: {n}" for g, n in board["groups"].items())
+    parts.append(f"<p>Cases per leaderboard group: {groups}.</p>")
+    flagged = []
+    if board["unrouted"]:
+        flagged.append(f"{len(board['unrouted'])} case(s) match no {html.escape(board['preset'])} name rule and are "
+                       "scored with Dice only, outside the aggregates (the organisers' evaluator would stop on them): "
+                       + ", ".join(map(html.escape, board["unrouted"])))
+    if board["routed_by_alias"]:
+        flagged.append("routed by our aliases, not by an organisers' prefix (rename them for the real leaderboard): "
+                       + ", ".join(map(html.escape, board["routed_by_alias"])))
+    if summary.get("missing_predictions"):
+        flagged.append(f"{len(summary['missing_predictions'])} label(s) without a prediction, scored as empty "
+                       "predictions: " + ", ".join(map(html.escape, summary["missing_predictions"])))
+    flagged += [html.escape(note) for note in board["notes"]]
+    if flagged:
+        parts.append("<div class=failures><ul>" + "".join(f"<li>{item}</li>" for item in flagged) + "</ul></div>")
+    return "\n".join(parts)
+
+
 def render_html(result, distributions_png: bytes | None, title: str = "lsmseg evaluation") -> str:
     summary, rows = result.summary, result.rows
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -248,6 +291,7 @@ def render_html(result, distributions_png: bytes | None, title: str = "lsmseg ev
             f"<li><b>{html.escape(f['name'])}</b>: {html.escape(f['error'] or '')}</li>" for f in summary["failures"]
         )
         parts.append(f"<div class=failures><h2>{len(summary['failures'])} failure(s)</h2><ul>{items}</ul></div>")
+    parts.append(_leaderboard_block(summary))
     metrics = summary["metrics"]
     if metrics:
         head = "".join(f"<th>{h}</th>" for h in ("mean", "median", "std", "min", "max", "n", "undefined"))
@@ -263,11 +307,11 @@ def render_html(result, distributions_png: bytes | None, title: str = "lsmseg ev
         parts.append(_group_table(summary["by_structure"], "By structure"))
     if distributions_png:
         parts.append("<h2>Distributions across volumes</h2><figure>" + _img(distributions_png, "metric distributions") + "</figure>")
-    columns = [("structure", "structure"), ("category", "category"), *_TABLE_METRICS,
+    columns = [("structure", "structure"), ("category", "category"), ("lb_group", "LB group"), *_TABLE_METRICS,
                ("b0_pred", "b0 pred"), ("b0_label", "b0 label"), ("b1_pred", "b1 pred"), ("b1_label", "b1 label"),
                ("pred_voxels", "pred voxels"), ("label_voxels", "label voxels")]
     scored = [row for row in rows if row["status"] == "ok"]
-    columns = [(k, t) for k, t in columns if any(row[k] is not None for row in scored)]
+    columns = [(k, t) for k, t in columns if any(row.get(k) is not None for row in scored)]
     head = "".join(f"<th>{html.escape(t)}</th>" for _, t in columns)
     body = []
     for row in rows:
@@ -276,7 +320,7 @@ def render_html(result, distributions_png: bytes | None, title: str = "lsmseg ev
                         f"<td class=text colspan={len(columns) + 1}>{html.escape(row['error'] or '')}</td></tr>")
             continue
         cells = "".join(
-            f"<td class=text>{html.escape(str(row[k]))}</td>" if k in ("structure", "category") else f"<td>{_fmt(row[k], _digits(k))}</td>"
+            f"<td class=text>{html.escape(str(row[k]))}</td>" if k in ("structure", "category", "lb_group") else f"<td>{_fmt_lb(row[k], _digits(k)) if k.startswith('lb_') else _fmt(row[k], _digits(k))}</td>"
             for k, _ in columns
         )
         body.append(f"<tr><td class=text>{html.escape(row['name'])}</td>{cells}"

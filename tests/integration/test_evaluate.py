@@ -113,8 +113,10 @@ def test_bad_pairs_become_error_rows_and_fail_the_run(tmp_path):
 
     rows = read_rows(tmp_path / "report" / "metrics.csv")
     assert rows["good"]["status"] == "ok" and float(rows["good"]["dice"]) == 1.0
+    # a label without a prediction is scored as an empty prediction, and listed
+    assert rows["unpredicted"]["status"] == "ok" and float(rows["unpredicted"]["lb_dice"]) == 0.0
+    assert "no prediction" in rows["unpredicted"]["notes"] and rows["unpredicted"]["prediction"] == ""
     expected_errors = {
-        "unpredicted": "no prediction for label unpredicted.tif",
         "unlabelled": "prediction unlabelled.tif has no label",
         "wrongshape": "shape (12, 20, 40) differs from the label's (12, 40, 40)",
         "sparse_by_mistake": "non-binary label: values [1, 2]",
@@ -128,8 +130,9 @@ def test_bad_pairs_become_error_rows_and_fail_the_run(tmp_path):
         assert "\n" not in rows[name]["error"]
         assert name in html
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
-    assert summary["n_failed"] == len(expected_errors) and summary["n_scored"] == 1
-    assert "6 failure(s)" in html
+    assert summary["n_failed"] == len(expected_errors) and summary["n_scored"] == 2
+    assert summary["missing_predictions"] == ["unpredicted"]
+    assert "5 failure(s)" in html and "1 label(s) without a prediction" in html
 
 
 def test_same_base_name_twice_is_reported(tmp_path):
@@ -190,24 +193,58 @@ def test_real_sparse_trailmap_label(tmp_path, real_data):
     assert (tmp_path / "report" / "figures" / "volume.png").stat().st_size > 10_000
 
 
-def test_validate_shipped_runs_predict_then_evaluate(tmp_path, tiny_weights):
+def test_validate_shipped_scores_each_structure_with_the_leaderboard_metrics(tmp_path, tiny_weights, monkeypatch):
     from lsmseg_evaluation.validate_shipped import main as validate
 
-    for i in range(2):
+    data = tmp_path / "data"
+    for i in range(2):  # vessels (vesselNN layout)
         label = tubes((10, 48, 48), seed=10 + i)
-        write_volume(image_for(label, seed=i), tmp_path / "data" / "images" / f"vol{i}.tif")
-        write_volume(label * 255, tmp_path / "data" / "labels" / f"vol{i}.tif")
-    manifest = yaml.safe_load(tiny_weights.read_text())  # the weights were validated on vol1 only
-    manifest["models"]["general"]["validation"] = {"per_volume": {"vol1": 0.5}}
-    tiny_weights.write_text(yaml.safe_dump(manifest))
-    status = validate(["--data", str(tmp_path / "data"), "--weights", str(tiny_weights), "--out",
-                       str(tmp_path / "out"), "--device", "cpu", "--quiet"])
+        write_volume(image_for(label, seed=i), data / "vesselnn" / "images" / f"vol{i}.tif")
+        write_volume(label * 255, data / "vesselnn" / "labels" / f"vol{i}.tif")
+    rng = np.random.default_rng(0)
+    for kind, names in (("cfos", ["patchvolume_1_0", "patchvolume_1_1", "patchvolume_2_0"]),
+                        ("microglia", ["patchvolume_3_0"])):
+        for name in names:
+            label = np.zeros((24, 32, 32), np.uint8)
+            for _ in range(4):
+                z, y, x = rng.integers(2, 20), rng.integers(2, 28), rng.integers(2, 28)
+                label[z - 2 : z + 2, y - 2 : y + 2, x - 2 : x + 2] = 1
+            write_volume(image_for(label, seed=1), data / "delivr" / kind / "images" / f"{name}.tif")
+            if name != "patchvolume_1_1":  # an unlabelled patch: left out, as the DELiVR c-Fos ones
+                write_volume(label, data / "delivr" / kind / "labels" / f"{name}.tif")
+    split = tmp_path / "split.yaml"
+    split.write_text(yaml.safe_dump({"train": ["vol0"], "test": ["vol1", "patchvolume_1_0", "microglia_patchvolume_3_0"]}))
+    monkeypatch.setenv("LSMSEG_DATA", str(data))  # instead of --data
+    status = validate(["--weights", str(tiny_weights), "--out", str(tmp_path / "out"), "--device", "cpu",
+                       "--quiet", "--split", str(split), "--set", "test", "--baseline", "--no-figures",
+                       "--predictions", str(tmp_path / "masks")])
     assert status == 0
-    rows = read_rows(tmp_path / "out" / "metrics.csv")
-    assert sorted(rows) == ["vol0", "vol1"] and all(r["status"] == "ok" for r in rows.values())
-    assert all(r["spacing_um"] == "5x0.99x0.99" for r in rows.values())  # the dataset's voxel size
+    rows = read_rows(tmp_path / "out" / "model" / "metrics.csv")
+    assert sorted(rows) == ["blood_vessel_vol1", "cfos_neuron_patchvolume_1_0", "microglia_patchvolume_3_0"]
+    assert rows["blood_vessel_vol1"]["lb_group"] == "contiguous" and rows["blood_vessel_vol1"]["lb_cldice"] != ""
+    assert rows["blood_vessel_vol1"]["spacing_um"] == "5x0.99x0.99"  # the dataset's voxel size
+    assert rows["microglia_patchvolume_3_0"]["lb_group"] == "isolated"
+    assert rows["cfos_neuron_patchvolume_1_0"]["spacing_um"] == "6x1.62x1.62"
+    assert all(r["status"] == "ok" and r["lb_by_rule"] == "True" for r in rows.values())
+    assert sorted(p.name for p in (tmp_path / "masks").glob("*.tif")) == [f"{n}.tif" for n in sorted(rows)]
+    metrics = json.loads((tmp_path / "out" / "model" / "metrics.json").read_text())
+    assert set(metrics["aggregates"]) >= {"iso_dice_mean", "con_cldice_mean"} and len(metrics["results"]) == 3
+    baseline = read_rows(tmp_path / "out" / "baseline" / "metrics.csv")
+    assert sorted(baseline) == sorted(rows)
+    rows_2024 = read_rows(tmp_path / "out" / "selma3d-2024" / "metrics.csv")
+    assert sorted(rows_2024) == ["cfos_neuron_patchvolume_1_0", "microglia_patchvolume_3_0"]
     results = (tmp_path / "out" / "results.md").read_text()
-    assert "| vol0 | training |" in results and "| vol1 | held out |" in results
-    assert "**mean (n=2)** | all |" in results and "**mean (n=1)** | held out |" in results
+    assert "| blood_vessel | contiguous-dense | 1 |" in results and "| microglia | isolated-sparse | 1 |" in results
+    assert "Dice (Otsu)" in results and "`iso_panoptic_quality_mean`" in results and "`micro_cldice`" in results
     assert "general.safetensors" in results
-    assert all(math.isfinite(float(r["dice"])) for r in rows.values())
+
+    # --cases by file or case name; the masks kept above are reused, not predicted again
+    before = (tmp_path / "masks" / "blood_vessel_vol1.tif").stat().st_mtime_ns
+    status = validate(["--data", str(data), "--weights", str(tiny_weights), "--out", str(tmp_path / "out2"),
+                       "--quiet", "--cases", "vol1", "cfos_neuron_patchvolume_2_0", "--structures", "blood_vessel",
+                       "cfos_neuron", "--predictions", str(tmp_path / "masks"), "--reuse-predictions", "--no-figures"])
+    assert status == 0
+    assert sorted(read_rows(tmp_path / "out2" / "model" / "metrics.csv")) == [
+        "blood_vessel_vol1", "cfos_neuron_patchvolume_2_0"]
+    assert (tmp_path / "masks" / "blood_vessel_vol1.tif").stat().st_mtime_ns == before
+    assert validate(["--data", str(data), "--quiet", "--cases", "nothing_like_this", "--out", str(tmp_path / "o3")]) == 1

@@ -225,16 +225,23 @@ def test_skeleton_survives_even_thickness_tubes():
     assert cldice(tube, tube) == 1.0
 
 
-def test_panoptic_quality_matches_by_iou():
+def test_panoptic_quality_is_panopticas_pq_dsc():
+    pytest.importorskip("panoptica")
     label = np.zeros((8, 30, 30), bool)
     label[2:6, 2:8, 2:8] = True  # A
     label[2:6, 15:21, 15:21] = True  # B
+    label[2:6, 2:8, 20:26] = True  # C
     pred = np.zeros_like(label)
-    pred[2:6, 2:8, 3:9] = True  # A shifted by one: IoU = 5/7 > 0.5
+    pred[2:6, 2:8, 3:9] = True  # A shifted by one: IoU 5/7, Dice 5/6
     pred[2:6, 15:17, 15:17] = True  # covers a ninth of B: IoU 1/9, no match
-    pred[2:4, 25:28, 25:28] = True  # nothing there
-    expected = (5 / 7) / (1 + 0.5 * 2 + 0.5 * 1)  # TP 1, FP 2, FN 1
-    assert panoptic_quality(pred, label) == pytest.approx(expected)
+    pred[2:6, 2:8, 23:29] = True  # C shifted by three: IoU 1/3, matched at >= 0.3, Dice 1/2
+    pred[2:4, 25:28, 0:3] = True  # nothing there
+    # TP 2 (A, C), FP 2, FN 1; quality = mean Dice of the matches
+    expected = (5 / 6 + 1 / 2) / 2 * 2 / (2 + 0.5 * 2 + 0.5 * 1)
+    assert panoptic_quality(pred, label) == pytest.approx(expected, abs=1e-12)
+    empty = np.zeros_like(label)
+    assert panoptic_quality(empty, empty) == 1.0  # our convention (panoptica: NaN)
+    assert panoptic_quality(empty, label) == 0.0
 
 
 # --------------------------------------------------------------------------------- labels, categories
@@ -267,11 +274,18 @@ def test_prediction_must_be_binary():
 
 
 def test_structure_and_category_from_name_or_mapping():
-    assert structure_from_name("Vessels_003") == "vessels"
-    assert structure_from_name("cFos-12") == "cfos"
-    assert structure_from_name("c-Fos_patch7") == "cfos"
-    assert classify("nuclei12") == ("nuclei", "isolated-dense")
-    assert classify("burgess2014_tgMouse") == ("unknown", "unknown")
-    assert classify("burgess2014_tgMouse", structure="vessels") == ("vessels", "contiguous-dense")
+    # the organisers' prefixes first, case-sensitive as their str.startswith
+    assert classify("blood_vessel_003") == ("blood_vessel", "contiguous-dense", True)
+    assert classify("microglia_patch_1") == ("microglia", "isolated-sparse", True)
+    assert classify("AD_plaques_7") == ("AD_plaques", "isolated-sparse", True)
+    assert classify("ad_plaques_7") == ("AD_plaques", "isolated-sparse", False)  # only our alias knows it
+    assert classify("Blood_vessel_003")[2] is False
+    # then our aliases, mapped to the organisers' structure names
+    assert structure_from_name("Vessels_003") == "blood_vessel"
+    assert structure_from_name("cFos-12") == "cfos_neuron"
+    assert structure_from_name("c-Fos_patch7") == "cfos_neuron"
+    assert classify("nuclei12") == ("cell_nuclei", "isolated-dense", False)
+    assert classify("burgess2014_tgMouse") == ("unknown", "unknown", False)
+    assert classify("burgess2014_tgMouse", structure="vessels") == ("blood_vessel", "contiguous-dense", False)
     mapping = {"patch1": {"structure": "microglia", "category": "isolated-sparse"}}
-    assert classify("patch1", mapping, structure="vessels") == ("microglia", "isolated-sparse")
+    assert classify("patch1", mapping, structure="vessels") == ("microglia", "isolated-sparse", False)
