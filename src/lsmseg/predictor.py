@@ -32,7 +32,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import InferenceSettings, ModelConfig, to_dict
 from .errors import InputError, LsmsegError, OutputError
-from .io import Volume, atomic_output, output_path_for, read_volume, volume_name, write_mask_blocks
+from .io import (
+    Volume, atomic_output, check_declared_size, check_output_space, output_path_for, read_volume,
+    refuse_overwriting_inputs, sweep_partials, volume_name, write_mask_blocks,
+)
 from .model import select_device
 from .normalise import normalise, percentiles
 from .weights import Manifest, find_manifest, load_manifest, load_model
@@ -74,6 +77,7 @@ class Predictor:
         skip_background: bool = True,
         prefetch: bool | None = None,
         compile: bool = False,
+        max_voxels: int | None = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -95,6 +99,7 @@ class Predictor:
         # network already uses every core, and benchmarks/ measured no gain but more memory.
         self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
         self.compile = compile
+        self.max_voxels = max_voxels  # declared-size cap for inputs (None: LSMSEG_MAX_VOXELS or the default)
         if compile:
             self.model = torch.compile(self.model)
         self._background_cache: dict[float, torch.Tensor] = {}
@@ -361,8 +366,12 @@ class Predictor:
         input_path, output_path = Path(input_path), Path(output_path)
         timings = {}
         start = time.perf_counter()
-        volume = read_volume(input_path, lazy=True)
+        volume = read_volume(input_path, lazy=True, max_voxels=self.max_voxels)
+        check_output_space(output_path, volume.shape)
         target = self._target_spacing(volume.spacing)
+        if target is not None:  # resampling builds the volume at the model's spacing, in memory
+            new_shape = [max(1, round(n * s / t)) for n, s, t in zip(volume.shape, volume.spacing, target)]
+            check_declared_size(input_path, new_shape, 4, self.max_voxels, what="resampled volume")
         if target is None:
             prepared = self.prepare(volume)
             blocks = self.iter_mask_blocks(prepared, desc=volume.name)
@@ -376,10 +385,14 @@ class Predictor:
         total = time.perf_counter() - start
         timings["predict_s"] = counter.seconds
         timings["write_s"] = max(total - counter.seconds, 0.0)
-        record = self.write_provenance(
-            input_path, output_path, volume, provenance_path,
-            resampled_to=target, foreground=counter.foreground, timings=timings,
-        )
+        try:
+            record = self.write_provenance(
+                input_path, output_path, volume, provenance_path,
+                resampled_to=target, foreground=counter.foreground, timings=timings,
+            )
+        except LsmsegError as exc:  # the mask is on disk: say so, apart from "no mask written"
+            raise ProvenanceError(exc, output_path, self._record(
+                input_path, output_path, volume, target, counter.foreground, timings)) from exc
         stats = self.last_stats
         logger.info(
             "%s -> %s (%.1f s; %d of %d windows skipped as background)", input_path, output_path,
@@ -390,7 +403,12 @@ class Predictor:
     def write_provenance(self, input_path, output_path, volume: Volume, provenance_path=None, *,
                          resampled_to=None, foreground: int, timings: dict) -> dict:
         """The provenance JSON beside a mask (inputs, parameters, block stats, weights, versions, timings)."""
-        record = {
+        record = self._record(input_path, output_path, volume, resampled_to, foreground, timings)
+        write_json(record, Path(provenance_path) if provenance_path else provenance_path_for(output_path))
+        return record
+
+    def _record(self, input_path, output_path, volume: Volume, resampled_to, foreground: int, timings: dict) -> dict:
+        return {
             "input": str(input_path),
             "output": str(output_path),
             "ok": True,
@@ -406,8 +424,6 @@ class Predictor:
             "versions": versions(),
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
-        write_json(record, Path(provenance_path) if provenance_path else provenance_path_for(output_path))
-        return record
 
     def _resampled_mask_blocks(self, volume: Volume):
         mask = self.predict_volume(volume.load(), volume.spacing, name=str(volume.path))
@@ -431,12 +447,18 @@ class Predictor:
         """Segment many files; a failure is one logged line and never stops the others."""
         out_dir = Path(out_dir)
         outputs = list(output_paths) if output_paths else [self.output_path(p, out_dir, output_format) for p in inputs]
+        refuse_overwriting_inputs(zip(inputs, outputs))  # before any work: never replace an input
+        for folder in {Path(o).parent for o in outputs}:
+            sweep_partials(folder)
         results = []
         for input_path, output_path in tqdm(
             list(zip(inputs, outputs)), desc="volumes", unit="vol", disable=not self.progress or len(inputs) < 2
         ):
             try:
                 results.append(self.predict_file(input_path, output_path))
+            except ProvenanceError as exc:
+                logger.error("%s", exc)
+                results.append(exc.record)
             except LsmsegError as exc:
                 logger.error("%s", exc)
                 results.append(_failure(input_path, output_path, str(exc)))
@@ -523,9 +545,22 @@ def _failure(input_path, output_path, message: str) -> dict:
     return {"input": str(input_path), "output": str(output_path), "ok": False, "error": message}
 
 
+class ProvenanceError(OutputError):
+    """The mask was written but its provenance JSON was not; ``record`` is the result (ok, with
+    ``provenance_error`` set), so that front ends do not report the mask as missing."""
+
+    def __init__(self, cause: LsmsegError, output_path, record: dict):
+        path = getattr(cause, "path", output_path)
+        reason = getattr(cause, "reason", str(cause))
+        super().__init__(path, f"{reason} (the mask {output_path} was written; only its provenance record is missing)")
+        self.record = {**record, "ok": True, "provenance_error": str(self)}
+
+
 def provenance_path_for(output_path: str | Path) -> Path:
+    """``<output name>.provenance.json`` beside the mask: the full name, so that the records of
+    ``a.tif``, ``a.tiff`` and ``a.nii.gz`` in one folder do not overwrite each other."""
     output_path = Path(output_path)
-    return output_path.parent / f"{volume_name(output_path)}.provenance.json"
+    return output_path.parent / f"{output_path.name}.provenance.json"
 
 
 def write_json(data: dict, path: str | Path) -> Path:
