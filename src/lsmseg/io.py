@@ -535,7 +535,7 @@ def _read_tiff(path: Path, lazy: bool, max_voxels: int | None = None) -> Volume:
             check_declared_size(path, first.shaped, np.dtype(first.dtype or np.uint8).itemsize, max_voxels,
                                 what="TIFF page")
             check_declared_size(path, (pages, *first.shape), np.dtype(first.dtype or np.uint8).itemsize,
-                                max_voxels, what="TIFF pages")
+                                max_voxels, what="TIFF")
             if not tif.series:
                 raise InputError(path, "cannot read TIFF: no readable image (corrupt or truncated file)")
             series = tif.series[0]
