@@ -155,6 +155,29 @@ def make_handler(service: InvokeService) -> type[BaseHTTPRequestHandler]:
                 length -= len(chunk)
             return True
 
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's errors (malformed request line, bad version, unknown method...) as a
+            real HTTP/1.1 status line and a JSON body, and the connection closed. A malformed line
+            leaves the version at HTTP/0.9, for which http.server would send no status line."""
+            if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+                self.request_version = "HTTP/1.1"
+            phrase = HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else "Error"
+            self.log_error("code %d, message %s", code, message)
+            payload = json.dumps({"error": escape_log_text(message or phrase, 200)}).encode()
+            self.send_response_only(code, phrase)  # never echo client text in the status line
+            self.send_header("Server", self.version_string())
+            self.send_header("Date", self.date_time_string())
+            self.send_header("Connection", "close")
+            self.close_connection = True
+            if code >= 200 and code not in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if getattr(self, "command", None) != "HEAD":
+                    self.wfile.write(payload)
+            else:
+                self.end_headers()
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if not self._read_body():
                 return
@@ -223,8 +246,10 @@ class InvokeHTTPServer(ThreadingHTTPServer):
         logger.warning("request from %s failed: %s", client_address[0], escape_log_text(f"{type(exc).__name__}: {exc}"))
 
 
-def make_server(service: InvokeService, host: str, port: int, max_connections: int = MAX_CONNECTIONS) -> InvokeHTTPServer:
-    return InvokeHTTPServer((host, port), make_handler(service), max_connections)
+def make_server(service: InvokeService, host: str, port: int, max_connections: int | None = None) -> InvokeHTTPServer:
+    """A server for ``service`` on ``host:port`` (port 0: any free port); ``max_connections``
+    defaults to :data:`MAX_CONNECTIONS`."""
+    return InvokeHTTPServer((host, port), make_handler(service), max_connections or MAX_CONNECTIONS)
 
 
 def serve(
@@ -233,12 +258,12 @@ def serve(
     loader: Callable | None = None,
     stop: threading.Event | None = None,
     on_listen: Callable | None = None,
-    failed_linger_s: float = DEFAULT_FAILED_LINGER_S,
+    failed_linger_s: float | None = None,
 ) -> int:
     """Listen, load the model, serve until SIGTERM/SIGINT (or ``stop``). Returns the exit code.
 
     When loading fails, ``/health`` answers 500 with the reason for ``failed_linger_s`` seconds
-    (or until stopped), then the server stops with exit code 1.
+    (default :data:`DEFAULT_FAILED_LINGER_S`, or until stopped), then the server stops with exit code 1.
     """
     from .challenge import EXIT_FAILED, EXIT_OK, load_predictor
 
@@ -262,6 +287,7 @@ def serve(
         if predictor is not None:
             service.predictor = predictor
         elif not service.load(loader or load_predictor):
+            failed_linger_s = DEFAULT_FAILED_LINGER_S if failed_linger_s is None else failed_linger_s
             logger.error("the model could not be loaded; GET /health answers 500 with the reason, stopping in %.0f s",
                          failed_linger_s)
             stop.wait(failed_linger_s)
