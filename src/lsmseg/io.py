@@ -867,8 +867,13 @@ def _check_sitk_size(path: Path, max_voxels: int | None) -> None:
         first_line = next((line for line in str(exc).splitlines() if "ERROR" in line or "error" in line), str(exc))
         raise InputError(path, f"cannot read image header ({first_line.strip()[:200]})") from exc
     size = tuple(int(s) for s in reader.GetSize())
+    if not 2 <= len(size) <= 4:
+        raise InputError(path, f"{len(size)}-D image of size {size}; expected a 3-D volume (z, y, x)")
     components = int(reader.GetNumberOfComponents())
-    itemsize = sitk.GetArrayViewFromImage(sitk.Image([1] * len(size), reader.GetPixelID())).dtype.itemsize
+    try:  # bytes per component, from a 1-pixel image of the same pixel type
+        itemsize = sitk.GetArrayViewFromImage(sitk.Image([1, 1], reader.GetPixelID())).dtype.itemsize
+    except RuntimeError as exc:
+        raise InputError(path, f"unsupported pixel type ({reader.GetPixelIDTypeAsString()})") from exc
     check_declared_size(path, (*size, components), itemsize, max_voxels)
     data_bytes = os.path.getsize(source)
     if compressed:
