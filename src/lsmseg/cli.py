@@ -144,7 +144,8 @@ def run_predict(args) -> int:
         results = predictor.predict_files(inputs, args.output, output_format=args.output_format)
     failed = [r for r in results if not r["ok"]]
     logger.info("%d of %d volume(s) segmented into %s", len(results) - len(failed), len(results), args.output)
-    return EXIT_FAILED if failed else EXIT_OK
+    unrecorded = any(r.get("provenance_error") for r in results)  # mask written, its record not (ERROR logged)
+    return EXIT_FAILED if failed or unrecorded else EXIT_OK
 
 
 def add_phantom_command(subparsers) -> None:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import InferenceSettings, ModelConfig, to_dict
-from .errors import InputError, LsmsegError, OutputError
+from .errors import InputError, LsmsegError, OutputError, ProvenanceError
 from .io import (
     Volume, atomic_output, check_declared_size, check_output_space, output_path_for, read_volume,
     refuse_overwriting_inputs, sweep_partials, volume_name, write_mask_blocks,
@@ -543,17 +543,6 @@ def _resize(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 def _failure(input_path, output_path, message: str) -> dict:
     return {"input": str(input_path), "output": str(output_path), "ok": False, "error": message}
-
-
-class ProvenanceError(OutputError):
-    """The mask was written but its provenance JSON was not; ``record`` is the result (ok, with
-    ``provenance_error`` set), so that front ends do not report the mask as missing."""
-
-    def __init__(self, cause: LsmsegError, output_path, record: dict):
-        path = getattr(cause, "path", output_path)
-        reason = getattr(cause, "reason", str(cause))
-        super().__init__(path, f"{reason} (the mask {output_path} was written; only its provenance record is missing)")
-        self.record = {**record, "ok": True, "provenance_error": str(self)}
 
 
 def provenance_path_for(output_path: str | Path) -> Path:
