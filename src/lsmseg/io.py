@@ -432,7 +432,7 @@ def _tiff_metadata(tif) -> tuple[Spacing | None, dict]:
     z = ij.get("spacing")
     if z is None:
         # No z spacing: the volume's spacing is unknown, but the XY resolution goes back into the mask.
-        if "unit" in ij or ij:
+        if ij:  # an ImageJ/tifffile description says the resolution is per unit, not per inch
             return None, {"xy_resolution": (float(y), float(x)), "unit": unit}
         return None, {}
     values = [_to_um(v, unit) for v in (z, y, x)]
