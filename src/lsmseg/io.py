@@ -28,6 +28,17 @@ from .errors import InputError, OutputError
 
 logger = logging.getLogger(__name__)
 
+
+def _tifffile_to_debug(record: logging.LogRecord) -> bool:
+    """tifffile logs what it finds wrong in a file at ERROR level (``invalid page offset``) and
+    then raises or recovers; the reader reports the file in one ``ERROR: <file>: <reason>`` line,
+    so tifffile's own lines are kept for debugging (``--verbose``) only."""
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return logger.isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger("tifffile").addFilter(_tifffile_to_debug)
+
 Spacing = tuple[float, float, float]
 
 TIFF_SUFFIXES = (".tif", ".tiff")

@@ -277,3 +277,15 @@ def test_overwriting_an_input_is_refused(tmp_path):
     with pytest.raises(OutputError, match="inside the input"):
         io.refuse_overwriting_inputs([(planes, planes / "planes")])
     io.refuse_overwriting_inputs([(a, tmp_path / "out" / "a.tif")])
+
+
+def test_truncated_tiff_is_one_error_line_on_the_command_line(tmp_path, capsys, tiny_weights):
+    from lsmseg.cli import main
+
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, np.arange(4000, dtype=np.uint16).reshape(10, 20, 20))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "t.tif").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    assert main(["predict", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "t.tif" in errors[0] and "truncated" in errors[0]
