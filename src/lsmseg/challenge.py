@@ -114,14 +114,27 @@ def _safe_members(tar: tarfile.TarFile, tarball: Path) -> list[tarfile.TarInfo]:
     return members
 
 
+def _data_only(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """What tarfile's ``data`` filter does to a plain file or folder: no setuid/setgid/sticky bits,
+    no group/other write, owner read/write(/search) kept, and no owner taken from the archive."""
+    member = member.replace(deep=False) if hasattr(member, "replace") else member
+    base = 0o700 if member.isdir() else 0o600
+    member.mode = (member.mode & 0o755) | base
+    member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
+    return member
+
+
 def extract_model_tarball(tarball: Path, scratch_dir: Path | None = None) -> Path:
     """Extract a model tarball into a fresh scratch folder; return the manifest it holds."""
     target = Path(tempfile.mkdtemp(prefix="lsmseg-model-", dir=scratch_dir))
     try:
         with tarfile.open(tarball) as tar:
             members = _safe_members(tar, tarball)
-            # filter="data" also drops setuid/world-writable modes and owners from the archive.
-            tar.extractall(target, members=members, filter="data")  # noqa: S202 - members checked above
+            if hasattr(tarfile, "data_filter"):
+                # filter="data" also drops setuid/world-writable modes and owners from the archive.
+                tar.extractall(target, members=members, filter="data")  # noqa: S202 - members checked above
+            else:  # Python < 3.11.4 (Debian bookworm's 3.11.2, the image's): the same sanitising by hand
+                tar.extractall(target, members=[_data_only(m) for m in members])  # noqa: S202
         manifest = _find_manifest_below(target)
         if manifest is None:
             raise WeightsError(f"{tarball}: model tarball holds no {MANIFEST_NAME}")

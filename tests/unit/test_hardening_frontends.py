@@ -200,7 +200,11 @@ def test_upper_case_sha256_is_accepted(tmp_path, tiny_model_config, tiny_model):
     assert Predictor.from_manifest(manifest, device="cpu").weights_info["model"] == "general"
 
 
-def test_tarball_modes_are_sanitised_and_scratch_removed_on_failure(tmp_path, tiny_model_config, tiny_model):
+@pytest.mark.parametrize("python_has_data_filter", [True, False])
+def test_tarball_modes_are_sanitised_and_scratch_removed_on_failure(tmp_path, tiny_model_config, tiny_model,
+                                                                     python_has_data_filter, monkeypatch):
+    if not python_has_data_filter:  # as on Debian bookworm's Python 3.11.2, which the image runs
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
     source = make_weights(tmp_path / "w", tiny_model_config, tiny_model).parent
     tarball = tmp_path / "model.tar.gz"
     with tarfile.open(tarball, "w:gz") as tar:
