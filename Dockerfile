@@ -63,7 +63,9 @@ ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]
 # port 4743 (GET /health, POST /invoke) instead of running it once per case.
 FROM runtime AS invoke
 LABEL org.grand-challenge.api-method="invoke"
-ENV LSMSEG_MODE=invoke
+# Outside a container the server binds 127.0.0.1; here the platform must reach it from outside.
+ENV LSMSEG_MODE=invoke \
+    LSMSEG_HOST=0.0.0.0
 EXPOSE 4743
 
 # Default target: exec mode when /input/images exists, folder mode otherwise.

@@ -20,23 +20,31 @@ Every failure is one ``ERROR: <file>: <reason>`` line; see :func:`run` for the e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
 import tarfile
 import tempfile
+import threading
 from pathlib import Path, PurePosixPath
 
 from .errors import InputError, LsmsegError, OutputError, WeightsError
-from .io import list_volumes, natural_sorted
+from .io import list_volumes, natural_sorted, refuse_overwriting_inputs, sweep_partials
 from .weights import ENV_WEIGHTS, GRAND_CHALLENGE_MODEL_DIR, MANIFEST_NAME, SOURCE_TREE_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
 MODES = ("folder", "exec", "invoke")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_TERMINATED = 128 + signal.SIGTERM
+# Outside the container the invoke server listens on loopback only; the image's invoke stage sets
+# LSMSEG_HOST=0.0.0.0 so that the platform can reach it (see docs/security.md).
+DEFAULT_HOST = "127.0.0.1"
 
 DEFAULT_INPUT = Path("/input")
 DEFAULT_OUTPUT = Path("/output")
@@ -72,8 +80,9 @@ class ChallengeSettings:
     bundled_weights: Path | None = None
     scratch_dir: Path | None = None  # where a model tarball is extracted (default: the temp dir)
     provenance_dir: Path | None = None  # exec/invoke: provenance JSON goes here, not into /output
-    host: str = "0.0.0.0"
+    host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    max_voxels: int | None = None  # declared-size cap for inputs (None: LSMSEG_MAX_VOXELS or the default)
 
 
 # ---------------------------------------------------------------------------------- weights
@@ -105,18 +114,35 @@ def _safe_members(tar: tarfile.TarFile, tarball: Path) -> list[tarfile.TarInfo]:
     return members
 
 
+def _data_only(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """What tarfile's ``data`` filter does to a plain file or folder: no setuid/setgid/sticky bits,
+    no group/other write, owner read/write(/search) kept, and no owner taken from the archive."""
+    member = member.replace(deep=False) if hasattr(member, "replace") else member
+    base = 0o700 if member.isdir() else 0o600
+    member.mode = (member.mode & 0o755) | base
+    member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
+    return member
+
+
 def extract_model_tarball(tarball: Path, scratch_dir: Path | None = None) -> Path:
     """Extract a model tarball into a fresh scratch folder; return the manifest it holds."""
     target = Path(tempfile.mkdtemp(prefix="lsmseg-model-", dir=scratch_dir))
     try:
         with tarfile.open(tarball) as tar:
             members = _safe_members(tar, tarball)
-            tar.extractall(target, members=members)  # noqa: S202 - members checked above
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise WeightsError(f"{tarball}: cannot extract model tarball ({' '.join(str(exc).split())})") from exc
-    manifest = _find_manifest_below(target)
-    if manifest is None:
-        raise WeightsError(f"{tarball}: model tarball holds no {MANIFEST_NAME}")
+            if hasattr(tarfile, "data_filter"):
+                # filter="data" also drops setuid/world-writable modes and owners from the archive.
+                tar.extractall(target, members=members, filter="data")  # noqa: S202 - members checked above
+            else:  # Python < 3.11.4 (Debian bookworm's 3.11.2, the image's): the same sanitising by hand
+                tar.extractall(target, members=[_data_only(m) for m in members])  # noqa: S202
+        manifest = _find_manifest_below(target)
+        if manifest is None:
+            raise WeightsError(f"{tarball}: model tarball holds no {MANIFEST_NAME}")
+    except BaseException as exc:
+        shutil.rmtree(target, ignore_errors=True)  # no half-extracted model left in scratch space
+        if isinstance(exc, (tarfile.TarError, OSError, EOFError)):
+            raise WeightsError(f"{tarball}: cannot extract model tarball ({' '.join(str(exc).split())})") from exc
+        raise
     logger.info("extracted model tarball %s to %s", tarball, target)
     return manifest
 
@@ -167,6 +193,7 @@ def load_predictor(settings: ChallengeSettings):
         device=settings.device,
         progress=settings.progress,
         mask_value=settings.mask_value,
+        max_voxels=settings.max_voxels,
     )
 
 
@@ -190,7 +217,7 @@ def ensure_writable(folder: Path) -> None:
 def _provenance_path(settings: ChallengeSettings) -> Path:
     # Grand Challenge reads every file in an output socket's folder: keep the JSON out of /output.
     folder = settings.provenance_dir or Path(tempfile.gettempdir()) / "lsmseg-provenance"
-    return folder / "output.provenance.json"
+    return folder / f"{CASE_OUTPUT_NAME}.provenance.json"
 
 
 def find_case_image(folder: Path, image_name: str | None = None) -> Path:
@@ -232,7 +259,9 @@ def process_case(predictor, settings: ChallengeSettings, relative_path: str | No
     folder = settings.input_dir / (relative_path or f"images/{input_slug}")
     image = find_case_image(folder, image_name)
     output = settings.output_dir / "images" / output_slug / CASE_OUTPUT_NAME
+    refuse_overwriting_inputs([(image, output)])
     ensure_writable(settings.output_dir)
+    sweep_partials(output.parent)
     return predictor.predict_file(image, output, provenance_path=_provenance_path(settings))
 
 
@@ -299,19 +328,24 @@ def run_folder(settings: ChallengeSettings, predictor=None) -> int:
     if not volumes:
         logger.warning("%s: no volumes found; nothing to do", settings.input_dir)
         return EXIT_OK
+    refuse_overwriting_inputs((v, settings.output_dir / v.name) for v in volumes)  # before the model loads
     ensure_writable(settings.output_dir)
     predictor = predictor or load_predictor(settings)
     results = predictor.predict_files(volumes, settings.output_dir)
     failed = [r for r in results if not r["ok"]]
+    unrecorded = [r for r in results if r["ok"] and r.get("provenance_error")]
     logger.info("%d of %d volume(s) segmented into %s", len(results) - len(failed), len(results), settings.output_dir)
     if failed:  # each failure already had its own ERROR line
         logger.warning("%d of %d volume(s) failed; no mask was written for them", len(failed), len(results))
-    return EXIT_FAILED if failed else EXIT_OK
+    if unrecorded:
+        logger.warning("%d mask(s) written without their provenance JSON", len(unrecorded))
+    return EXIT_FAILED if failed or unrecorded else EXIT_OK
 
 
 def run_exec(settings: ChallengeSettings, predictor=None) -> int:
-    input_slug, _ = _case_slugs(settings)
+    input_slug, output_slug = _case_slugs(settings)
     image = find_case_image(settings.input_dir / "images" / input_slug)  # bad input fails before the model loads
+    refuse_overwriting_inputs([(image, settings.output_dir / "images" / output_slug / CASE_OUTPUT_NAME)])
     ensure_writable(settings.output_dir)
     predictor = predictor or load_predictor(settings)
     record = process_case(predictor, settings, image_name=image.name)
@@ -328,6 +362,27 @@ def run_invoke(settings: ChallengeSettings, predictor=None) -> int:
 RUNNERS = {"folder": run_folder, "exec": run_exec, "invoke": run_invoke}
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (``docker stop``): unwinds like KeyboardInterrupt, so that the atomic writer
+    removes its partial output."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(mode: str | None, settings: ChallengeSettings, predictor=None) -> int:
     """Run one mode. Exit codes: 0 every volume segmented (or none found), 1 any failure
     (bad volume, unwritable output, missing or tampered weights), 2 bad arguments."""
@@ -337,13 +392,36 @@ def run(mode: str | None, settings: ChallengeSettings, predictor=None) -> int:
         return EXIT_USAGE
     logger.info("lsmseg %s mode: %s -> %s", mode, settings.input_dir, settings.output_dir)
     try:
-        return RUNNERS[mode](settings, predictor)
+        if mode == "invoke":  # the server handles SIGTERM itself
+            return RUNNERS[mode](settings, predictor)
+        with _sigterm_unwinds():
+            return RUNNERS[mode](settings, predictor)
     except LsmsegError as exc:
         logger.error("%s", exc)
+        return EXIT_FAILED
+    except Terminated:
+        logger.error("terminated (SIGTERM); unfinished outputs were removed")
+        return EXIT_TERMINATED
+    except MemoryError:
+        logger.error("%s: out of memory", settings.input_dir)
+        return EXIT_FAILED
+    except Exception as exc:  # a bug or an unforeseen file: still one line, never a traceback
+        logger.error("unexpected %s: %s", type(exc).__name__, " ".join(str(exc).split())[:300])
+        logger.debug("traceback", exc_info=True)
         return EXIT_FAILED
 
 
 # ---------------------------------------------------------------------------------- CLI
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _env_path(name: str, default: Path | None) -> Path | None:
@@ -364,7 +442,8 @@ def _add_options(p: argparse.ArgumentParser, with_mode: bool) -> None:
                    help=f"exec/invoke input socket slug (env LSMSEG_INPUT_SLUG, default {DEFAULT_INPUT_SLUG})")
     p.add_argument("--output-slug", default=env("LSMSEG_OUTPUT_SLUG") or DEFAULT_OUTPUT_SLUG,
                    help=f"exec/invoke output socket slug (env LSMSEG_OUTPUT_SLUG, default {DEFAULT_OUTPUT_SLUG})")
-    p.add_argument("--host", default=env("LSMSEG_HOST") or "0.0.0.0", help="invoke: address to listen on (env LSMSEG_HOST)")
+    p.add_argument("--host", default=env("LSMSEG_HOST") or DEFAULT_HOST,
+                   help=f"invoke: address to listen on (env LSMSEG_HOST, default {DEFAULT_HOST}; the image sets 0.0.0.0)")
     p.add_argument("--port", default=env("LSMSEG_PORT") or str(DEFAULT_PORT),
                    help=f"invoke: port (env LSMSEG_PORT, default {DEFAULT_PORT})")
     p.add_argument("--weights", type=Path, default=None,
@@ -374,6 +453,8 @@ def _add_options(p: argparse.ArgumentParser, with_mode: bool) -> None:
                    help="torch device (env LSMSEG_DEVICE; default cuda when visible, else cpu)")
     p.add_argument("--mask-value", type=int, choices=[1, 255], default=1,
                    help="foreground value (1 for the challenge; 255 for viewers)")
+    p.add_argument("--max-voxels", type=_positive_int, default=None, metavar="N",
+                   help="refuse inputs that declare more voxels (env LSMSEG_MAX_VOXELS; default 2^33)")
     p.set_defaults(func=run_challenge_command)
 
 
@@ -421,6 +502,7 @@ def settings_from_args(args) -> ChallengeSettings:
         provenance_dir=_env_path("LSMSEG_PROVENANCE_DIR", None),
         host=args.host,
         port=port,
+        max_voxels=args.max_voxels,
     )
 
 

@@ -83,6 +83,9 @@ def add_predict_command(subparsers) -> None:
                    help="do not resample inputs whose voxel spacing differs from the model's")
     p.add_argument("--mask-value", type=int, choices=[1, 255], default=1,
                    help="foreground value in the masks (255 is easier to see in viewers)")
+    p.add_argument("--max-voxels", type=int, metavar="N",
+                   help="refuse inputs whose headers declare more voxels, before reading them "
+                   "(default: env LSMSEG_MAX_VOXELS, else 2^33 = 8.6e9)")
     scale = p.add_argument_group("large volumes and throughput")
     scale.add_argument("--output-format", choices=["same", "zarr"], default="same",
                        help="same: the input's container (TIFF written plane by plane); zarr: OME-Zarr <name>.ome.zarr")
@@ -121,6 +124,7 @@ def run_predict(args) -> int:
         block_size=args.block_size,
         skip_background=args.skip_background,
         compile=args.compile,
+        max_voxels=args.max_voxels,
     )
     inputs = expand_inputs(args.inputs)
     if not inputs:
@@ -140,7 +144,8 @@ def run_predict(args) -> int:
         results = predictor.predict_files(inputs, args.output, output_format=args.output_format)
     failed = [r for r in results if not r["ok"]]
     logger.info("%d of %d volume(s) segmented into %s", len(results) - len(failed), len(results), args.output)
-    return EXIT_FAILED if failed else EXIT_OK
+    unrecorded = any(r.get("provenance_error") for r in results)  # mask written, its record not (ERROR logged)
+    return EXIT_FAILED if failed or unrecorded else EXIT_OK
 
 
 def add_phantom_command(subparsers) -> None:

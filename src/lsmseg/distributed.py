@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +25,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import LsmsegError, OutputError
-from .io import PARTIAL_PREFIX, _remove, atomic_output, create_zarr_mask, mask_format_for, read_volume, write_mask_blocks
+from .io import (
+    PARTIAL_PREFIX, _remove, atomic_output, check_output_space, create_zarr_mask, mask_format_for, read_volume,
+    refuse_overwriting_inputs, sweep_partials, write_mask_blocks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +120,8 @@ def predict_file_dask(predictor, input_path, output_path, client, provenance_pat
     """Segment one file with its blocks spread over ``client``'s workers."""
     input_path, output_path = Path(input_path), Path(output_path)
     start = time.perf_counter()
-    volume = read_volume(input_path, lazy=True)
+    volume = read_volume(input_path, lazy=True, max_voxels=getattr(predictor, "max_voxels", None))
+    check_output_space(output_path, volume.shape)
     if predictor._target_spacing(volume.spacing) is not None:
         logger.info("%s: needs resampling, predicted in this process", input_path)
         return predictor.predict_file(input_path, output_path, provenance_path)
@@ -124,17 +129,17 @@ def predict_file_dask(predictor, input_path, output_path, client, provenance_pat
     plan = prepared.plan
     read_s = time.perf_counter() - start
     state = {"plan": plan, "lo": prepared.lo, "hi": prepared.hi, "background": prepared.background}
-    as_zarr = mask_format_for(output_path) == "zarr"
+    as_zarr = mask_format_for(output_path, volume) == "zarr"
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if as_zarr:
             store = stack.enter_context(atomic_output(output_path))
         else:  # a scratch zarr beside the output, streamed into the output's format at the end
-            store = output_path.parent / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}-{output_path.name}.zarr"
+            store = output_path.parent / f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{output_path.name}.zarr"
             stack.callback(_remove, store)
         try:
             output_path.parent.mkdir(parents=True, exist_ok=True)
-            create_zarr_mask(store, volume.shape, np.uint8, plan.block_size, volume.spacing)
+            create_zarr_mask(store, volume.shape, np.uint8, plan.block_size, volume.spacing, like=volume)
         except OSError as exc:
             raise OutputError(output_path, f"cannot write output: {exc.strerror or exc}") from exc
         if prepared.constant:
@@ -206,6 +211,10 @@ def predict_files_dask(
     """Like :meth:`Predictor.predict_files`, with each volume's blocks spread over dask workers."""
     from .predictor import _failure
 
+    outputs = [predictor.output_path(p, out_dir, output_format) for p in inputs]
+    refuse_overwriting_inputs(zip(inputs, outputs))  # before any work: never replace an input
+    for folder in {Path(o).parent for o in outputs}:
+        sweep_partials(folder)
     results = []
     with dask_client(address, n_workers, processes) as client:
         logger.info("dask: %d worker(s) at %s", len(client.scheduler_info().get("workers", {})), client.scheduler.address)

@@ -27,6 +27,17 @@ class OutputError(LsmsegError):
         super().__init__(f"{self.path}: {self.reason}")
 
 
+class ProvenanceError(OutputError):
+    """The mask was written but its provenance JSON was not. ``record`` is the volume's result
+    (``ok`` True, ``provenance_error`` set), so that front ends do not report the mask as missing."""
+
+    def __init__(self, cause: LsmsegError, output_path: str | Path, record: dict):
+        path = getattr(cause, "path", output_path)
+        reason = getattr(cause, "reason", str(cause))
+        super().__init__(path, f"{reason} (the mask {output_path} was written; only its provenance record is missing)")
+        self.record = {**record, "ok": True, "provenance_error": str(self)}
+
+
 class WeightsError(LsmsegError):
     """Weights are missing, tampered with (checksum mismatch) or for another model."""
 

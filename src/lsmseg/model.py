@@ -25,7 +25,22 @@ def build_model(config: ModelConfig) -> torch.nn.Module:
 
 
 def select_device(device: str | None = None) -> torch.device:
-    """``device`` if given, else CUDA when a GPU is visible, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` if given, else CUDA when a GPU is visible, else CPU.
+
+    Raises :class:`~lsmseg.errors.ConfigError` (one line) for an unknown device or a CUDA device
+    that is not there, instead of torch's assertion deep inside the first forward pass.
+    """
+    from .errors import ConfigError
+
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--device {device}: not a torch device ({' '.join(str(exc).split())[:120]})") from exc
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA GPU is visible (use --device cpu, or run with a GPU)")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return chosen

@@ -31,8 +31,11 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import InferenceSettings, ModelConfig, to_dict
-from .errors import InputError, LsmsegError, OutputError
-from .io import Volume, atomic_output, output_path_for, read_volume, volume_name, write_mask_blocks
+from .errors import InputError, LsmsegError, OutputError, ProvenanceError
+from .io import (
+    Volume, atomic_output, check_declared_size, check_output_space, output_path_for, read_volume,
+    refuse_overwriting_inputs, sweep_partials, volume_name, write_mask_blocks,
+)
 from .model import select_device
 from .normalise import normalise, percentiles
 from .weights import Manifest, find_manifest, load_manifest, load_model
@@ -76,6 +79,7 @@ class Predictor:
         prefetch: bool | None = None,
         compile: bool = False,
         structure: str | None = None,
+        max_voxels: int | None = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -100,6 +104,7 @@ class Predictor:
         # The structure whose post-processing (settings.per_structure) applies to every volume;
         # None: read from each volume's name (the 2026 challenge's case prefixes, lsmseg.structures).
         self.structure = structure
+        self.max_voxels = max_voxels  # declared-size cap for inputs (None: LSMSEG_MAX_VOXELS or the default)
         if compile:
             self.model = torch.compile(self.model)
         self._background_cache: dict[float, torch.Tensor] = {}
@@ -391,8 +396,12 @@ class Predictor:
         input_path, output_path = Path(input_path), Path(output_path)
         timings = {}
         start = time.perf_counter()
-        volume = read_volume(input_path, lazy=True)
+        volume = read_volume(input_path, lazy=True, max_voxels=self.max_voxels)
+        check_output_space(output_path, volume.shape)
         target = self._target_spacing(volume.spacing)
+        if target is not None:  # resampling builds the volume at the model's spacing, in memory
+            new_shape = [max(1, round(n * s / t)) for n, s, t in zip(volume.shape, volume.spacing, target)]
+            check_declared_size(input_path, new_shape, 4, self.max_voxels, what="resampled volume")
         if target is None:
             prepared = self.prepare(volume, case_name=case_name)
             blocks = self.iter_mask_blocks(prepared, desc=volume.name)
@@ -407,13 +416,17 @@ class Predictor:
         timings["predict_s"] = counter.seconds
         timings["write_s"] = max(total - counter.seconds, 0.0)
         effective = self.settings_for(case_name or volume.name)
-        record = self.write_provenance(
-            input_path, output_path, volume, provenance_path,
-            resampled_to=target, foreground=counter.foreground, timings=timings,
-            postprocess={"structure": self.structure or structure_from_name(case_name or volume.name),
-                         "threshold": effective.threshold, "split_touching": effective.split_touching,
-                         "min_component_voxels": effective.min_component_voxels},
-        )
+        postprocess = {"structure": self.structure or structure_from_name(case_name or volume.name),
+                       "threshold": effective.threshold, "split_touching": effective.split_touching,
+                       "min_component_voxels": effective.min_component_voxels}
+        try:
+            record = self.write_provenance(
+                input_path, output_path, volume, provenance_path,
+                resampled_to=target, foreground=counter.foreground, timings=timings, postprocess=postprocess,
+            )
+        except LsmsegError as exc:  # the mask is on disk: say so, apart from "no mask written"
+            raise ProvenanceError(exc, output_path, self._record(
+                input_path, output_path, volume, target, counter.foreground, timings, postprocess)) from exc
         stats = self.last_stats
         logger.info(
             "%s -> %s (%.1f s; %d of %d windows skipped as background)", input_path, output_path,
@@ -424,7 +437,13 @@ class Predictor:
     def write_provenance(self, input_path, output_path, volume: Volume, provenance_path=None, *,
                          resampled_to=None, foreground: int, timings: dict, postprocess: dict | None = None) -> dict:
         """The provenance JSON beside a mask (inputs, parameters, block stats, weights, versions, timings)."""
-        record = {
+        record = self._record(input_path, output_path, volume, resampled_to, foreground, timings, postprocess)
+        write_json(record, Path(provenance_path) if provenance_path else provenance_path_for(output_path))
+        return record
+
+    def _record(self, input_path, output_path, volume: Volume, resampled_to, foreground: int, timings: dict,
+                postprocess: dict | None = None) -> dict:
+        return {
             "input": str(input_path),
             "output": str(output_path),
             "ok": True,
@@ -441,8 +460,6 @@ class Predictor:
             "versions": versions(),
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
-        write_json(record, Path(provenance_path) if provenance_path else provenance_path_for(output_path))
-        return record
 
     def _resampled_mask_blocks(self, volume: Volume, case_name: str | None = None):
         mask = self.predict_volume(volume.load(), volume.spacing, name=case_name or str(volume.path))
@@ -466,12 +483,18 @@ class Predictor:
         """Segment many files; a failure is one logged line and never stops the others."""
         out_dir = Path(out_dir)
         outputs = list(output_paths) if output_paths else [self.output_path(p, out_dir, output_format) for p in inputs]
+        refuse_overwriting_inputs(zip(inputs, outputs))  # before any work: never replace an input
+        for folder in {Path(o).parent for o in outputs}:
+            sweep_partials(folder)
         results = []
         for input_path, output_path in tqdm(
             list(zip(inputs, outputs)), desc="volumes", unit="vol", disable=not self.progress or len(inputs) < 2
         ):
             try:
                 results.append(self.predict_file(input_path, output_path))
+            except ProvenanceError as exc:
+                logger.error("%s", exc)
+                results.append(exc.record)
             except LsmsegError as exc:
                 logger.error("%s", exc)
                 results.append(_failure(input_path, output_path, str(exc)))
@@ -560,8 +583,10 @@ def _failure(input_path, output_path, message: str) -> dict:
 
 
 def provenance_path_for(output_path: str | Path) -> Path:
+    """``<output name>.provenance.json`` beside the mask: the full name, so that the records of
+    ``a.tif``, ``a.tiff`` and ``a.nii.gz`` in one folder do not overwrite each other."""
     output_path = Path(output_path)
-    return output_path.parent / f"{volume_name(output_path)}.provenance.json"
+    return output_path.parent / f"{output_path.name}.provenance.json"
 
 
 def write_json(data: dict, path: str | Path) -> Path:

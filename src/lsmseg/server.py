@@ -8,15 +8,25 @@ polls ``GET /health`` until it answers 200, provisions a case under ``/input`` (
 Responses are JSON. ``/invoke`` answers 201 on success; 422 when the case's input is unusable
 (bad or missing image, bad inputs.json), 500 when the output cannot be written or something
 unexpected happens, 503 while the model is loading, 409 when another invocation is running. The
-server keeps serving after any error; a failure to load the weights stops it (exit code 1), since
-no case could ever succeed.
+server keeps serving after any error. When the weights cannot be loaded, ``/health`` answers 500
+with the reason for ``failed_linger_s`` seconds, then the server stops (exit code 1), since no case
+could ever succeed.
+
+Requests are handled defensively (the platform's network is not the only client a port may see;
+see docs/security.md): bodies must have a valid ``Content-Length`` of at most
+:data:`MAX_BODY_BYTES` (400 / 413, then the connection is closed, so a body is never parsed as a
+request), ``Transfer-Encoding`` is refused (501), sockets time out after
+:data:`SOCKET_TIMEOUT_S` seconds, at most :data:`MAX_CONNECTIONS` connections are served at once,
+malformed request lines get 400, and logged request text is escaped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +35,18 @@ from typing import Callable
 from .errors import InputError, LsmsegError
 
 logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20  # /invoke needs no body; anything larger is refused unread
+SOCKET_TIMEOUT_S = 30.0  # a stalled client loses its connection (and its thread) after this
+MAX_CONNECTIONS = 32  # beyond this, new connections are answered 503 and closed at once
+DEFAULT_FAILED_LINGER_S = 300.0  # after a failed model load, report it on /health this long, then exit
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def escape_log_text(text: str, limit: int = 300) -> str:
+    """Client-supplied text made safe for a log line: control characters escaped, length capped."""
+    escaped = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+    return escaped[:limit] + ("..." if len(escaped) > limit else "")
 
 
 class InvokeService:
@@ -45,6 +67,11 @@ class InvokeService:
         except LsmsegError as exc:
             self.load_error = str(exc)
             logger.error("%s", exc)
+            return False
+        except Exception as exc:  # a bad manifest can fail deep inside torch/MONAI: still one line
+            self.load_error = f"cannot load the model: unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            logger.error("%s", self.load_error)
+            logger.debug("traceback", exc_info=True)
             return False
         return True
 
@@ -85,48 +112,144 @@ def make_handler(service: InvokeService) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "lsmseg"
         protocol_version = "HTTP/1.1"
+        timeout = SOCKET_TIMEOUT_S  # StreamRequestHandler sets it on the socket
 
-        def _reply(self, status: int, body: dict) -> None:
+        def _reply(self, status: int, body: dict, close: bool = False) -> None:
             payload = json.dumps(body).encode()
             self.send_response(int(status))
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(payload)
 
-        def _discard_body(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > 0:
-                self.rfile.read(min(length, 1 << 20))
+        def _read_body(self) -> bool:
+            """Read (and drop) a request body, or answer an error and close; True when all is well.
+
+            Closing after every refusal matters: an unread body left on a keep-alive connection
+            would be parsed as the next request.
+            """
+            if self.headers.get("Transfer-Encoding") is not None:
+                self._reply(HTTPStatus.NOT_IMPLEMENTED, {"error": "Transfer-Encoding is not supported; send Content-Length"},
+                            close=True)
+                return False
+            values = self.headers.get_all("Content-Length") or []
+            if not values:
+                return True
+            if len(values) > 1 or not _DIGITS.fullmatch(values[0].strip()):
+                self._reply(HTTPStatus.BAD_REQUEST, {"error": "invalid Content-Length"}, close=True)
+                return False
+            length = int(values[0])
+            if length > MAX_BODY_BYTES:
+                self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            {"error": f"request body over {MAX_BODY_BYTES} bytes"}, close=True)
+                return False
+            while length > 0:  # the socket timeout ends a stalled upload
+                chunk = self.rfile.read(min(length, 1 << 16))
+                if not chunk:
+                    self.close_connection = True
+                    return False
+                length -= len(chunk)
+            return True
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's errors (malformed request line, bad version, unknown method...) as a
+            real HTTP/1.1 status line and a JSON body, and the connection closed. A malformed line
+            leaves the version at HTTP/0.9, for which http.server would send no status line."""
+            if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+                self.request_version = "HTTP/1.1"
+            phrase = HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else "Error"
+            self.log_error("code %d, message %s", code, message)
+            payload = json.dumps({"error": escape_log_text(message or phrase, 200)}).encode()
+            self.send_response_only(code, phrase)  # never echo client text in the status line
+            self.send_header("Server", self.version_string())
+            self.send_header("Date", self.date_time_string())
+            self.send_header("Connection", "close")
+            self.close_connection = True
+            if code >= 200 and code not in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if getattr(self, "command", None) != "HEAD":
+                    self.wfile.write(payload)
+            else:
+                self.end_headers()
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if not self._read_body():
+                return
             if self.path.split("?")[0] in ("/health", "/ping"):
                 self._reply(*service.health())
             else:
-                self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {self.path}; use GET /health, POST /invoke"})
+                self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {escape_log_text(self.path, 100)}; "
+                                                   "use GET /health, POST /invoke"})
 
         do_HEAD = do_GET
 
         def do_POST(self) -> None:  # noqa: N802
-            self._discard_body()
+            if not self._read_body():
+                return
             if self.path.split("?")[0] == "/invoke":
                 self._reply(*service.run_invocation())
             else:
-                self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {self.path}; use GET /health, POST /invoke"})
+                self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {escape_log_text(self.path, 100)}; "
+                                                   "use GET /health, POST /invoke"})
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002 (signature from http.server)
+            # A malformed request line leaves no self.path; anything from the client is escaped.
+            path = getattr(self, "path", "") or ""
             # Health polls every few seconds would drown the log: keep them at debug level.
-            level = logging.DEBUG if self.path.startswith(("/health", "/ping")) else logging.INFO
-            logger.log(level, "%s %s", self.address_string(), format % args)
+            level = logging.DEBUG if path.startswith(("/health", "/ping")) else logging.INFO
+            logger.log(level, "%s %s", self.address_string(), escape_log_text(format % args))
 
     return Handler
 
 
-def make_server(service: InvokeService, host: str, port: int) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), make_handler(service))
-    server.daemon_threads = True
-    return server
+class InvokeHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server that serves at most ``max_connections`` connections at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS):
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):  # one line, never a traceback on stderr
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (socket.timeout, ConnectionError)):
+            return
+        logger.warning("request from %s failed: %s", client_address[0], escape_log_text(f"{type(exc).__name__}: {exc}"))
+
+
+def make_server(service: InvokeService, host: str, port: int, max_connections: int | None = None) -> InvokeHTTPServer:
+    """A server for ``service`` on ``host:port`` (port 0: any free port); ``max_connections``
+    defaults to :data:`MAX_CONNECTIONS`."""
+    return InvokeHTTPServer((host, port), make_handler(service), max_connections or MAX_CONNECTIONS)
 
 
 def serve(
@@ -135,8 +258,13 @@ def serve(
     loader: Callable | None = None,
     stop: threading.Event | None = None,
     on_listen: Callable | None = None,
+    failed_linger_s: float | None = None,
 ) -> int:
-    """Listen, load the model, serve until SIGTERM/SIGINT (or ``stop``). Returns the exit code."""
+    """Listen, load the model, serve until SIGTERM/SIGINT (or ``stop``). Returns the exit code.
+
+    When loading fails, ``/health`` answers 500 with the reason for ``failed_linger_s`` seconds
+    (default :data:`DEFAULT_FAILED_LINGER_S`, or until stopped), then the server stops with exit code 1.
+    """
     from .challenge import EXIT_FAILED, EXIT_OK, load_predictor
 
     service = InvokeService(settings)
@@ -159,6 +287,10 @@ def serve(
         if predictor is not None:
             service.predictor = predictor
         elif not service.load(loader or load_predictor):
+            failed_linger_s = DEFAULT_FAILED_LINGER_S if failed_linger_s is None else failed_linger_s
+            logger.error("the model could not be loaded; GET /health answers 500 with the reason, stopping in %.0f s",
+                         failed_linger_s)
+            stop.wait(failed_linger_s)
             return EXIT_FAILED
         logger.info("model loaded; ready for POST /invoke")
         stop.wait()

@@ -79,7 +79,14 @@ class Manifest:
         return self.default, self.models[self.default]
 
     def checkpoint_path(self, entry: WeightsEntry) -> Path:
+        """The entry's file, which must lie in the manifest's own folder (after resolving links)."""
         base = self.path.parent if self.path else Path(".")
+        folder = os.path.realpath(base)
+        target = os.path.realpath(os.path.join(folder, entry.file))
+        if os.path.isabs(entry.file) or not target.startswith(folder + os.sep):
+            raise WeightsError(
+                f"{self.path}: weights file '{entry.file}' lies outside the manifest's folder; refusing to load it"
+            )
         return base / entry.file
 
 
@@ -173,7 +180,7 @@ def load_state_dict(path: str | Path, sha256: str | None) -> dict[str, torch.Ten
         raise WeightsError(f"{path}: weights file is missing")
     if sha256 is not None:
         actual = sha256_file(path)
-        if actual != sha256:
+        if actual != str(sha256).strip().lower():  # hex digests are case-insensitive
             raise WeightsError(
                 f"{path}: checksum mismatch (expected sha256 {sha256[:12]}..., got {actual[:12]}...); "
                 "the file is corrupt or was replaced, refusing to use it"
@@ -197,7 +204,11 @@ def load_model(manifest: Manifest, entry: WeightsEntry, device: torch.device | s
     """Build the entry's model and load its verified weights (strictly: every tensor must match)."""
     path = manifest.checkpoint_path(entry)
     state = load_state_dict(path, entry.sha256)
-    model = build_model(entry.model)
+    try:
+        model = build_model(entry.model)
+    except Exception as exc:  # e.g. num_heads 0 passes the type checks but not MONAI's constructor
+        message = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise WeightsError(f"{manifest.path}: the manifest's model config cannot be built ({message})") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -40,10 +40,10 @@ def test_phantom_then_predict_with_a_bad_file_among_good_ones(tmp_path, weights)
     assert result.returncode == 1
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
     assert len(error_lines) == 1 and "broken.tif" in error_lines[0]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cells_3.provenance.json", "cells_3.tif"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cells_3.tif", "cells_3.tif.provenance.json"]
     mask = io.read_volume(tmp_path / "out" / "cells_3.tif")
     assert mask.shape == (24, 64, 64) and set(np.unique(mask.load())) <= {0, 255}
-    provenance = json.loads((tmp_path / "out" / "cells_3.provenance.json").read_text())
+    provenance = json.loads((tmp_path / "out" / "cells_3.tif.provenance.json").read_text())
     assert provenance["weights"]["sha256"] and provenance["parameters"]["mask_value"] == 255
 
 

@@ -36,10 +36,10 @@ def test_part_zarr_output_block_size_and_no_skip(tmp_path, weights):
     result = lsmseg("predict", tmp_path / "in", "-o", tmp_path / "out", "--weights", weights, "--part", "2/2",
                     "--output-format", "zarr", "--block-size", "8,40,24", "--no-skip-background", "-q")
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.ome.zarr", "b.provenance.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.ome.zarr", "b.ome.zarr.provenance.json"]
     mask = io.read_volume(tmp_path / "out" / "b.ome.zarr")
     assert mask.shape == (12, 40, 48) and set(np.unique(mask.load())) <= {0, 1}
-    provenance = json.loads((tmp_path / "out" / "b.provenance.json").read_text())
+    provenance = json.loads((tmp_path / "out" / "b.ome.zarr.provenance.json").read_text())
     assert provenance["blocks"]["blocks"] == 2 * 1 * 2 and provenance["blocks"]["block_size"] == [8, 40, 24]
     assert provenance["blocks"]["background"] is None and provenance["blocks"]["windows_skipped"] == 0
 

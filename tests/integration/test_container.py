@@ -134,7 +134,7 @@ def test_folder_mode_two_formats_and_one_bad_file(images, weights, tmp_path):
         assert mask.shape == shape and mask.dtype == np.uint8
         assert set(np.unique(mask.load())) <= {0, 1}
         np.testing.assert_allclose(mask.spacing, SPACING, rtol=1e-4)
-        provenance = json.loads((out / f"{io.volume_name(name)}.provenance.json").read_text())
+        provenance = json.loads((out / f"{name}.provenance.json").read_text())
         assert provenance["input"] == f"/input/{name}" and provenance["weights"]["sha256"]
 
 

@@ -41,10 +41,10 @@ def test_two_worker_cluster_matches_single_process(conv_model, tiny_model_config
     written = io.read_volume(tmp_path / "dask" / "v.tif")
     np.testing.assert_array_equal(written.load(), expected)
     np.testing.assert_allclose(written.spacing, (2.0, 1.0, 1.0), rtol=1e-5)
-    provenance = json.loads((tmp_path / "dask" / "v.provenance.json").read_text())
+    provenance = json.loads((tmp_path / "dask" / "v.tif.provenance.json").read_text())
     assert provenance["blocks"]["scheduler"] == "dask" and provenance["blocks"]["workers"] == 2
     assert provenance["blocks"]["windows_skipped"] == single[0]["blocks"]["windows_skipped"] > 0
-    assert sorted(p.name for p in (tmp_path / "dask").iterdir()) == ["v.provenance.json", "v.tif"]
+    assert sorted(p.name for p in (tmp_path / "dask").iterdir()) == ["v.tif", "v.tif.provenance.json"]
 
     results = predict_files_dask(predictor, inputs[1:], tmp_path / "zarr", output_format="zarr", n_workers=2,
                                  processes=False)

@@ -63,7 +63,7 @@ def test_pairs_across_formats_and_writes_report(tmp_path):
     write_volume(preds["beta"], tmp_path / "pred" / "beta.tif", spacing)
     write_volume(labels["gamma"], tmp_path / "labels" / "gamma.mha", spacing)
     write_volume(preds["gamma"], tmp_path / "pred" / "gamma", spacing)
-    (tmp_path / "pred" / "alpha.provenance.json").write_text("{}")  # sidecars are not volumes
+    (tmp_path / "pred" / "alpha.tif.provenance.json").write_text("{}")  # sidecars are not volumes
     for name, label in labels.items():
         write_volume(image_for(label), tmp_path / "images" / f"{name}.tif", spacing)
 

@@ -48,5 +48,5 @@ def test_readme_main_command_segments_the_sample(tmp_path):
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
         dice = 2 * np.logical_and(mask > 0, label).sum() / ((mask > 0).sum() + label.sum())
         assert dice > floor, f"{name}: Dice {dice:.3f} <= {floor}"
-        provenance = json.loads((out / f"{name}.provenance.json").read_text())
+        provenance = json.loads((out / f"{name}.tif.provenance.json").read_text())
         assert provenance["weights"]["model"] == "general"

@@ -96,7 +96,7 @@ def test_export_manifest_then_predict_with_it(smoke_run):
     assert result.returncode == 0, result.stderr
     mask = io.read_volume(work / "masks" / image_path.name).load()
     assert mask.shape == io.read_volume(image_path).shape and set(np.unique(mask)) <= {0, 1}
-    provenance = json.loads((work / "masks" / "cells_7.provenance.json").read_text())
+    provenance = json.loads((work / "masks" / "cells_7.tif.provenance.json").read_text())
     assert provenance["weights"]["sha256"] == entry.sha256
 
 

@@ -84,7 +84,7 @@ def test_lazy_file_prediction_equals_in_memory(conv_model, tiny_model_config, tm
     np.testing.assert_allclose(written.spacing, (2.0, 1.0, 1.0), rtol=1e-5)
     assert record["blocks"]["blocks"] == 2 * 3 * 2
     assert record["foreground_fraction"] == pytest.approx(expected.mean())
-    provenance = json.loads((tmp_path / "out" / "v.provenance.json").read_text())
+    provenance = json.loads((tmp_path / "out" / "v.tif.provenance.json").read_text())
     assert provenance["blocks"]["windows"] == record["blocks"]["windows"] > 0
 
 
@@ -131,7 +131,7 @@ def test_disk_full_mid_volume_removes_partial_output_and_continues(conv_model, t
     assert [r["ok"] for r in results] == [False, True, True]
     assert "No space left on device" in results[0]["error"] and str(tmp_path / "out" / "a.tif") in results[0]["error"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "b.provenance.json", "b.tif", "c.nii.gz", "c.provenance.json"
+        "b.tif", "b.tif.provenance.json", "c.nii.gz", "c.nii.gz.provenance.json"
     ]
     errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "\n" not in errors[0]
@@ -155,7 +155,7 @@ def test_bad_plane_folders_are_reported_and_others_processed(conv_model, tiny_mo
     assert "differ in shape" in results[0]["error"] and "mixed_shapes" in results[0]["error"]
     assert "differ in type" in results[1]["error"]
     assert "missing plane" in results[2]["error"] and ": 2" in results[2]["error"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.provenance.json", "good.tif"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.tif", "good.tif.provenance.json"]
 
 
 def test_nan_in_a_later_block_fails_that_file_cleanly(conv_model, tiny_model_config, tmp_path):

@@ -110,7 +110,7 @@ def test_folder_mode_all_good_exits_zero(tmp_path, predictor):
     (tmp_path / "in").mkdir()
     io.write_volume(volume(), tmp_path / "in" / "x.tif")
     assert challenge.run("folder", settings_for(tmp_path), predictor=predictor) == challenge.EXIT_OK
-    assert (tmp_path / "out" / "x.tif").is_file() and (tmp_path / "out" / "x.provenance.json").is_file()
+    assert (tmp_path / "out" / "x.tif").is_file() and (tmp_path / "out" / "x.tif.provenance.json").is_file()
 
 
 def test_empty_input_is_a_clear_message_and_exit_zero(tmp_path, caplog, no_installed_weights):
@@ -246,7 +246,7 @@ def test_exec_mode_writes_output_mha_with_input_size_and_spacing(tmp_path, predi
     np.testing.assert_allclose(mask.GetSpacing(), SPACING[::-1], rtol=1e-5)
     assert mask.GetPixelID() == sitk.sitkUInt8
     assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
-    assert (tmp_path / "provenance" / "output.provenance.json").is_file()
+    assert (tmp_path / "provenance" / "output.mha.provenance.json").is_file()
     # compressed MHA: the pixel data are zlib-compressed
     assert b"CompressedData = True" in (tmp_path / "out/images" / challenge.DEFAULT_OUTPUT_SLUG / "output.mha").read_bytes()[:2000]
 

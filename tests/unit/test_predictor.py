@@ -82,11 +82,11 @@ def test_predict_files_keeps_going_and_writes_provenance(predictor, tmp_path, ca
     ok = {r["input"].split("/")[-1]: r["ok"] for r in results}
     assert ok == {"a.tif": True, "b.nii.gz": True, "broken.tif": False, "flat.tif": False}
     out = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert out == ["a.provenance.json", "a.tif", "b.nii.gz", "b.provenance.json"]
+    assert out == ["a.tif", "a.tif.provenance.json", "b.nii.gz", "b.nii.gz.provenance.json"]
     errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 2 and all("\n" not in e for e in errors)
     assert any("broken.tif" in e for e in errors) and any("2-D image" in e for e in errors)
-    provenance = json.loads((tmp_path / "out" / "a.provenance.json").read_text())
+    provenance = json.loads((tmp_path / "out" / "a.tif.provenance.json").read_text())
     assert provenance["shape"] == [12, 40, 40] and provenance["parameters"]["inference"]["overlap"] == 0.5
     assert provenance["spacing_um"] == [3.0, 1.0, 1.0] and "lsmseg" in provenance["versions"]
     mask = io.read_volume(tmp_path / "out" / "a.tif")

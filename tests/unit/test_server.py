@@ -148,7 +148,7 @@ def test_serve_exits_one_when_weights_cannot_load(tmp_path, caplog):
     def failing_loader(settings):
         raise WeightsError("/opt/ml/model/general.safetensors: checksum mismatch")
 
-    code = serve(settings_for(tmp_path, host="127.0.0.1", port=0), loader=failing_loader)
+    code = serve(settings_for(tmp_path, host="127.0.0.1", port=0), loader=failing_loader, failed_linger_s=0)
     assert code == challenge.EXIT_FAILED
     assert "checksum mismatch" in caplog.text
 

@@ -1,0 +1,291 @@
+"""Readers and writers against hostile and careless inputs (issue 11): declared-size limits, data
+files confined to the header's folder, one-line errors for lazy reads, metadata round-trips."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import tifffile
+import zarr
+
+from lsmseg import io
+from lsmseg.errors import InputError, OutputError
+
+from .hostile_files import forged_tiff, metaimage
+
+
+# ------------------------------------------------------------------------------ size limits
+
+
+def test_forged_compressed_tiff_declaring_12_gigavoxels_is_refused_before_reading(tmp_path):
+    path = forged_tiff(tmp_path / "bomb.tif", pages=200, width=8000, height=8000, compression=8)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(InputError, match="voxels, above the limit"):
+        io.read_volume(path, lazy=True)
+    # Even with the cap lifted, 12.8 GB cannot come out of a few KB of deflate data.
+    with pytest.raises(InputError, match="compressed bytes can hold"):
+        io.read_volume(path, lazy=True, max_voxels=10**12)
+
+
+def test_forged_page_of_ten_gigapixels_is_refused_before_any_strip_is_decoded(tmp_path):
+    path = forged_tiff(tmp_path / "page.tif", pages=1000, width=100_000, height=100_000, compression=8)
+    with pytest.raises(InputError, match="TIFF page declares"):
+        io.read_volume(path, lazy=True)
+
+
+def test_uncompressed_tiff_declaring_more_than_the_file_holds(tmp_path):
+    path = forged_tiff(tmp_path / "shared.tif", pages=50, width=64, height=64, compression=1)
+    with pytest.raises(InputError, match="holds only"):
+        io.read_volume(path, lazy=True)
+
+
+def test_tiff_with_300000_pages_is_refused_without_parsing_them(tmp_path):
+    path = forged_tiff(tmp_path / "pages.tif", pages=300_000, width=1, height=1)
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="more than 100,000 pages"):
+        io.read_volume(path, lazy=True)
+    # A hang guard, not a speed target: before the fix tifffile took 86 s and 885 MB on this file.
+    assert time.perf_counter() - start < 30
+
+
+def test_mha_declaring_ten_teravoxels_never_reaches_itk(tmp_path):
+    path = metaimage(tmp_path / "huge.mha", dims=(100_000, 100_000, 1000), payload=b"\0" * 64)
+    with pytest.raises(InputError, match="above the limit"):
+        io.read_volume(path)
+    short = metaimage(tmp_path / "short.mha", dims=(100, 100, 100), payload=b"\0" * 64)
+    with pytest.raises(InputError, match="holds only"):
+        io.read_volume(short, max_voxels=10**9)
+
+
+def test_zarr_chunk_larger_than_the_cap_is_refused(tmp_path):
+    root = zarr.open_group(str(tmp_path / "bomb.zarr"), mode="w")
+    root.create_array("0", shape=(4, 8, 8), chunks=(4000, 8000, 8000), dtype="uint8")
+    with pytest.raises(InputError, match="zarr chunk declares"):
+        io.read_volume(tmp_path / "bomb.zarr", lazy=True, max_voxels=10**9)
+
+
+def test_voxel_cap_from_argument_and_environment(tmp_path, monkeypatch):
+    path = io.write_volume(np.ones((4, 10, 10), np.uint16), tmp_path / "v.tif")
+    assert io.read_volume(path).shape == (4, 10, 10)
+    with pytest.raises(InputError, match="above the limit of 399"):
+        io.read_volume(path, max_voxels=399)
+    monkeypatch.setenv("LSMSEG_MAX_VOXELS", "100")
+    with pytest.raises(InputError, match="above the limit of 100 "):
+        io.read_volume(path)
+    monkeypatch.setenv("LSMSEG_MAX_VOXELS", "lots")
+    with pytest.raises(InputError, match="LSMSEG_MAX_VOXELS"):
+        io.read_volume(path)
+
+
+def test_free_disk_space_is_checked_for_the_mask(tmp_path, monkeypatch):
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000})())
+    io.check_output_space(tmp_path / "m.tif", (10, 100, 80))  # 80 000 voxels, 10 kB at one bit each
+    with pytest.raises(OutputError, match="not enough free disk space"):
+        io.check_output_space(tmp_path / "m.tif", (10, 100, 100))
+
+
+# ------------------------------------------------------------------------------ confined data files
+
+
+def test_mha_must_hold_its_own_pixels(tmp_path):
+    outside = tmp_path / "secret.raw"
+    outside.write_bytes(b"\1" * 256)
+    case = tmp_path / "case"
+    case.mkdir()
+    for target in (str(outside), "/dev/zero"):
+        with pytest.raises(InputError, match="ElementDataFile = LOCAL"):
+            io.read_volume(metaimage(case / "x.mha", data_file=target))
+
+
+def test_mhd_and_nhdr_data_files_must_lie_in_the_header_folder(tmp_path):
+    (tmp_path / "secret.raw").write_bytes(b"\1" * 256)
+    case = tmp_path / "case"
+    case.mkdir()
+    for name in ("../secret.raw", str(tmp_path / "secret.raw"), "/dev/zero"):
+        with pytest.raises(InputError, match="outside the header's folder"):
+            io.read_volume(metaimage(case / "x.mhd", data_file=name))
+    os.symlink(tmp_path / "secret.raw", case / "link.raw")  # a link inside that points outside
+    with pytest.raises(InputError, match="outside the header's folder"):
+        io.read_volume(metaimage(case / "x.mhd", data_file="link.raw"))
+    with pytest.raises(InputError, match="list or pattern"):
+        io.read_volume(metaimage(case / "x.mhd", data_file="slice%03d.raw 1 4 1"))
+    header = "NRRD0004\ntype: uint8\ndimension: 3\nsizes: 8 8 4\nencoding: raw\ndata file: {}\n\n"
+    (case / "x.nhdr").write_text(header.format("../secret.raw"))
+    with pytest.raises(InputError, match="outside the header's folder"):
+        io.read_volume(case / "x.nhdr")
+    # The same headers with their data beside them are read.
+    (case / "x.raw").write_bytes(bytes(range(256)))
+    assert io.read_volume(metaimage(case / "x.mhd", data_file="x.raw")).load().ravel()[5] == 5
+    (case / "x.nhdr").write_text(header.format("x.raw"))
+    assert io.read_volume(case / "x.nhdr").shape == (4, 8, 8)
+
+
+# ------------------------------------------------------------------------------ lazy read errors
+
+
+def test_corrupt_strip_is_a_one_line_input_error_when_read_lazily(tmp_path):
+    path = tmp_path / "c.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 4000, (6, 64, 64), dtype=np.uint16),
+                     compression="zlib", rowsperstrip=64)
+    raw = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[2].dataoffsets[0]
+    raw[offset: offset + 40] = b"\xff" * 40  # the third plane's strip no longer inflates
+    path.write_bytes(bytes(raw))
+    volume = io.read_volume(path, lazy=True)
+    with pytest.raises(InputError, match="cannot read TIFF pixel data"):
+        volume.data[2:3]
+
+
+def test_folder_of_3d_stacks_is_not_taken_for_planes(tmp_path):
+    folder = tmp_path / "stacks"
+    folder.mkdir()
+    for name in ("a.tif", "b.tif"):
+        tifffile.imwrite(folder / name, np.zeros((5, 8, 8), np.uint8))
+    with pytest.raises(InputError, match="multi-page TIFF stacks"):
+        io.read_volume(folder)
+
+
+# ------------------------------------------------------------------------------ metadata round-trips
+
+
+def test_ome_tiff_physical_size_is_read_and_ome_masks_keep_it(tmp_path):
+    path = tmp_path / "v.ome.tif"
+    tifffile.imwrite(path, np.zeros((3, 8, 10), np.uint16), ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeZ": 2.5, "PhysicalSizeZUnit": "µm",
+        "PhysicalSizeY": 400, "PhysicalSizeYUnit": "nm", "PhysicalSizeX": 0.3})
+    volume = io.read_volume(path)
+    np.testing.assert_allclose(volume.spacing, (2.5, 0.4, 0.3))
+    for writer in ("whole", "blocks"):
+        out = tmp_path / writer / "m.ome.tif"
+        mask = np.ones(volume.shape, np.uint8)
+        if writer == "whole":
+            io.write_mask(mask, out, like=volume)
+        else:
+            io.write_mask_blocks([(tuple(slice(0, s) for s in mask.shape), mask)], out, mask.shape, like=volume)
+        with tifffile.TiffFile(out) as tif:
+            assert tif.is_ome
+        np.testing.assert_allclose(io.read_volume(out).spacing, (2.5, 0.4, 0.3))
+
+
+def test_imagej_xy_resolution_survives_without_z_spacing(tmp_path):
+    path = tmp_path / "v.tif"
+    tifffile.imwrite(path, np.zeros((3, 8, 10), np.uint16), imagej=True, resolution=(1 / 0.3, 1 / 0.4),
+                     metadata={"axes": "ZYX", "unit": "um"})
+    volume = io.read_volume(path)
+    assert volume.spacing is None
+    for out in (tmp_path / "whole.tif", tmp_path / "blocks.tif"):
+        mask = np.ones(volume.shape, np.uint8)
+        if out.stem == "whole":
+            io.write_mask(mask, out, like=volume)
+        else:
+            io.write_mask_blocks([(tuple(slice(0, s) for s in mask.shape), mask)], out, mask.shape, like=volume)
+        with tifffile.TiffFile(out) as tif:
+            x, y = tif.pages[0].tags["XResolution"].value, tif.pages[0].tags["YResolution"].value
+            assert x[1] / x[0] == pytest.approx(0.3) and y[1] / y[0] == pytest.approx(0.4)
+            assert tif.imagej_metadata.get("unit") == "um"
+
+
+@pytest.mark.parametrize("zarr_format, version", [(2, "0.4"), (3, "0.5")])
+def test_ome_zarr_keeps_units_translation_and_writes_ngff_for_its_zarr_version(tmp_path, zarr_format, version):
+    path = tmp_path / "in.ome.zarr"
+    root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    root.create_array("0", shape=(4, 16, 16), dtype="uint16", chunks=(4, 16, 16))[...] = 7
+    multiscale = {
+        "axes": [{"name": a, "type": "space", "unit": "millimeter"} for a in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [0.004, 0.001, 0.001]},
+            {"type": "translation", "translation": [1.5, -2.0, 3.25]}]}],
+    }
+    if zarr_format == 2:
+        root.attrs["multiscales"] = [{"version": "0.4", **multiscale}]
+    else:
+        root.attrs["ome"] = {"version": "0.5", "multiscales": [multiscale]}
+    volume = io.read_volume(path, lazy=True)
+    np.testing.assert_allclose(volume.spacing, (4.0, 1.0, 1.0))
+    out = tmp_path / "out.ome.zarr"
+    mask = np.ones(volume.shape, np.uint8)
+    io.write_mask_blocks([(tuple(slice(0, s) for s in mask.shape), mask)], out, mask.shape, like=volume)
+    group = zarr.open_group(str(out), mode="r")
+    assert group.metadata.zarr_format == zarr_format
+    attrs = dict(group.attrs)
+    if zarr_format == 2:
+        assert "ome" not in attrs and attrs["multiscales"][0]["version"] == "0.4"
+        written = attrs["multiscales"][0]
+    else:
+        assert "multiscales" not in attrs and attrs["ome"]["version"] == "0.5"
+        written = attrs["ome"]["multiscales"][0]
+    assert [a["unit"] for a in written["axes"]] == ["millimeter"] * 3
+    transforms = {t["type"]: t for t in written["datasets"][0]["coordinateTransformations"]}
+    assert transforms["translation"]["translation"] == [1.5, -2.0, 3.25]
+    np.testing.assert_allclose(transforms["scale"]["scale"], [0.004, 0.001, 0.001])
+    np.testing.assert_allclose(io.read_volume(out).spacing, (4.0, 1.0, 1.0))
+
+
+def test_zarr_folder_without_suffix_is_read_and_written_as_zarr(tmp_path):
+    root = zarr.open_group(str(tmp_path / "volume"), mode="w")
+    root.create_array("0", shape=(4, 8, 8), dtype="uint8", chunks=(4, 8, 8))[...] = 1
+    volume = io.read_volume(tmp_path / "volume")
+    assert volume.fmt == "zarr"
+    out = tmp_path / "out" / "volume"
+    io.write_mask(np.ones(volume.shape, np.uint8), out, like=volume)
+    assert io.detect_format(out) == "zarr" and not list(out.glob("*.tif"))
+
+
+def test_nifti_origin_and_spacing_round_trip(tmp_path):
+    image = sitk.GetImageFromArray(np.zeros((4, 6, 8), np.uint16))
+    image.SetSpacing((0.3, 0.4, 2.5))
+    image.SetOrigin((10.0, -4.0, 7.5))
+    sitk.WriteImage(image, str(tmp_path / "v.nii.gz"))
+    volume = io.read_volume(tmp_path / "v.nii.gz")
+    io.write_mask(np.ones(volume.shape, np.uint8), tmp_path / "m.nii.gz", like=volume)
+    mask = sitk.ReadImage(str(tmp_path / "m.nii.gz"))
+    np.testing.assert_allclose(mask.GetSpacing(), (0.3, 0.4, 2.5), rtol=1e-6)
+    np.testing.assert_allclose(mask.GetOrigin(), (10.0, -4.0, 7.5), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ partial files
+
+
+def test_stale_partials_of_dead_runs_are_swept_and_live_ones_kept(tmp_path):
+    dead = tmp_path / ".partial-999999999-0123abcd-a.tif"
+    dead.write_bytes(b"x")
+    mine = tmp_path / f".partial-{os.getpid()}-0123abcd-b.tif"
+    (mine).mkdir()
+    live = tmp_path / f".partial-{os.getppid()}-0123abcd-c.tif"
+    live.write_bytes(b"x")
+    old = tmp_path / ".partial-0123abcd-d.tif"  # the name older versions used
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    removed = io.sweep_partials(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([dead.name, mine.name, old.name])
+    assert live.exists() and not dead.exists() and not mine.exists()
+
+
+def test_overwriting_an_input_is_refused(tmp_path):
+    a = io.write_volume(np.zeros((2, 4, 4), np.uint8), tmp_path / "a.tif")
+    with pytest.raises(OutputError, match="overwrite the input"):
+        io.refuse_overwriting_inputs([(a, tmp_path / "a.tif")])
+    os.symlink(tmp_path, tmp_path.parent / f"{tmp_path.name}-link")
+    with pytest.raises(OutputError, match="overwrite the input"):
+        io.refuse_overwriting_inputs([(a, tmp_path.parent / f"{tmp_path.name}-link" / "a.tif")])
+    planes = tmp_path / "planes"
+    planes.mkdir()
+    with pytest.raises(OutputError, match="inside the input"):
+        io.refuse_overwriting_inputs([(planes, planes / "planes")])
+    io.refuse_overwriting_inputs([(a, tmp_path / "out" / "a.tif")])
+
+
+def test_truncated_tiff_is_one_error_line_on_the_command_line(tmp_path, capsys, tiny_weights):
+    from lsmseg.cli import main
+
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, np.arange(4000, dtype=np.uint16).reshape(10, 20, 20))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "t.tif").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    assert main(["predict", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "t.tif" in errors[0] and "truncated" in errors[0]
