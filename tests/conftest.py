@@ -10,7 +10,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 for _package_root in ("src", "training", "evaluation"):
     sys.path.insert(0, str(REPO / _package_root))
-REAL_DATA = REPO.parent / "shared" / "data" / "real"
+from lsmseg.realdata import real_data_root  # noqa: E402
+
+REAL_DATA = real_data_root()  # LSMSEG_DATA, else ../shared/data/real beside the checkout
 
 
 def pytest_configure(config):
@@ -69,5 +71,5 @@ def tiny_weights(tmp_path, tiny_model_config, tiny_model):
 @pytest.fixture
 def real_data():
     if not REAL_DATA.is_dir():
-        pytest.skip(f"real data not found at {REAL_DATA}")
+        pytest.skip(f"real data not found at {REAL_DATA} (set LSMSEG_DATA)")
     return REAL_DATA

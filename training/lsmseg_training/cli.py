@@ -22,6 +22,9 @@ def add_commands(subparsers) -> None:
         p = subparsers.add_parser(name, help=summary, description=description)
         p.add_argument("-c", "--config", type=Path, required=True, help="YAML config (training/configs/)")
         p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint_last.pt if present")
+        p.add_argument("--data", type=Path, metavar="DIR",
+                       help="real-data folder that $LSMSEG_DATA in the config means (default: the LSMSEG_DATA "
+                       "environment variable, else ../shared/data/real beside the checkout)")
         p.set_defaults(func=func)
 
     p = subparsers.add_parser(
@@ -52,7 +55,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from .config import PretrainConfig, load_run_config
     from .pretrain import run_pretraining
 
-    config = load_run_config(PretrainConfig, args.config)
+    config = load_run_config(PretrainConfig, args.config, args.data)
     run_pretraining(config, args.config, resume=args.resume)
     return 0
 
@@ -61,7 +64,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from .config import FinetuneConfig, load_run_config
     from .finetune import run_finetuning
 
-    config = load_run_config(FinetuneConfig, args.config)
+    config = load_run_config(FinetuneConfig, args.config, args.data)
     run_finetuning(config, args.config, resume=args.resume)
     return 0
 
