@@ -74,8 +74,8 @@ def _env() -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("where, lang, code, skip", BLOCKS, ids=[b[0] for b in BLOCKS])
 def test_block_runs(where, lang, code, skip, tmp_path):
-    if lang in INERT:
-        pytest.skip("text block: a synopsis or output, not run")
+    if lang not in RUNNABLE:  # text, or unlabelled (refused by the test above): never run
+        pytest.skip(f"{lang or 'unlabelled'} block: not run")
     if skip is not None:
         pytest.skip(f"marked docs-test skip: {skip}")
     work = _scratch(tmp_path)
