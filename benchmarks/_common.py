@@ -20,7 +20,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-REAL_DATA = REPO.parent / "shared" / "data" / "real"
+from lsmseg.realdata import real_data_root  # noqa: E402
+
+REAL_DATA = real_data_root()  # LSMSEG_DATA, else ../shared/data/real beside the checkout
 
 # The shipped model's architecture (training/configs/general_finetune.yaml).
 MODEL = {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 6, 12, 24], "roi": [32, 64, 64]}

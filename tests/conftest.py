@@ -10,7 +10,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 for _package_root in ("src", "training", "evaluation"):
     sys.path.insert(0, str(REPO / _package_root))
-REAL_DATA = REPO.parent / "shared" / "data" / "real"
+from lsmseg.realdata import real_data_root  # noqa: E402
+
+REAL_DATA = real_data_root()  # LSMSEG_DATA, else ../shared/data/real beside the checkout
 
 
 def pytest_configure(config):
@@ -18,6 +20,32 @@ def pytest_configure(config):
 
     # Two cores on CI: keep torch from oversubscribing them when xdist runs workers.
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+# Whole-pipeline tests that take minutes on two cores: `-m "not slow"` leaves them out (README).
+SLOW_MODULES = {"test_training_smoke", "test_shipped_weights", "test_cli_scale", "test_dask", "test_container"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
+def container_tests_enabled(setting: str | None, have_tools: bool) -> tuple[bool, str]:
+    """Whether the container tests run, and why: LSMSEG_CONTAINER_TESTS=1 runs them (build_image.sh
+    installs podman/buildah where it can), =0 skips them even where the tools are installed; unset,
+    they run exactly when podman and buildah are installed."""
+    if setting == "1":
+        return True, "LSMSEG_CONTAINER_TESTS=1"
+    if setting == "0":
+        return False, "LSMSEG_CONTAINER_TESTS=0 turns the container tests off"
+    if setting not in (None, ""):
+        raise pytest.UsageError(f"LSMSEG_CONTAINER_TESTS must be 0 or 1, got {setting!r}")
+    if have_tools:
+        return True, "podman and buildah are installed"
+    return False, ("container tests need podman and buildah (apt-get install podman buildah runc debootstrap "
+                   "uidmap), or LSMSEG_CONTAINER_TESTS=1 to let scripts/build_image.sh install them")
 
 
 @pytest.fixture(scope="session")
@@ -69,5 +97,5 @@ def tiny_weights(tmp_path, tiny_model_config, tiny_model):
 @pytest.fixture
 def real_data():
     if not REAL_DATA.is_dir():
-        pytest.skip(f"real data not found at {REAL_DATA}")
+        pytest.skip(f"real data not found at {REAL_DATA} (set LSMSEG_DATA)")
     return REAL_DATA

@@ -99,7 +99,29 @@ def settings_from_args(args):
     )
 
 
+# The eval extra: import name -> pip name (pyproject.toml's [project.optional-dependencies] eval).
+EVAL_MODULES = {"skimage": "scikit-image", "cc3d": "connected-components-3d", "matplotlib": "matplotlib"}
+
+
+def missing_eval_dependencies() -> list[str]:
+    """pip names of the ``eval`` extra's packages that cannot be imported here."""
+    import importlib.util
+
+    return [pip for module, pip in EVAL_MODULES.items() if importlib.util.find_spec(module) is None]
+
+
+def check_eval_dependencies() -> None:
+    """Stop before any volume is read when the ``eval`` extra is missing, naming the fix."""
+    from lsmseg.errors import LsmsegError
+
+    missing = missing_eval_dependencies()
+    if missing:
+        raise LsmsegError(f"lsmseg evaluate needs the 'eval' extra (missing: {', '.join(missing)}): "
+                          "pip install 'lsmseg[eval]', or from a clone: pip install -e '.[eval]'")
+
+
 def run_evaluate(args) -> int:
+    check_eval_dependencies()
     from .evaluate import evaluate_folders, write_report
 
     settings = settings_from_args(args)

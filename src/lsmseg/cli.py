@@ -86,6 +86,10 @@ def add_predict_command(subparsers) -> None:
     p.add_argument("--max-voxels", type=int, metavar="N",
                    help="refuse inputs whose headers declare more voxels, before reading them "
                    "(default: env LSMSEG_MAX_VOXELS, else 2^33 = 8.6e9)")
+    p.add_argument("--save-probabilities", type=Path, metavar="DIR", dest="probabilities_dir",
+                   help="also write each volume's foreground probability to DIR, same name and format as its mask")
+    p.add_argument("--probability-dtype", choices=["uint8", "float16"], default="uint8",
+                   help="uint8: p = value/255 (default); float16 (float32 in NIfTI/MHA/NRRD)")
     scale = p.add_argument_group("large volumes and throughput")
     scale.add_argument("--output-format", choices=["same", "zarr"], default="same",
                        help="same: the input's container (TIFF written plane by plane); zarr: OME-Zarr <name>.ome.zarr")
@@ -109,6 +113,15 @@ def run_predict(args) -> int:
     from .io import expand_inputs
     from .predictor import Predictor
 
+    if args.probabilities_dir and args.scheduler == "dask":
+        logger.error("--save-probabilities is not supported with --scheduler dask")
+        return EXIT_USAGE
+    # A typo in a path fails now, not after the weights are loaded; the other inputs still run.
+    missing = [path for path in args.inputs if not path.exists()]
+    for path in missing:
+        logger.error("%s: no such file or folder", path)
+    if missing and len(missing) == len(args.inputs):
+        return EXIT_FAILED
     predictor = Predictor.from_manifest(
         args.weights,
         structure=args.structure,
@@ -125,11 +138,13 @@ def run_predict(args) -> int:
         skip_background=args.skip_background,
         compile=args.compile,
         max_voxels=args.max_voxels,
+        probabilities_dir=args.probabilities_dir,
+        probability_dtype=args.probability_dtype,
     )
-    inputs = expand_inputs(args.inputs)
+    inputs = expand_inputs([path for path in args.inputs if path not in missing])
     if not inputs:
         logger.warning("no volumes found in %s", ", ".join(map(str, args.inputs)))
-        return EXIT_OK
+        return EXIT_FAILED if missing else EXIT_OK
     if args.part:
         total = len(inputs)
         inputs = select_part(inputs, args.part)
@@ -145,7 +160,20 @@ def run_predict(args) -> int:
     failed = [r for r in results if not r["ok"]]
     logger.info("%d of %d volume(s) segmented into %s", len(results) - len(failed), len(results), args.output)
     unrecorded = any(r.get("provenance_error") for r in results)  # mask written, its record not (ERROR logged)
-    return EXIT_FAILED if failed or unrecorded else EXIT_OK
+    return EXIT_FAILED if failed or unrecorded or missing else EXIT_OK
+
+
+def _spacing(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X voxel size in um, got {text!r}") from None
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three positive numbers Z,Y,X, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+PHANTOM_KINDS = ("vessels", "cells", "nuclei", "plaques")  # lsmseg.phantom.KINDS, without importing it here
 
 
 def add_phantom_command(subparsers) -> None:
@@ -153,19 +181,28 @@ def add_phantom_command(subparsers) -> None:
         "phantom",
         help="write a synthetic light-sheet volume and its exact label",
         description="Write a synthetic light-sheet phantom (uint16 image, exact uint8 label) for tests, "
-        "demos and training. Files go to OUT/images/ and OUT/labels/.",
+        "demos and training. OUT is a folder: OUT/images/KIND_SEED.tif and OUT/labels/KIND_SEED.tif. "
+        "Or OUT is a file name whose suffix picks the format (.tif, .nii.gz, .nii, .mha, .nrrd, .zarr): "
+        "the image and label go to images/NAME and labels/NAME in OUT's folder. The spacing is stored "
+        "in both files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("output", type=Path, metavar="OUT", help="output folder")
-    p.add_argument("--kind", default="vessels", help="structure: vessels, cells, nuclei, plaques")
-    p.add_argument("--shape", type=_shape, default=(48, 160, 160), help="Z,Y,X (default 48,160,160)")
+    p.add_argument("output", type=Path, metavar="OUT", help="output folder, or file name (format from its suffix)")
+    p.add_argument("--kind", default="vessels", choices=PHANTOM_KINDS, help="structure")
+    p.add_argument("--shape", type=_shape, default="48,160,160", metavar="Z,Y,X", help="volume shape in voxels")
+    p.add_argument("--spacing", type=_spacing, default="3,1,1", metavar="Z,Y,X", help="voxel size in um")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same volume)")
     p.set_defaults(func=run_phantom)
 
 
 def run_phantom(args) -> int:
+    from .io import KNOWN_SUFFIXES
     from .phantom import write_phantom
 
-    image, label = write_phantom(args.output, args.kind, args.shape, args.seed)
+    out, name = args.output, None
+    if out.name.lower().endswith(KNOWN_SUFFIXES):
+        out, name = out.parent, out.name
+    image, label = write_phantom(out, args.kind, args.shape, args.seed, spacing=args.spacing, name=name)
     print(f"image: {image}\nlabel: {label}")
     return EXIT_OK
 

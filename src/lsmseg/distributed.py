@@ -86,7 +86,7 @@ def dask_client(address: str | None = None, n_workers: int | None = None, proces
     try:
         from distributed import Client, LocalCluster
     except ImportError as exc:
-        raise LsmsegError("--scheduler dask needs the 'distributed' package: pip install 'lsmseg[dask]'") from exc
+        raise LsmsegError("--scheduler dask needs the 'distributed' package: pip install 'lsmseg[distributed]'") from exc
     _quiet_dask_logs()
     if address:
         try:

@@ -952,7 +952,7 @@ def _read_zarr(path: Path, lazy: bool, max_voxels: int | None = None) -> Volume:
     try:
         import zarr
     except ImportError as exc:
-        raise InputError(path, "reading zarr needs the 'zarr' package: pip install 'lsmseg[zarr]'") from exc
+        raise InputError(path, "reading zarr needs the 'zarr' package, a core dependency of lsmseg: pip install 'zarr>=3'") from exc
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as exc:

@@ -116,17 +116,19 @@ def write_phantom(
     fmt: str = "tif",
     spacing: Spacing = (3.0, 1.0, 1.0),
     settings: PhantomSettings | None = None,
+    name: str | None = None,
 ) -> tuple[Path, Path]:
     """Write a phantom as ``out_dir/images/<kind>_<seed>.<fmt>`` and ``out_dir/labels/<kind>_<seed>.<fmt>``.
 
     Image and label share one file name (the challenge convention: a mask has its volume's name).
     ``fmt`` is any suffix the I/O registry writes (``tif``, ``nii.gz``, ``mha``, ``nrrd``, ``zarr``);
-    spacing is stored in the files. Writes are atomic. Returns ``(image_path, label_path)``.
+    ``name`` (a file name with such a suffix) replaces ``<kind>_<seed>.<fmt>``. Spacing (z, y, x, um)
+    is stored in the files. Writes are atomic. Returns ``(image_path, label_path)``.
     """
     from .io import write_volume
 
     phantom = make_phantom(kind, shape, seed, spacing=spacing, settings=settings)
-    name = f"{phantom_name(kind, seed)}.{fmt.lstrip('.')}"
+    name = name or f"{phantom_name(kind, seed)}.{fmt.lstrip('.')}"
     out_dir = Path(out_dir)
     image_path, label_path = out_dir / "images" / name, out_dir / "labels" / name
     image_path.parent.mkdir(parents=True, exist_ok=True)

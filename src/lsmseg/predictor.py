@@ -42,6 +42,7 @@ from .weights import Manifest, find_manifest, load_manifest, load_model
 from .blocks import Block, BlockPlan, accumulate_block, default_block_shape, plan_blocks, prefetched
 from .foreground import Background, dark_windows, estimate_background
 from .postprocess import open_faces_of, remove_small_components, split_touching
+from .probabilities import PROBABILITY_DTYPES, ProbabilityWriter
 from .structures import structure_from_name
 from .normalise import DEFAULT_MAX_SAMPLES, subsample
 from .windows import blend_weights
@@ -80,6 +81,8 @@ class Predictor:
         compile: bool = False,
         structure: str | None = None,
         max_voxels: int | None = None,
+        probabilities_dir: str | Path | None = None,
+        probability_dtype: str = "uint8",
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -105,6 +108,11 @@ class Predictor:
         # None: read from each volume's name (the 2026 challenge's case prefixes, lsmseg.structures).
         self.structure = structure
         self.max_voxels = max_voxels  # declared-size cap for inputs (None: LSMSEG_MAX_VOXELS or the default)
+        # predict_files also writes probability maps here (same names and formats as the masks).
+        if probability_dtype not in PROBABILITY_DTYPES:
+            raise ValueError(f"probability_dtype must be one of {PROBABILITY_DTYPES}, got {probability_dtype!r}")
+        self.probabilities_dir = probabilities_dir
+        self.probability_dtype = probability_dtype
         if compile:
             self.model = torch.compile(self.model)
         self._background_cache: dict[float, torch.Tensor] = {}
@@ -208,14 +216,19 @@ class Predictor:
             skip = dark_windows(region, origin, plan.window_corners(block), plan.roi, background)
         return region, skip
 
-    def block_logits(self, plan: BlockPlan, block: Block, region: np.ndarray, skip, background) -> np.ndarray:
-        """Blended logits on one block from its (normalised) input region."""
+    def block_logits(
+        self, plan: BlockPlan, block: Block, region: np.ndarray, skip, background, on_windows=None
+    ) -> np.ndarray:
+        """Blended logits on one block from its (normalised) input region.
+
+        ``on_windows(n)``, if given, is called after every batch of ``n`` windows the network ran
+        (progress).
+        """
         settings = self.settings
         weights = blend_weights(self.roi, settings.blend, settings.sigma_scale)
         background_logits = self.background_logits(background.level) if skip is not None and any(skip) else None
-        return accumulate_block(
-            plan, block, region, self.run_windows, weights, settings.sw_batch_size, skip, background_logits
-        )
+        run = self.run_windows if on_windows is None else _counted(self.run_windows, on_windows)
+        return accumulate_block(plan, block, region, run, weights, settings.sw_batch_size, skip, background_logits)
 
     def iter_block_logits(
         self, plan: BlockPlan, source, lo, hi, background: Background | None, desc: str | None = None, on_raw=None
@@ -234,21 +247,22 @@ class Predictor:
         }
         self.last_stats = stats
         skipped_ids: set[int] = set()
+        # Progress inside the volume: windows (run or skipped as background), with an ETA.
         bar = tqdm(
-            total=len(plan.blocks), desc=desc or "blocks", unit="block", leave=False,
-            disable=not self.progress or len(plan.blocks) < 2,
+            total=sum(block.n_windows for block in plan.blocks), desc=desc or "volume", unit="window",
+            leave=False, disable=not self.progress, dynamic_ncols=True,
         )
         load = lambda block: self.load_block(plan, block, source, lo, hi, background, on_raw)  # noqa: E731
         try:
             for block, (region, skip) in prefetched(plan.blocks, load, enabled=self.prefetch):
-                logits = self.block_logits(plan, block, region, skip, background)
+                logits = self.block_logits(plan, block, region, skip, background, on_windows=bar.update)
                 if skip is not None:
+                    bar.update(sum(skip))
                     skipped_ids.update(i for i, s in zip(plan.window_ids(block), skip) if s)
                     stats["window_runs"] += len(skip) - sum(skip)
                 else:
                     stats["window_runs"] += block.n_windows
                 stats["windows_skipped"] = len(skipped_ids)
-                bar.update(1)
                 yield block, logits
         finally:
             bar.close()
@@ -366,32 +380,47 @@ class Predictor:
     def _with_mask_value(self, mask: np.ndarray) -> np.ndarray:
         return mask * np.uint8(self.mask_value) if self.mask_value != 1 else mask
 
-    def iter_mask_blocks(self, prepared: "PreparedVolume", desc: str | None = None):
-        """Yield ``(slices, mask block)`` for a prepared volume, z-major, with ``mask_value``."""
+    def iter_mask_blocks(self, prepared: "PreparedVolume", desc: str | None = None, on_logits=None):
+        """Yield ``(slices, mask block)`` for a prepared volume, z-major, with ``mask_value``.
+
+        ``on_logits(slices, logits)``, if given, sees each block's logits first (probability maps).
+        """
         volume, plan = prepared.volume, prepared.plan
         if prepared.constant:
             logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", volume.path)
             self.last_stats = {"blocks": len(plan.blocks), "block_size": list(plan.block_size), "windows": plan.n_windows,
                                "window_runs": 0, "windows_skipped": 0, "background": None}
             for block in plan.blocks:
+                if on_logits is not None:
+                    on_logits(block.out, np.full(block.shape, -np.inf, dtype=np.float32))
                 yield block.out, np.zeros(block.shape, dtype=np.uint8)
             return
         for block, logits in self.iter_block_logits(
             plan, volume.data, prepared.lo, prepared.hi, prepared.background, desc=desc,
             on_raw=self.check_finite(volume.path),
         ):
+            if on_logits is not None:
+                on_logits(block.out, logits)
             yield block.out, self.mask_from_logits(logits, block.out, volume.shape, prepared.settings)
 
     def predict_file(
         self, input_path: str | Path, output_path: str | Path, provenance_path: str | Path | None = None,
-        case_name: str | None = None,
+        case_name: str | None = None, probabilities_path: str | Path | None = None,
     ) -> dict:
         """Segment one file block by block; write the mask atomically and a provenance JSON beside it.
 
         The input is read lazily and the mask written as blocks complete, so memory depends on the
         block size, not on the volume. Volumes that must be resampled to the model's spacing are
-        the exception: they are resampled (and predicted) in memory. ``case_name`` (default: the
-        file's name) picks the structure's post-processing, e.g. the challenge's ``image.name``.
+        the exception: they are resampled (and predicted) in memory.
+
+        Args:
+            input_path: the volume.
+            output_path: the mask (its suffix picks the format).
+            provenance_path: the provenance JSON (default: beside the mask).
+            case_name: the name whose structure picks the post-processing (default: the file's
+                name), e.g. the challenge's ``image.name``.
+            probabilities_path: also write the foreground probability there, block by block, in the
+                same format (``self.probability_dtype``: uint8 = round(255 p), or float16).
         """
         input_path, output_path = Path(input_path), Path(output_path)
         timings = {}
@@ -402,16 +431,27 @@ class Predictor:
         if target is not None:  # resampling builds the volume at the model's spacing, in memory
             new_shape = [max(1, round(n * s / t)) for n, s, t in zip(volume.shape, volume.spacing, target)]
             check_declared_size(input_path, new_shape, 4, self.max_voxels, what="resampled volume")
+        probabilities = None
+        if probabilities_path is not None:
+            probabilities = ProbabilityWriter(Path(probabilities_path), volume, self.probability_dtype)
+        on_logits = probabilities.put if probabilities is not None else None
         if target is None:
             prepared = self.prepare(volume, case_name=case_name)
-            blocks = self.iter_mask_blocks(prepared, desc=volume.name)
+            blocks = self.iter_mask_blocks(prepared, desc=volume.name, on_logits=on_logits)
         else:
             logger.info("%s: resampling needs the whole volume in memory", input_path)
-            blocks = self._resampled_mask_blocks(volume, case_name)
+            blocks = self._resampled_mask_blocks(volume, case_name, on_logits=on_logits)
         timings["read_s"] = time.perf_counter() - start
         counter = _BlockCounter(blocks)
         start = time.perf_counter()
-        write_mask_blocks(counter, output_path, volume.shape, like=volume)
+        try:
+            write_mask_blocks(counter, output_path, volume.shape, like=volume)
+        except BaseException:
+            if probabilities is not None:
+                probabilities.abort()
+            raise
+        if probabilities is not None:
+            probabilities.finish()
         total = time.perf_counter() - start
         timings["predict_s"] = counter.seconds
         timings["write_s"] = max(total - counter.seconds, 0.0)
@@ -419,14 +459,15 @@ class Predictor:
         postprocess = {"structure": self.structure or structure_from_name(case_name or volume.name),
                        "threshold": effective.threshold, "split_touching": effective.split_touching,
                        "min_component_voxels": effective.min_component_voxels}
+        described = probabilities.describe() if probabilities is not None else None
         try:
             record = self.write_provenance(
-                input_path, output_path, volume, provenance_path,
-                resampled_to=target, foreground=counter.foreground, timings=timings, postprocess=postprocess,
+                input_path, output_path, volume, provenance_path, resampled_to=target,
+                foreground=counter.foreground, timings=timings, postprocess=postprocess, probabilities=described,
             )
         except LsmsegError as exc:  # the mask is on disk: say so, apart from "no mask written"
-            raise ProvenanceError(exc, output_path, self._record(
-                input_path, output_path, volume, target, counter.foreground, timings, postprocess)) from exc
+            record = self._record(input_path, output_path, volume, target, counter.foreground, timings, postprocess)
+            raise ProvenanceError(exc, output_path, record) from exc
         stats = self.last_stats
         logger.info(
             "%s -> %s (%.1f s; %d of %d windows skipped as background)", input_path, output_path,
@@ -435,9 +476,12 @@ class Predictor:
         return record
 
     def write_provenance(self, input_path, output_path, volume: Volume, provenance_path=None, *,
-                         resampled_to=None, foreground: int, timings: dict, postprocess: dict | None = None) -> dict:
+                         resampled_to=None, foreground: int, timings: dict, postprocess: dict | None = None,
+                         probabilities: dict | None = None) -> dict:
         """The provenance JSON beside a mask (inputs, parameters, block stats, weights, versions, timings)."""
         record = self._record(input_path, output_path, volume, resampled_to, foreground, timings, postprocess)
+        if probabilities is not None:
+            record["probabilities"] = probabilities
         write_json(record, Path(provenance_path) if provenance_path else provenance_path_for(output_path))
         return record
 
@@ -461,9 +505,20 @@ class Predictor:
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
 
-    def _resampled_mask_blocks(self, volume: Volume, case_name: str | None = None):
-        mask = self.predict_volume(volume.load(), volume.spacing, name=case_name or str(volume.path))
-        yield tuple(slice(0, s) for s in mask.shape), self._with_mask_value(mask)
+    def _resampled_mask_blocks(self, volume: Volume, case_name: str | None = None, on_logits=None):
+        name = case_name or str(volume.path)
+        everything = tuple(slice(0, s) for s in volume.shape)
+        if on_logits is None:
+            mask = self.predict_volume(volume.load(), volume.spacing, name=name)
+            yield everything, self._with_mask_value(mask)
+            return
+        array = volume.load()
+        if array.size and array.dtype.kind in "uif" and _is_constant(array):
+            logits = np.full(array.shape, -np.inf, dtype=np.float32)
+        else:
+            logits = self.predict_logits(array, volume.spacing, name=name)
+        on_logits(everything, logits)
+        yield everything, self._with_mask_value(self.binary_mask(logits, settings=self.settings_for(name)))
 
     def output_path(self, input_path: str | Path, out_dir: str | Path, output_format: str = "same") -> Path:
         """Where ``input_path``'s mask goes: same name and container, or ``<name>.ome.zarr``."""
@@ -486,12 +541,14 @@ class Predictor:
         refuse_overwriting_inputs(zip(inputs, outputs))  # before any work: never replace an input
         for folder in {Path(o).parent for o in outputs}:
             sweep_partials(folder)
+        probability_dir = Path(self.probabilities_dir) if self.probabilities_dir else None
         results = []
         for input_path, output_path in tqdm(
             list(zip(inputs, outputs)), desc="volumes", unit="vol", disable=not self.progress or len(inputs) < 2
         ):
             try:
-                results.append(self.predict_file(input_path, output_path))
+                probabilities = probability_dir / Path(output_path).name if probability_dir else None
+                results.append(self.predict_file(input_path, output_path, probabilities_path=probabilities))
             except ProvenanceError as exc:
                 logger.error("%s", exc)
                 results.append(exc.record)
@@ -544,6 +601,17 @@ class _BlockCounter:
                 self.seconds += time.perf_counter() - start
             self.foreground += int(np.count_nonzero(block))
             yield index, block
+
+
+def _counted(run_windows: Callable, on_windows: Callable[[int], object]) -> Callable:
+    """``run_windows`` that reports how many windows each call ran."""
+
+    def run(windows: torch.Tensor) -> torch.Tensor:
+        out = run_windows(windows)
+        on_windows(len(windows))
+        return out
+
+    return run
 
 
 def _is_constant_lazy(data, planes_per_read: int = 16) -> bool:

@@ -25,18 +25,15 @@ import SimpleITK as sitk
 
 from lsmseg import io
 
-from ..conftest import REPO, make_weights
+from ..conftest import REPO, container_tests_enabled, make_weights
 
 pytestmark = pytest.mark.container
 
 TOOLS = ("podman", "buildah")
 HAVE_TOOLS = all(shutil.which(tool) for tool in TOOLS)
-if not HAVE_TOOLS and os.environ.get("LSMSEG_CONTAINER_TESTS") != "1":
-    pytest.skip(
-        "container tests need podman and buildah (apt-get install podman buildah runc debootstrap uidmap), "
-        "or LSMSEG_CONTAINER_TESTS=1 to let scripts/build_image.sh install them",
-        allow_module_level=True,
-    )
+_ENABLED, _WHY = container_tests_enabled(os.environ.get("LSMSEG_CONTAINER_TESTS"), HAVE_TOOLS)
+if not _ENABLED:
+    pytest.skip(_WHY, allow_module_level=True)
 
 IMAGE = "localhost/lsmseg:test"
 INVOKE_IMAGE = "localhost/lsmseg:test-invoke"

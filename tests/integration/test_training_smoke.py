@@ -100,6 +100,39 @@ def test_export_manifest_then_predict_with_it(smoke_run):
     assert provenance["weights"]["sha256"] == entry.sha256
 
 
+def test_training_writes_its_curves(smoke_run):
+    pytest.importorskip("matplotlib")
+    work = smoke_run["work"]
+    for stage in ("pretrain", "finetune"):
+        png = work / "runs/smoke" / stage / "training.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stage
+
+
+def test_export_never_replaces_without_force(smoke_run):
+    work = smoke_run["work"]
+    files = [work / "weights" / "manifest.yaml", work / "weights" / "general.safetensors"]
+    before = [f.read_bytes() for f in files]
+    again = lsmseg("export", "runs/smoke/finetune", "-o", "weights", "--checkpoint", "final", cwd=work)
+    assert again.returncode == 1
+    assert "would replace entry 'general'" in again.stderr and "--force" in again.stderr
+    assert [f.read_bytes() for f in files] == before  # nothing touched
+    forced = lsmseg("export", "runs/smoke/finetune", "-o", "weights", "--min-component-voxels", "5", "--force", cwd=work)
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_export_defaults_to_the_run_folder_and_the_shipped_clean_up(smoke_run):
+    from lsmseg.weights import load_manifest
+
+    work = smoke_run["work"]
+    result = lsmseg("export", "runs/smoke/finetune", cwd=work)
+    assert result.returncode == 0, result.stderr
+    entry = load_manifest(work / "runs/smoke/finetune/export").models["general"]
+    shipped = load_manifest(REPO / "weights").models["general"]
+    assert shipped.inference.min_component_voxels > 0
+    assert entry.inference.min_component_voxels == shipped.inference.min_component_voxels
+    assert not (work / "weights" / "other.safetensors").exists()
+
+
 def _phantom(work):
     from lsmseg.phantom import write_phantom
 

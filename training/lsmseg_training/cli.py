@@ -22,25 +22,32 @@ def add_commands(subparsers) -> None:
         p = subparsers.add_parser(name, help=summary, description=description)
         p.add_argument("-c", "--config", type=Path, required=True, help="YAML config (training/configs/)")
         p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint_last.pt if present")
+        p.add_argument("--data", type=Path, metavar="DIR",
+                       help="real-data folder that $LSMSEG_DATA in the config means (default: the LSMSEG_DATA "
+                       "environment variable, else ../shared/data/real beside the checkout)")
         p.set_defaults(func=func)
 
     p = subparsers.add_parser(
         "export",
-        help="write a fine-tuned checkpoint to weights/ with its manifest entry",
+        help="write a fine-tuned checkpoint to a weights folder with its manifest entry",
         description="Copy the best (or final) checkpoint of a fine-tuning run into a weights folder as "
         "NAME.safetensors and add its entry (sha256, model config, inference settings with the tuned "
-        "threshold, validation metrics, training config, data fingerprint, versions) to manifest.yaml.",
+        "threshold, validation metrics, training config, data fingerprint, versions) to manifest.yaml. "
+        "An existing entry or file of that name is replaced only with --force.",
     )
     p.add_argument("run", type=Path, help="output folder of a finished `lsmseg finetune` run")
-    p.add_argument("-o", "--weights-dir", type=Path, default=Path("weights"), help="weights folder (default: weights)")
+    p.add_argument("-o", "--weights-dir", type=Path, metavar="DIR",
+                   help="weights folder (default: RUN/export); use with `lsmseg predict --weights DIR`")
     p.add_argument("--name", default="general", help="model name in the manifest (default: general)")
-    p.add_argument("--checkpoint", choices=["best", "final"], default="best")
+    p.add_argument("--force", action="store_true", help="replace an existing entry or file named NAME")
+    p.add_argument("--checkpoint", choices=["best", "final"], default="best", help="which checkpoint (default: best)")
     p.add_argument("--structures", nargs="*", help="structures it segments (default: the run config's)")
     p.add_argument("--default", dest="make_default", action="store_true",
                    help="make it the manifest's default model")
     p.add_argument("--threshold", type=float, help="override the tuned threshold")
-    p.add_argument("--min-component-voxels", type=int, default=0, metavar="N",
-                   help="inference removes connected components smaller than N voxels (default 0: none)")
+    p.add_argument("--min-component-voxels", type=int, metavar="N",
+                   help="inference removes connected components smaller than N voxels "
+                   "(default: the shipped weights' value; 0 keeps all)")
     p.set_defaults(func=run_export)
 
 
@@ -48,7 +55,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from .config import PretrainConfig, load_run_config
     from .pretrain import run_pretraining
 
-    config = load_run_config(PretrainConfig, args.config)
+    config = load_run_config(PretrainConfig, args.config, args.data)
     run_pretraining(config, args.config, resume=args.resume)
     return 0
 
@@ -57,7 +64,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from .config import FinetuneConfig, load_run_config
     from .finetune import run_finetuning
 
-    config = load_run_config(FinetuneConfig, args.config)
+    config = load_run_config(FinetuneConfig, args.config, args.data)
     run_finetuning(config, args.config, resume=args.resume)
     return 0
 
@@ -67,6 +74,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     manifest = export_run(args.run, args.weights_dir, name=args.name, checkpoint=args.checkpoint,
                           structures=args.structures, make_default=args.make_default or None,
-                          threshold=args.threshold, min_component_voxels=args.min_component_voxels)
+                          threshold=args.threshold, min_component_voxels=args.min_component_voxels,
+                          force=args.force)
     print(manifest)
     return 0

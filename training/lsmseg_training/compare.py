@@ -1,7 +1,7 @@
 """Tables for training/README.md, from measurements only.
 
     python -m lsmseg_training.compare --weights weights \
-        --images ../shared/data/real/vesselnn/images --labels ../shared/data/real/vesselnn/labels \
+        --images "${LSMSEG_DATA:-../shared/data/real}/vesselnn/images" --labels "${LSMSEG_DATA:-../shared/data/real}/vesselnn/labels" \
         --names poon2015_BBB_Leakage santos2015_mixedSizelowContrastVessels \
         --runs runs/general/finetune runs/general/finetune_scratch
 

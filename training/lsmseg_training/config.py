@@ -1,7 +1,9 @@
 """Training settings as strict dataclasses loaded from YAML (unknown keys and wrong types refused).
 
 Relative data paths in a config are resolved against the current working directory (the repository
-root in every documented command), so that ``../shared/data/real/...`` means the shared data.
+root in every documented command). Real data is written ``$LSMSEG_DATA/...``: the folder given by
+``--data``, else the ``LSMSEG_DATA`` environment variable, else ``../shared/data/real`` beside the
+checkout (:mod:`lsmseg.realdata`).
 """
 
 from __future__ import annotations
@@ -249,9 +251,27 @@ class FinetuneConfig(RunConfig):
                     raise ValueError(f"data.{split}: sparse labels are for training only (scores need dense labels)")
 
 
-def load_run_config(cls, path: str | Path):
-    """Load ``cls`` from YAML; every error names the file and the key."""
-    return from_dict(cls, load_yaml(path), where=str(path))
+def load_run_config(cls, path: str | Path, data_root: str | Path | None = None):
+    """Load ``cls`` from YAML; every error names the file and the key.
+
+    Args:
+        cls: ``PretrainConfig`` or ``FinetuneConfig``.
+        path: the YAML file.
+        data_root: what ``$LSMSEG_DATA`` in data paths means (default: :func:`lsmseg.realdata.real_data_root`).
+    """
+    return from_dict(cls, _expand_data_paths(load_yaml(path), data_root), where=str(path))
+
+
+def _expand_data_paths(node, data_root):
+    """``$LSMSEG_DATA/...`` in every ``images``/``labels``/``folder`` string of a config."""
+    from lsmseg.realdata import expand_data_path
+
+    if isinstance(node, dict):
+        return {key: expand_data_path(value, data_root) if key in ("images", "labels", "folder") and isinstance(value, str)
+                else _expand_data_paths(value, data_root) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_expand_data_paths(value, data_root) for value in node]
+    return node
 
 
 def config_dict(config) -> dict:

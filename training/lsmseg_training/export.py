@@ -1,4 +1,9 @@
-"""``lsmseg export``: a fine-tuning run's checkpoint -> ``weights/<name>.safetensors`` + manifest entry.
+"""``lsmseg export``: a fine-tuning run's checkpoint -> ``<weights dir>/<name>.safetensors`` + manifest entry.
+
+The weights folder defaults to the run's own ``export/``; an existing entry or checkpoint file is
+never replaced without ``force`` (with an editable install, ``weights/`` *is* the installed model).
+Post-processing settings the run does not decide (``min_component_voxels``) default to the shipped
+weights' values, so that an exported model is applied the way the shipped one is.
 
 The entry records everything needed to trust and reproduce the weights: sha256, model config,
 inference settings (overlap 0.5, Gaussian blending, the threshold tuned on the validation set, the
@@ -32,16 +37,36 @@ logger = logging.getLogger(__name__)
 
 def export_run(
     run: Path,
-    weights_dir: Path,
+    weights_dir: Path | None = None,
     name: str = "general",
     checkpoint: str = "best",
     structures: list[str] | None = None,
     make_default: bool | None = None,
     threshold: float | None = None,
-    min_component_voxels: int = 0,
+    min_component_voxels: int | None = None,
+    force: bool = False,
 ) -> Path:
-    """Export ``checkpoint`` ("best" or "final") of the fine-tuning run in ``run``; return the manifest."""
-    run, weights_dir = Path(run), Path(weights_dir)
+    """Export ``checkpoint`` of the fine-tuning run in ``run``; return the manifest path.
+
+    Args:
+        run: output folder of a finished ``lsmseg finetune`` run.
+        weights_dir: folder for ``<name>.safetensors`` and ``manifest.yaml`` (default: ``run/export``).
+        name: model name in the manifest.
+        checkpoint: "best" or "final".
+        structures: structures the model segments (default: the run config's).
+        make_default: make ``name`` the manifest's default model.
+        threshold: override the threshold tuned on the validation set.
+        min_component_voxels: inference clean-up (default: the shipped weights' value, else 0).
+        force: replace an existing entry or checkpoint file named ``name``.
+    """
+    run = Path(run)
+    weights_dir = Path(weights_dir) if weights_dir is not None else run / "export"
+    file_name = f"{name}.safetensors"
+    manifest_path = weights_dir / MANIFEST_NAME
+    if not force:
+        refuse_overwrite(weights_dir, name, file_name)
+    if min_component_voxels is None:
+        min_component_voxels = shipped_min_component_voxels()
     record = read_record(run)
     if record.get("kind") != "finetune":
         raise WeightsError(f"{run}: not a fine-tuning run (kind {record.get('kind')!r}); export fine-tuned weights")
@@ -65,7 +90,6 @@ def export_run(
         upper_percentile=data["upper_percentile"],
         spacing=training_spacing(data, record.get("data") or {}),
     )
-    file_name = f"{name}.safetensors"
     sha = save_weights(state, weights_dir / file_name)
     validation = {"checkpoint": checkpoint, "step": chosen.get("step")}
     if evaluation:
@@ -101,7 +125,6 @@ def export_run(
         validation=validation,
         provenance=provenance,
     )
-    manifest_path = weights_dir / MANIFEST_NAME
     if manifest_path.is_file():
         manifest = load_manifest(manifest_path)
         manifest.models[name] = entry
@@ -116,6 +139,31 @@ def export_run(
     logger.info("exported %s (%s checkpoint, step %s) -> %s, sha256 %s..., threshold %.2f",
                 run, checkpoint, chosen.get("step"), weights_dir / file_name, sha[:12], settings.threshold)
     return manifest_path
+
+
+def refuse_overwrite(weights_dir: Path, name: str, file_name: str) -> None:
+    """Raise unless exporting ``name`` into ``weights_dir`` replaces nothing."""
+    manifest_path = weights_dir / MANIFEST_NAME
+    existing = []
+    if manifest_path.is_file() and name in load_manifest(manifest_path).models:
+        existing.append(f"entry '{name}' in {manifest_path}")
+    if (weights_dir / file_name).exists():
+        existing.append(str(weights_dir / file_name))
+    if existing:
+        raise WeightsError(f"{weights_dir}: export would replace {' and '.join(existing)}; "
+                           "choose another -o/--name, or pass --force to replace it")
+
+
+def shipped_min_component_voxels() -> int:
+    """The installed (shipped) weights' ``min_component_voxels``, or 0 when none are installed."""
+    from lsmseg.weights import find_manifest
+
+    try:
+        manifest = load_manifest(find_manifest())
+        _, entry = manifest.entry_for(None)
+    except WeightsError:
+        return 0
+    return entry.inference.min_component_voxels
 
 
 def training_spacing(data: dict, fingerprint: dict) -> tuple[float, float, float] | None:

@@ -49,6 +49,7 @@ from .engine import (
     write_record,
 )
 from .pretrain import ENCODER_PREFIXES
+from .plots import plot_training
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +300,8 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
                           val_threshold=val["best_threshold"] if val else None, seconds=timer.elapsed())
                 if step % config.log_every == 0:
                     logger.info("step %d/%d  loss %.4f  %.1f s", step, config.total_steps, loss.item(), timer.elapsed())
+            if val is not None:
+                plot_training(output, history)
             if processes.main and (step % config.checkpoint_every == 0 or step == config.total_steps):
                 save_checkpoint(output / CHECKPOINT_NAME, model, optimiser, scheduler, scaler, step, config.model,
                                 extra={"history": history, "best": best})
@@ -327,6 +330,7 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
                                 record[which]["evaluation"]["best_threshold"], config.validation.final_overlap)
             record.update(steps=step, seconds=round(timer.elapsed(), 1), history=history)
             write_record(output, record)
+            plot_training(output, history)
         return record
     finally:
         teardown_processes(processes)

@@ -42,6 +42,7 @@ from .engine import (
     wrap_model,
     write_record,
 )
+from .plots import plot_training
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
                 record.update(steps=step, seconds=round(timer.elapsed(), 1), encoder=ENCODER_FILE,
                               encoder_sha256=encoder_sha, encoder_tensors=len(encoder_state(model)))
                 write_record(output, record)
+                plot_training(output)
         logger.info("rank %d parameter digest %s", processes.rank, parameter_digest(model))
         processes.barrier()
         if processes.main:

@@ -1,0 +1,50 @@
+"""training.png: drawn from log.csv and the validation history; optional when matplotlib is missing."""
+
+import sys
+
+import pytest
+
+from lsmseg_training import plots
+
+LOG = "step,epoch,lr,loss,grad_norm,val_dice,val_threshold,seconds\n" + "".join(
+    f"{s},{s / 10},{1e-3 * (1 - s / 20):.6g},{1.0 / s:.6g},0.5,{'0.6' if s % 5 == 0 else ''},{'0.5' if s % 5 == 0 else ''},{s}\n"
+    for s in range(1, 21)
+)
+HISTORY = [
+    {"step": step, "thresholds": [0.3, 0.5, 0.7], "mean_dice": [0.2 + d, 0.4 + d, 0.3 + d]}
+    for step, d in ((5, 0.0), (10, 0.1), (15, 0.2), (20, 0.25))
+]
+
+
+def test_plot_has_loss_lr_and_dice_per_threshold(tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "log.csv").write_text(LOG)
+    path = plots.plot_training(tmp_path, HISTORY)
+    assert path == tmp_path / "training.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+
+    with_dice = imread(path)
+    without = imread(plots.plot_training(tmp_path))  # pretraining: no validation panel
+    assert with_dice.shape[0] > without.shape[0]  # three panels are taller than two
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_log_columns_keep_their_steps(tmp_path):
+    (tmp_path / "log.csv").write_text(LOG)
+    columns = plots.read_log(tmp_path / "log.csv")
+    assert [s for s, _ in columns["val_dice"]] == [5.0, 10.0, 15.0, 20.0]
+    assert len(columns["loss"]) == 20 and columns["loss"][0] == (1.0, 1.0)
+
+
+def test_missing_matplotlib_is_one_note_not_an_error(tmp_path, monkeypatch, caplog):
+    (tmp_path / "log.csv").write_text(LOG)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    monkeypatch.setattr(plots, "_warned_missing", False)
+    with caplog.at_level("INFO"):
+        assert plots.plot_training(tmp_path, HISTORY) is None
+        assert plots.plot_training(tmp_path, HISTORY) is None
+    notes = [r.getMessage() for r in caplog.records if "matplotlib is not installed" in r.getMessage()]
+    assert len(notes) == 1 and "lsmseg[train]" in notes[0]
+    assert not (tmp_path / "training.png").exists()
