@@ -173,7 +173,7 @@ class ModelConfig:
 class InferenceSettings:
     """How a checkpoint is applied: window, blending, threshold, normalisation, spacing."""
 
-    overlap: float = 0.5
+    overlap: float = 0.5  # fraction of the window (MONAI's grid); unused when overlap_voxels is set
     threshold: float = 0.5
     sw_batch_size: int = 4
     blend: typing.Literal["gaussian", "constant"] = "gaussian"
@@ -186,8 +186,24 @@ class InferenceSettings:
     # Connected components (26-connected) smaller than this many voxels are removed from the mask:
     # threshold speckle that hardly moves Dice but dominates the Betti-0 error. 0 keeps everything.
     min_component_voxels: int = 0
+    # Inference window (z, y, x) in voxels, multiples of 32 (Swin UNETR accepts any); None: the model's
+    # training ROI. Per volume each axis is clamped to the volume (rounded up to 32), never below the
+    # ROI. Fewer, larger windows repeat less work than overlapping training-size ones; the default
+    # was chosen on validation volumes (benchmarks/README.md).
+    window: tuple[int, int, int] | None = (64, 128, 128)
+    # Least overlap of neighbouring windows in voxels (z, y, x), windows spread evenly: a fixed halo
+    # instead of a fraction of the window. None: ``overlap`` as a fraction (MONAI's grid; set both
+    # ``window`` and this to None to reproduce MONAI's sliding_window_inference exactly).
+    overlap_voxels: tuple[int, int, int] | None = (16, 16, 16)
 
     def __post_init__(self):
+        if self.window is not None and any(w <= 0 or w % 32 for w in self.window):
+            raise ValueError(f"window {tuple(self.window)} must be positive multiples of 32")
+        if self.overlap_voxels is not None:
+            if any(o < 0 for o in self.overlap_voxels):
+                raise ValueError(f"overlap_voxels {tuple(self.overlap_voxels)} must be >= 0")
+            if self.window is not None and any(o >= w for o, w in zip(self.overlap_voxels, self.window)):
+                raise ValueError(f"overlap_voxels {tuple(self.overlap_voxels)} must be smaller than the window {tuple(self.window)}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap {self.overlap} must be in [0, 1)")
         if not 0.0 < self.threshold < 1.0:

@@ -40,7 +40,7 @@ from .blocks import Block, BlockPlan, accumulate_block, default_block_shape, pla
 from .foreground import Background, dark_windows, estimate_background
 from .postprocess import open_faces_of, remove_small_components
 from .normalise import DEFAULT_MAX_SAMPLES, subsample
-from .windows import blend_weights
+from .windows import blend_weights, inference_window
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Predictor:
         self.compile = compile
         if compile:
             self.model = torch.compile(self.model)
-        self._background_cache: dict[float, torch.Tensor] = {}
+        self._background_cache: dict[tuple, torch.Tensor] = {}
         # Voxels in the subsample that percentiles and the background level come from.
         self.sample_voxels = DEFAULT_MAX_SAMPLES
         self.last_stats: dict = {}
@@ -139,6 +139,11 @@ class Predictor:
     def roi(self) -> tuple[int, int, int]:
         return tuple(self.model_config.roi)  # type: ignore[return-value]
 
+    def plan(self, shape: Sequence[int], block_size: int | Sequence[int] | None = None) -> BlockPlan:
+        """The block plan and window grid for a volume of ``shape`` (window and overlap from the settings)."""
+        window = inference_window(shape, self.roi, self.settings.window)
+        return plan_blocks(shape, window, self.settings.overlap, block_size, self.settings.overlap_voxels)
+
     def _autocast(self):
         """Mixed precision where it pays: fp16/bf16 on CUDA by default; on CPU only if asked."""
         kind = self.device.type
@@ -163,7 +168,7 @@ class Predictor:
         """
         image = np.asarray(image, dtype=np.float32)
         background = self._background(image) if self.skip_background else None
-        plan = plan_blocks(image.shape, self.roi, self.settings.overlap, self.block_size)
+        plan = self.plan(image.shape, self.block_size)
         logits = np.empty(image.shape, dtype=np.float32)
         for block, block_logits in self.iter_block_logits(plan, image, None, None, background, desc=desc):
             logits[block.out] = block_logits
@@ -174,13 +179,17 @@ class Predictor:
         """The volume's dark background (from its normalised subsample), or None."""
         return estimate_background(subsample(normalised_sample_source, self.sample_voxels))
 
-    def background_logits(self, level: float) -> torch.Tensor:
-        """The model's logits for a uniform window at ``level`` (what a skipped window contributes)."""
-        key = round(float(level), 6)
+    def background_logits(self, level: float, window: Sequence[int] | None = None) -> torch.Tensor:
+        """The model's logits for a uniform window (of ``window``, default the ROI) at ``level``.
+
+        What a skipped window contributes.
+        """
+        window = tuple(int(w) for w in (window or self.roi))
+        key = (round(float(level), 6), window)
         if key not in self._background_cache:
             if len(self._background_cache) >= 8:  # one level per volume: keep the cache small
                 self._background_cache.pop(next(iter(self._background_cache)))
-            window = torch.full((1, 1, *self.roi), key, dtype=torch.float32)
+            window = torch.full((1, 1, *window), key[0], dtype=torch.float32)
             self._background_cache[key] = self.run_windows(window)[0, 0].cpu()
         return self._background_cache[key]
 
@@ -196,8 +205,10 @@ class Predictor:
     def block_logits(self, plan: BlockPlan, block: Block, region: np.ndarray, skip, background) -> np.ndarray:
         """Blended logits on one block from its (normalised) input region."""
         settings = self.settings
-        weights = blend_weights(self.roi, settings.blend, settings.sigma_scale)
-        background_logits = self.background_logits(background.level) if skip is not None and any(skip) else None
+        weights = blend_weights(plan.roi, settings.blend, settings.sigma_scale)
+        background_logits = (
+            self.background_logits(background.level, plan.roi) if skip is not None and any(skip) else None
+        )
         return accumulate_block(
             plan, block, region, self.run_windows, weights, settings.sw_batch_size, skip, background_logits
         )
@@ -303,7 +314,7 @@ class Predictor:
         if self.skip_background and not constant:
             background = estimate_background(normalise(subsample(data, self.sample_voxels), lo, hi))
         size = block_size or self.block_size or default_block_shape(volume.shape)
-        plan = plan_blocks(volume.shape, self.roi, self.settings.overlap, size)
+        plan = self.plan(volume.shape, size)
         return PreparedVolume(volume, lo, hi, background, plan, constant)
 
     def check_finite(self, path) -> Callable[[np.ndarray], None]:
