@@ -116,6 +116,8 @@ def add_predict_command(subparsers) -> None:
     scale.add_argument("--no-skip-background", dest="skip_background", action="store_false",
                        help="run the network on uniformly dark windows too (default: skip them)")
     scale.add_argument("--compile", action="store_true", help="torch.compile the model (slow start; off by default)")
+    scale.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+                       help="network runtime; auto: ONNX Runtime on CPU when installed (lsmseg[onnx]), else PyTorch")
     scale.add_argument("--scheduler", choices=["local", "dask"], default="local",
                        help="dask: spread each volume's blocks over dask.distributed workers")
     scale.add_argument("--address", metavar="tcp://HOST:PORT",
@@ -148,6 +150,7 @@ def run_predict(args) -> int:
         block_size=args.block_size,
         skip_background=args.skip_background,
         compile=args.compile,
+        engine=args.engine,
     )
     # None cannot travel as an override: 'roi' and a fractional overlap switch the manifest's setting off.
     if args.window == "roi":

@@ -188,13 +188,13 @@ class InferenceSettings:
     min_component_voxels: int = 0
     # Inference window (z, y, x) in voxels, multiples of 32 (Swin UNETR accepts any); None: the model's
     # training ROI. Per volume each axis is clamped to the volume (rounded up to 32), never below the
-    # ROI. Fewer, larger windows repeat less work than overlapping training-size ones; the default
-    # was chosen on validation volumes (benchmarks/README.md).
-    window: tuple[int, int, int] | None = (64, 128, 128)
+    # ROI. Fewer, larger windows repeat less work, but cost Dice on the validation volumes
+    # (benchmarks/README.md): off by default.
+    window: tuple[int, int, int] | None = None
     # Least overlap of neighbouring windows in voxels (z, y, x), windows spread evenly: a fixed halo
     # instead of a fraction of the window. None: ``overlap`` as a fraction (MONAI's grid; set both
     # ``window`` and this to None to reproduce MONAI's sliding_window_inference exactly).
-    overlap_voxels: tuple[int, int, int] | None = (16, 16, 16)
+    overlap_voxels: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         if self.window is not None and any(w <= 0 or w % 32 for w in self.window):

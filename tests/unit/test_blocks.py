@@ -30,6 +30,7 @@ def conv_model():
 
 def make_predictor(model, config, **options):
     options.setdefault("progress", False)
+    options.setdefault("engine", "torch")  # exactness is the block engine's; the runtime has its own test
     return Predictor(model, config, InferenceSettings(overlap=0.5, window=None, overlap_voxels=None), device="cpu", **options)
 
 
