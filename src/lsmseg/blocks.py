@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .normalise import normalise
-from .windows import axis_starts, pad_widths
+from .windows import axis_starts, pad_widths, spread_starts
 
 Slices = tuple[slice, slice, slice]
 
@@ -76,6 +76,7 @@ class BlockPlan:
     axis_starts: tuple[tuple[int, ...], ...]  # window starts per axis, padded coordinates
     block_size: tuple[int, int, int]
     blocks: tuple[Block, ...]
+    overlap_voxels: tuple[int, ...] | None = None  # set: windows spread evenly with this least overlap
 
     @property
     def n_windows(self) -> int:
@@ -133,14 +134,26 @@ def normalise_block_size(block_size: int | Sequence[int] | None, shape: Sequence
 
 
 def plan_blocks(
-    shape: Sequence[int], roi: Sequence[int], overlap: float, block_size: int | Sequence[int] | None = None
+    shape: Sequence[int],
+    roi: Sequence[int],
+    overlap: float,
+    block_size: int | Sequence[int] | None = None,
+    overlap_voxels: Sequence[int] | None = None,
 ) -> BlockPlan:
-    """Cut ``shape`` into blocks of ``block_size`` (z-major order) over the global window grid."""
+    """Cut ``shape`` into blocks of ``block_size`` (z-major order) over the global window grid.
+
+    ``roi`` is the window run on this volume; ``overlap`` a fraction of it (MONAI's grid) unless
+    ``overlap_voxels`` (z, y, x) is given: then windows are spread evenly with at least that overlap.
+    """
     shape = tuple(int(s) for s in shape)
     roi = tuple(int(r) for r in roi)
     pad = pad_widths(shape, roi)
     padded = [s + a + b for s, (a, b) in zip(shape, pad)]
-    starts = tuple(tuple(axis_starts(p, r, overlap)) for p, r in zip(padded, roi))
+    if overlap_voxels is None:
+        starts = tuple(tuple(axis_starts(p, r, overlap)) for p, r in zip(padded, roi))
+    else:
+        overlap_voxels = tuple(min(int(o), r - 1) for o, r in zip(overlap_voxels, roi))
+        starts = tuple(tuple(spread_starts(p, r, o)) for p, r, o in zip(padded, roi, overlap_voxels))
     size = normalise_block_size(block_size, shape)
     per_axis = []
     for axis in range(3):
@@ -165,7 +178,7 @@ def plan_blocks(
                         region=(z[2], y[2], x[2]),
                     )
                 )
-    return BlockPlan(shape, roi, float(overlap), pad, starts, size, tuple(blocks))  # type: ignore[arg-type]
+    return BlockPlan(shape, roi, float(overlap), pad, starts, size, tuple(blocks), overlap_voxels)  # type: ignore[arg-type]
 
 
 def accumulate_block(

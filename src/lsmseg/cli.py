@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -32,6 +33,25 @@ def _block_size(text: str) -> int | tuple[int, int, int]:
             raise argparse.ArgumentTypeError(f"block size must be positive, got {text}")
         return value
     return _shape(text)
+
+
+def _window(text: str):
+    if text.strip().lower() == "roi":
+        return "roi"
+    window = _shape(text)
+    if any(w % 32 for w in window):
+        raise argparse.ArgumentTypeError(f"window sides must be multiples of 32, got {text!r}")
+    return window
+
+
+def _voxels(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers, got {text!r}") from None
+    if len(values) != 3 or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected three integers >= 0, got {text!r}")
+    return values  # type: ignore[return-value]
 
 
 def _part(text: str) -> tuple[int, int]:
@@ -75,7 +95,12 @@ def add_predict_command(subparsers) -> None:
     p.add_argument("--threshold", type=_probability, help="probability threshold (default: the manifest's)")
     p.add_argument("--min-component-voxels", type=int, metavar="N",
                    help="remove connected components smaller than N voxels (default: the manifest's; 0 keeps all)")
-    p.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the manifest's)")
+    p.add_argument("--window", type=_window, metavar="Z,Y,X|roi",
+                   help="inference window in voxels, multiples of 32; 'roi': the training ROI (default: the manifest's)")
+    p.add_argument("--overlap-voxels", type=_voxels, metavar="Z,Y,X",
+                   help="least overlap of neighbouring windows in voxels (default: the manifest's)")
+    p.add_argument("--overlap", type=float,
+                   help="window overlap as a fraction in [0, 1) instead of --overlap-voxels (MONAI's grid)")
     p.add_argument("--batch-size", type=int, dest="sw_batch_size", help="windows per forward pass")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: fp16/bf16 autocast on CUDA, fp32 on CPU")
@@ -98,6 +123,8 @@ def add_predict_command(subparsers) -> None:
     scale.add_argument("--no-skip-background", dest="skip_background", action="store_false",
                        help="run the network on uniformly dark windows too (default: skip them)")
     scale.add_argument("--compile", action="store_true", help="torch.compile the model (slow start; off by default)")
+    scale.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+                       help="network runtime; auto: ONNX Runtime on CPU when installed (lsmseg[onnx]), else PyTorch")
     scale.add_argument("--scheduler", choices=["local", "dask"], default="local",
                        help="dask: spread each volume's blocks over dask.distributed workers")
     scale.add_argument("--address", metavar="tcp://HOST:PORT",
@@ -129,6 +156,8 @@ def run_predict(args) -> int:
         threshold=args.threshold,
         min_component_voxels=args.min_component_voxels,
         overlap=args.overlap,
+        window=None if args.window == "roi" else args.window,
+        overlap_voxels=args.overlap_voxels,
         sw_batch_size=args.sw_batch_size,
         precision=args.precision,
         resample=args.resample,
@@ -140,7 +169,13 @@ def run_predict(args) -> int:
         max_voxels=args.max_voxels,
         probabilities_dir=args.probabilities_dir,
         probability_dtype=args.probability_dtype,
+        engine=args.engine,
     )
+    # None cannot travel as an override: 'roi' and a fractional overlap switch the manifest's setting off.
+    if args.window == "roi":
+        predictor.settings = dataclasses.replace(predictor.settings, window=None)
+    if args.overlap is not None and args.overlap_voxels is None:
+        predictor.settings = dataclasses.replace(predictor.settings, overlap_voxels=None)
     inputs = expand_inputs([path for path in args.inputs if path not in missing])
     if not inputs:
         logger.warning("no volumes found in %s", ", ".join(map(str, args.inputs)))

@@ -176,7 +176,7 @@ PER_STRUCTURE_FIELDS = ("threshold", "min_component_voxels", "split_touching")
 class InferenceSettings:
     """How a checkpoint is applied: window, blending, threshold, normalisation, spacing."""
 
-    overlap: float = 0.5
+    overlap: float = 0.5  # fraction of the window (MONAI's grid); unused when overlap_voxels is set
     threshold: float = 0.5
     sw_batch_size: int = 4
     blend: typing.Literal["gaussian", "constant"] = "gaussian"
@@ -196,8 +196,24 @@ class InferenceSettings:
     # validation split: {structure: {threshold, min_component_voxels, split_touching}}. Used when a
     # case's structure is named or read from its name's prefix; other cases use the fields above.
     per_structure: dict[str, dict] = field(default_factory=dict)
+    # Inference window (z, y, x) in voxels, multiples of 32 (Swin UNETR accepts any); None: the model's
+    # training ROI. Per volume each axis is clamped to the volume (rounded up to 32), never below the
+    # ROI. Fewer, larger windows repeat less work, but cost Dice on the validation volumes
+    # (benchmarks/README.md): off by default.
+    window: tuple[int, int, int] | None = None
+    # Least overlap of neighbouring windows in voxels (z, y, x), windows spread evenly: a fixed halo
+    # instead of a fraction of the window. None: ``overlap`` as a fraction (MONAI's grid; set both
+    # ``window`` and this to None to reproduce MONAI's sliding_window_inference exactly).
+    overlap_voxels: tuple[int, int, int] | None = None
 
     def __post_init__(self):
+        if self.window is not None and any(w <= 0 or w % 32 for w in self.window):
+            raise ValueError(f"window {tuple(self.window)} must be positive multiples of 32")
+        if self.overlap_voxels is not None:
+            if any(o < 0 for o in self.overlap_voxels):
+                raise ValueError(f"overlap_voxels {tuple(self.overlap_voxels)} must be >= 0")
+            if self.window is not None and any(o >= w for o, w in zip(self.overlap_voxels, self.window)):
+                raise ValueError(f"overlap_voxels {tuple(self.overlap_voxels)} must be smaller than the window {tuple(self.window)}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap {self.overlap} must be in [0, 1)")
         if not 0.0 < self.threshold < 1.0:

@@ -40,12 +40,13 @@ from .model import select_device
 from .normalise import normalise, percentiles
 from .weights import Manifest, find_manifest, load_manifest, load_model
 from .blocks import Block, BlockPlan, accumulate_block, default_block_shape, plan_blocks, prefetched
+from .engines import OnnxEngine, model_key, resolve_engine
 from .foreground import Background, dark_windows, estimate_background
 from .postprocess import open_faces_of, remove_small_components, split_touching
 from .probabilities import PROBABILITY_DTYPES, ProbabilityWriter
 from .structures import structure_from_name
 from .normalise import DEFAULT_MAX_SAMPLES, subsample
-from .windows import blend_weights
+from .windows import blend_weights, inference_window
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Predictor:
         max_voxels: int | None = None,
         probabilities_dir: str | Path | None = None,
         probability_dtype: str = "uint8",
+        engine: str = "auto",
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -115,7 +117,13 @@ class Predictor:
         self.probability_dtype = probability_dtype
         if compile:
             self.model = torch.compile(self.model)
-        self._background_cache: dict[float, torch.Tensor] = {}
+        # ONNX Runtime on CPU where installed (3-4x PyTorch's speed here, same logits); see lsmseg.engines.
+        self.engine = resolve_engine(engine, self.device, precision, compile)
+        self._onnx = (
+            OnnxEngine(self.model, model_key(self.model, self.weights_info.get("sha256")))
+            if self.engine == "onnxruntime" else None
+        )
+        self._background_cache: dict[tuple, torch.Tensor] = {}
         # Voxels in the subsample that percentiles and the background level come from.
         self.sample_voxels = DEFAULT_MAX_SAMPLES
         self.last_stats: dict = {}
@@ -162,6 +170,11 @@ class Predictor:
     def roi(self) -> tuple[int, int, int]:
         return tuple(self.model_config.roi)  # type: ignore[return-value]
 
+    def plan(self, shape: Sequence[int], block_size: int | Sequence[int] | None = None) -> BlockPlan:
+        """The block plan and window grid for a volume of ``shape`` (window and overlap from the settings)."""
+        window = inference_window(shape, self.roi, self.settings.window)
+        return plan_blocks(shape, window, self.settings.overlap, block_size, self.settings.overlap_voxels)
+
     def _autocast(self):
         """Mixed precision where it pays: fp16/bf16 on CUDA by default; on CPU only if asked."""
         kind = self.device.type
@@ -175,6 +188,8 @@ class Predictor:
 
     def run_windows(self, windows: torch.Tensor) -> torch.Tensor:
         """Model logits (float32, on CPU) for a batch of normalised windows (N, 1, *roi)."""
+        if self._onnx is not None:
+            return self._onnx(windows)[:, :1]
         with torch.inference_mode(), self._autocast():
             out = self.model(windows.to(self.device, non_blocking=True))
         return out[:, :1].float()
@@ -186,7 +201,7 @@ class Predictor:
         """
         image = np.asarray(image, dtype=np.float32)
         background = self._background(image) if self.skip_background else None
-        plan = plan_blocks(image.shape, self.roi, self.settings.overlap, self.block_size)
+        plan = self.plan(image.shape, self.block_size)
         logits = np.empty(image.shape, dtype=np.float32)
         for block, block_logits in self.iter_block_logits(plan, image, None, None, background, desc=desc):
             logits[block.out] = block_logits
@@ -197,13 +212,17 @@ class Predictor:
         """The volume's dark background (from its normalised subsample), or None."""
         return estimate_background(subsample(normalised_sample_source, self.sample_voxels))
 
-    def background_logits(self, level: float) -> torch.Tensor:
-        """The model's logits for a uniform window at ``level`` (what a skipped window contributes)."""
-        key = round(float(level), 6)
+    def background_logits(self, level: float, window: Sequence[int] | None = None) -> torch.Tensor:
+        """The model's logits for a uniform window (of ``window``, default the ROI) at ``level``.
+
+        What a skipped window contributes.
+        """
+        window = tuple(int(w) for w in (window or self.roi))
+        key = (round(float(level), 6), window)
         if key not in self._background_cache:
             if len(self._background_cache) >= 8:  # one level per volume: keep the cache small
                 self._background_cache.pop(next(iter(self._background_cache)))
-            window = torch.full((1, 1, *self.roi), key, dtype=torch.float32)
+            window = torch.full((1, 1, *window), key[0], dtype=torch.float32)
             self._background_cache[key] = self.run_windows(window)[0, 0].cpu()
         return self._background_cache[key]
 
@@ -225,8 +244,10 @@ class Predictor:
         (progress).
         """
         settings = self.settings
-        weights = blend_weights(self.roi, settings.blend, settings.sigma_scale)
-        background_logits = self.background_logits(background.level) if skip is not None and any(skip) else None
+        weights = blend_weights(plan.roi, settings.blend, settings.sigma_scale)
+        background_logits = (
+            self.background_logits(background.level, plan.roi) if skip is not None and any(skip) else None
+        )
         run = self.run_windows if on_windows is None else _counted(self.run_windows, on_windows)
         return accumulate_block(plan, block, region, run, weights, settings.sw_batch_size, skip, background_logits)
 
@@ -325,6 +346,7 @@ class Predictor:
             "inference": to_dict(self.settings),
             "device": str(self.device),
             "precision": self.precision,
+            "engine": self.engine,
             "resample": self.resample,
             "mask_value": self.mask_value,
             "structure": self.structure,
@@ -344,7 +366,7 @@ class Predictor:
         if self.skip_background and not constant:
             background = estimate_background(normalise(subsample(data, self.sample_voxels), lo, hi))
         size = block_size or self.block_size or default_block_shape(volume.shape)
-        plan = plan_blocks(volume.shape, self.roi, self.settings.overlap, size)
+        plan = self.plan(volume.shape, size)
         return PreparedVolume(volume, lo, hi, background, plan, constant,
                               self.settings_for(case_name or volume.name))
 

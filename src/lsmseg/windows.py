@@ -32,6 +32,33 @@ def axis_starts(size: int, roi: int, overlap: float) -> list[int]:
     return [min(i * step, size - roi) for i in range(count)]
 
 
+def spread_starts(size: int, window: int, min_overlap: int) -> list[int]:
+    """Window starts along one axis of length ``size >= window``, spread evenly, overlapping >= ``min_overlap``.
+
+    The fewest windows whose neighbours overlap by at least ``min_overlap`` voxels (a fixed halo,
+    whatever the window size); the first is at 0, the last flush with the end.
+    """
+    if size < window:
+        raise ValueError(f"axis of length {size} is shorter than the window {window}; pad first")
+    if not 0 <= min_overlap < window:
+        raise ValueError(f"overlap {min_overlap} must be in [0, {window})")
+    if size == window:
+        return [0]
+    count = -(-(size - window) // (window - min_overlap)) + 1
+    # Floor keeps every step <= window - min_overlap (the mean step is, and steps differ by <= 1).
+    return [i * (size - window) // (count - 1) for i in range(count)]
+
+
+def inference_window(shape: Sequence[int], roi: Sequence[int], window: Sequence[int] | None) -> tuple[int, int, int]:
+    """The window used on a volume of ``shape``: ``window`` (or ``roi``) clamped per axis.
+
+    An axis never exceeds the volume rounded up to 32 (no window larger than needed, so little
+    padding), and never falls below the training ``roi`` (what MONAI pads small volumes to).
+    """
+    wanted = roi if window is None else window
+    return tuple(max(int(r), min(int(w), -(-int(s) // 32) * 32)) for s, r, w in zip(shape, roi, wanted))  # type: ignore[return-value]
+
+
 def window_starts(shape: Sequence[int], roi: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
     """All window corners over a (padded) volume, in MONAI's order (last axis fastest)."""
     per_axis = [axis_starts(s, r, overlap) for s, r in zip(shape, roi)]

@@ -30,7 +30,8 @@ def conv_model():
 
 def make_predictor(model, config, **options):
     options.setdefault("progress", False)
-    return Predictor(model, config, InferenceSettings(overlap=0.5), device="cpu", **options)
+    options.setdefault("engine", "torch")  # exactness is the block engine's; the runtime has its own test
+    return Predictor(model, config, InferenceSettings(overlap=0.5, window=None, overlap_voxels=None), device="cpu", **options)
 
 
 @pytest.mark.parametrize("shape, block", [((40, 70, 80), (16, 24, 40)), ((10, 40, 20), 7), ((64, 130, 64), (32, 64, 64))])
@@ -232,3 +233,19 @@ def test_default_blocks_cut_as_little_as_the_budget_allows():
     assert np.prod(block) <= DEFAULT_BLOCK_VOXELS and min(block) >= 200  # a whole organ: ~256^3 blocks
     thin = default_block_shape((64, 4000, 4000))
     assert thin[0] == 64 and np.prod(thin) <= DEFAULT_BLOCK_VOXELS
+
+
+@pytest.mark.parametrize("skip_background", [False, True])
+def test_large_windows_with_voxel_overlap_blockwise_equal_in_memory(conv_model, tiny_model_config, skip_background):
+    """A window larger than the ROI, a fixed voxel halo: many blocks still give the one-block result."""
+    rng = np.random.default_rng(1)
+    volume = rng.integers(100, 4000, (40, 150, 170)).astype(np.uint16)
+    volume[:, :, :60] = 100  # a dark band, so that some windows are skipped
+    settings = InferenceSettings(window=(64, 128, 128), overlap_voxels=(8, 16, 16))
+    whole = Predictor(conv_model, tiny_model_config, settings, device="cpu", progress=False, skip_background=skip_background)
+    blocks = Predictor(conv_model, tiny_model_config, settings, device="cpu", progress=False, skip_background=skip_background,
+                       block_size=(16, 50, 60))
+    plan = blocks.plan(volume.shape, (16, 50, 60))
+    assert plan.roi == (64, 128, 128) and len(plan.blocks) > 1
+    assert all(a + 128 - b >= 16 for a, b in zip(plan.axis_starts[2], plan.axis_starts[2][1:]))
+    np.testing.assert_array_equal(whole.predict_logits(volume), blocks.predict_logits(volume))

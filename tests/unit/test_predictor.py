@@ -14,7 +14,9 @@ from lsmseg.predictor import Predictor
 
 @pytest.fixture
 def predictor(tiny_model, tiny_model_config):
-    return Predictor(tiny_model, tiny_model_config, InferenceSettings(overlap=0.5), device="cpu", progress=False)
+    # The training ROI and a fractional overlap: MONAI's grid, so that results can be compared with it.
+    settings = InferenceSettings(overlap=0.5, window=None, overlap_voxels=None)
+    return Predictor(tiny_model, tiny_model_config, settings, device="cpu", progress=False, engine="torch")
 
 
 def test_sliding_window_matches_monai(predictor, tiny_model):

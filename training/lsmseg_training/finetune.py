@@ -178,7 +178,10 @@ def validate(model: torch.nn.Module, config: FinetuneConfig, volumes: list[dict]
     from lsmseg.predictor import Predictor
 
     thresholds = sorted(set(config.validation.thresholds) | {config.validation.threshold})
-    settings = InferenceSettings(overlap=overlap, sw_batch_size=config.validation.sw_batch_size,
+    # The training ROI on MONAI's grid at the configured fractional overlap (not the inference default's
+    # larger windows and voxel halo), so that validation scores stay comparable across runs.
+    settings = InferenceSettings(overlap=overlap, window=None, overlap_voxels=None,
+                                 sw_batch_size=config.validation.sw_batch_size,
                                  lower_percentile=config.data.lower_percentile,
                                  upper_percentile=config.data.upper_percentile,
                                  spacing=config.data.target_spacing)

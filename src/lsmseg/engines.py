@@ -1,0 +1,146 @@
+"""Execution engines for the network on CPU: PyTorch, or ONNX Runtime on the exported network.
+
+On CPU, ONNX Runtime runs the Swin UNETR of the shipped weights 3-4x faster than PyTorch (eager) with
+the same logits within float tolerance (benchmarks/README.md). It is an optional dependency
+(``pip install lsmseg[onnx]``): without it the predictor runs PyTorch. The network is exported once
+per weights and window shape into a cache folder (``LSMSEG_CACHE_DIR``, default
+``~/.cache/lsmseg``), keyed by the weights' SHA-256 (or a hash of the parameters), written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "onnxruntime")
+# Bump when the export changes (opset, axes), so that stale cached files are not reused.
+EXPORT_VERSION = 1
+
+
+def onnxruntime_available() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def resolve_engine(engine: str, device: torch.device, precision: str, compile: bool) -> str:
+    """The engine to use: ``auto`` is ONNX Runtime on CPU in fp32 when installed, else PyTorch."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    cpu_fp32 = device.type == "cpu" and precision in ("auto", "fp32") and not compile
+    if engine == "onnxruntime":
+        if not cpu_fp32:
+            raise ValueError("engine 'onnxruntime' runs on CPU in fp32 only (no --compile, no bf16/fp16)")
+        if not onnxruntime_available():
+            raise ValueError("engine 'onnxruntime' needs the onnxruntime and onnx packages (pip install lsmseg[onnx])")
+        return engine
+    if engine == "auto":
+        return "onnxruntime" if cpu_fp32 and onnxruntime_available() else "torch"
+    return engine
+
+
+def model_key(model: torch.nn.Module, sha256: str | None = None) -> str:
+    """A stable key for a model's weights: the checkpoint's SHA-256 if known, else a hash of its tensors."""
+    if sha256:
+        return sha256[:16]
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LSMSEG_CACHE_DIR") or Path.home() / ".cache" / "lsmseg")
+
+
+class OnnxEngine:
+    """Runs ``model`` through ONNX Runtime, one session per window shape (batch size is dynamic).
+
+    Sessions are created on first use and never pickled (dask workers build their own).
+    """
+
+    def __init__(self, model: torch.nn.Module, key: str, threads: int | None = None):
+        self.model = model
+        self.key = key
+        self.threads = threads
+        self._sessions: dict[tuple[int, ...], object] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_sessions"] = {}
+        return state
+
+    def path_for(self, window: Sequence[int]) -> Path:
+        shape = "x".join(str(int(w)) for w in window)
+        return cache_dir() / "onnx" / f"{self.key}_{shape}_v{EXPORT_VERSION}.onnx"
+
+    def _export(self, window: Sequence[int]) -> Path:
+        path = self.path_for(window)
+        if path.is_file():
+            return path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            folder = path.parent
+        except OSError:
+            folder = Path(tempfile.mkdtemp(prefix="lsmseg-onnx-"))
+            path = folder / path.name
+            logger.warning("cache folder not writable; exporting the network to %s for this process only", folder)
+        logger.info("exporting the network to ONNX for windows %s (once per weights and window)", tuple(window))
+        example = torch.zeros(1, 1, *[int(w) for w in window])
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".onnx.part")
+        os.close(fd)
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                torch.onnx.export(
+                    self.model.cpu().eval(), (example,), tmp, opset_version=17, dynamo=False,
+                    input_names=["windows"], output_names=["logits"],
+                    dynamic_axes={"windows": {0: "n"}, "logits": {0: "n"}},
+                )
+            os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def session(self, window: Sequence[int]):
+        window = tuple(int(w) for w in window)
+        if window not in self._sessions:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads or torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            self._sessions[window] = ort.InferenceSession(
+                str(self._export(window)), options, providers=["CPUExecutionProvider"]
+            )
+        return self._sessions[window]
+
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        batch = np.ascontiguousarray(windows.detach().cpu().numpy(), dtype=np.float32)
+        (logits,) = self.session(batch.shape[2:]).run(None, {"windows": batch})
+        return torch.from_numpy(logits)
+
+
+def warm_cache(manifest: str | Path | None = None) -> Path | None:
+    """Export the installed (or named) weights to the ONNX cache now, e.g. while building an image."""
+    from .predictor import Predictor
+
+    predictor = Predictor.from_manifest(manifest, device="cpu", progress=False, engine="onnxruntime")
+    return predictor._onnx._export(predictor.roi)
+
+
+if __name__ == "__main__":  # python -m lsmseg.engines [MANIFEST]: fill the ONNX cache
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(warm_cache(sys.argv[1] if len(sys.argv) > 1 else None))
