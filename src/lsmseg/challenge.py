@@ -262,7 +262,10 @@ def process_case(predictor, settings: ChallengeSettings, relative_path: str | No
     refuse_overwriting_inputs([(image, output)])
     ensure_writable(settings.output_dir)
     sweep_partials(output.parent)
-    return predictor.predict_file(image, output, provenance_path=_provenance_path(settings))
+    # The job's image name carries the case's structure prefix (cfos_neuron_...), which picks the
+    # post-processing; the socket file itself may be named by a UUID.
+    case_name = Path(image_name).name if image_name else None
+    return predictor.predict_file(image, output, provenance_path=_provenance_path(settings), case_name=case_name)
 
 
 # ---------------------------------------------------------------------------------- invoke

@@ -1,5 +1,6 @@
 """Folder / exec / invoke-case logic of the container front end, without the container."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -311,6 +312,18 @@ def test_invocation_reads_inputs_json_and_writes_output(tmp_path, predictor):
     assert result["socket"] == "light-sheet-3d-microscopy" and result["image_name"] == "cell_nuclei_2301.mha"
     assert result["input"] == str(path)
     assert read_output_mha(tmp_path).GetSize() == image.shape[::-1]
+
+
+def test_invocation_post_processes_by_the_job_image_name(tmp_path, predictor):
+    """The socket file is named by a UUID; the job's image name picks the structure's settings."""
+    predictor.settings = dataclasses.replace(
+        predictor.settings, per_structure={"cell_nuclei": {"threshold": 0.99, "min_component_voxels": 7}})
+    exec_input(tmp_path, name="9a1b-uuid.mha")
+    (tmp_path / "in" / "inputs.json").write_text(json.dumps(SELMA3D_2026_INPUTS))
+    challenge.handle_invocation(predictor, settings_for(tmp_path))
+    record = json.loads(next((tmp_path / "provenance").glob("*.provenance.json")).read_text())
+    assert record["postprocess"]["structure"] == "cell_nuclei"
+    assert record["postprocess"]["threshold"] == 0.99 and record["postprocess"]["min_component_voxels"] == 7
 
 
 def test_invocation_uses_the_only_image_socket_when_slug_differs(tmp_path, predictor):
