@@ -3,6 +3,7 @@ files confined to the header's folder, one-line errors for lazy reads, metadata 
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -81,7 +82,7 @@ def test_voxel_cap_from_argument_and_environment(tmp_path, monkeypatch):
 
 
 def test_free_disk_space_is_checked_for_the_mask(tmp_path, monkeypatch):
-    monkeypatch.setattr(io.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000})())
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000})())
     io.check_output_space(tmp_path / "m.tif", (10, 100, 80))  # 80 000 voxels, 10 kB at one bit each
     with pytest.raises(OutputError, match="not enough free disk space"):
         io.check_output_space(tmp_path / "m.tif", (10, 100, 100))

@@ -1,0 +1,131 @@
+"""The one atomic writer: every file lsmseg writes (masks, provenance, manifests, checkpoints, run
+records, ONNX exports) is written under a hidden temporary name beside its target and renamed into
+place only when complete, so that a crash or a full disk never leaves a half-written file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import InputError, OutputError
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_PREFIX = ".partial-"
+_PARTIAL_PID = re.compile(re.escape(PARTIAL_PREFIX) + r"(\d+)-[0-9a-f]{8}-")
+
+
+def partial_path(path: str | Path, suffix: str = "") -> Path:
+    """A hidden temporary name beside ``path`` that carries this process's id (see :func:`sweep_partials`).
+
+    Args:
+        path: the target.
+        suffix: appended to the name (e.g. ``.zarr`` for a scratch store beside the target).
+    """
+    path = Path(path)
+    return path.parent / f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}{suffix}"
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a whole folder; nothing if it is not there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    The temporary name keeps the target's suffix (writers choose the format by suffix) and starts
+    with ``.partial-`` so that a crash leaves only an obviously unfinished hidden file, which is
+    removed on any exception. An ``OSError`` (disk full, no permission) becomes an
+    :class:`OutputError` naming ``path``.
+
+    Args:
+        path: the file or folder to write.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(path.parent, f"cannot create output folder: {exc.strerror or exc}") from exc
+    if not os.access(path.parent, os.W_OK):
+        raise OutputError(path.parent, "output folder is not writable")
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        if path.exists():
+            remove_path(path)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        remove_path(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, (InputError, OutputError)):
+            raise OutputError(path, f"cannot write output: {exc.strerror or exc}") from exc
+        raise
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(data: dict, path: str | Path) -> Path:
+    """Write ``data`` as indented JSON, atomically (values JSON cannot hold are written as strings)."""
+    return write_text(json.dumps(data, indent=2, default=str), path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_partials(folder: str | Path, stale_after_s: float = 3600.0) -> list[Path]:
+    """Remove ``.partial-*`` leftovers of killed runs from ``folder``; return what was removed.
+
+    A partial name carries its writer's pid: it is stale when that process is gone or is this one
+    (called before this process writes). Names without a pid (older versions) are stale once
+    untouched for ``stale_after_s``. Runs on other hosts sharing the folder are not seen.
+
+    Args:
+        folder: the output folder.
+        stale_after_s: age after which a partial without a pid is removed.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if not entry.name.startswith(PARTIAL_PREFIX):
+            continue
+        match = _PARTIAL_PID.match(entry.name)
+        if match:
+            pid = int(match.group(1))
+            stale = pid == os.getpid() or not _pid_alive(pid)
+        else:
+            try:
+                stale = time.time() - entry.lstat().st_mtime > stale_after_s
+            except OSError:
+                continue
+        if stale:
+            remove_path(entry)
+            removed.append(entry)
+            logger.info("removed %s (left by an interrupted run)", entry)
+    return removed

@@ -1,0 +1,104 @@
+"""Names and places: volume names without their format suffix, where a mask goes, and the checks
+that an output never replaces an input."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..errors import InputError, OutputError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
+SITK_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+ZARR_SUFFIXES = (".ome.zarr", ".zarr")
+# Longest first, so that "x.ome.tif" loses ".ome.tif" and not just ".tif".
+KNOWN_SUFFIXES = tuple(
+    sorted((*OME_TIFF_SUFFIXES, *TIFF_SUFFIXES, *SITK_SUFFIXES, *ZARR_SUFFIXES), key=len, reverse=True)
+)
+
+
+def _natural_key(name: str) -> list:
+    """Sort key so that z2 comes before z10."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def natural_sorted(paths) -> list[Path]:
+    """``paths`` sorted by name, numbers by value (``z2`` before ``z10``), case-insensitively."""
+    return sorted((Path(p) for p in paths), key=lambda p: _natural_key(p.name))
+
+
+def volume_name(path: str | Path) -> str:
+    """Base name of a volume without its format suffix: ``brain01`` for ``brain01.nii.gz``."""
+    path = Path(path)
+    lower = path.name.lower()
+    suffix = next((s for s in KNOWN_SUFFIXES if lower.endswith(s)), "")
+    return path.name[: len(path.name) - len(suffix)] if suffix else path.name
+
+
+OUTPUT_FORMATS = ("same", "zarr")
+
+
+def output_path_for(input_path: str | Path, out_dir: str | Path, output_format: str = "same") -> Path:
+    """Where a volume's mask goes in ``out_dir``.
+
+    Args:
+        input_path: the volume.
+        out_dir: the output folder.
+        output_format: ``"same"``: the same name and container (the challenge convention);
+            ``"zarr"``: ``<name>.ome.zarr``.
+    """
+    if output_format == "zarr":
+        return Path(out_dir) / f"{volume_name(input_path)}.ome.zarr"
+    if output_format != "same":
+        raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+    return Path(out_dir) / Path(input_path).name
+
+
+def list_volumes(folder: str | Path) -> list[Path]:
+    """Every candidate volume in ``folder``, naturally sorted (hidden and partial files skipped).
+
+    Files of unknown type are listed too, so that the caller reports them as bad input instead of
+    silently ignoring them; sidecar files (provenance JSON, notes) are skipped.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "input folder does not exist")
+    entries = []
+    for entry in folder.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.name.endswith((".json", ".md", ".txt")):
+            continue
+        entries.append(entry)
+    return natural_sorted(entries)
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same file or folder (by resolved path, or by inode when both exist)."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_overwriting_inputs(pairs) -> None:
+    """Raise :class:`OutputError` when an output would replace (or sit inside) one of the inputs.
+
+    Args:
+        pairs: ``[(input, output), ...]``; every output is checked against every input, so that
+            ``predict d/a.tif -o d`` and folder mode with the same input and output folder are
+            refused before any work.
+    """
+    pairs = [(Path(i), Path(o)) for i, o in pairs]
+    inputs = [i for i, _ in pairs]
+    for _, output in pairs:
+        for input_path in inputs:
+            if same_file(input_path, output):
+                raise OutputError(output, f"output would overwrite the input {input_path}; choose another output folder")
+            if input_path.is_dir() and os.path.realpath(output).startswith(os.path.realpath(input_path) + os.sep):
+                raise OutputError(output, f"output would be written inside the input {input_path}; choose another output folder")

@@ -1,0 +1,217 @@
+"""NIfTI, MetaImage (MHA/MHD) and NRRD, through SimpleITK.
+
+A mask keeps the input's spacing, origin and direction. Before ITK sees a file, its header text is
+read here: a detached data file must lie in the header's own folder, and the declared size is
+checked against the voxel cap and against the bytes the data file holds. ITK's NIfTI reader
+replaces NaN with 0; the raw voxels are read back so that a damaged volume is refused, not guessed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from .volume import Volume, VolumeFormat, check_array_shape, check_declared_size, check_dtype
+
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _nifti_nonfinite(path: Path, shape: tuple) -> np.ndarray | None:
+    """Where a float NIfTI file holds NaN/Inf, read from its raw data (None: none, or not float).
+
+    ITK's NIfTI reader replaces NaN with 0, which would let a damaged volume pass as a valid one;
+    reading the raw voxels lets the caller see what the file really holds.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        header = handle.read(540)
+        for endian in ("<", ">"):
+            size = struct.unpack(endian + "i", header[:4])[0]
+            if size == 348:  # NIfTI-1
+                datatype = struct.unpack(endian + "h", header[70:72])[0]
+                offset = int(struct.unpack(endian + "f", header[108:112])[0])
+                break
+            if size == 540:  # NIfTI-2
+                datatype = struct.unpack(endian + "h", header[12:14])[0]
+                offset = struct.unpack(endian + "q", header[168:176])[0]
+                break
+        else:
+            return None
+        if datatype not in _NIFTI_FLOAT_TYPES:
+            return None
+        handle.seek(offset)
+        raw = np.frombuffer(handle.read(), dtype=endian + _NIFTI_FLOAT_TYPES[datatype], count=int(np.prod(shape)))
+    nonfinite = ~np.isfinite(raw)
+    return nonfinite.reshape(shape) if nonfinite.any() else None
+
+
+_HEADER_LIMIT = 1 << 16  # header text read before handing a file to ITK
+
+
+def _header_text(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return fh.read(_HEADER_LIMIT).decode("latin-1")
+
+
+def _metaimage_fields(path: Path) -> dict[str, str]:
+    """``Key = Value`` fields of a MetaImage header, up to ``ElementDataFile`` (which ends it)."""
+    fields: dict[str, str] = {}
+    for line in _header_text(path).splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        key = key.strip().lower()
+        fields[key] = value.strip()
+        if key == "elementdatafile":
+            break
+    return fields
+
+
+def _nrrd_fields(path: Path) -> dict[str, str]:
+    """``key: value`` fields of a NRRD header (up to the blank line that ends it)."""
+    text = _header_text(path)
+    if not text.startswith("NRRD"):
+        raise InputError(path, "cannot read image (no NRRD magic)")
+    fields: dict[str, str] = {}
+    for line in text.splitlines()[1:]:
+        if not line.strip():
+            break
+        if line.startswith("#"):
+            continue
+        key, sep, value = line.partition(":")
+        if sep and not value.startswith("="):  # "key:=value" lines are key/value pairs, not fields
+            fields[key.strip().lower()] = value.strip()
+    return fields
+
+
+def _confined_data_file(path: Path, name: str) -> Path:
+    """A detached data file named by a header: one plain name that resolves inside the header's folder."""
+    if not name or name.upper().startswith("LIST") or "%" in name or len(name.split()) > 1:
+        raise InputError(path, f"data file '{name[:80]}' is a list or pattern of files; only one data file is supported")
+    folder = os.path.realpath(path.parent)
+    target = os.path.realpath(os.path.join(folder, name))
+    if os.path.isabs(name) or not target.startswith(folder + os.sep):
+        raise InputError(path, f"data file '{name[:80]}' lies outside the header's folder; refusing to read it")
+    if not os.path.isfile(target):
+        raise InputError(path, f"data file '{name[:80]}' is missing or not a regular file")
+    return Path(target)
+
+
+def _sitk_data_source(path: Path) -> tuple[Path, bool]:
+    """Where the pixels of an ITK file are and whether they are deflate-compressed, checked for
+    confinement from the header text itself before ITK sees the file.
+
+    ``.mha`` must hold its pixels (``ElementDataFile = LOCAL``); ``.mhd``/``.nhdr`` (and a
+    detached ``.nrrd``) may name one data file, inside the header's own folder.
+    """
+    lower = path.name.lower()
+    if lower.endswith((".mha", ".mhd")):
+        fields = _metaimage_fields(path)
+        data_file = fields.get("elementdatafile")
+        if data_file is None:
+            raise InputError(path, "cannot read image (MetaImage header has no ElementDataFile)")
+        compressed = fields.get("compresseddata", "false").lower() == "true"
+        if data_file.upper() == "LOCAL":
+            return path, compressed
+        if lower.endswith(".mha"):
+            raise InputError(path, f"an .mha file must hold its own pixels (ElementDataFile = LOCAL), not '{data_file[:80]}'")
+        return _confined_data_file(path, data_file), compressed
+    if lower.endswith((".nrrd", ".nhdr")):
+        fields = _nrrd_fields(path)
+        data_file = fields.get("data file", fields.get("datafile"))
+        compressed = fields.get("encoding", "raw").lower() in ("gzip", "gz")
+        if data_file is None:
+            if lower.endswith(".nhdr"):
+                raise InputError(path, "NRRD header has no 'data file' field")
+            return path, compressed
+        return _confined_data_file(path, data_file), compressed
+    return path, lower.endswith(".gz")
+
+
+def _check_sitk_size(path: Path, max_voxels: int | None) -> None:
+    """Confine the data file, then check the declared size (ITK reads only the header here)."""
+    import SimpleITK as sitk
+
+    source, compressed = _sitk_data_source(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except Exception as exc:
+        raise InputError(path, f"cannot read image header ({_first_error_line(exc)})") from exc
+    size = tuple(int(s) for s in reader.GetSize())
+    if not 2 <= len(size) <= 4:
+        raise InputError(path, f"{len(size)}-D image of size {size}; expected a 3-D volume (z, y, x)")
+    components = int(reader.GetNumberOfComponents())
+    try:  # bytes per component, from a 1-pixel image of the same pixel type
+        itemsize = sitk.GetArrayViewFromImage(sitk.Image([1, 1], reader.GetPixelID())).dtype.itemsize
+    except RuntimeError as exc:
+        raise InputError(path, f"unsupported pixel type ({reader.GetPixelIDTypeAsString()})") from exc
+    check_declared_size(path, (*size, components), itemsize, max_voxels)
+    data_bytes = os.path.getsize(source)
+    if compressed:
+        check_declared_size(path, (*size, components), itemsize, max_voxels, deflate_bytes=data_bytes)
+    elif source != path or path.name.lower().endswith((".mha", ".nii")):
+        check_declared_size(path, (*size, components), itemsize, max_voxels, stored_bytes=data_bytes)
+
+
+def _first_error_line(exc: Exception) -> str:
+    """SimpleITK raises RuntimeError with a multi-line message: its first error line."""
+    text = str(exc)
+    return next((line for line in text.splitlines() if "ERROR" in line or "error" in line), text).strip()[:200]
+
+
+class SitkFormat(VolumeFormat):
+    """``.nii.gz``, ``.nii``, ``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr`` (read whole: ITK has no lazy reads)."""
+
+    name = "sitk"
+
+    def read(self, path: Path, *, lazy: bool = False, max_voxels: int | None = None) -> Volume:
+        import SimpleITK as sitk
+
+        _check_sitk_size(path, max_voxels)
+        try:
+            image = sitk.ReadImage(str(path))
+        except Exception as exc:
+            raise InputError(path, f"cannot read image ({_first_error_line(exc)})") from exc
+        if image.GetNumberOfComponentsPerPixel() > 1:
+            raise InputError(
+                path, f"multi-channel image ({image.GetNumberOfComponentsPerPixel()} components); expected one channel"
+            )
+        size = image.GetSize()[::-1]
+        if image.GetDimension() == 4 and size[0] == 1:  # a 4-D file with a single time point
+            image = image[:, :, :, 0]
+            size = image.GetSize()[::-1]
+        check_array_shape(path, tuple(size))
+        data = sitk.GetArrayFromImage(image)
+        check_dtype(path, data.dtype)
+        if data.dtype.kind == "f" and path.name.lower().endswith((".nii", ".nii.gz")):
+            nonfinite = _nifti_nonfinite(path, data.shape)
+            if nonfinite is not None:
+                data[nonfinite] = np.nan  # restore what ITK silently zeroed, so callers can refuse it
+        meta = {"origin": image.GetOrigin(), "direction": image.GetDirection(), "sitk_spacing": image.GetSpacing()}
+        spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
+        return Volume(data=data, spacing=spacing, path=path, fmt=self.name, meta=meta)  # type: ignore[arg-type]
+
+    def write(self, array: np.ndarray, path: Path, *, like=None, spacing=None) -> None:
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(array)
+        if spacing is not None:
+            image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+        if like is not None and like.fmt == self.name and like.shape == array.shape:
+            image.SetOrigin(like.meta["origin"])
+            image.SetDirection(like.meta["direction"])
+        sitk.WriteImage(image, str(path), useCompression=True)
+
+    def write_blocks(self, blocks, path: Path, *, shape, dtype, like=None, spacing=None) -> None:
+        """ITK's writers need the whole image: the blocks are assembled first (its readers hold it anyway)."""
+        array = np.zeros(tuple(shape), dtype=dtype)
+        for index, block in blocks:
+            array[index] = block
+        self.write(array, path, like=like, spacing=spacing)
