@@ -126,6 +126,7 @@ def to_dict(obj) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """A YAML file's top-level mapping; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -136,11 +137,6 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
-
-
-def load_config(cls: type[T], path: str | Path) -> T:
-    """Load and validate a YAML file into dataclass ``cls``; errors name the file and key."""
-    return from_dict(cls, load_yaml(path), where=str(path))
 
 
 @dataclass
@@ -174,9 +170,13 @@ PER_STRUCTURE_FIELDS = ("threshold", "min_component_voxels", "split_touching")
 
 @dataclass
 class InferenceSettings:
-    """How a checkpoint is applied: window, blending, threshold, normalisation, spacing."""
+    """How a checkpoint is applied: window overlap, blending, threshold, normalisation, spacing, clean-up.
 
-    overlap: float = 0.5  # fraction of the window (MONAI's grid); unused when overlap_voxels is set
+    The window is the model's training ROI on MONAI's grid. Larger windows with an overlap in voxels
+    were measured and removed: fewer windows, but 0.016-0.021 less Dice (benchmarks/README.md).
+    """
+
+    overlap: float = 0.5  # fraction of the window (MONAI's grid)
     threshold: float = 0.5
     sw_batch_size: int = 4
     blend: typing.Literal["gaussian", "constant"] = "gaussian"
@@ -190,30 +190,14 @@ class InferenceSettings:
     # threshold speckle that hardly moves Dice but dominates the Betti-0 error. 0 keeps everything.
     min_component_voxels: int = 0
     # Touching objects are split apart (seeded watershed of the distance transform, seeds of at least
-    # this prominence in voxels; lsmseg.postprocess.split_touching). 0 keeps them merged.
+    # this prominence in voxels; lsmseg.inference.postprocess.split_touching). 0 keeps them merged.
     split_touching: float = 0.0
     # Post-processing per structure (the 2026 challenge's names, lsmseg.structures), chosen on the
     # validation split: {structure: {threshold, min_component_voxels, split_touching}}. Used when a
     # case's structure is named or read from its name's prefix; other cases use the fields above.
     per_structure: dict[str, dict] = field(default_factory=dict)
-    # Inference window (z, y, x) in voxels, multiples of 32 (Swin UNETR accepts any); None: the model's
-    # training ROI. Per volume each axis is clamped to the volume (rounded up to 32), never below the
-    # ROI. Fewer, larger windows repeat less work, but cost Dice on the validation volumes
-    # (benchmarks/README.md): off by default.
-    window: tuple[int, int, int] | None = None
-    # Least overlap of neighbouring windows in voxels (z, y, x), windows spread evenly: a fixed halo
-    # instead of a fraction of the window. None: ``overlap`` as a fraction (MONAI's grid; set both
-    # ``window`` and this to None to reproduce MONAI's sliding_window_inference exactly).
-    overlap_voxels: tuple[int, int, int] | None = None
 
     def __post_init__(self):
-        if self.window is not None and any(w <= 0 or w % 32 for w in self.window):
-            raise ValueError(f"window {tuple(self.window)} must be positive multiples of 32")
-        if self.overlap_voxels is not None:
-            if any(o < 0 for o in self.overlap_voxels):
-                raise ValueError(f"overlap_voxels {tuple(self.overlap_voxels)} must be >= 0")
-            if self.window is not None and any(o >= w for o, w in zip(self.overlap_voxels, self.window)):
-                raise ValueError(f"overlap_voxels {tuple(self.overlap_voxels)} must be smaller than the window {tuple(self.window)}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap {self.overlap} must be in [0, 1)")
         if not 0.0 < self.threshold < 1.0:
@@ -244,4 +228,4 @@ class InferenceSettings:
         return from_dict(InferenceSettings, merged, where=f"per_structure.{structure}")
 
 
-__all__ = ["ModelConfig", "InferenceSettings", "from_dict", "to_dict", "load_config", "load_yaml", "field"]
+__all__ = ["ModelConfig", "InferenceSettings", "from_dict", "to_dict", "load_yaml"]

@@ -1,8 +1,16 @@
-"""Exceptions whose messages are one clear line: what went wrong, and with which file."""
+"""Exceptions whose messages are one clear line (what went wrong, and with which file), and the
+exit codes every command shares."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+
+# Exit codes of `lsmseg` and the container: 0 all done (or nothing to do), 1 any failure (bad input,
+# unwritable output, missing or tampered weights), 2 bad arguments; SIGTERM and Ctrl-C as shells do.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_TERMINATED = 128 + signal.SIGTERM
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 class LsmsegError(Exception):
@@ -28,14 +36,14 @@ class OutputError(LsmsegError):
 
 
 class ProvenanceError(OutputError):
-    """The mask was written but its provenance JSON was not. ``record`` is the volume's result
-    (``ok`` True, ``provenance_error`` set), so that front ends do not report the mask as missing."""
+    """The mask was written but its provenance JSON was not. ``record`` is the provenance record
+    that could not be written, so that front ends do not report the mask as missing."""
 
     def __init__(self, cause: LsmsegError, output_path: str | Path, record: dict):
         path = getattr(cause, "path", output_path)
         reason = getattr(cause, "reason", str(cause))
         super().__init__(path, f"{reason} (the mask {output_path} was written; only its provenance record is missing)")
-        self.record = {**record, "ok": True, "provenance_error": str(self)}
+        self.record = record
 
 
 class WeightsError(LsmsegError):

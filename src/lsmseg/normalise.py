@@ -68,6 +68,34 @@ def normalise(array, lo: float, hi: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def is_constant(data, planes_per_read: int = 16) -> bool:
+    """Whether a volume (numpy or lazy) holds one finite value everywhere: nothing to segment.
+
+    A lazy volume is read a few planes at a time, and only until a second value shows.
+
+    Args:
+        data: a 3-D array or lazy array-like.
+        planes_per_read: z-planes per read of a lazy volume.
+    """
+    if isinstance(data, np.ndarray):
+        return data.size > 0 and _holds_one_value([data])
+    return _holds_one_value(np.asarray(data[z : z + planes_per_read]) for z in range(0, int(data.shape[0]), planes_per_read))
+
+
+def _holds_one_value(slabs) -> bool:
+    first = None
+    for slab in slabs:
+        if first is None:
+            if slab.size == 0:
+                return False
+            first = slab.flat[0]
+            if slab.dtype.kind == "f" and not np.isfinite(first):
+                return False
+        if not np.all(slab == first):
+            return False
+    return first is not None
+
+
 def normalise_volume(
     array, lower: float = DEFAULT_LOWER, upper: float = DEFAULT_UPPER, max_samples: int = DEFAULT_MAX_SAMPLES
 ) -> np.ndarray:

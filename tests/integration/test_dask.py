@@ -8,7 +8,7 @@ import torch
 
 from lsmseg import io
 from lsmseg.config import InferenceSettings
-from lsmseg.predictor import Predictor
+from lsmseg.inference import Predictor, RunOptions, predict_files
 
 distributed = pytest.importorskip("distributed")
 
@@ -30,20 +30,22 @@ def test_two_worker_cluster_matches_single_process(conv_model, tiny_model_config
     io.write_volume(volume, tmp_path / "in" / "v.tif", spacing=(2.0, 1.0, 1.0))
     (tmp_path / "in" / "broken.tif").write_bytes(b"II*\x00garbage")
     settings = InferenceSettings(overlap=0.5, threshold=0.45)
-    predictor = Predictor(conv_model, tiny_model_config, settings, device="cpu", progress=False, block_size=(16, 48, 64))
+    predictor = Predictor(conv_model, tiny_model_config, settings, device="cpu",
+                          options=RunOptions(progress=False, block_size=(16, 48, 64)))
     inputs = [tmp_path / "in" / "broken.tif", tmp_path / "in" / "v.tif"]
-    single = predictor.predict_files(inputs[1:], tmp_path / "single")
+    single = predict_files(predictor, inputs[1:], tmp_path / "single")
     expected = io.read_volume(tmp_path / "single" / "v.tif").load()
     assert 0 < expected.mean() < 1
 
     results = predict_files_dask(predictor, inputs, tmp_path / "dask", n_workers=2, processes=False)
-    assert [r["ok"] for r in results] == [False, True] and "broken.tif" in results[0]["error"]
+    assert [r.ok for r in results] == [False, True] and "broken.tif" in results[0].error
     written = io.read_volume(tmp_path / "dask" / "v.tif")
     np.testing.assert_array_equal(written.load(), expected)
     np.testing.assert_allclose(written.spacing, (2.0, 1.0, 1.0), rtol=1e-5)
     provenance = json.loads((tmp_path / "dask" / "v.tif.provenance.json").read_text())
     assert provenance["blocks"]["scheduler"] == "dask" and provenance["blocks"]["workers"] == 2
-    assert provenance["blocks"]["windows_skipped"] == single[0]["blocks"]["windows_skipped"] > 0
+    assert provenance["blocks"]["windows_skipped"] == single[0].record["blocks"]["windows_skipped"] > 0
+    assert provenance["blocks"]["window_runs"] == single[0].record["blocks"]["window_runs"]
     assert sorted(p.name for p in (tmp_path / "dask").iterdir()) == ["v.tif", "v.tif.provenance.json"]
 
     results = predict_files_dask(predictor, inputs[1:], tmp_path / "zarr", output_format="zarr", n_workers=2,

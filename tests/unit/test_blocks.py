@@ -10,10 +10,10 @@ import tifffile
 import torch
 
 from lsmseg import io
-from lsmseg.blocks import plan_blocks
 from lsmseg.config import InferenceSettings
-from lsmseg.predictor import Predictor
-from lsmseg.windows import pad_widths, window_starts
+from lsmseg.inference import Predictor, RunOptions, predict_file, predict_files
+from lsmseg.inference.blocks import plan_blocks
+from lsmseg.inference.windows import pad_widths, window_starts
 
 ROI = (32, 64, 64)
 
@@ -30,8 +30,9 @@ def conv_model():
 
 def make_predictor(model, config, **options):
     options.setdefault("progress", False)
-    options.setdefault("engine", "torch")  # exactness is the block engine's; the runtime has its own test
-    return Predictor(model, config, InferenceSettings(overlap=0.5, window=None, overlap_voxels=None), device="cpu", **options)
+    # engine torch: exactness is the block engine's; the runtime has its own test
+    return Predictor(model, config, InferenceSettings(overlap=0.5), device="cpu", engine="torch",
+                     options=RunOptions(**options))
 
 
 @pytest.mark.parametrize("shape, block", [((40, 70, 80), (16, 24, 40)), ((10, 40, 20), 7), ((64, 130, 64), (32, 64, 64))])
@@ -63,11 +64,13 @@ def test_many_blocks_give_exactly_the_one_block_result(conv_model, tiny_model_co
     whole = make_predictor(conv_model, tiny_model_config, skip_background=skip_background)
     split = make_predictor(conv_model, tiny_model_config, skip_background=skip_background, block_size=(20, 50, 70),
                            prefetch=True)  # the next block is read in a thread: same result
-    logits_whole = whole.predict_logits(volume)
-    logits_split = split.predict_logits(volume)
-    assert split.last_stats["blocks"] == 2 * 2 * 3 and whole.last_stats["blocks"] == 1
-    assert split.last_stats["windows_skipped"] == whole.last_stats["windows_skipped"]
-    assert (whole.last_stats["windows_skipped"] > 0) == skip_background
+    logits_whole, stats_whole = whole.logits_with_stats(volume)
+    logits_split, stats_split = split.logits_with_stats(volume)
+    assert stats_split.blocks == 2 * 2 * 3 and stats_whole.blocks == 1
+    assert stats_split.skipped == stats_whole.skipped  # the same windows, whichever block they touch
+    assert (stats_whole.windows_skipped > 0) == skip_background
+    # A window on a block border runs once per block it touches; a skipped one is counted once.
+    assert stats_split.window_runs >= stats_whole.window_runs == stats_whole.windows - stats_whole.windows_skipped
     np.testing.assert_array_equal(logits_split, logits_whole)  # same windows, same order: bit-identical
     threshold = np.float32(np.median(logits_whole))
     np.testing.assert_array_equal(logits_split >= threshold, logits_whole >= threshold)
@@ -79,7 +82,7 @@ def test_lazy_file_prediction_equals_in_memory(conv_model, tiny_model_config, tm
     io.write_volume(volume, tmp_path / "v.tif", spacing=(2.0, 1.0, 1.0))
     predictor = make_predictor(conv_model, tiny_model_config, block_size=(20, 32, 40))
     expected = make_predictor(conv_model, tiny_model_config).predict_volume(volume)
-    record = predictor.predict_file(tmp_path / "v.tif", tmp_path / "out" / "v.tif")
+    record = predict_file(predictor, tmp_path / "v.tif", tmp_path / "out" / "v.tif").record
     written = io.read_volume(tmp_path / "out" / "v.tif")
     np.testing.assert_array_equal(written.load(), expected)
     np.testing.assert_allclose(written.spacing, (2.0, 1.0, 1.0), rtol=1e-5)
@@ -98,14 +101,14 @@ def test_plane_folder_and_zarr_outputs_written_block_by_block(conv_model, tiny_m
         tifffile.imwrite(planes / f"slice_{z:03d}.tif", plane)
     expected = make_predictor(conv_model, tiny_model_config).predict_volume(volume)
     predictor = make_predictor(conv_model, tiny_model_config, block_size=(5, 30, 40), mask_value=255)
-    results = predictor.predict_files([planes], tmp_path / "out")
-    assert results[0]["ok"], results
+    results = predict_files(predictor, [planes], tmp_path / "out")
+    assert results[0].ok, results
     out = tmp_path / "out" / "planes"
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in planes.iterdir())
     np.testing.assert_array_equal(io.read_volume(out).load(), expected * 255)
-    results = predictor.predict_files([planes], tmp_path / "zarr", output_format="zarr")
+    results = predict_files(predictor, [planes], tmp_path / "zarr", output_format="zarr")
     written = io.read_volume(tmp_path / "zarr" / "planes.ome.zarr")
-    assert results[0]["output"].endswith("planes.ome.zarr") and written.fmt == "zarr"
+    assert results[0].output.endswith("planes.ome.zarr") and written.fmt == "zarr"
     np.testing.assert_array_equal(written.load(), expected * 255)
 
 
@@ -115,22 +118,23 @@ def test_disk_full_mid_volume_removes_partial_output_and_continues(conv_model, t
     inputs.mkdir()
     for name in ("a.tif", "b.tif", "c.nii.gz"):
         io.write_volume(rng.integers(0, 999, (24, 40, 40)).astype(np.uint16), inputs / name)
-    real_writer = io.BLOCK_WRITERS["tiff"]
+    tiff = io.FORMATS["tiff"]
+    real_writer = tiff.write_blocks
 
-    def filling_disk(blocks, path, *args, **kwargs):
+    def filling_disk(blocks, path, **kwargs):
         def until_full():
             for number, item in enumerate(blocks):
                 if number == 2 and path.name.endswith("a.tif"):
                     raise OSError(errno.ENOSPC, "No space left on device")
                 yield item
 
-        return real_writer(until_full(), path, *args, **kwargs)
+        return real_writer(until_full(), path, **kwargs)
 
-    monkeypatch.setitem(io.BLOCK_WRITERS, "tiff", filling_disk)
+    monkeypatch.setattr(tiff, "write_blocks", filling_disk)
     predictor = make_predictor(conv_model, tiny_model_config, block_size=(8, 40, 40))
-    results = predictor.predict_files(io.list_volumes(inputs), tmp_path / "out")
-    assert [r["ok"] for r in results] == [False, True, True]
-    assert "No space left on device" in results[0]["error"] and str(tmp_path / "out" / "a.tif") in results[0]["error"]
+    results = predict_files(predictor, io.list_volumes(inputs), tmp_path / "out")
+    assert [r.ok for r in results] == [False, True, True]
+    assert "No space left on device" in results[0].error and str(tmp_path / "out" / "a.tif") in results[0].error
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "b.tif", "b.tif.provenance.json", "c.nii.gz", "c.nii.gz.provenance.json"
     ]
@@ -151,11 +155,11 @@ def test_bad_plane_folders_are_reported_and_others_processed(conv_model, tiny_mo
     good = root / "good.tif"
     io.write_volume(np.random.default_rng(4).integers(0, 999, (8, 32, 32)).astype(np.uint16), good)
     predictor = make_predictor(conv_model, tiny_model_config)
-    results = predictor.predict_files([mixed_shapes, mixed_types, missing, good], tmp_path / "out")
-    assert [r["ok"] for r in results] == [False, False, False, True]
-    assert "differ in shape" in results[0]["error"] and "mixed_shapes" in results[0]["error"]
-    assert "differ in type" in results[1]["error"]
-    assert "missing plane" in results[2]["error"] and ": 2" in results[2]["error"]
+    results = predict_files(predictor, [mixed_shapes, mixed_types, missing, good], tmp_path / "out")
+    assert [r.ok for r in results] == [False, False, False, True]
+    assert "differ in shape" in results[0].error and "mixed_shapes" in results[0].error
+    assert "differ in type" in results[1].error
+    assert "missing plane" in results[2].error and ": 2" in results[2].error
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.tif", "good.tif.provenance.json"]
 
 
@@ -164,8 +168,8 @@ def test_nan_in_a_later_block_fails_that_file_cleanly(conv_model, tiny_model_con
     volume[20, 5, 5] = np.nan
     io.write_volume(volume, tmp_path / "nan.tif")
     predictor = make_predictor(conv_model, tiny_model_config, block_size=(8, 40, 40))
-    results = predictor.predict_files([tmp_path / "nan.tif"], tmp_path / "out")
-    assert not results[0]["ok"] and "NaN/Inf" in results[0]["error"]
+    results = predict_files(predictor, [tmp_path / "nan.tif"], tmp_path / "out")
+    assert not results[0].ok and "NaN/Inf" in results[0].error
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -180,7 +184,7 @@ def test_peak_memory_follows_block_size_not_volume_size(conv_model, tiny_model_c
         path = tmp_path / f"v{factor}.tif"
         io.write_volume(np.random.default_rng(factor).integers(0, 999, shape).astype(np.uint16), path)
         tracemalloc.start()
-        predictor.predict_file(path, tmp_path / "out" / path.name)
+        predict_file(predictor, path, tmp_path / "out" / path.name)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     volume_bytes = 64 * 64 * 128 * 4  # the 1x volume as float32
@@ -194,8 +198,7 @@ def test_small_components_removed_in_files_and_arrays(conv_model, tiny_model_con
     rng = np.random.default_rng(3)
     volume = rng.integers(100, 4000, (20, 60, 70)).astype(np.uint16)  # noise: plenty of speckle
     io.write_volume(volume, tmp_path / "noise.tif")
-    logits = Predictor(conv_model, tiny_model_config, InferenceSettings(overlap=0.5), device="cpu",
-                       progress=False).predict_logits(volume)
+    logits = make_predictor(conv_model, tiny_model_config).predict_logits(volume)
     threshold = float(1 / (1 + np.exp(-np.percentile(logits, 93))))  # the brightest 7 %: speckle
     settings = InferenceSettings(overlap=0.5, threshold=threshold, min_component_voxels=15)
 
@@ -208,14 +211,16 @@ def test_small_components_removed_in_files_and_arrays(conv_model, tiny_model_con
                     touching |= set(np.unique(np.take(labels, [cut - 1, cut], axis=axis)).tolist())
         return np.bincount(labels.ravel())[1:], touching
 
+    options = RunOptions(progress=False)
     plain = Predictor(conv_model, tiny_model_config, InferenceSettings(overlap=0.5, threshold=threshold), device="cpu",
-                      progress=False)
+                      options=options)
     assert sizes_and_borders(plain.predict_volume(volume))[0].min() < 15  # there is speckle to remove
-    whole = Predictor(conv_model, tiny_model_config, settings, device="cpu", progress=False).predict_volume(volume)
+    whole = Predictor(conv_model, tiny_model_config, settings, device="cpu", options=options).predict_volume(volume)
     assert whole.any() and sizes_and_borders(whole)[0].min() >= 15
     block = (10, 30, 35)
-    split = Predictor(conv_model, tiny_model_config, settings, device="cpu", progress=False, block_size=block)
-    record = split.predict_file(tmp_path / "noise.tif", tmp_path / "out" / "noise.tif")
+    split = Predictor(conv_model, tiny_model_config, settings, device="cpu",
+                      options=RunOptions(progress=False, block_size=block))
+    record = predict_file(split, tmp_path / "noise.tif", tmp_path / "out" / "noise.tif").record
     assert record["parameters"]["inference"]["min_component_voxels"] == 15
     mask = io.read_volume(tmp_path / "out" / "noise.tif").load()
     sizes, touching = sizes_and_borders(mask, block)
@@ -225,7 +230,7 @@ def test_small_components_removed_in_files_and_arrays(conv_model, tiny_model_con
 
 
 def test_default_blocks_cut_as_little_as_the_budget_allows():
-    from lsmseg.blocks import DEFAULT_BLOCK_VOXELS, default_block_shape
+    from lsmseg.inference.blocks import DEFAULT_BLOCK_VOXELS, default_block_shape
 
     assert default_block_shape((32, 448, 448)) == (32, 448, 448)  # fits: one block, no re-run windows
     big = (2000, 2000, 2000)
@@ -233,19 +238,3 @@ def test_default_blocks_cut_as_little_as_the_budget_allows():
     assert np.prod(block) <= DEFAULT_BLOCK_VOXELS and min(block) >= 200  # a whole organ: ~256^3 blocks
     thin = default_block_shape((64, 4000, 4000))
     assert thin[0] == 64 and np.prod(thin) <= DEFAULT_BLOCK_VOXELS
-
-
-@pytest.mark.parametrize("skip_background", [False, True])
-def test_large_windows_with_voxel_overlap_blockwise_equal_in_memory(conv_model, tiny_model_config, skip_background):
-    """A window larger than the ROI, a fixed voxel halo: many blocks still give the one-block result."""
-    rng = np.random.default_rng(1)
-    volume = rng.integers(100, 4000, (40, 150, 170)).astype(np.uint16)
-    volume[:, :, :60] = 100  # a dark band, so that some windows are skipped
-    settings = InferenceSettings(window=(64, 128, 128), overlap_voxels=(8, 16, 16))
-    whole = Predictor(conv_model, tiny_model_config, settings, device="cpu", progress=False, skip_background=skip_background)
-    blocks = Predictor(conv_model, tiny_model_config, settings, device="cpu", progress=False, skip_background=skip_background,
-                       block_size=(16, 50, 60))
-    plan = blocks.plan(volume.shape, (16, 50, 60))
-    assert plan.roi == (64, 128, 128) and len(plan.blocks) > 1
-    assert all(a + 128 - b >= 16 for a, b in zip(plan.axis_starts[2], plan.axis_starts[2][1:]))
-    np.testing.assert_array_equal(whole.predict_logits(volume), blocks.predict_logits(volume))

@@ -1,25 +1,15 @@
-"""Background skipping: which windows are dark, and that skipping them keeps the Dice."""
+"""Background skipping: which windows are dark, and the prior it makes, tested against the truth."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from lsmseg import io
-from lsmseg.config import InferenceSettings
-from lsmseg.foreground import estimate_background, dark_windows
-from lsmseg.predictor import Predictor
+from lsmseg.inference.foreground import estimate_background, dark_windows
+from lsmseg.inference import Predictor, RunOptions
 
 SAMPLE = Path(__file__).resolve().parents[2] / "sample"
-
-
-@pytest.fixture(scope="module")
-def conv_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(4, 1, 3, padding=1)
-    ).eval()
 
 
 def test_only_windows_that_miss_the_tissue_are_dark():
@@ -44,37 +34,40 @@ def _dice(a, b):
     return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
-@pytest.mark.parametrize("name", ["vessels_0", "cells_0", "nuclei_0"])
-def test_skipping_keeps_dice_on_the_bundled_samples(conv_model, tiny_model_config, name):
-    image = io.read_volume(SAMPLE / "images" / f"{name}.tif").load()
-    label = io.read_volume(SAMPLE / "labels" / f"{name}.tif").load() > 0
-    # The sample in a wider field of view, as whole-organ scans are: the margin is the sample's own
-    # dark background (its darkest voxels, resampled), so that whole windows are dark.
+@pytest.mark.slow  # the shipped Swin UNETR on 64 windows, twice: about a minute on two CPU cores
+def test_skipping_is_a_prior_that_holds_on_a_dark_field_with_the_shipped_network():
+    """Skipping assumes uniformly dark windows hold nothing. With the real network, against the truth:
+    it removes the false structures the network answers dark noise with, and loses no true voxel."""
+    image = io.read_volume(SAMPLE / "images" / "vessels_0.tif").load()
+    label = io.read_volume(SAMPLE / "labels" / "vessels_0.tif").load() > 0
+    # The sample beside a field of its own background (its darkest voxels, resampled), as in a
+    # whole-organ scan whose field of view is wider than the organ: whole windows are dark.
     dark = np.sort(image, axis=None)[: image.size // 4]
-    rng = np.random.default_rng(0)
-    wide = rng.choice(dark, (image.shape[0], image.shape[1] + 128, image.shape[2] + 128)).astype(image.dtype)
-    wide[:, 64:-64, 64:-64] = image
-    wide_label = np.zeros(wide.shape, bool)
-    wide_label[:, 64:-64, 64:-64] = label
-    for volume, truth in ((image, label), (wide, wide_label)):
-        logits = {}
-        for skip in (False, True):
-            predictor = Predictor(conv_model, tiny_model_config, InferenceSettings(), device="cpu", progress=False,
-                                  skip_background=skip)
-            logits[skip] = predictor.predict_logits(volume)
-            stats = predictor.last_stats
-        # An untrained stand-in: threshold where it marks as many voxels as the label has.
-        threshold = np.quantile(logits[False], 1.0 - truth.mean())
-        dice_off, dice_on = (_dice(logits[s] >= threshold, truth) for s in (False, True))
-        assert abs(dice_on - dice_off) <= 0.002, (dice_on, dice_off)
-        if volume is wide:
-            assert stats["windows_skipped"] >= 0.3 * stats["windows"], stats
+    wide = np.random.default_rng(0).choice(dark, (*image.shape[:2], image.shape[2] + 128)).astype(image.dtype)
+    wide[..., :image.shape[2]] = image
+    truth = np.zeros(wide.shape, bool)
+    truth[..., :image.shape[2]] = label
+    field = np.zeros(wide.shape, bool)
+    field[..., image.shape[2]:] = True
+    masks, stats = {}, {}
+    for skip in (False, True):
+        predictor = Predictor.from_manifest(SAMPLE.parent / "weights", device="cpu",
+                                            options=RunOptions(progress=False, skip_background=skip))
+        logits, stats[skip] = predictor.logits_with_stats(wide)
+        masks[skip] = predictor.binary_mask(logits, settings=predictor.settings_for("vessels_0")) > 0
+    assert stats[False].windows_skipped == 0 and stats[True].windows_skipped >= 0.25 * stats[True].windows
+    recall = {skip: (masks[skip] & truth).sum() / truth.sum() for skip in masks}
+    false_in_field = {skip: int((masks[skip] & field).sum()) for skip in masks}
+    assert recall[True] >= recall[False] - 0.001, recall  # no true structure lost
+    assert false_in_field[False] > 1000, false_in_field  # the network does see structure in dark noise
+    assert false_in_field[True] <= 0.25 * false_in_field[False], false_in_field
+    assert _dice(masks[True], truth) > _dice(masks[False], truth)
 
 
 def test_numpy_otsu_matches_scikit_image():
     from skimage.filters import threshold_otsu
 
-    from lsmseg.foreground import otsu_threshold
+    from lsmseg.inference.foreground import otsu_threshold
 
     rng = np.random.default_rng(7)
     for values in (

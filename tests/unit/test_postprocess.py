@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lsmseg.config import InferenceSettings
-from lsmseg.postprocess import open_faces_of, remove_small_components
+from lsmseg.inference.postprocess import open_faces_of, remove_small_components
 
 
 def scene() -> np.ndarray:

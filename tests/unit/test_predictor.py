@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -8,15 +9,15 @@ import torch
 from lsmseg import io
 from lsmseg.config import InferenceSettings
 from lsmseg.errors import InputError
+from lsmseg.inference import Predictor, RunOptions, predict_file, predict_files
 from lsmseg.normalise import normalise_volume
-from lsmseg.predictor import Predictor
 
 
 @pytest.fixture
 def predictor(tiny_model, tiny_model_config):
     # The training ROI and a fractional overlap: MONAI's grid, so that results can be compared with it.
-    settings = InferenceSettings(overlap=0.5, window=None, overlap_voxels=None)
-    return Predictor(tiny_model, tiny_model_config, settings, device="cpu", progress=False, engine="torch")
+    return Predictor(tiny_model, tiny_model_config, InferenceSettings(overlap=0.5), device="cpu", engine="torch",
+                     options=RunOptions(progress=False))
 
 
 def test_sliding_window_matches_monai(predictor, tiny_model):
@@ -48,18 +49,16 @@ def test_threshold_applies_to_blended_probability(predictor):
 
 def test_resampling_to_model_spacing_returns_input_grid(tiny_model, tiny_model_config):
     settings = InferenceSettings(spacing=(1.0, 1.0, 1.0))
-    predictor = Predictor(tiny_model, tiny_model_config, settings, device="cpu", progress=False)
-    calls = []
-    original = predictor.sliding_window_logits
-    predictor.sliding_window_logits = lambda image, desc=None: calls.append(image.shape) or original(image)
+    predictor = Predictor(tiny_model, tiny_model_config, settings, device="cpu", options=RunOptions(progress=False))
     volume = np.random.default_rng(3).random((12, 64, 64)).astype(np.float32)
     assert predictor.predict_volume(volume, spacing=(4.0, 1.0, 1.0)).shape == volume.shape
-    assert calls[-1] == (48, 64, 64)  # z resampled 4x to the model's 1 um
-    predictor.predict_volume(volume, spacing=(1.1, 1.0, 1.0))  # within tolerance: no resampling
-    assert calls[-1] == (12, 64, 64)
-    predictor.resample = False
-    predictor.predict_volume(volume, spacing=(4.0, 1.0, 1.0))
-    assert calls[-1] == (12, 64, 64)
+    # The window grid tells which grid the network ran on: z of 48 (4x to the model's 1 um) takes two
+    # windows of 32 at overlap 0.5; z of 12 is padded to one.
+    logits, stats = predictor.logits_with_stats(volume, spacing=(4.0, 1.0, 1.0))
+    assert logits.shape == volume.shape and stats.windows == 2
+    assert predictor.logits_with_stats(volume, spacing=(1.1, 1.0, 1.0))[1].windows == 1  # within tolerance
+    predictor.options = dataclasses.replace(predictor.options, resample=False)
+    assert predictor.logits_with_stats(volume, spacing=(4.0, 1.0, 1.0))[1].windows == 1
 
 
 def test_constant_and_nan_volumes(predictor, caplog):
@@ -80,8 +79,8 @@ def test_predict_files_keeps_going_and_writes_provenance(predictor, tmp_path, ca
     io.write_volume(good, inputs / "b.nii.gz", spacing=(3.0, 1.0, 1.0))
     (inputs / "broken.tif").write_bytes(b"II*\x00garbage")
     tifffile.imwrite(inputs / "flat.tif", np.zeros((8, 8), np.uint16))
-    results = predictor.predict_files(io.list_volumes(inputs), tmp_path / "out")
-    ok = {r["input"].split("/")[-1]: r["ok"] for r in results}
+    results = predict_files(predictor, io.list_volumes(inputs), tmp_path / "out")
+    ok = {r.input.split("/")[-1]: r.ok for r in results}
     assert ok == {"a.tif": True, "b.nii.gz": True, "broken.tif": False, "flat.tif": False}
     out = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert out == ["a.tif", "a.tif.provenance.json", "b.nii.gz", "b.nii.gz.provenance.json"]
@@ -98,9 +97,9 @@ def test_predict_files_keeps_going_and_writes_provenance(predictor, tmp_path, ca
 
 def test_mask_value_255(tiny_model, tiny_model_config, tmp_path):
     predictor = Predictor(tiny_model, tiny_model_config, InferenceSettings(threshold=0.01), device="cpu",
-                          progress=False, mask_value=255)
+                          options=RunOptions(progress=False, mask_value=255))
     io.write_volume(np.random.default_rng(5).integers(0, 999, (8, 32, 32)).astype(np.uint16), tmp_path / "v.tif")
-    predictor.predict_file(tmp_path / "v.tif", tmp_path / "out" / "v.tif")
+    predict_file(predictor, tmp_path / "v.tif", tmp_path / "out" / "v.tif")
     assert set(np.unique(io.read_volume(tmp_path / "out" / "v.tif").load())) <= {0, 255}
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lsmseg import io
-from lsmseg.probabilities import ProbabilityWriter, probability_blocks
+from lsmseg.inference.probabilities import ProbabilityWriter, probability_blocks
 
 
 def test_probability_encodings():

@@ -22,16 +22,16 @@ def test_predict_runs_with_dev_only_packages_blocked(tmp_path, tiny_model_config
         sys.path.insert(0, {str(REPO / "src")!r})
         import numpy as np
         from lsmseg import io
-        from lsmseg.predictor import Predictor
+        from lsmseg.inference import Predictor, RunOptions, predict_file
         from lsmseg.cli import build_parser
         build_parser()  # optional subcommands are skipped, not fatal
         rng = np.random.default_rng(0)
         image = rng.integers(100, 200, (16, 64, 64)).astype(np.uint16)
         image[4:12, 20:40, 20:40] += 2000
         io.write_volume(image, {str(tmp_path / "in.tif")!r}, spacing=(3.0, 1.0, 1.0))
-        predictor = Predictor.from_manifest({str(manifest)!r}, device="cpu", progress=False)
-        record = predictor.predict_file({str(tmp_path / "in.tif")!r}, {str(tmp_path / "out" / "in.tif")!r})
-        assert record["ok"]
+        predictor = Predictor.from_manifest({str(manifest)!r}, device="cpu", options=RunOptions(progress=False))
+        result = predict_file(predictor, {str(tmp_path / "in.tif")!r}, {str(tmp_path / "out" / "in.tif")!r})
+        assert result.ok
         print("OK", sorted(m for m in sys.modules if m.split(".")[0] in {DEV_ONLY!r}))
         """
     )

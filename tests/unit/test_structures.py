@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from lsmseg.config import InferenceSettings, from_dict
 from lsmseg.errors import ConfigError
-from lsmseg.postprocess import split_touching
+from lsmseg.inference.postprocess import split_touching
 from lsmseg.structures import category_of, structure_from_name
 
 FULL = np.ones((3, 3, 3))  # 26-connectivity, as a connected-components PQ labels
@@ -70,10 +70,10 @@ def test_a_single_ball_and_separate_balls_are_left_alone():
 
 
 def test_the_predictor_applies_the_structure_of_the_case_name(tiny_model, tiny_model_config):
-    from lsmseg.predictor import Predictor
+    from lsmseg.inference import Predictor, RunOptions
 
     settings = from_dict(InferenceSettings, {"threshold": 0.01, "per_structure": {"cfos_neuron": {"threshold": 0.99}}})
-    predictor = Predictor(tiny_model, tiny_model_config, settings, progress=False)
+    predictor = Predictor(tiny_model, tiny_model_config, settings, options=RunOptions(progress=False))
     volume = np.random.default_rng(0).random((32, 64, 64)).astype(np.float32)
     logits = predictor.predict_logits(volume)
     low = predictor.binary_mask(logits, settings=predictor.settings_for("blood_vessel_1"))
@@ -81,5 +81,5 @@ def test_the_predictor_applies_the_structure_of_the_case_name(tiny_model, tiny_m
     assert low.sum() > high.sum()
     assert np.array_equal(predictor.predict_volume(volume, name="cfos_neuron_1"), high)
     for named in ("cfos_neuron", "cfos"):  # the 2026 name or one of our aliases
-        fixed = Predictor(tiny_model, tiny_model_config, settings, progress=False, structure=named)
+        fixed = Predictor(tiny_model, tiny_model_config, settings, options=RunOptions(progress=False, structure=named))
         assert np.array_equal(fixed.predict_volume(volume, name="blood_vessel_1"), high)

@@ -31,9 +31,14 @@ def remove_small_components(
 ) -> np.ndarray:
     """``mask`` without the 26-connected components smaller than ``min_voxels``.
 
-    ``open_faces`` (z-, z+, y-, y+, x-, x+): True where the array continues beyond that face (a
-    neighbouring block); components touching an open face are kept whatever their size. Returns a
-    new array of ``mask``'s dtype and values; ``min_voxels <= 1`` returns ``mask`` unchanged.
+    Args:
+        mask: binary array (non-zero is foreground).
+        min_voxels: the smallest component kept; ``<= 1`` returns ``mask`` unchanged.
+        open_faces: (z-, z+, y-, y+, x-, x+): True where the array continues beyond that face (a
+            neighbouring block); components touching an open face are kept whatever their size.
+
+    Returns:
+        A new array of ``mask``'s dtype and values (or ``mask`` itself when nothing is removed).
     """
     if min_voxels <= 1 or not mask.any():
         return mask
@@ -57,7 +62,12 @@ def remove_small_components(
 
 
 def open_faces_of(out: Sequence[slice], shape: Sequence[int]) -> tuple[bool, ...]:
-    """For a block writing ``out`` of a volume of ``shape``: which of its faces border another block."""
+    """Which faces of a block border another block (see :func:`remove_small_components`).
+
+    Args:
+        out: the block's voxels in the volume (one slice per axis).
+        shape: the volume's shape.
+    """
     faces = []
     for axis_slice, size in zip(out, shape):
         faces += [axis_slice.start > 0, axis_slice.stop < size]

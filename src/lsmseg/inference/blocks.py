@@ -1,7 +1,7 @@
 """Block-wise sliding-window inference on a global window grid.
 
 A volume of any size is cut into output blocks. The window grid is the whole (padded) volume's
-(:func:`lsmseg.windows.window_starts`), never a per-block grid, and each block runs *every* window
+(:func:`lsmseg.inference.windows.window_starts`), never a per-block grid, and each block runs *every* window
 that intersects it, accumulating weighted logits only on its own voxels. A voxel therefore sees
 exactly the windows it sees in a one-pass prediction, blended in the same order, and the block-wise
 result equals the in-memory one for any block size. The price is that windows straddling a block
@@ -22,8 +22,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .normalise import normalise
-from .windows import axis_starts, pad_widths, spread_starts
+from ..normalise import normalise
+from .windows import axis_starts, pad_widths
 
 Slices = tuple[slice, slice, slice]
 
@@ -39,6 +39,10 @@ def default_block_shape(shape: Sequence[int], budget: int = DEFAULT_BLOCK_VOXELS
 
     A 32x448x448 volume stays one block (fixed 256-cubes would cut it in four and re-run a row of
     windows at each cut); a whole organ still gets blocks of ~256^3.
+
+    Args:
+        shape: the volume's shape.
+        budget: the most voxels a block may hold.
     """
     block = [max(1, int(s)) for s in shape]
     while math.prod(block) > budget:
@@ -76,7 +80,6 @@ class BlockPlan:
     axis_starts: tuple[tuple[int, ...], ...]  # window starts per axis, padded coordinates
     block_size: tuple[int, int, int]
     blocks: tuple[Block, ...]
-    overlap_voxels: tuple[int, ...] | None = None  # set: windows spread evenly with this least overlap
 
     @property
     def n_windows(self) -> int:
@@ -124,7 +127,12 @@ def _axis_blocks(size: int, edge: int) -> list[tuple[int, int]]:
 
 
 def normalise_block_size(block_size: int | Sequence[int] | None, shape: Sequence[int]) -> tuple[int, int, int]:
-    """A per-axis block size: ``None`` is one block, an int is a cube, capped at the volume."""
+    """A per-axis block size: ``None`` is one block, an int is a cube, capped at the volume.
+
+    Args:
+        block_size: None, one edge, or three (z, y, x).
+        shape: the volume's shape.
+    """
     if block_size is None:
         return tuple(int(s) for s in shape)  # type: ignore[return-value]
     sizes = (block_size,) * 3 if isinstance(block_size, (int, np.integer)) else tuple(block_size)
@@ -138,22 +146,20 @@ def plan_blocks(
     roi: Sequence[int],
     overlap: float,
     block_size: int | Sequence[int] | None = None,
-    overlap_voxels: Sequence[int] | None = None,
 ) -> BlockPlan:
     """Cut ``shape`` into blocks of ``block_size`` (z-major order) over the global window grid.
 
-    ``roi`` is the window run on this volume; ``overlap`` a fraction of it (MONAI's grid) unless
-    ``overlap_voxels`` (z, y, x) is given: then windows are spread evenly with at least that overlap.
+    Args:
+        shape: the volume's shape (z, y, x).
+        roi: the window (the model's training ROI).
+        overlap: overlap of neighbouring windows as a fraction of the window (MONAI's grid).
+        block_size: output block edge(s) in voxels; None: one block.
     """
     shape = tuple(int(s) for s in shape)
     roi = tuple(int(r) for r in roi)
     pad = pad_widths(shape, roi)
     padded = [s + a + b for s, (a, b) in zip(shape, pad)]
-    if overlap_voxels is None:
-        starts = tuple(tuple(axis_starts(p, r, overlap)) for p, r in zip(padded, roi))
-    else:
-        overlap_voxels = tuple(min(int(o), r - 1) for o, r in zip(overlap_voxels, roi))
-        starts = tuple(tuple(spread_starts(p, r, o)) for p, r, o in zip(padded, roi, overlap_voxels))
+    starts = tuple(tuple(axis_starts(p, r, overlap)) for p, r in zip(padded, roi))
     size = normalise_block_size(block_size, shape)
     per_axis = []
     for axis in range(3):
@@ -178,7 +184,7 @@ def plan_blocks(
                         region=(z[2], y[2], x[2]),
                     )
                 )
-    return BlockPlan(shape, roi, float(overlap), pad, starts, size, tuple(blocks), overlap_voxels)  # type: ignore[arg-type]
+    return BlockPlan(shape, roi, float(overlap), pad, starts, size, tuple(blocks))  # type: ignore[arg-type]
 
 
 def accumulate_block(
@@ -196,6 +202,16 @@ def accumulate_block(
     Windows flagged in ``skip`` are not run: they contribute ``background_logits`` (the model's
     output for a uniform dark window) with their usual weight. Windows are added to each voxel in
     the global scan order, so the sums match a one-block pass exactly.
+
+    Args:
+        plan: the volume's block plan.
+        block: the block to compute.
+        region: the block's normalised input region (:meth:`BlockPlan.read_region`).
+        run_windows: the network: a batch (N, 1, *roi) of windows -> logits (N, C, *roi).
+        weights: the blending weights of one window (:func:`lsmseg.inference.windows.blend_weights`).
+        batch_size: windows per call of ``run_windows``.
+        skip: per window of the block (in :meth:`BlockPlan.window_corners` order), whether it is dark.
+        background_logits: what a skipped window contributes (needed when any is skipped).
     """
     roi = plan.roi
     corners = plan.window_corners(block)
@@ -251,6 +267,11 @@ def prefetched(items: Iterable, load: Callable, enabled: bool = True) -> Iterato
     """Yield ``(item, load(item))``, loading the next item in a thread while the caller works.
 
     Reading and normalising the next block overlaps the model's work on the current one.
+
+    Args:
+        items: what to load, in order.
+        load: the loader, called once per item.
+        enabled: False loads in the caller's thread (no gain on a CPU the network already fills).
     """
     items = list(items)
     if not enabled or len(items) < 2:

@@ -15,13 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import Volume, mask_format_for, write_mask_blocks
+from ..io import Volume, mask_format_for, write_mask_blocks
 
 PROBABILITY_DTYPES = ("uint8", "float16")
 
 
 def probability_blocks(logits: np.ndarray, dtype: str) -> np.ndarray:
-    """Foreground probability of logits: uint8 round(255 p), or float16/float32 p."""
+    """Foreground probability of logits: uint8 round(255 p), or float16/float32 p.
+
+    Args:
+        logits: the network's blended logits.
+        dtype: ``"uint8"``, ``"float16"`` or ``"float32"``.
+    """
     p = torch.sigmoid(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))).numpy()
     if dtype == "uint8":
         return np.rint(p * 255.0).astype(np.uint8)
@@ -40,6 +45,13 @@ class ProbabilityWriter:
     _DONE, _ABORT = object(), object()
 
     def __init__(self, path: Path, volume: Volume, dtype: str = "uint8"):
+        """Start the writer thread.
+
+        Args:
+            path: the probability map (its suffix picks the format, as for masks).
+            volume: the input volume (shape and container metadata).
+            dtype: ``"uint8"`` (p = value / 255) or ``"float16"``.
+        """
         self.path = path
         # SimpleITK (NIfTI, MHA, NRRD) has no 16-bit float: those files get float32.
         self.dtype = "float32" if dtype == "float16" and mask_format_for(path) == "sitk" else dtype

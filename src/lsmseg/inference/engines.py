@@ -4,7 +4,8 @@ On CPU, ONNX Runtime runs the Swin UNETR of the shipped weights 3-4x faster than
 the same logits within float tolerance (benchmarks/README.md). It is an optional dependency
 (``pip install lsmseg[onnx]``): without it the predictor runs PyTorch. The network is exported once
 per weights and window shape into a cache folder (``LSMSEG_CACHE_DIR``, default
-``~/.cache/lsmseg``), keyed by the weights' SHA-256 (or a hash of the parameters), written atomically.
+``~/.cache/lsmseg``), keyed by the weights' SHA-256 (or a hash of the parameters), written atomically;
+``python -m lsmseg.inference [MANIFEST]`` fills the cache ahead of time (e.g. while building an image).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..io import atomic_output
+
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime")
@@ -32,7 +35,14 @@ def onnxruntime_available() -> bool:
 
 
 def resolve_engine(engine: str, device: torch.device, precision: str, compile: bool) -> str:
-    """The engine to use: ``auto`` is ONNX Runtime on CPU in fp32 when installed, else PyTorch."""
+    """The engine to use: ``auto`` is ONNX Runtime on CPU in fp32 when installed, else PyTorch.
+
+    Args:
+        engine: ``"auto"``, ``"torch"`` or ``"onnxruntime"``.
+        device: where the model runs.
+        precision: the predictor's precision (ONNX Runtime runs fp32 only).
+        compile: whether the model is ``torch.compile``-d (then PyTorch).
+    """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     cpu_fp32 = device.type == "cpu" and precision in ("auto", "fp32") and not compile
@@ -48,7 +58,12 @@ def resolve_engine(engine: str, device: torch.device, precision: str, compile: b
 
 
 def model_key(model: torch.nn.Module, sha256: str | None = None) -> str:
-    """A stable key for a model's weights: the checkpoint's SHA-256 if known, else a hash of its tensors."""
+    """A stable key for a model's weights: the checkpoint's SHA-256 if known, else a hash of its tensors.
+
+    Args:
+        model: the network.
+        sha256: its checkpoint's SHA-256, if known.
+    """
     if sha256:
         return sha256[:16]
     digest = hashlib.sha256()
@@ -83,32 +98,29 @@ class OnnxEngine:
         shape = "x".join(str(int(w)) for w in window)
         return cache_dir() / "onnx" / f"{self.key}_{shape}_v{EXPORT_VERSION}.onnx"
 
-    def _export(self, window: Sequence[int]) -> Path:
+    def export(self, window: Sequence[int]) -> Path:
+        """The network exported for windows of ``window`` (once; later calls find the cached file)."""
         path = self.path_for(window)
         if path.is_file():
             return path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            folder = path.parent
+            writable = os.access(path.parent, os.W_OK)
         except OSError:
+            writable = False
+        if not writable:
             folder = Path(tempfile.mkdtemp(prefix="lsmseg-onnx-"))
             path = folder / path.name
             logger.warning("cache folder not writable; exporting the network to %s for this process only", folder)
         logger.info("exporting the network to ONNX for windows %s (once per weights and window)", tuple(window))
         example = torch.zeros(1, 1, *[int(w) for w in window])
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".onnx.part")
-        os.close(fd)
-        try:
-            with torch.inference_mode(False), torch.no_grad():
-                torch.onnx.export(
-                    self.model.cpu().eval(), (example,), tmp, opset_version=17, dynamo=False,
-                    input_names=["windows"], output_names=["logits"],
-                    dynamic_axes={"windows": {0: "n"}, "logits": {0: "n"}},
-                )
-            os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # Atomic: a concurrent process (another dask worker) sees the whole file or none.
+        with atomic_output(path) as tmp, torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(
+                self.model.cpu().eval(), (example,), str(tmp), opset_version=17, dynamo=False,
+                input_names=["windows"], output_names=["logits"],
+                dynamic_axes={"windows": {0: "n"}, "logits": {0: "n"}},
+            )
         return path
 
     def session(self, window: Sequence[int]):
@@ -121,7 +133,7 @@ class OnnxEngine:
             options.inter_op_num_threads = 1
             options.log_severity_level = 3
             self._sessions[window] = ort.InferenceSession(
-                str(self._export(window)), options, providers=["CPUExecutionProvider"]
+                str(self.export(window)), options, providers=["CPUExecutionProvider"]
             )
         return self._sessions[window]
 
@@ -129,18 +141,3 @@ class OnnxEngine:
         batch = np.ascontiguousarray(windows.detach().cpu().numpy(), dtype=np.float32)
         (logits,) = self.session(batch.shape[2:]).run(None, {"windows": batch})
         return torch.from_numpy(logits)
-
-
-def warm_cache(manifest: str | Path | None = None) -> Path | None:
-    """Export the installed (or named) weights to the ONNX cache now, e.g. while building an image."""
-    from .predictor import Predictor
-
-    predictor = Predictor.from_manifest(manifest, device="cpu", progress=False, engine="onnxruntime")
-    return predictor._onnx._export(predictor.roi)
-
-
-if __name__ == "__main__":  # python -m lsmseg.engines [MANIFEST]: fill the ONNX cache
-    import sys
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(warm_cache(sys.argv[1] if len(sys.argv) > 1 else None))

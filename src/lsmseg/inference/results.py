@@ -1,0 +1,163 @@
+"""What a run returns: typed results, and the provenance record built in one place.
+
+:class:`BlockStats` counts one volume's windows (run, or skipped as background) as its blocks are
+computed, in one process or on dask workers. :class:`VolumeResult` is what predicting one file gave:
+the mask and its provenance record, or the one-line error. :func:`provenance_record` builds the JSON
+written beside every mask.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..io import Volume
+from .blocks import Block, BlockPlan
+from .foreground import Background
+
+
+@dataclass
+class BlockStats:
+    """Window and block counts of one volume, for its provenance record.
+
+    Created with :meth:`start` from the volume's plan, then :meth:`count`-ed block by block.
+    """
+
+    blocks: int
+    block_size: tuple[int, ...]
+    windows: int
+    background: Background | None = None
+    window_runs: int = 0
+    skipped: set[int] = field(default_factory=set)  # global ids of skipped windows (a window spans blocks)
+    scheduler: str | None = None  # "dask" when the blocks ran on dask workers
+    workers: int | None = None
+
+    @classmethod
+    def start(cls, plan: BlockPlan, background: Background | None, **extra) -> "BlockStats":
+        """Counts for a volume of ``plan`` with ``background`` (None: no skipping), nothing run yet."""
+        return cls(blocks=len(plan.blocks), block_size=tuple(plan.block_size), windows=plan.n_windows,
+                   background=background, **extra)
+
+    def count(self, plan: BlockPlan, block: Block, skip: Sequence[bool] | None) -> None:
+        """Record one computed block: its windows run, and those skipped (``skip`` flags, or None)."""
+        if skip is None:
+            self.window_runs += block.n_windows
+            return
+        self.window_runs += len(skip) - sum(skip)
+        self.skipped.update(i for i, s in zip(plan.window_ids(block), skip) if s)
+
+    @property
+    def windows_skipped(self) -> int:
+        return len(self.skipped)
+
+    def as_dict(self) -> dict:
+        record = {
+            "blocks": self.blocks,
+            "block_size": list(self.block_size),
+            "windows": self.windows,
+            "window_runs": self.window_runs,
+            "windows_skipped": self.windows_skipped,
+            "background": self.background.as_dict() if self.background is not None else None,
+        }
+        if self.scheduler is not None:
+            record.update(scheduler=self.scheduler, workers=self.workers)
+        return record
+
+
+@dataclass(frozen=True)
+class VolumeResult:
+    """What predicting one file gave.
+
+    ``ok`` is True when the mask was written; ``record`` is then its provenance record (also
+    written beside it, unless ``provenance_error`` says why not). ``error`` is the one-line reason
+    when no mask was written.
+    """
+
+    input: str
+    output: str
+    ok: bool
+    error: str | None = None
+    record: dict | None = None
+    provenance_error: str | None = None
+
+    @classmethod
+    def written(cls, record: dict, provenance_error: str | None = None) -> "VolumeResult":
+        """A mask written, with its provenance record."""
+        return cls(record["input"], record["output"], True, record=record, provenance_error=provenance_error)
+
+    @classmethod
+    def failed(cls, input_path, output_path, message: str) -> "VolumeResult":
+        """No mask written, for the reason ``message`` (one line)."""
+        return cls(str(input_path), str(output_path), False, error=message)
+
+
+def provenance_record(
+    input_path, output_path, volume: Volume, *, parameters: dict, weights: dict, stats: BlockStats,
+    foreground: int, timings: dict, resampled_to: Sequence[float] | None = None, postprocess: dict | None = None,
+    probabilities: dict | None = None,
+) -> dict:
+    """The provenance JSON of one mask: input, parameters, block counts, weights, versions, timings.
+
+    Args:
+        input_path: the input volume.
+        output_path: the mask.
+        volume: the input as read (shape, dtype, spacing).
+        parameters: the predictor's parameters (:meth:`Predictor.parameters`).
+        weights: where the weights came from (manifest, file, sha256).
+        stats: the volume's window counts.
+        foreground: foreground voxels in the mask.
+        timings: seconds per stage (read, predict, write).
+        resampled_to: the spacing the volume was resampled to, if it was.
+        postprocess: the post-processing applied (structure, threshold, clean-up).
+        probabilities: where the probability map went, if one was written.
+    """
+    record = {
+        "input": str(input_path),
+        "output": str(output_path),
+        "ok": True,
+        "error": None,
+        "shape": list(volume.shape),
+        "dtype": str(volume.dtype),
+        "spacing_um": list(volume.spacing) if volume.spacing else None,
+        "resampled_to_um": list(resampled_to) if resampled_to else None,
+        "foreground_fraction": foreground / max(math.prod(volume.shape), 1),
+        "parameters": parameters,
+        "postprocess": postprocess,
+        "blocks": stats.as_dict(),
+        "weights": weights,
+        "versions": versions(),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    if probabilities is not None:
+        record["probabilities"] = probabilities
+    return record
+
+
+def provenance_path_for(output_path: str | Path) -> Path:
+    """``<output name>.provenance.json`` beside the mask: the full name, so that the records of
+    ``a.tif``, ``a.tiff`` and ``a.nii.gz`` in one folder do not overwrite each other."""
+    output_path = Path(output_path)
+    return output_path.parent / f"{output_path.name}.provenance.json"
+
+
+def versions() -> dict:
+    """Versions of lsmseg and the libraries that decide its numbers."""
+    import monai
+    import torch
+
+    return {
+        "lsmseg": __version__,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "host_cpus": os.cpu_count(),
+    }

@@ -1,0 +1,231 @@
+"""The run API for files: a predictor applied to volumes on disk, returning typed results.
+
+    from lsmseg.inference import Predictor, predict_files
+    results = predict_files(Predictor.from_manifest(), [Path("in/brain01.tif")], Path("out"))
+    failed = [r for r in results if not r.ok]          # each with its one-line r.error
+
+Every front end (CLI, challenge modes, dask) writes masks through :func:`predict_file`: the input is
+read lazily, the mask written block by block as it is predicted, atomically, with a provenance JSON
+beside it (:func:`.results.provenance_record`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import LsmsegError, ProvenanceError
+from ..io import (
+    Volume, check_declared_size, check_output_space, output_path_for, read_volume, refuse_overwriting_inputs,
+    sweep_partials, write_json, write_mask_blocks,
+)
+from ..normalise import is_constant
+from ..structures import structure_from_name
+from .predictor import Predictor
+from .probabilities import ProbabilityWriter
+from .results import BlockStats, VolumeResult, provenance_path_for, provenance_record
+
+logger = logging.getLogger(__name__)
+
+def write_provenance(predictor: Predictor, input_path, output_path, volume: Volume, provenance_path=None,
+                     **record) -> dict:
+    """Build a mask's provenance record and write it beside the mask (or to ``provenance_path``).
+
+    Args:
+        predictor: what predicted the mask (its parameters and weights are recorded).
+        input_path, output_path, volume: the input and the mask.
+        provenance_path: where the JSON goes (default: :func:`.results.provenance_path_for`).
+        record: the rest of :func:`.results.provenance_record`'s arguments (stats, foreground,
+            timings, resampled_to, postprocess, probabilities).
+
+    Raises:
+        ProvenanceError: the record could not be written (its ``record`` is the built one).
+    """
+    built = provenance_record(input_path, output_path, volume, parameters=predictor.parameters(),
+                              weights=predictor.weights_info, **record)
+    try:
+        write_json(built, Path(provenance_path) if provenance_path else provenance_path_for(output_path))
+    except LsmsegError as exc:  # the mask is on disk: say so, apart from "no mask written"
+        raise ProvenanceError(exc, output_path, built) from exc
+    return built
+
+
+def predict_file(
+    predictor: Predictor, input_path: str | Path, output_path: str | Path, *,
+    provenance_path: str | Path | None = None, case_name: str | None = None,
+    probabilities_path: str | Path | None = None,
+) -> VolumeResult:
+    """Segment one file block by block; write the mask atomically and a provenance JSON beside it.
+
+    The input is read lazily and the mask written as blocks complete, so memory depends on the
+    block size, not on the volume. Volumes that must be resampled to the model's spacing are the
+    exception: they are resampled (and predicted) in memory.
+
+    Args:
+        predictor: the model, its settings and the run's options.
+        input_path: the volume.
+        output_path: the mask (its suffix picks the format).
+        provenance_path: the provenance JSON (default: beside the mask).
+        case_name: the name whose structure picks the post-processing (default: the file's name),
+            e.g. the challenge's ``image.name``.
+        probabilities_path: also write the foreground probability there, block by block, in the
+            same format (``options.probability_dtype``).
+
+    Raises:
+        LsmsegError: no mask was written (bad input, unwritable output, ...).
+        ProvenanceError: the mask was written but its provenance JSON was not.
+    """
+    options = predictor.options
+    input_path, output_path = Path(input_path), Path(output_path)
+    timings = {}
+    start = time.perf_counter()
+    volume = read_volume(input_path, lazy=True, max_voxels=options.max_voxels)
+    check_output_space(output_path, volume.shape)
+    target = predictor.resample_target(volume.spacing)
+    if target is not None:  # resampling builds the volume at the model's spacing, in memory
+        new_shape = [max(1, round(n * s / t)) for n, s, t in zip(volume.shape, volume.spacing, target)]
+        check_declared_size(input_path, new_shape, 4, options.max_voxels, what="resampled volume")
+    probabilities = None
+    if probabilities_path is not None:
+        probabilities = ProbabilityWriter(Path(probabilities_path), volume, options.probability_dtype)
+    on_logits = probabilities.put if probabilities is not None else None
+    counter = _BlockCounter()
+    if target is None:
+        prepared = predictor.prepare(volume, case_name=case_name)
+        stats = BlockStats.start(prepared.plan, prepared.background)
+        blocks = predictor.iter_mask_blocks(prepared, stats, desc=volume.name, on_logits=on_logits)
+    else:
+        logger.info("%s: resampling needs the whole volume in memory", input_path)
+        stats, blocks = counter.call(_resampled_mask_blocks, predictor, volume, case_name or str(volume.path), on_logits)
+    predicted_before_writing = counter.seconds
+    timings["read_s"] = time.perf_counter() - start - predicted_before_writing
+    start = time.perf_counter()
+    try:
+        write_mask_blocks(counter.timed(blocks), output_path, volume.shape, like=volume)
+    except BaseException:
+        if probabilities is not None:
+            probabilities.abort()
+        raise
+    if probabilities is not None:
+        probabilities.finish()
+    timings["predict_s"] = counter.seconds
+    # Blocks are computed while the writer pulls them: that time is prediction, not writing.
+    timings["write_s"] = max(time.perf_counter() - start - (counter.seconds - predicted_before_writing), 0.0)
+    effective = predictor.settings_for(case_name or volume.name)
+    postprocess = {"structure": options.structure or structure_from_name(case_name or volume.name),
+                   "threshold": effective.threshold, "split_touching": effective.split_touching,
+                   "min_component_voxels": effective.min_component_voxels}
+    record = write_provenance(
+        predictor, input_path, output_path, volume, provenance_path, stats=stats, resampled_to=target,
+        foreground=counter.foreground, timings=timings, postprocess=postprocess,
+        probabilities=probabilities.describe() if probabilities is not None else None,
+    )
+    logger.info("%s -> %s (%.1f s; %d of %d windows skipped as background)", input_path, output_path,
+                sum(timings.values()), stats.windows_skipped, stats.windows)
+    return VolumeResult.written(record)
+
+
+def predict_files(
+    predictor: Predictor,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    output_paths: Sequence[str | Path] | None = None,
+    output_format: str = "same",
+) -> list[VolumeResult]:
+    """Segment many files; a failure is one logged line and never stops the others.
+
+    Args:
+        predictor: the model, its settings and the run's options (``options.probabilities_dir``:
+            probability maps beside the masks).
+        inputs: the volumes.
+        out_dir: the output folder.
+        output_paths: each input's mask (default: :func:`lsmseg.io.output_path_for` in ``out_dir``).
+        output_format: ``"same"`` (the input's container) or ``"zarr"`` (OME-Zarr).
+    """
+    options = predictor.options
+    out_dir = Path(out_dir)
+    outputs = list(output_paths) if output_paths else [output_path_for(p, out_dir, output_format) for p in inputs]
+    refuse_overwriting_inputs(zip(inputs, outputs))  # before any work: never replace an input
+    for folder in {Path(o).parent for o in outputs}:
+        sweep_partials(folder)
+    probability_dir = Path(options.probabilities_dir) if options.probabilities_dir else None
+    results = []
+    for input_path, output in tqdm(
+        list(zip(inputs, outputs)), desc="volumes", unit="vol", disable=not options.progress or len(inputs) < 2,
+    ):
+        probabilities = probability_dir / Path(output).name if probability_dir else None
+        results.append(guarded(
+            lambda: predict_file(predictor, input_path, output, probabilities_path=probabilities), input_path, output,
+        ))
+    return results
+
+
+def guarded(predict: Callable[[], VolumeResult], input_path, output_path) -> VolumeResult:
+    """``predict()``, with any failure turned into a :class:`VolumeResult` and one logged line.
+
+    Args:
+        predict: predicts one volume.
+        input_path, output_path: the volume and its mask, for the failure's result.
+    """
+    try:
+        return predict()
+    except ProvenanceError as exc:
+        logger.error("%s", exc)
+        return VolumeResult.written(exc.record, provenance_error=str(exc))
+    except LsmsegError as exc:
+        logger.error("%s", exc)
+        return VolumeResult.failed(input_path, output_path, str(exc))
+    except MemoryError:
+        message = f"{input_path}: out of memory while predicting"
+    except Exception as exc:  # a bug, an unforeseen file or a dead dask worker: report it, keep going
+        message = f"{input_path}: unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        logger.debug("traceback", exc_info=True)
+    logger.error("%s", message)
+    return VolumeResult.failed(input_path, output_path, message)
+
+
+def _resampled_mask_blocks(predictor: Predictor, volume: Volume, name: str, on_logits=None):
+    """The whole volume as one block, predicted in memory at the model's spacing: ``(stats, blocks)``."""
+    array = volume.load()
+    if array.dtype.kind in "uif" and is_constant(array):
+        logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", name)
+        logits, stats = np.full(array.shape, -np.inf, dtype=np.float32), BlockStats.start(predictor.plan(array.shape), None)
+    else:
+        logits, stats = predictor.logits_with_stats(array, volume.spacing, name)
+    everything = tuple(slice(0, s) for s in volume.shape)
+    if on_logits is not None:
+        on_logits(everything, logits)
+    return stats, [(everything, predictor.mask_from_logits(logits, settings=predictor.settings_for(name)))]
+
+
+class _BlockCounter:
+    """Time spent producing mask blocks, and their foreground voxels."""
+
+    def __init__(self):
+        self.foreground, self.seconds = 0, 0.0
+
+    def call(self, function, *args):
+        start = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def timed(self, blocks):
+        iterator = iter(blocks)
+        while True:
+            start = time.perf_counter()
+            try:
+                index, block = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - start
+            self.foreground += int(np.count_nonzero(block))
+            yield index, block
