@@ -1,8 +1,14 @@
-"""Checkpoints and the weights manifest.
+"""Checkpoints, the weights manifest, and the one resolver of which weights to use.
 
 Checkpoints are data, not code: they are stored as safetensors (``torch.load`` with
 ``weights_only=True`` is accepted for ``.pt``/``.pth``), and every file is verified against the
 sha256 recorded in ``manifest.yaml`` before a single tensor is used.
+
+Which manifest (:func:`resolve_manifest`, for ``lsmseg predict`` and the container alike): the one
+named (``--weights`` or ``LSMSEG_WEIGHTS``: a manifest, a folder holding one, or a model tarball);
+else a Grand Challenge model mount at ``/opt/ml/model`` (extracted files, or one ``*.tar.gz``
+extracted to scratch space); else the image's own weights (``LSMSEG_BUNDLED_WEIGHTS``); else the
+source tree's ``weights/``.
 
 ``manifest.yaml``::
 
@@ -24,14 +30,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import tarfile
+import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 import yaml
 
 from .config import InferenceSettings, ModelConfig, from_dict, to_dict
 from .errors import ConfigError, WeightsError
+from .io import atomic_output, natural_sorted, write_text
 from .model import build_model
 
 logger = logging.getLogger(__name__)
@@ -44,6 +54,7 @@ ENV_WEIGHTS = "LSMSEG_WEIGHTS"
 ENV_BUNDLED_WEIGHTS = "LSMSEG_BUNDLED_WEIGHTS"  # set by the container image
 GRAND_CHALLENGE_MODEL_DIR = Path("/opt/ml/model")
 SOURCE_TREE_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
+MODEL_TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 
 @dataclass
@@ -91,6 +102,7 @@ class Manifest:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file, as a hex digest."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk), b""):
@@ -99,7 +111,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    """Read and validate a manifest (a file, or a folder holding ``manifest.yaml``)."""
+    """Read and validate a manifest (a file, or a folder holding ``manifest.yaml``).
+
+    Args:
+        path: the manifest (see :func:`resolve_manifest` for tarballs and the installed weights).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
@@ -122,59 +138,151 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 def write_manifest(manifest: Manifest, path: str | Path) -> Path:
-    path = Path(path)
+    """Write ``manifest`` to ``path`` atomically."""
     data = {
         "format": manifest.format,
         "default": manifest.default,
         "models": {name: to_dict(entry) for name, entry in manifest.models.items()},
     }
-    tmp = path.with_name(f".partial-{path.name}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text(yaml.safe_dump(data, sort_keys=False), path)
 
 
-def find_manifest(explicit: str | Path | None = None) -> Path:
-    """Resolve which manifest to use; raise a clear error when no trained weights are installed."""
-    candidates = []
+def resolve_manifest(
+    explicit: str | Path | None = None, *, model_dir: Path | None = None, bundled: Path | None = None,
+    scratch_dir: Path | None = None,
+) -> Path:
+    """The manifest to load, in the documented order; a clear error when there is none.
+
+    Args:
+        explicit: ``--weights``: a manifest file, a folder holding one (up to two levels down), or a
+            model tarball; None: ``LSMSEG_WEIGHTS`` if set.
+        model_dir: the Grand Challenge model mount (default :data:`GRAND_CHALLENGE_MODEL_DIR`).
+        bundled: the image's own weights folder (default: ``LSMSEG_BUNDLED_WEIGHTS`` if set).
+        scratch_dir: where a model tarball is extracted (default: the temporary folder).
+    """
+    explicit = explicit or os.environ.get(ENV_WEIGHTS) or None
     if explicit:
-        candidates.append(Path(explicit))
-    elif os.environ.get(ENV_WEIGHTS):
-        candidates.append(Path(os.environ[ENV_WEIGHTS]))
-    else:
-        candidates.append(GRAND_CHALLENGE_MODEL_DIR)
-        if os.environ.get(ENV_BUNDLED_WEIGHTS):
-            candidates.append(Path(os.environ[ENV_BUNDLED_WEIGHTS]))
-        candidates.append(SOURCE_TREE_WEIGHTS)
-    for candidate in candidates:
-        manifest = candidate / MANIFEST_NAME if candidate.is_dir() else candidate
-        if manifest.is_file():
-            return manifest
-    if explicit or os.environ.get(ENV_WEIGHTS):
-        raise WeightsError(f"{candidates[0]}: weights manifest not found")
+        found = _manifest_at(Path(explicit), scratch_dir)
+        if found is None:
+            raise WeightsError(f"{explicit}: weights manifest not found")
+        return found
+    model_dir = GRAND_CHALLENGE_MODEL_DIR if model_dir is None else Path(model_dir)
+    found = _manifest_at(model_dir, scratch_dir) if model_dir.is_dir() else None
+    if found is not None:
+        return found
+    looked = [f"{model_dir} (manifest.yaml or a model tarball)"]
+    bundled = bundled or (Path(os.environ[ENV_BUNDLED_WEIGHTS]) if os.environ.get(ENV_BUNDLED_WEIGHTS) else None)
+    for folder in (bundled, SOURCE_TREE_WEIGHTS):
+        if folder is None:
+            continue
+        if (folder / MANIFEST_NAME).is_file():
+            return folder / MANIFEST_NAME
+        looked.append(str(folder))
     raise WeightsError(
-        "no trained weights are installed (looked for manifest.yaml in "
-        + ", ".join(str(c) for c in candidates)
-        + "); train and export them (see training/README.md) or pass --weights"
+        "no trained weights are installed (looked in " + ", ".join(looked) + "); train and export them "
+        f"(see training/README.md), mount a model at {model_dir}, or pass --weights"
     )
 
 
+def _manifest_at(path: Path, scratch_dir: Path | None) -> Path | None:
+    """The manifest a path names: the file itself, one in the folder (up to two levels down, a
+    tarball's top folder), or the one inside a model tarball (in the path, or the folder's only one)."""
+    if path.is_file():
+        return extract_model_tarball(path, scratch_dir) if path.name.lower().endswith(MODEL_TARBALL_SUFFIXES) else path
+    if not path.is_dir():
+        return None
+    found = _find_manifest_below(path)
+    if found:
+        return found
+    tarballs = natural_sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(MODEL_TARBALL_SUFFIXES))
+    if len(tarballs) > 1:
+        raise WeightsError(f"{path}: {len(tarballs)} model tarballs ({', '.join(p.name for p in tarballs)}); expected one")
+    return extract_model_tarball(tarballs[0], scratch_dir) if tarballs else None
+
+
+def _find_manifest_below(folder: Path, depth: int = 2) -> Path | None:
+    """``folder/manifest.yaml``, else the first one up to ``depth`` folders down (a tarball's top folder)."""
+    if (folder / MANIFEST_NAME).is_file():
+        return folder / MANIFEST_NAME
+    if depth == 0:
+        return None
+    for child in natural_sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = _find_manifest_below(child, depth - 1)
+        if found:
+            return found
+    return None
+
+
+def _safe_members(tar: tarfile.TarFile, tarball: Path) -> list[tarfile.TarInfo]:
+    """Plain files and folders inside the extraction folder only (no links, devices, ``..``)."""
+    members = []
+    for member in tar.getmembers():
+        name = PurePosixPath(member.name)
+        if name.is_absolute() or ".." in name.parts:
+            raise WeightsError(f"{tarball}: refusing to extract '{member.name}' (path outside the archive)")
+        if not (member.isfile() or member.isdir()):
+            raise WeightsError(f"{tarball}: refusing to extract '{member.name}' (not a plain file or folder)")
+        members.append(member)
+    return members
+
+
+def _data_only(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """What tarfile's ``data`` filter does to a plain file or folder: no setuid/setgid/sticky bits,
+    no group/other write, owner read/write(/search) kept, and no owner taken from the archive."""
+    member = member.replace(deep=False) if hasattr(member, "replace") else member
+    base = 0o700 if member.isdir() else 0o600
+    member.mode = (member.mode & 0o755) | base
+    member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
+    return member
+
+
+def extract_model_tarball(tarball: Path, scratch_dir: Path | None = None) -> Path:
+    """Extract a model tarball into a fresh scratch folder; return the manifest it holds.
+
+    Args:
+        tarball: a ``.tar.gz``, ``.tgz`` or ``.tar`` holding ``manifest.yaml`` and its checkpoints.
+        scratch_dir: where the scratch folder is made (default: the temporary folder).
+    """
+    target = Path(tempfile.mkdtemp(prefix="lsmseg-model-", dir=scratch_dir))
+    try:
+        with tarfile.open(tarball) as tar:
+            members = _safe_members(tar, tarball)
+            if hasattr(tarfile, "data_filter"):
+                # filter="data" also drops setuid/world-writable modes and owners from the archive.
+                tar.extractall(target, members=members, filter="data")  # noqa: S202 - members checked above
+            else:  # Python < 3.11.4 (Debian bookworm's 3.11.2, the image's): the same sanitising by hand
+                tar.extractall(target, members=[_data_only(m) for m in members])  # noqa: S202
+        manifest = _find_manifest_below(target)
+        if manifest is None:
+            raise WeightsError(f"{tarball}: model tarball holds no {MANIFEST_NAME}")
+    except BaseException as exc:
+        shutil.rmtree(target, ignore_errors=True)  # no half-extracted model left in scratch space
+        if isinstance(exc, (tarfile.TarError, OSError, EOFError)):
+            raise WeightsError(f"{tarball}: cannot extract model tarball ({' '.join(str(exc).split())})") from exc
+        raise
+    logger.info("extracted model tarball %s to %s", tarball, target)
+    return manifest
+
+
 def save_weights(state_dict: dict, path: str | Path) -> str:
-    """Save a state dict as safetensors (atomically); return its sha256."""
+    """Save a state dict as safetensors (atomically, readable by all); return its sha256."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(f".partial-{path.name}")
-    save_file(tensors, str(tmp))
-    os.chmod(tmp, 0o644)  # safetensors writes 0600: an image's non-root user could not read it
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp))
+        os.chmod(tmp, 0o644)  # safetensors writes 0600: an image's non-root user could not read it
     return sha256_file(path)
 
 
 def load_state_dict(path: str | Path, sha256: str | None) -> dict[str, torch.Tensor]:
-    """Verify ``path`` against ``sha256`` and load its tensors without executing any code."""
+    """Verify ``path`` against ``sha256`` and load its tensors without executing any code.
+
+    Args:
+        path: a ``.safetensors`` file, or a ``.pt``/``.pth`` loaded with ``weights_only=True``.
+        sha256: the expected hex digest; None skips the check (a file the user named directly).
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file is missing")
@@ -201,7 +309,13 @@ def load_state_dict(path: str | Path, sha256: str | None) -> dict[str, torch.Ten
 
 
 def load_model(manifest: Manifest, entry: WeightsEntry, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Build the entry's model and load its verified weights (strictly: every tensor must match)."""
+    """Build the entry's model and load its verified weights (strictly: every tensor must match).
+
+    Args:
+        manifest: the loaded manifest (checkpoint paths are relative to its folder).
+        entry: one of its models (:meth:`Manifest.entry_for`).
+        device: where the model goes.
+    """
     path = manifest.checkpoint_path(entry)
     state = load_state_dict(path, entry.sha256)
     try:

@@ -3,8 +3,8 @@ import torch
 
 from lsmseg.config import ModelConfig
 from lsmseg.errors import ConfigError, WeightsError
-from lsmseg.predictor import Predictor
-from lsmseg.weights import find_manifest, load_manifest, load_state_dict, sha256_file
+from lsmseg.inference import Predictor, RunOptions
+from lsmseg.weights import load_manifest, load_state_dict, resolve_manifest, sha256_file
 
 from ..conftest import make_weights
 
@@ -13,7 +13,7 @@ def test_manifest_round_trip_and_predictor(tiny_weights, tiny_model):
     manifest = load_manifest(tiny_weights)
     name, entry = manifest.entry_for("vessels")
     assert name == "general" and entry.model.roi == (32, 64, 64)
-    predictor = Predictor.from_manifest(tiny_weights, device="cpu", progress=False, threshold=0.3)
+    predictor = Predictor.from_manifest(tiny_weights, device="cpu", options=RunOptions(progress=False), threshold=0.3)
     assert predictor.settings.threshold == 0.3 and predictor.weights_info["sha256"] == entry.sha256
     for key, value in tiny_model.state_dict().items():
         assert torch.equal(predictor.model.state_dict()[key].cpu(), value)
@@ -42,7 +42,7 @@ def test_no_weights_installed_message(monkeypatch, tmp_path):
     monkeypatch.setattr(w, "GRAND_CHALLENGE_MODEL_DIR", tmp_path / "none1")
     monkeypatch.setattr(w, "SOURCE_TREE_WEIGHTS", tmp_path / "none2")
     with pytest.raises(WeightsError, match="no trained weights are installed"):
-        find_manifest()
+        resolve_manifest()
 
 
 def test_bundled_weights_found_after_model_mount(monkeypatch, tmp_path, tiny_weights):
@@ -51,12 +51,34 @@ def test_bundled_weights_found_after_model_mount(monkeypatch, tmp_path, tiny_wei
     monkeypatch.delenv("LSMSEG_WEIGHTS", raising=False)
     monkeypatch.setattr(w, "GRAND_CHALLENGE_MODEL_DIR", tmp_path / "empty-mount")
     monkeypatch.setenv("LSMSEG_BUNDLED_WEIGHTS", str(tiny_weights.parent))
-    assert find_manifest() == tiny_weights
+    assert resolve_manifest() == tiny_weights
     mount = tmp_path / "mount"
     mount.mkdir()
     (mount / "manifest.yaml").write_text(tiny_weights.read_text())
     monkeypatch.setattr(w, "GRAND_CHALLENGE_MODEL_DIR", mount)
-    assert find_manifest() == mount / "manifest.yaml"  # a mounted model wins over the image's
+    assert resolve_manifest() == mount / "manifest.yaml"  # a mounted model wins over the image's
+
+
+def test_a_model_tarball_is_accepted_wherever_weights_are_named(monkeypatch, tmp_path, tiny_weights):
+    """`lsmseg predict --weights model.tar.gz` as the container's /opt/ml/model mount: one resolver."""
+    import tarfile
+
+    import lsmseg.weights as w
+
+    monkeypatch.delenv("LSMSEG_WEIGHTS", raising=False)
+    monkeypatch.setattr(w, "GRAND_CHALLENGE_MODEL_DIR", tmp_path / "no-mount")
+    tarball = tmp_path / "model.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for item in tiny_weights.parent.iterdir():
+            tar.add(item, arcname=f"model/{item.name}")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    manifest = resolve_manifest(tarball, scratch_dir=scratch)
+    assert manifest.name == "manifest.yaml" and scratch in manifest.parents
+    predictor = Predictor.from_manifest(tarball, device="cpu")
+    assert predictor.weights_info["sha256"] == load_manifest(tiny_weights).models["general"].sha256
+    monkeypatch.setenv("LSMSEG_WEIGHTS", str(tarball))  # the environment names it the same way
+    assert resolve_manifest(scratch_dir=scratch).read_text() == tiny_weights.read_text()
 
 
 def test_weights_for_another_architecture(tmp_path, tiny_model_config, tiny_model):
