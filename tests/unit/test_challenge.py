@@ -11,12 +11,16 @@ import pytest
 import SimpleITK as sitk
 import tifffile
 
-from lsmseg import challenge, io
-from lsmseg.challenge import ChallengeSettings
+from lsmseg import io, weights
+from lsmseg.challenge.invoke import handle_invocation
+from lsmseg.challenge.runner import auto_mode, run
+from lsmseg.challenge.settings import (
+    DEFAULT_INPUT_SLUG, DEFAULT_OUTPUT_SLUG, ChallengeSettings, load_predictor, resolve_weights,
+)
 from lsmseg.cli import main
 from lsmseg.config import InferenceSettings
-from lsmseg.errors import InputError, WeightsError
-from lsmseg.predictor import Predictor
+from lsmseg.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, InputError, WeightsError
+from lsmseg.inference import Predictor, RunOptions
 
 from ..conftest import make_weights
 
@@ -25,14 +29,14 @@ SPACING = (2.0, 0.75, 0.75)
 
 @pytest.fixture
 def predictor(tiny_model, tiny_model_config):
-    return Predictor(tiny_model, tiny_model_config, InferenceSettings(), device="cpu", progress=False)
+    return Predictor(tiny_model, tiny_model_config, InferenceSettings(), device="cpu", options=RunOptions(progress=False))
 
 
 @pytest.fixture
 def no_installed_weights(tmp_path, monkeypatch):
     """Nothing found unless a test says where: no env override, no source-tree weights."""
     monkeypatch.delenv("LSMSEG_WEIGHTS", raising=False)
-    monkeypatch.setattr(challenge, "SOURCE_TREE_WEIGHTS", tmp_path / "no-source-weights")
+    monkeypatch.setattr(weights, "SOURCE_TREE_WEIGHTS", tmp_path / "no-source-weights")
 
 
 def volume(shape=(10, 40, 48), seed=0, dtype=np.uint16):
@@ -83,9 +87,9 @@ def test_folder_mode_bad_inputs_among_good_ones(tmp_path, predictor, caplog):
         make(src / name)
 
     with caplog.at_level(logging.INFO):
-        code = challenge.run("folder", settings_for(tmp_path), predictor=predictor)
+        code = run("folder", settings_for(tmp_path), predictor=predictor)
 
-    assert code == challenge.EXIT_FAILED
+    assert code == EXIT_FAILED
     out = tmp_path / "out"
     written = sorted(p.name for p in out.iterdir() if not p.name.endswith(".provenance.json"))
     assert written == sorted(["good_a.tif", "good_b.nii.gz", "good_c.mha", "constant.tif", "tiny.tif"])
@@ -110,7 +114,7 @@ def test_folder_mode_bad_inputs_among_good_ones(tmp_path, predictor, caplog):
 def test_folder_mode_all_good_exits_zero(tmp_path, predictor):
     (tmp_path / "in").mkdir()
     io.write_volume(volume(), tmp_path / "in" / "x.tif")
-    assert challenge.run("folder", settings_for(tmp_path), predictor=predictor) == challenge.EXIT_OK
+    assert run("folder", settings_for(tmp_path), predictor=predictor) == EXIT_OK
     assert (tmp_path / "out" / "x.tif").is_file() and (tmp_path / "out" / "x.tif.provenance.json").is_file()
 
 
@@ -119,12 +123,12 @@ def test_empty_input_is_a_clear_message_and_exit_zero(tmp_path, caplog, no_insta
     (tmp_path / "in" / "inputs.json").write_text("[]")  # sidecars are not volumes
     with caplog.at_level(logging.INFO):
         # no weights are installed: an empty input must not even need them
-        assert challenge.run("folder", settings_for(tmp_path)) == challenge.EXIT_OK
+        assert run("folder", settings_for(tmp_path)) == EXIT_OK
     assert any("no volumes found" in r.getMessage() for r in caplog.records)
 
 
 def test_missing_input_folder_is_an_error(tmp_path, predictor, caplog):
-    assert challenge.run("folder", settings_for(tmp_path), predictor=predictor) == challenge.EXIT_FAILED
+    assert run("folder", settings_for(tmp_path), predictor=predictor) == EXIT_FAILED
     assert "input folder does not exist" in error_records(caplog)[0].getMessage()
 
 
@@ -132,7 +136,7 @@ def test_unwritable_output_is_one_clear_line(tmp_path, predictor, caplog):
     (tmp_path / "in").mkdir()
     io.write_volume(volume(), tmp_path / "in" / "x.tif")
     (tmp_path / "out").write_text("a file where the output folder should be")
-    assert challenge.run("folder", settings_for(tmp_path), predictor=predictor) == challenge.EXIT_FAILED
+    assert run("folder", settings_for(tmp_path), predictor=predictor) == EXIT_FAILED
     [record] = error_records(caplog)
     assert str(tmp_path / "out") in record.getMessage() and "not writable" in record.getMessage()
 
@@ -142,7 +146,7 @@ def test_read_only_output_folder(tmp_path, predictor, caplog):
     (tmp_path / "in").mkdir()
     io.write_volume(volume(), tmp_path / "in" / "x.tif")
     (tmp_path / "out").mkdir(mode=0o500)
-    assert challenge.run("folder", settings_for(tmp_path), predictor=predictor) == challenge.EXIT_FAILED
+    assert run("folder", settings_for(tmp_path), predictor=predictor) == EXIT_FAILED
     assert "not writable" in error_records(caplog)[0].getMessage()
 
 
@@ -152,7 +156,7 @@ def test_read_only_output_folder(tmp_path, predictor, caplog):
 def test_no_weights_says_so(tmp_path, caplog, no_installed_weights):
     (tmp_path / "in").mkdir()
     io.write_volume(volume(), tmp_path / "in" / "x.tif")
-    assert challenge.run("folder", settings_for(tmp_path)) == challenge.EXIT_FAILED
+    assert run("folder", settings_for(tmp_path)) == EXIT_FAILED
     [record] = error_records(caplog)
     assert "no trained weights are installed" in record.getMessage()
     assert not (tmp_path / "out" / "x.tif").exists()
@@ -166,7 +170,7 @@ def test_tampered_weights_refuse_to_run_and_name_the_file(tmp_path, tiny_model_c
         handle.write(b"\0")
     (tmp_path / "in").mkdir()
     io.write_volume(volume(), tmp_path / "in" / "x.tif")
-    assert challenge.run("folder", settings_for(tmp_path)) == challenge.EXIT_FAILED
+    assert run("folder", settings_for(tmp_path)) == EXIT_FAILED
     [record] = error_records(caplog)
     assert str(checkpoint) in record.getMessage() and "checksum mismatch" in record.getMessage()
     assert not (tmp_path / "out" / "x.tif").exists()
@@ -177,7 +181,7 @@ def test_missing_checkpoint_names_the_file(tmp_path, tiny_model_config, tiny_mod
     (manifest.parent / "general.safetensors").unlink()
     (tmp_path / "in").mkdir()
     io.write_volume(volume(), tmp_path / "in" / "x.tif")
-    assert challenge.run("folder", settings_for(tmp_path)) == challenge.EXIT_FAILED
+    assert run("folder", settings_for(tmp_path)) == EXIT_FAILED
     assert "general.safetensors: weights file is missing" in error_records(caplog)[0].getMessage()
 
 
@@ -185,13 +189,14 @@ def test_weights_order_explicit_then_model_dir_then_bundled(tmp_path, tiny_model
                                                             no_installed_weights, monkeypatch):
     bundled = make_weights(tmp_path / "bundled", tiny_model_config, tiny_model)
     settings = settings_for(tmp_path, bundled_weights=bundled.parent)
-    assert challenge.resolve_weights(settings) == bundled
+    assert resolve_weights(settings) == bundled
     mounted = make_weights(tmp_path / "opt-ml-model" / "model", tiny_model_config, tiny_model)  # one folder down
-    assert challenge.resolve_weights(settings) == mounted
+    assert resolve_weights(settings) == mounted
     monkeypatch.setenv("LSMSEG_WEIGHTS", str(bundled))
-    assert challenge.resolve_weights(settings) == bundled
-    settings.weights = tmp_path / "explicit.yaml"
-    assert challenge.resolve_weights(settings) == tmp_path / "explicit.yaml"
+    assert resolve_weights(settings) == bundled
+    settings.weights = tmp_path / "explicit.yaml"  # named but missing: said at once, never a fallback
+    with pytest.raises(WeightsError, match="explicit.yaml: weights manifest not found"):
+        resolve_weights(settings)
 
 
 def test_model_tarball_is_extracted_to_scratch(tmp_path, tiny_model_config, tiny_model, no_installed_weights):
@@ -203,10 +208,10 @@ def test_model_tarball_is_extracted_to_scratch(tmp_path, tiny_model_config, tiny
             tar.add(item, arcname=item.name)
     settings = settings_for(tmp_path, scratch_dir=tmp_path / "scratch")
     settings.scratch_dir.mkdir()
-    manifest = challenge.resolve_weights(settings)
+    manifest = resolve_weights(settings)
     assert manifest.is_file() and manifest.is_relative_to(settings.scratch_dir)
-    loaded = challenge.load_predictor(settings)
-    assert loaded.weights_info["sha256"] == challenge.load_predictor(
+    loaded = load_predictor(settings)
+    assert loaded.weights_info["sha256"] == load_predictor(
         settings_for(tmp_path, weights=weights / "manifest.yaml")).weights_info["sha256"]
 
 
@@ -217,13 +222,13 @@ def test_model_tarball_with_escaping_paths_is_refused(tmp_path, no_installed_wei
     with tarfile.open(model_dir / "model.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "evil.txt", arcname="../evil.txt")
     with pytest.raises(WeightsError, match="outside the archive"):
-        challenge.resolve_weights(settings_for(tmp_path))
+        resolve_weights(settings_for(tmp_path))
 
 
 # ------------------------------------------------------------------------------ exec mode
 
 
-def exec_input(tmp_path, name="case.tif", slug=challenge.DEFAULT_INPUT_SLUG, shape=(12, 40, 44)):
+def exec_input(tmp_path, name="case.tif", slug=DEFAULT_INPUT_SLUG, shape=(12, 40, 44)):
     folder = tmp_path / "in" / "images" / slug
     folder.mkdir(parents=True)
     image = volume(shape, seed=5)
@@ -231,7 +236,7 @@ def exec_input(tmp_path, name="case.tif", slug=challenge.DEFAULT_INPUT_SLUG, sha
     return folder / name, image
 
 
-def read_output_mha(tmp_path, slug=challenge.DEFAULT_OUTPUT_SLUG):
+def read_output_mha(tmp_path, slug=DEFAULT_OUTPUT_SLUG):
     folder = tmp_path / "out" / "images" / slug
     assert sorted(p.name for p in folder.iterdir()) == ["output.mha"], "only the mask in the socket folder"
     return sitk.ReadImage(str(folder / "output.mha"))
@@ -240,8 +245,8 @@ def read_output_mha(tmp_path, slug=challenge.DEFAULT_OUTPUT_SLUG):
 @pytest.mark.parametrize("name", ["case.tif", "case.tiff", "case.mha"])
 def test_exec_mode_writes_output_mha_with_input_size_and_spacing(tmp_path, predictor, name):
     path, image = exec_input(tmp_path, name)
-    assert challenge.auto_mode(tmp_path / "in") == "exec"
-    assert challenge.run(None, settings_for(tmp_path), predictor=predictor) == challenge.EXIT_OK
+    assert auto_mode(tmp_path / "in") == "exec"
+    assert run(None, settings_for(tmp_path), predictor=predictor) == EXIT_OK
     mask = read_output_mha(tmp_path)
     assert mask.GetSize() == image.shape[::-1]
     np.testing.assert_allclose(mask.GetSpacing(), SPACING[::-1], rtol=1e-5)
@@ -249,21 +254,21 @@ def test_exec_mode_writes_output_mha_with_input_size_and_spacing(tmp_path, predi
     assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
     assert (tmp_path / "provenance" / "output.mha.provenance.json").is_file()
     # compressed MHA: the pixel data are zlib-compressed
-    assert b"CompressedData = True" in (tmp_path / "out/images" / challenge.DEFAULT_OUTPUT_SLUG / "output.mha").read_bytes()[:2000]
+    assert b"CompressedData = True" in (tmp_path / "out/images" / DEFAULT_OUTPUT_SLUG / "output.mha").read_bytes()[:2000]
 
 
 def test_exec_mode_configurable_and_2024_slugs(tmp_path, predictor):
     exec_input(tmp_path, slug="3d-brain-microscopy")  # the 2024 interface, found without configuration
-    assert challenge.run("exec", settings_for(tmp_path), predictor=predictor) == challenge.EXIT_OK
+    assert run("exec", settings_for(tmp_path), predictor=predictor) == EXIT_OK
     read_output_mha(tmp_path, "brain-structure")
     settings = settings_for(tmp_path, output_dir=tmp_path / "out2", input_slug="3d-brain-microscopy", output_slug="mask")
-    assert challenge.run("exec", settings, predictor=predictor) == challenge.EXIT_OK
+    assert run("exec", settings, predictor=predictor) == EXIT_OK
     assert (tmp_path / "out2/images/mask/output.mha").is_file()
 
 
 @pytest.mark.parametrize("problem", ["no image", "two images", "no folder", "corrupt"])
 def test_exec_mode_bad_case_is_one_line_and_exit_one(tmp_path, predictor, caplog, problem):
-    folder = tmp_path / "in" / "images" / challenge.DEFAULT_INPUT_SLUG
+    folder = tmp_path / "in" / "images" / DEFAULT_INPUT_SLUG
     if problem != "no folder":
         folder.mkdir(parents=True)
     else:
@@ -273,7 +278,7 @@ def test_exec_mode_bad_case_is_one_line_and_exit_one(tmp_path, predictor, caplog
         io.write_volume(volume(), folder / "b.mha")
     if problem == "corrupt":
         (folder / "a.mha").write_text("ObjectType = Image\nNDims = 3\nElementDataFile = LOCAL\n")
-    assert challenge.run("exec", settings_for(tmp_path), predictor=predictor) == challenge.EXIT_FAILED
+    assert run("exec", settings_for(tmp_path), predictor=predictor) == EXIT_FAILED
     [record] = error_records(caplog)
     assert str(folder) in record.getMessage() and "\n" not in record.getMessage()
     assert not (tmp_path / "out" / "images").exists() or not any((tmp_path / "out" / "images").rglob("*.mha"))
@@ -281,7 +286,7 @@ def test_exec_mode_bad_case_is_one_line_and_exit_one(tmp_path, predictor, caplog
 
 def test_auto_mode_is_folder_without_images_folder(tmp_path):
     (tmp_path / "in").mkdir()
-    assert challenge.auto_mode(tmp_path / "in") == "folder"
+    assert auto_mode(tmp_path / "in") == "folder"
 
 
 # ------------------------------------------------------------------------------ invoke case handling
@@ -308,7 +313,7 @@ SELMA3D_2026_INPUTS = [  # the layout of the organisers' test/input/interf0/inpu
 def test_invocation_reads_inputs_json_and_writes_output(tmp_path, predictor):
     path, image = exec_input(tmp_path, name="9a1b-uuid.mha")  # GC renames images; the name is informative
     (tmp_path / "in" / "inputs.json").write_text(json.dumps(SELMA3D_2026_INPUTS))
-    result = challenge.handle_invocation(predictor, settings_for(tmp_path))
+    result = handle_invocation(predictor, settings_for(tmp_path))
     assert result["socket"] == "light-sheet-3d-microscopy" and result["image_name"] == "cell_nuclei_2301.mha"
     assert result["input"] == str(path)
     assert read_output_mha(tmp_path).GetSize() == image.shape[::-1]
@@ -320,7 +325,7 @@ def test_invocation_post_processes_by_the_job_image_name(tmp_path, predictor):
         predictor.settings, per_structure={"cell_nuclei": {"threshold": 0.99, "min_component_voxels": 7}})
     exec_input(tmp_path, name="9a1b-uuid.mha")
     (tmp_path / "in" / "inputs.json").write_text(json.dumps(SELMA3D_2026_INPUTS))
-    challenge.handle_invocation(predictor, settings_for(tmp_path))
+    handle_invocation(predictor, settings_for(tmp_path))
     record = json.loads(next((tmp_path / "provenance").glob("*.provenance.json")).read_text())
     assert record["postprocess"]["structure"] == "cell_nuclei"
     assert record["postprocess"]["threshold"] == 0.99 and record["postprocess"]["min_component_voxels"] == 7
@@ -331,7 +336,7 @@ def test_invocation_uses_the_only_image_socket_when_slug_differs(tmp_path, predi
     inputs = json.loads(json.dumps(SELMA3D_2026_INPUTS))
     inputs[0]["socket"].update(slug="some-other-slug", relative_path="images/some-other-slug")
     (tmp_path / "in" / "inputs.json").write_text(json.dumps(inputs))
-    assert challenge.handle_invocation(predictor, settings_for(tmp_path))["socket"] == "some-other-slug"
+    assert handle_invocation(predictor, settings_for(tmp_path))["socket"] == "some-other-slug"
 
 
 @pytest.mark.parametrize(
@@ -349,7 +354,7 @@ def test_bad_inputs_json(tmp_path, predictor, content, message):
     if content is not None:
         (tmp_path / "in" / "inputs.json").write_text(content)
     with pytest.raises(InputError, match=message):
-        challenge.handle_invocation(predictor, settings_for(tmp_path))
+        handle_invocation(predictor, settings_for(tmp_path))
 
 
 # ------------------------------------------------------------------------------ command line
@@ -369,5 +374,5 @@ def test_cli_challenge_folder_mode_with_env(tmp_path, tiny_model_config, tiny_mo
 
 def test_cli_bad_mode_or_port_is_a_usage_error(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LSMSEG_MODE", "batch")
-    assert main(["challenge", "--input", str(tmp_path)]) == challenge.EXIT_USAGE
-    assert main(["serve", "--port", "http"]) == challenge.EXIT_USAGE
+    assert main(["challenge", "--input", str(tmp_path)]) == EXIT_USAGE
+    assert main(["serve", "--port", "http"]) == EXIT_USAGE

@@ -5,6 +5,7 @@ import io as stdio
 import json
 import logging
 import os
+import shutil
 import signal
 import stat
 import tarfile
@@ -15,11 +16,16 @@ import tifffile
 import torch
 import yaml
 
-from lsmseg import challenge, io, model, predictor as predictor_module, weights
+from lsmseg import io, model, weights
+from lsmseg.challenge import folder as folder_mode
+from lsmseg.challenge.runner import run, settings_from_args
+from lsmseg.challenge.settings import DEFAULT_INPUT_SLUG, ChallengeSettings
 from lsmseg.cli import main
 from lsmseg.config import InferenceSettings
-from lsmseg.errors import ConfigError, OutputError, WeightsError
-from lsmseg.predictor import Predictor
+from lsmseg.errors import EXIT_FAILED, EXIT_OK, EXIT_TERMINATED, ConfigError, OutputError, WeightsError
+from lsmseg.inference import Predictor, RunOptions, predict_files
+from lsmseg.inference import run as run_module
+from lsmseg.weights import extract_model_tarball
 
 from ..conftest import make_weights
 from .test_challenge import error_records, settings_for, volume
@@ -27,16 +33,15 @@ from .test_challenge import error_records, settings_for, volume
 
 @pytest.fixture
 def predictor(tiny_model, tiny_model_config):
-    return Predictor(tiny_model, tiny_model_config, InferenceSettings(), device="cpu", progress=False)
+    return Predictor(tiny_model, tiny_model_config, InferenceSettings(), device="cpu",
+                     options=RunOptions(progress=False))
 
 
 class Untouchable:
-    """A predictor stand-in that fails the test if any volume work starts."""
+    """A predictor stand-in that fails the test if any volume work starts (any use of it)."""
 
-    def predict_files(self, *a, **k):
-        raise AssertionError("work started")
-
-    predict_file = predict_files
+    def __getattr__(self, name):
+        raise AssertionError(f"work started ({name})")
 
 
 # ------------------------------------------------------------------------------ outputs vs inputs
@@ -46,7 +51,7 @@ def test_predict_into_the_input_folder_is_refused_and_the_input_kept(tmp_path, p
     image = io.write_volume(volume((6, 24, 24)), tmp_path / "a.tif")
     before = image.read_bytes()
     with pytest.raises(OutputError, match="overwrite the input"):
-        predictor.predict_files([image], tmp_path)
+        predict_files(predictor, [image], tmp_path)
     assert image.read_bytes() == before
 
 
@@ -63,7 +68,7 @@ def test_folder_mode_with_the_same_input_and_output_is_refused_before_loading(tm
     image = io.write_volume(volume((6, 24, 24)), tmp_path / "d" / "a.tif")
     before = image.read_bytes()
     settings = settings_for(tmp_path, input_dir=tmp_path / "d", output_dir=tmp_path / "d")
-    assert challenge.run("folder", settings, predictor=Untouchable()) == challenge.EXIT_FAILED
+    assert run("folder", settings, predictor=Untouchable()) == EXIT_FAILED
     [record] = error_records(caplog)
     assert "overwrite the input" in record.getMessage()
     assert image.read_bytes() == before
@@ -74,7 +79,7 @@ def test_exec_mode_output_onto_its_input_is_refused(tmp_path, caplog):
     image = io.write_volume(volume((6, 24, 24)), folder / "output.mha")
     settings = settings_for(tmp_path, input_dir=tmp_path / "io", output_dir=tmp_path / "io", input_slug="s",
                             output_slug="s")
-    assert challenge.run("exec", settings, predictor=Untouchable()) == challenge.EXIT_FAILED
+    assert run("exec", settings, predictor=Untouchable()) == EXIT_FAILED
     assert "overwrite the input" in error_records(caplog)[0].getMessage()
     assert image.is_file()
 
@@ -83,7 +88,7 @@ def test_exec_mode_output_onto_its_input_is_refused(tmp_path, caplog):
 
 
 def test_corrupt_strip_in_exec_mode_is_one_line(tmp_path, predictor, caplog):
-    folder = tmp_path / "in" / "images" / challenge.DEFAULT_INPUT_SLUG
+    folder = tmp_path / "in" / "images" / DEFAULT_INPUT_SLUG
     folder.mkdir(parents=True)
     path = folder / "case.tif"
     tifffile.imwrite(path, volume((16, 64, 64)), compression="zlib", imagej=True, metadata={"axes": "ZYX"})
@@ -92,7 +97,7 @@ def test_corrupt_strip_in_exec_mode_is_one_line(tmp_path, predictor, caplog):
         offset = tif.pages[9].dataoffsets[0]
     raw[offset: offset + 64] = b"\x13" * 64
     path.write_bytes(bytes(raw))
-    assert challenge.run("exec", settings_for(tmp_path), predictor=predictor) == challenge.EXIT_FAILED
+    assert run("exec", settings_for(tmp_path), predictor=predictor) == EXIT_FAILED
     [record] = error_records(caplog)
     assert str(path) in record.getMessage() and "\n" not in record.getMessage() and record.exc_info is None
     assert not any((tmp_path / "out").rglob("*.mha")) and not any((tmp_path / "out").rglob(".partial-*"))
@@ -137,18 +142,19 @@ def test_max_voxels_reaches_the_predictor_and_the_challenge_settings(tmp_path, t
 
 def test_not_enough_disk_for_the_mask_is_refused_before_predicting(tmp_path, predictor, monkeypatch):
     image = io.write_volume(volume((6, 24, 24)), tmp_path / "a.tif")
-    monkeypatch.setattr(io.shutil, "disk_usage", lambda p: type("U", (), {"free": 10})())
-    [result] = predictor.predict_files([image], tmp_path / "out")
-    assert not result["ok"] and "not enough free disk space" in result["error"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), {"free": 10})())
+    [result] = predict_files(predictor, [image], tmp_path / "out")
+    assert not result.ok and "not enough free disk space" in result.error
     assert not (tmp_path / "out" / "a.tif").exists()
 
 
 def test_resampling_to_a_huge_grid_is_refused(tmp_path, tiny_model, tiny_model_config):
     settings = InferenceSettings(spacing=(1.0, 1.0, 1.0))
-    predictor = Predictor(tiny_model, tiny_model_config, settings, device="cpu", progress=False, max_voxels=10**6)
+    predictor = Predictor(tiny_model, tiny_model_config, settings, device="cpu",
+                          options=RunOptions(progress=False, max_voxels=10**6))
     image = io.write_volume(volume((6, 24, 24)), tmp_path / "a.tif", spacing=(100.0, 100.0, 100.0))
-    [result] = predictor.predict_files([image], tmp_path / "out")
-    assert not result["ok"] and "resampled volume declares" in result["error"]
+    [result] = predict_files(predictor, [image], tmp_path / "out")
+    assert not result.ok and "resampled volume declares" in result.error
 
 
 # ------------------------------------------------------------------------------ provenance
@@ -157,8 +163,8 @@ def test_resampling_to_a_huge_grid_is_refused(tmp_path, tiny_model, tiny_model_c
 def test_provenance_records_of_same_named_outputs_do_not_collide(tmp_path, predictor):
     names = ["a.tif", "a.tiff", "a.nii.gz"]
     inputs = [io.write_volume(volume((6, 24, 24), seed=i), tmp_path / "in" / n) for i, n in enumerate(names)]
-    results = predictor.predict_files(inputs, tmp_path / "out")
-    assert all(r["ok"] for r in results)
+    results = predict_files(predictor, inputs, tmp_path / "out")
+    assert all(r.ok for r in results)
     for name in names:
         record = json.loads((tmp_path / "out" / f"{name}.provenance.json").read_text())
         assert record["output"] == str(tmp_path / "out" / name)
@@ -170,8 +176,8 @@ def test_provenance_failure_is_not_reported_as_a_missing_mask(tmp_path, predicto
     def failing_write_json(data, path):
         raise OutputError(path, "cannot write: disk quota exceeded")
 
-    monkeypatch.setattr(predictor_module, "write_json", failing_write_json)
-    assert challenge.run("folder", settings_for(tmp_path), predictor=predictor) == challenge.EXIT_FAILED
+    monkeypatch.setattr(run_module, "write_json", failing_write_json)
+    assert run("folder", settings_for(tmp_path), predictor=predictor) == EXIT_FAILED
     assert (tmp_path / "out" / "a.tif").is_file()
     [record] = error_records(caplog)
     assert "was written" in record.getMessage() and "provenance" in record.getMessage()
@@ -215,7 +221,7 @@ def test_tarball_modes_are_sanitised_and_scratch_removed_on_failure(tmp_path, ti
                 tar.addfile(info, handle)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    manifest = challenge.extract_model_tarball(tarball, scratch)
+    manifest = extract_model_tarball(tarball, scratch)
     for item in manifest.parent.iterdir():
         mode = item.stat().st_mode
         assert not mode & (stat.S_ISUID | stat.S_ISGID | stat.S_IWOTH), (item, oct(mode))
@@ -225,11 +231,11 @@ def test_tarball_modes_are_sanitised_and_scratch_removed_on_failure(tmp_path, ti
         tar.addfile(info, stdio.BytesIO(b""))
     before = set(scratch.iterdir())
     with pytest.raises(WeightsError, match="holds no manifest"):
-        challenge.extract_model_tarball(empty, scratch)
+        extract_model_tarball(empty, scratch)
     truncated = tmp_path / "truncated.tar.gz"
     truncated.write_bytes(tarball.read_bytes()[: tarball.stat().st_size // 2])
     with pytest.raises(WeightsError, match="cannot extract"):
-        challenge.extract_model_tarball(truncated, scratch)
+        extract_model_tarball(truncated, scratch)
     assert set(scratch.iterdir()) == before, "no half-extracted model left behind"
 
 
@@ -241,25 +247,25 @@ def test_stale_partials_are_swept_at_the_start_of_folder_mode(tmp_path, predicto
     (tmp_path / "out").mkdir()
     stale = tmp_path / "out" / ".partial-999999999-0123abcd-a.tif"
     stale.write_bytes(b"half a mask")
-    assert challenge.run("folder", settings_for(tmp_path), predictor=predictor) == challenge.EXIT_OK
+    assert run("folder", settings_for(tmp_path), predictor=predictor) == EXIT_OK
     assert not stale.exists() and (tmp_path / "out" / "a.tif").is_file()
 
 
-def test_sigterm_in_folder_mode_removes_the_partial_output(tmp_path, caplog):
+def test_sigterm_in_folder_mode_removes_the_partial_output(tmp_path, caplog, monkeypatch):
     io.write_volume(volume((6, 24, 24)), tmp_path / "in" / "a.tif")
     seen = {}
 
-    class Terminating:
-        def predict_files(self, volumes, out_dir):
-            with io.atomic_output(out_dir / "a.tif") as tmp:
-                tmp.write_bytes(b"half a mask")
-                seen["tmp"] = tmp
-                os.kill(os.getpid(), signal.SIGTERM)  # docker stop, mid-write
-                raise AssertionError("SIGTERM did not interrupt the run")
+    def terminated_while_writing(predictor, volumes, out_dir):
+        with io.atomic_output(out_dir / "a.tif") as tmp:
+            tmp.write_bytes(b"half a mask")
+            seen["tmp"] = tmp
+            os.kill(os.getpid(), signal.SIGTERM)  # docker stop, mid-write
+            raise AssertionError("SIGTERM did not interrupt the run")
 
+    monkeypatch.setattr(folder_mode, "predict_files", terminated_while_writing)
     previous = signal.getsignal(signal.SIGTERM)
-    code = challenge.run("folder", settings_for(tmp_path), predictor=Terminating())
-    assert code == 128 + signal.SIGTERM
+    code = run("folder", settings_for(tmp_path), predictor=object())
+    assert code == EXIT_TERMINATED == 128 + signal.SIGTERM
     assert not seen["tmp"].exists() and not (tmp_path / "out" / "a.tif").exists()
     assert "terminated" in error_records(caplog)[0].getMessage()
     assert signal.getsignal(signal.SIGTERM) == previous  # the handler is restored
@@ -270,7 +276,7 @@ def test_challenge_host_defaults_to_loopback(monkeypatch):
 
     monkeypatch.delenv("LSMSEG_HOST", raising=False)
     args = build_parser().parse_args(["serve"])
-    assert challenge.settings_from_args(args).host == "127.0.0.1"
-    assert challenge.ChallengeSettings().host == "127.0.0.1"
+    assert settings_from_args(args).host == "127.0.0.1"
+    assert ChallengeSettings().host == "127.0.0.1"
     monkeypatch.setenv("LSMSEG_HOST", "0.0.0.0")
-    assert challenge.settings_from_args(build_parser().parse_args(["serve"])).host == "0.0.0.0"
+    assert settings_from_args(build_parser().parse_args(["serve"])).host == "0.0.0.0"

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lsmseg import challenge, io
+from lsmseg import io
+from lsmseg.challenge.invoke import handle_invocation
+from lsmseg.challenge.server import InvokeService, make_server, serve
 from lsmseg.config import InferenceSettings
-from lsmseg.errors import InputError, OutputError, WeightsError
-from lsmseg.predictor import Predictor
-from lsmseg.server import InvokeService, make_server, serve
+from lsmseg.errors import EXIT_FAILED, EXIT_OK, InputError, OutputError, WeightsError
+from lsmseg.inference import Predictor, RunOptions
 
 from .test_challenge import SELMA3D_2026_INPUTS, settings_for
 
@@ -98,7 +99,7 @@ def test_one_invocation_at_a_time(tmp_path, running):
 
 
 def test_serve_end_to_end_with_a_real_predictor(tmp_path, tiny_model, tiny_model_config):
-    predictor = Predictor(tiny_model, tiny_model_config, InferenceSettings(), device="cpu", progress=False)
+    predictor = Predictor(tiny_model, tiny_model_config, InferenceSettings(), device="cpu", options=RunOptions(progress=False))
     settings = settings_for(tmp_path, host="127.0.0.1", port=0)
     folder = tmp_path / "in" / "images" / "light-sheet-3d-microscopy"
     folder.mkdir(parents=True)
@@ -114,7 +115,8 @@ def test_serve_end_to_end_with_a_real_predictor(tmp_path, tiny_model, tiny_model
         ready.set()
 
     thread = threading.Thread(
-        target=lambda: codes.append(serve(settings, loader=lambda s: predictor, stop=stop, on_listen=on_listen))
+        target=lambda: codes.append(serve(settings, invoke=handle_invocation, loader=lambda s: predictor, stop=stop,
+                                           on_listen=on_listen))
     )
     thread.start()
     try:
@@ -141,23 +143,25 @@ def test_serve_end_to_end_with_a_real_predictor(tmp_path, tiny_model, tiny_model
     finally:
         stop.set()
         thread.join(30)
-    assert codes == [challenge.EXIT_OK]
+    assert codes == [EXIT_OK]
 
 
 def test_serve_exits_one_when_weights_cannot_load(tmp_path, caplog):
     def failing_loader(settings):
         raise WeightsError("/opt/ml/model/general.safetensors: checksum mismatch")
 
-    code = serve(settings_for(tmp_path, host="127.0.0.1", port=0), loader=failing_loader, failed_linger_s=0)
-    assert code == challenge.EXIT_FAILED
+    code = serve(settings_for(tmp_path, host="127.0.0.1", port=0), invoke=handle_invocation, loader=failing_loader,
+                 failed_linger_s=0)
+    assert code == EXIT_FAILED
     assert "checksum mismatch" in caplog.text
 
 
 def test_serve_reports_a_busy_port(tmp_path, caplog):
-    blocker = make_server(InvokeService(settings_for(tmp_path)), "127.0.0.1", 0)
+    blocker = make_server(InvokeService(settings_for(tmp_path), handle_invocation), "127.0.0.1", 0)
     try:
         port = blocker.server_address[1]
-        assert serve(settings_for(tmp_path, host="127.0.0.1", port=port), loader=lambda s: object()) == 1
+        assert serve(settings_for(tmp_path, host="127.0.0.1", port=port), invoke=handle_invocation,
+                     loader=lambda s: object()) == EXIT_FAILED
         assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
     finally:
         blocker.server_close()

@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from lsmseg import server as server_module
-from lsmseg.server import InvokeService, make_server, serve
+from lsmseg.challenge import server as server_module
+from lsmseg.challenge.invoke import handle_invocation
+from lsmseg.challenge.server import InvokeService, make_server, serve
 
 from .test_challenge import settings_for
 
@@ -135,7 +136,8 @@ def test_health_reports_a_failed_model_load_with_its_reason(tmp_path, monkeypatc
 
     monkeypatch.setattr(server_module, "DEFAULT_FAILED_LINGER_S", 3.0, raising=False)
     thread = threading.Thread(target=lambda: codes.append(serve(
-        settings_for(tmp_path, host="127.0.0.1", port=0), loader=bad_manifest_loader, on_listen=on_listen)))
+        settings_for(tmp_path, host="127.0.0.1", port=0), invoke=handle_invocation, loader=bad_manifest_loader,
+        on_listen=on_listen)))
     thread.start()
     assert ready.wait(10)
     deadline = time.monotonic() + 2.5

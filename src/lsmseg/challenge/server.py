@@ -32,7 +32,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from .errors import InputError, LsmsegError
+from ..errors import EXIT_FAILED, EXIT_OK, InputError, LsmsegError
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +50,16 @@ def escape_log_text(text: str, limit: int = 300) -> str:
 
 
 class InvokeService:
-    """State shared by the request handlers: the predictor once loaded, and one invocation at a time."""
+    """State shared by the request handlers: the predictor once loaded, and one invocation at a time.
 
-    def __init__(self, settings, invoke: Callable | None = None):
-        from .challenge import handle_invocation
+    Args:
+        settings: passed to ``invoke`` and to the loader.
+        invoke: ``invoke(predictor, settings) -> dict``, one case (:func:`.invoke.handle_invocation`).
+    """
 
+    def __init__(self, settings, invoke: Callable):
         self.settings = settings
-        self.invoke = invoke or handle_invocation
+        self.invoke = invoke
         self.predictor = None
         self.load_error: str | None = None
         self.busy = threading.Lock()
@@ -254,8 +257,10 @@ def make_server(service: InvokeService, host: str, port: int, max_connections: i
 
 def serve(
     settings,
-    predictor=None,
+    *,
+    invoke: Callable,
     loader: Callable | None = None,
+    predictor=None,
     stop: threading.Event | None = None,
     on_listen: Callable | None = None,
     failed_linger_s: float | None = None,
@@ -264,10 +269,20 @@ def serve(
 
     When loading fails, ``/health`` answers 500 with the reason for ``failed_linger_s`` seconds
     (default :data:`DEFAULT_FAILED_LINGER_S`, or until stopped), then the server stops with exit code 1.
-    """
-    from .challenge import EXIT_FAILED, EXIT_OK, load_predictor
 
-    service = InvokeService(settings)
+    Args:
+        settings: ``host`` and ``port`` to listen on; passed to ``invoke`` and ``loader``.
+        invoke: handles one ``POST /invoke`` (see :class:`InvokeService`).
+        loader: ``loader(settings) -> predictor``, run once in the background (needed unless
+            ``predictor`` is given).
+        predictor: an already loaded predictor.
+        stop: set it to stop the server (default: SIGTERM/SIGINT do).
+        on_listen: called with ``((host, port), service)`` once listening (tests).
+        failed_linger_s: how long a failed load is reported before the server stops.
+    """
+    if predictor is None and loader is None:
+        raise ValueError("serve needs a predictor or a loader")
+    service = InvokeService(settings, invoke)
     try:
         server = make_server(service, settings.host, settings.port)
     except OSError as exc:
@@ -286,7 +301,7 @@ def serve(
     try:
         if predictor is not None:
             service.predictor = predictor
-        elif not service.load(loader or load_predictor):
+        elif not service.load(loader):
             failed_linger_s = DEFAULT_FAILED_LINGER_S if failed_linger_s is None else failed_linger_s
             logger.error("the model could not be loaded; GET /health answers 500 with the reason, stopping in %.0f s",
                          failed_linger_s)

@@ -1,0 +1,113 @@
+"""Exec mode (SELMA3D 2024/2025 Grand Challenge template), and the case logic invoke mode shares.
+
+The case image lies in ``/input/images/<input-slug>/`` (``*.tif``, ``*.tiff`` or ``*.mha``); the mask
+goes to ``/output/images/<output-slug>/output.mha`` (compressed MHA, the input's size and spacing,
+uint8 values {0, 1}). The container runs once per case and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from ..errors import EXIT_OK, InputError
+from ..inference import predict_file
+from ..io import natural_sorted, refuse_overwriting_inputs, sweep_partials
+from .settings import DEFAULT_INPUT_SLUG, DEFAULT_OUTPUT_SLUG, ChallengeSettings, ensure_writable, load_predictor
+
+logger = logging.getLogger(__name__)
+
+KNOWN_INTERFACES = {
+    "light-sheet-3d-microscopy": "isolated-biological-structure",
+    "3d-brain-microscopy": "brain-structure",
+}
+CASE_IMAGE_SUFFIXES = (".tif", ".tiff", ".mha")
+CASE_OUTPUT_NAME = "output.mha"
+
+
+def find_case_image(folder: Path, image_name: str | None = None) -> Path:
+    """The one case image in a socket folder (``image_name`` first if it is there).
+
+    Args:
+        folder: the input socket's folder.
+        image_name: the image's name as the job gives it (invoke mode), if known.
+    """
+    if not folder.is_dir():
+        raise InputError(folder, "input folder does not exist (expected the case image here)")
+    if image_name and "/" not in image_name and (folder / image_name).is_file():
+        return folder / image_name
+    candidates = natural_sorted(
+        p for p in folder.iterdir() if not p.name.startswith(".") and p.name.lower().endswith(CASE_IMAGE_SUFFIXES)
+    )
+    if not candidates:
+        others = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        found = f"; found only: {', '.join(others[:5])}" if others else " (the folder is empty)"
+        raise InputError(folder, f"no case image (*.tif, *.tiff or *.mha){found}")
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates[:5])
+        raise InputError(folder, f"{len(candidates)} images ({names}); expected exactly one per case")
+    return candidates[0]
+
+
+def case_slugs(settings: ChallengeSettings) -> tuple[str, str]:
+    """The configured slugs, or a known interface (2024's) when only that one is present."""
+    images = settings.input_dir / "images"
+    if (images / settings.input_slug).is_dir() or settings.input_slug != DEFAULT_INPUT_SLUG:
+        return settings.input_slug, settings.output_slug
+    for input_slug, output_slug in KNOWN_INTERFACES.items():
+        if (images / input_slug).is_dir():
+            if settings.output_slug != DEFAULT_OUTPUT_SLUG:
+                output_slug = settings.output_slug
+            logger.warning("using the '%s' -> '%s' interface found in %s", input_slug, output_slug, images)
+            return input_slug, output_slug
+    return settings.input_slug, settings.output_slug
+
+
+def _provenance_path(settings: ChallengeSettings) -> Path:
+    # Grand Challenge reads every file in an output socket's folder: keep the JSON out of /output.
+    folder = settings.provenance_dir or Path(tempfile.gettempdir()) / "lsmseg-provenance"
+    return folder / f"{CASE_OUTPUT_NAME}.provenance.json"
+
+
+def process_case(predictor, settings: ChallengeSettings, relative_path: str | None = None,
+                 image_name: str | None = None):
+    """Segment the case image of one job and write ``images/<output-slug>/output.mha``.
+
+    Args:
+        predictor: the loaded predictor.
+        settings: the folders and slugs.
+        relative_path: the input socket's folder below ``/input`` (default ``images/<input-slug>``).
+        image_name: the image's name in the job; its structure prefix picks the post-processing.
+
+    Returns:
+        The :class:`~lsmseg.inference.VolumeResult`.
+    """
+    input_slug, output_slug = case_slugs(settings)
+    folder = settings.input_dir / (relative_path or f"images/{input_slug}")
+    image = find_case_image(folder, image_name)
+    output = settings.output_dir / "images" / output_slug / CASE_OUTPUT_NAME
+    refuse_overwriting_inputs([(image, output)])
+    ensure_writable(settings.output_dir)
+    sweep_partials(output.parent)
+    # The job's image name carries the case's structure prefix (cfos_neuron_...), which picks the
+    # post-processing; the socket file itself may be named by a UUID.
+    case_name = Path(image_name).name if image_name else None
+    return predict_file(predictor, image, output, provenance_path=_provenance_path(settings), case_name=case_name)
+
+
+def run_exec(settings: ChallengeSettings, predictor=None) -> int:
+    """Segment the one case of an exec-mode job.
+
+    Args:
+        settings: the folders, slugs and weights.
+        predictor: an already loaded predictor (default: load the settings' weights).
+    """
+    input_slug, output_slug = case_slugs(settings)
+    image = find_case_image(settings.input_dir / "images" / input_slug)  # bad input fails before the model loads
+    refuse_overwriting_inputs([(image, settings.output_dir / "images" / output_slug / CASE_OUTPUT_NAME)])
+    ensure_writable(settings.output_dir)
+    predictor = predictor or load_predictor(settings)
+    result = process_case(predictor, settings, image_name=image.name)
+    logger.info("wrote %s", result.output)
+    return EXIT_OK
