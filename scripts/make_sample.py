@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from lsmseg.phantom import write_phantom  # noqa: E402
+from lsmseg.synth.phantom import write_phantom  # noqa: E402
 
 SHAPE = (48, 160, 160)
 SPACING = (3.0, 1.0, 1.0)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-for _package_root in ("src", "training", "evaluation"):
-    sys.path.insert(0, str(REPO / _package_root))
+_ROOTS = [str(REPO / package_root) for package_root in ("src", "training", "evaluation")]
+sys.path[:0] = _ROOTS
+# Subprocesses (`python -m lsmseg ...`) run this checkout too, not whichever one is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(_ROOTS + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 from lsmseg.realdata import real_data_root  # noqa: E402
 
 REAL_DATA = real_data_root()  # LSMSEG_DATA, else ../shared/data/real beside the checkout

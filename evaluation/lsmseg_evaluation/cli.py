@@ -1,4 +1,4 @@
-"""``lsmseg evaluate``: registered by lsmseg.cli when this package is importable."""
+"""``lsmseg evaluate`` (registered through the ``lsmseg.commands`` entry point)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from lsmseg.errors import EXIT_FAILED, EXIT_OK
 
-EXIT_OK, EXIT_FAILED = 0, 1
+logger = logging.getLogger(__name__)
 
 
 def spacing_argument(text: str) -> tuple[float, float, float]:

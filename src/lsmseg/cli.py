@@ -1,19 +1,27 @@
-"""The ``lsmseg`` command line: a thin front end over the package's core."""
+"""The ``lsmseg`` command line: a thin front end over the package's core.
+
+``predict`` and the challenge commands (``challenge``, ``serve``) are the inference image's own.
+Other commands come from the ``lsmseg.commands`` entry points of the installed distribution
+(pyproject.toml): ``phantom`` (:mod:`lsmseg.synth`), ``pretrain``/``finetune``/``export``
+(``lsmseg_training``) and ``evaluate`` (``lsmseg_evaluation``). A command whose package is not
+installed (the slim image has neither training, evaluation nor phantoms) is simply absent.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from . import __version__
-from .errors import LsmsegError
+from .challenge.runner import add_challenge_commands
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LsmsegError
 
 logger = logging.getLogger("lsmseg")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+COMMANDS_GROUP = "lsmseg.commands"
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -33,25 +41,6 @@ def _block_size(text: str) -> int | tuple[int, int, int]:
             raise argparse.ArgumentTypeError(f"block size must be positive, got {text}")
         return value
     return _shape(text)
-
-
-def _window(text: str):
-    if text.strip().lower() == "roi":
-        return "roi"
-    window = _shape(text)
-    if any(w % 32 for w in window):
-        raise argparse.ArgumentTypeError(f"window sides must be multiples of 32, got {text!r}")
-    return window
-
-
-def _voxels(text: str) -> tuple[int, int, int]:
-    try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers, got {text!r}") from None
-    if len(values) != 3 or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected three integers >= 0, got {text!r}")
-    return values  # type: ignore[return-value]
 
 
 def _part(text: str) -> tuple[int, int]:
@@ -89,18 +78,15 @@ def add_predict_command(subparsers) -> None:
     )
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="volume files or folders")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="output folder")
-    p.add_argument("--weights", type=Path, help="weights manifest (default: the installed weights)")
+    p.add_argument("--weights", type=Path, metavar="MANIFEST",
+                   help="weights: a manifest, a folder holding one, or a model tarball (default: LSMSEG_WEIGHTS, "
+                   "a model at /opt/ml/model, then the installed weights)")
     p.add_argument("--structure", help="structure to segment (default: the manifest's general model)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
     p.add_argument("--threshold", type=_probability, help="probability threshold (default: the manifest's)")
     p.add_argument("--min-component-voxels", type=int, metavar="N",
                    help="remove connected components smaller than N voxels (default: the manifest's; 0 keeps all)")
-    p.add_argument("--window", type=_window, metavar="Z,Y,X|roi",
-                   help="inference window in voxels, multiples of 32; 'roi': the training ROI (default: the manifest's)")
-    p.add_argument("--overlap-voxels", type=_voxels, metavar="Z,Y,X",
-                   help="least overlap of neighbouring windows in voxels (default: the manifest's)")
-    p.add_argument("--overlap", type=float,
-                   help="window overlap as a fraction in [0, 1) instead of --overlap-voxels (MONAI's grid)")
+    p.add_argument("--overlap", type=float, help="window overlap as a fraction in [0, 1) (default: the manifest's)")
     p.add_argument("--batch-size", type=int, dest="sw_batch_size", help="windows per forward pass")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: fp16/bf16 autocast on CUDA, fp32 on CPU")
@@ -137,8 +123,8 @@ def add_predict_command(subparsers) -> None:
 
 
 def run_predict(args) -> int:
+    from .inference import Predictor, RunOptions, predict_files
     from .io import expand_inputs
-    from .predictor import Predictor
 
     if args.probabilities_dir and args.scheduler == "dask":
         logger.error("--save-probabilities is not supported with --scheduler dask")
@@ -149,33 +135,16 @@ def run_predict(args) -> int:
         logger.error("%s: no such file or folder", path)
     if missing and len(missing) == len(args.inputs):
         return EXIT_FAILED
-    predictor = Predictor.from_manifest(
-        args.weights,
-        structure=args.structure,
-        device=args.device,
-        threshold=args.threshold,
-        min_component_voxels=args.min_component_voxels,
-        overlap=args.overlap,
-        window=None if args.window == "roi" else args.window,
-        overlap_voxels=args.overlap_voxels,
-        sw_batch_size=args.sw_batch_size,
-        precision=args.precision,
-        resample=args.resample,
-        mask_value=args.mask_value,
-        progress=not args.quiet,
-        block_size=args.block_size,
-        skip_background=args.skip_background,
-        compile=args.compile,
-        max_voxels=args.max_voxels,
-        probabilities_dir=args.probabilities_dir,
-        probability_dtype=args.probability_dtype,
-        engine=args.engine,
+    options = RunOptions(
+        structure=args.structure, block_size=args.block_size, skip_background=args.skip_background,
+        resample=args.resample, mask_value=args.mask_value, max_voxels=args.max_voxels,
+        probabilities_dir=args.probabilities_dir, probability_dtype=args.probability_dtype, progress=not args.quiet,
     )
-    # None cannot travel as an override: 'roi' and a fractional overlap switch the manifest's setting off.
-    if args.window == "roi":
-        predictor.settings = dataclasses.replace(predictor.settings, window=None)
-    if args.overlap is not None and args.overlap_voxels is None:
-        predictor.settings = dataclasses.replace(predictor.settings, overlap_voxels=None)
+    predictor = Predictor.from_manifest(
+        args.weights, device=args.device, precision=args.precision, engine=args.engine, compile=args.compile,
+        options=options, threshold=args.threshold, min_component_voxels=args.min_component_voxels,
+        overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+    )
     inputs = expand_inputs([path for path in args.inputs if path not in missing])
     if not inputs:
         logger.warning("no volumes found in %s", ", ".join(map(str, args.inputs)))
@@ -191,55 +160,11 @@ def run_predict(args) -> int:
 
         results = predict_files_dask(predictor, inputs, args.output, args.output_format, args.address, args.workers)
     else:
-        results = predictor.predict_files(inputs, args.output, output_format=args.output_format)
-    failed = [r for r in results if not r["ok"]]
+        results = predict_files(predictor, inputs, args.output, output_format=args.output_format)
+    failed = [r for r in results if not r.ok]
     logger.info("%d of %d volume(s) segmented into %s", len(results) - len(failed), len(results), args.output)
-    unrecorded = any(r.get("provenance_error") for r in results)  # mask written, its record not (ERROR logged)
+    unrecorded = any(r.provenance_error for r in results)  # mask written, its record not (ERROR logged)
     return EXIT_FAILED if failed or unrecorded or missing else EXIT_OK
-
-
-def _spacing(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X voxel size in um, got {text!r}") from None
-    if len(values) != 3 or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected three positive numbers Z,Y,X, got {text!r}")
-    return values  # type: ignore[return-value]
-
-
-PHANTOM_KINDS = ("vessels", "cells", "nuclei", "plaques")  # lsmseg.phantom.KINDS, without importing it here
-
-
-def add_phantom_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "phantom",
-        help="write a synthetic light-sheet volume and its exact label",
-        description="Write a synthetic light-sheet phantom (uint16 image, exact uint8 label) for tests, "
-        "demos and training. OUT is a folder: OUT/images/KIND_SEED.tif and OUT/labels/KIND_SEED.tif. "
-        "Or OUT is a file name whose suffix picks the format (.tif, .nii.gz, .nii, .mha, .nrrd, .zarr): "
-        "the image and label go to images/NAME and labels/NAME in OUT's folder. The spacing is stored "
-        "in both files.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("output", type=Path, metavar="OUT", help="output folder, or file name (format from its suffix)")
-    p.add_argument("--kind", default="vessels", choices=PHANTOM_KINDS, help="structure")
-    p.add_argument("--shape", type=_shape, default="48,160,160", metavar="Z,Y,X", help="volume shape in voxels")
-    p.add_argument("--spacing", type=_spacing, default="3,1,1", metavar="Z,Y,X", help="voxel size in um")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same volume)")
-    p.set_defaults(func=run_phantom)
-
-
-def run_phantom(args) -> int:
-    from .io import KNOWN_SUFFIXES
-    from .phantom import write_phantom
-
-    out, name = args.output, None
-    if out.name.lower().endswith(KNOWN_SUFFIXES):
-        out, name = out.parent, out.name
-    image, label = write_phantom(out, args.kind, args.shape, args.seed, spacing=args.spacing, name=name)
-    print(f"image: {image}\nlabel: {label}")
-    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,27 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_predict_command(subparsers)
-    add_phantom_command(subparsers)
-    for module_name, function_name in _PLUGGED_COMMANDS:
+    add_challenge_commands(subparsers)
+    for plugin in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
         try:
-            module = __import__(module_name, fromlist=[function_name])
+            register = plugin.load()
         except ImportError:
-            continue  # optional subtree not installed (e.g. training in the inference image)
-        getattr(module, function_name)(subparsers)
+            continue  # its package is not installed (e.g. training in the inference image)
+        register(subparsers)
     # Let -v/-q also follow the command (`lsmseg predict ... -q`), for every command alike.
     for subparser in subparsers.choices.values():
         subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
         subparser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                                help="warnings and errors only, no progress bars")
     return parser
-
-
-# Commands that live outside the inference core; registered when importable.
-_PLUGGED_COMMANDS: list[tuple[str, str]] = [
-    ("lsmseg.challenge", "add_challenge_commands"),
-    ("lsmseg_training.cli", "add_commands"),  # pretrain, finetune, export
-    ("lsmseg_evaluation.cli", "add_commands"),  # evaluate
-]
 
 
 class _LevelPrefixFormatter(logging.Formatter):
@@ -309,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         logger.error("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def weights(tmp_path_factory, tiny_model_config, tiny_model):
 
 @pytest.fixture(scope="module")
 def volume(tmp_path_factory):
-    from lsmseg.phantom import write_phantom
+    from lsmseg.synth.phantom import write_phantom
 
     image, _ = write_phantom(tmp_path_factory.mktemp("data"), "vessels", (24, 80, 80), 5)
     return image
@@ -84,13 +84,6 @@ def test_phantom_help_shows_defaults():
     text = lsmseg("phantom", "--help").stdout
     for default in ("(default: vessels)", "(default: 48,160,160)", "(default: 3,1,1)", "(default: 0)"):
         assert default in " ".join(text.split()), default
-
-
-def test_phantom_kinds_match_the_generator():
-    from lsmseg.cli import PHANTOM_KINDS
-    from lsmseg.phantom import KINDS
-
-    assert tuple(PHANTOM_KINDS) == tuple(KINDS)
 
 
 @pytest.mark.parametrize("name", ["demo.nii.gz", "demo.mha", "demo.tif"])

@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from lsmseg.errors import ConfigError
-from lsmseg.phantom import KINDS, PhantomSettings, make_phantom, write_phantom
+from lsmseg.synth.phantom import KINDS, PhantomSettings, make_phantom, write_phantom
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "sample"

@@ -25,11 +25,11 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from . import KINDS
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("vessels", "cells", "nuclei", "plaques")
 _KIND_IDS = {kind: i for i, kind in enumerate(KINDS)}
 
 Spacing = tuple[float, float, float]
@@ -125,7 +125,7 @@ def write_phantom(
     ``name`` (a file name with such a suffix) replaces ``<kind>_<seed>.<fmt>``. Spacing (z, y, x, um)
     is stored in the files. Writes are atomic. Returns ``(image_path, label_path)``.
     """
-    from .io import write_volume
+    from ..io import write_volume
 
     phantom = make_phantom(kind, shape, seed, spacing=spacing, settings=settings)
     name = name or f"{phantom_name(kind, seed)}.{fmt.lstrip('.')}"
