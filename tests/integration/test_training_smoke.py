@@ -134,7 +134,7 @@ def test_export_defaults_to_the_run_folder_and_the_shipped_clean_up(smoke_run):
 
 
 def _phantom(work):
-    from lsmseg.phantom import write_phantom
+    from lsmseg.synth.phantom import write_phantom
 
     return write_phantom(work / "new", "cells", (24, 70, 70), 7)
 

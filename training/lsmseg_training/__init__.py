@@ -2,5 +2,5 @@
 
 Not part of the inference image. Everything here goes through the package's one reader
 (:mod:`lsmseg.io`), normaliser (:mod:`lsmseg.normalise`), model factory (:mod:`lsmseg.model`),
-weights manifest (:mod:`lsmseg.weights`) and predictor (:mod:`lsmseg.predictor`).
+weights manifest (:mod:`lsmseg.weights`) and predictor (:mod:`lsmseg.inference`).
 """

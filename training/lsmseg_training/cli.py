@@ -1,10 +1,13 @@
-"""``lsmseg pretrain``, ``lsmseg finetune`` and ``lsmseg export`` (registered by lsmseg.cli)."""
+"""``lsmseg pretrain``, ``lsmseg finetune`` and ``lsmseg export`` (registered through the
+``lsmseg.commands`` entry point)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
+
+from lsmseg.errors import EXIT_OK
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     config = load_run_config(PretrainConfig, args.config, args.data)
     run_pretraining(config, args.config, resume=args.resume)
-    return 0
+    return EXIT_OK
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -66,7 +69,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     config = load_run_config(FinetuneConfig, args.config, args.data)
     run_finetuning(config, args.config, resume=args.resume)
-    return 0
+    return EXIT_OK
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -77,4 +80,4 @@ def run_export(args: argparse.Namespace) -> int:
                           threshold=args.threshold, min_component_voxels=args.min_component_voxels,
                           force=args.force)
     print(manifest)
-    return 0
+    return EXIT_OK

@@ -39,10 +39,10 @@ def dice(prediction: np.ndarray, label: np.ndarray) -> float:
 
 
 def weights_vs_otsu(weights: Path, images: Path, labels: Path, names: list[str]) -> list[dict]:
+    from lsmseg.inference import Predictor, RunOptions
     from lsmseg.io import read_volume
-    from lsmseg.predictor import Predictor
 
-    predictor = Predictor.from_manifest(weights, device="cpu", progress=False)
+    predictor = Predictor.from_manifest(weights, device="cpu", options=RunOptions(progress=False))
     rows = []
     for name in names:
         image_path = next(p for p in Path(images).iterdir() if p.name.startswith(name + "."))

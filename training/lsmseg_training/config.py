@@ -8,16 +8,13 @@ checkout (:mod:`lsmseg.realdata`).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lsmseg.config import ModelConfig, from_dict, load_yaml, to_dict
-from lsmseg.errors import ConfigError
-
-PHANTOM_KINDS = ("vessels", "cells", "nuclei", "plaques")
+from lsmseg.config import ModelConfig, from_dict, load_yaml
+from lsmseg.synth import KINDS as PHANTOM_KINDS
 
 
 @dataclass
@@ -67,7 +64,7 @@ class VolumeSet:
 
 @dataclass
 class PhantomSet:
-    """Synthetic phantoms (lsmseg.phantom) written once into ``folder`` and reused."""
+    """Synthetic phantoms (lsmseg.synth) written once into ``folder`` and reused."""
 
     folder: Path
     kinds: list[str] = field(default_factory=lambda: list(PHANTOM_KINDS))
@@ -274,14 +271,6 @@ def _expand_data_paths(node, data_root):
     return node
 
 
-def config_dict(config) -> dict:
-    return to_dict(config)
-
-
-def replace(config, **changes):
-    return dataclasses.replace(config, **changes)
-
-
 __all__ = [
     "VolumeSet",
     "PhantomSet",
@@ -292,7 +281,5 @@ __all__ = [
     "ValidationConfig",
     "PretrainConfig",
     "FinetuneConfig",
-    "ConfigError",
     "load_run_config",
-    "config_dict",
 ]

@@ -80,7 +80,7 @@ class VolumeRecord:
 
 def ensure_phantoms(spec: PhantomSet) -> VolumeSet:
     """Write the phantoms ``spec`` asks for into ``spec.folder`` (once) and describe them as a set."""
-    from lsmseg.phantom import phantom_name, write_phantom
+    from lsmseg.synth.phantom import phantom_name, write_phantom
 
     folder = Path(spec.folder)
     wanted = {

@@ -1,4 +1,5 @@
-"""What pretraining and fine-tuning share: processes, optimiser, schedule, checkpoints, logs.
+"""What pretraining and fine-tuning share: processes, optimiser, schedule, checkpoints, logs, and
+the training loop itself (:func:`train_loop`).
 
 Both commands run as a single process or under ``torchrun`` (DistributedDataParallel; NCCL on GPUs,
 gloo on CPU). Rank 0 alone writes files; every rank draws its own patches (seed, rank, worker).
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -16,11 +16,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from lsmseg.config import ModelConfig, to_dict
 from lsmseg.errors import WeightsError
+from lsmseg.io import atomic_output, write_json
 from lsmseg.model import select_device
 
 logger = logging.getLogger(__name__)
@@ -158,10 +160,8 @@ def save_checkpoint(path: Path, model, optimiser, scheduler, scaler, step: int, 
         "model_config": to_dict(model_config),
         "extra": extra or {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".partial-{path.name}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
 
 
 def check_architecture(found: dict, expected: ModelConfig, path: Path) -> None:
@@ -223,22 +223,18 @@ def _fmt(value):
 
 
 def write_record(folder: Path, record: dict) -> Path:
-    path = folder / RUN_RECORD
-    tmp = path.with_name(f".partial-{path.name}")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    """Write the run record (``run.json``) atomically."""
+    return write_json(record, folder / RUN_RECORD)
 
 
 def start_record(kind: str, config, config_path, processes: Processes, records, **extra) -> dict:
     """The run record (``run.json``) every stage starts with: config, data fingerprint, versions."""
-    from .config import config_dict
     from .data import fingerprint
 
     return {
         "kind": kind,
         "name": config.name,
-        "config": config_dict(config),
+        "config": to_dict(config),
         "config_path": str(config_path) if config_path else None,
         "world_size": processes.world_size,
         **extra,
@@ -263,7 +259,7 @@ def read_record(folder: Path) -> dict:
 
 
 def versions() -> dict:
-    from lsmseg.predictor import versions as package_versions
+    from lsmseg.inference.results import versions as package_versions
 
     return package_versions()
 
@@ -276,5 +272,115 @@ class Timer:
         return time.perf_counter() - self.start
 
 
-def dataclass_dict(obj) -> dict:
-    return to_dict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def resume_state(output: Path, model_config: ModelConfig, resume: bool) -> dict | None:
+    """The run's last checkpoint when resuming and one exists (checked for the architecture), else None."""
+    path = Path(output) / CHECKPOINT_NAME
+    return load_checkpoint(path, model_config) if resume and path.is_file() else None
+
+
+@dataclass
+class Loop:
+    """What the loop holds while it runs; the stage's hooks read it (and update ``record``)."""
+
+    config: object
+    processes: Processes
+    output: Path
+    model: torch.nn.Module  # wrapped for DistributedDataParallel when distributed
+    optimiser: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    step: int
+    record: dict
+    timer: Timer
+
+
+def train_loop(
+    config,
+    processes: Processes,
+    records: list,
+    model: torch.nn.Module,
+    step_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+    *,
+    kind: str,
+    config_path: Path | None,
+    log_fields: list[str],
+    stream_options: dict,
+    resume_from: dict | None = None,
+    record_extra: dict | None = None,
+    on_step: Callable[[Loop], dict | None] | None = None,
+    on_checkpoint: Callable[[Loop], dict] | None = None,
+) -> Loop:
+    """The training loop both stages share: set up, resume, stream patches, step, log, checkpoint.
+
+    Args:
+        config: the stage's config (``PretrainConfig`` or ``FinetuneConfig``).
+        processes: this process's place in the run (:func:`setup_processes`).
+        records: the training volumes (:func:`lsmseg_training.data.prepare_volumes`).
+        model: the bare model, with any initial weights already loaded.
+        step_fn: ``step_fn(model, batch) -> (loss, values)``: the forward pass and the loss of one
+            batch; ``values`` (floats) go to the CSV log and the log line.
+        kind: ``"pretrain"`` or ``"finetune"`` (the run record's kind).
+        config_path: the YAML file, for the run record.
+        log_fields: the CSV's columns (``step``, ``epoch``, ``lr``, ``loss``, ``grad_norm``,
+            ``seconds`` and the stage's own).
+        stream_options: the stage's :class:`~lsmseg_training.data.PatchStream` options (labels,
+            masking, augmentation).
+        resume_from: a checkpoint to continue (:func:`resume_state`).
+        record_extra: the stage's own entries of the run record.
+        on_step: called after every optimiser step (fine-tuning validates here); the values it
+            returns are logged in that step's row (None: nothing to add).
+        on_checkpoint: called on the main process when a checkpoint is written; returns the
+            checkpoint's ``extra`` (and may update ``loop.record``).
+
+    Returns:
+        The loop's final state; its ``record`` has been written at the last checkpoint.
+    """
+    from .data import PatchStream, make_loader
+    from .plots import plot_training
+
+    output = Path(config.output)
+    wrapped = wrap_model(model, processes)
+    optimiser, scheduler = make_optimiser(wrapped, config.optim, config.total_steps)
+    scaler = make_scaler(processes.device, config.optim.amp)
+    step = 0
+    if resume_from:
+        step = restore(resume_from, wrapped, optimiser, scheduler, scaler)
+        logger.info("resumed %s at step %d", output / CHECKPOINT_NAME, step)
+    stream = PatchStream(records, config.model.roi, seed=config.seed + 1000 * step, set_weights=set_weights(config.data),
+                         rank=processes.rank, cache_mb=config.data.cache_mb, **stream_options)
+    batches = iter(make_loader(stream, config.batch_size, config.data.workers))
+    log = CsvLog(output / LOG_NAME, log_fields, enabled=processes.main)
+    record = start_record(kind, config, config_path, processes, records, **(record_extra or {}))
+    loop = Loop(config, processes, output, wrapped, optimiser, scheduler, scaler, step, record, Timer())
+    wrapped.train()
+    while loop.step < config.total_steps:
+        loss, values = step_fn(wrapped, next(batches))
+        lr = scheduler.get_last_lr()[0]
+        norm = backward_step(loss, wrapped, optimiser, scheduler, scaler, config.optim.grad_clip)
+        loop.step += 1
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {loop.step}; lower optim.lr")
+        last = loop.step == config.total_steps
+        extra = on_step(loop) if on_step is not None else None
+        if loop.step % config.log_every == 0 or last or extra is not None:
+            log.write(step=loop.step, epoch=loop.step / config.steps_per_epoch, lr=lr, loss=loss.item(), grad_norm=norm,
+                      seconds=loop.timer.elapsed(), **values, **(extra or {}))
+            if loop.step % config.log_every == 0 or last:
+                shown = "".join(f"  {k} {v:.4f}" for k, v in values.items())
+                logger.info("step %d/%d  loss %.4f%s  %.1f s", loop.step, config.total_steps, loss.item(), shown,
+                            loop.timer.elapsed())
+        if processes.main and (loop.step % config.checkpoint_every == 0 or last):
+            checkpoint_extra = on_checkpoint(loop) if on_checkpoint is not None else {}
+            save_checkpoint(output / CHECKPOINT_NAME, wrapped, optimiser, scheduler, scaler, loop.step, config.model,
+                            extra=checkpoint_extra)
+            record.update(steps=loop.step, seconds=round(loop.timer.elapsed(), 1))
+            write_record(output, record)
+            plot_training(output, record.get("history"))
+    logger.info("rank %d parameter digest %s", processes.rank, parameter_digest(wrapped))
+    processes.barrier()
+    return loop

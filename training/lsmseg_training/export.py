@@ -156,10 +156,10 @@ def refuse_overwrite(weights_dir: Path, name: str, file_name: str) -> None:
 
 def shipped_min_component_voxels() -> int:
     """The installed (shipped) weights' ``min_component_voxels``, or 0 when none are installed."""
-    from lsmseg.weights import find_manifest
+    from lsmseg.weights import resolve_manifest
 
     try:
-        manifest = load_manifest(find_manifest())
+        manifest = load_manifest(resolve_manifest())
         _, entry = manifest.entry_for(None)
     except WeightsError:
         return 0

@@ -2,7 +2,7 @@
 
 Dice + BCE loss (MONAI ``DiceCELoss`` with a sigmoid: one output channel uses BCE) on augmented
 patches, foreground/background balanced. Every ``validation.every`` steps the model is applied to
-whole validation volumes with the package's own :class:`lsmseg.predictor.Predictor` (the exact
+whole validation volumes with the package's own :class:`lsmseg.inference.Predictor` (the exact
 inference path: percentile normalisation, Gaussian-blended sliding window) and scored with MONAI's
 ``DiceMetric``; the best checkpoint (by mean Dice at the swept threshold) and the final one are kept.
 At the end both are evaluated with the shipped inference settings (overlap 0.5) over a threshold
@@ -11,7 +11,6 @@ sweep, and the best threshold is recorded for export.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -22,34 +21,15 @@ from lsmseg.config import InferenceSettings, to_dict
 from lsmseg.errors import WeightsError
 from lsmseg.io import read_volume
 from lsmseg.model import build_model
-from lsmseg.weights import load_state_dict, save_weights, sha256_file
+from lsmseg.weights import load_manifest, load_state_dict, save_weights, sha256_file
 
 from .config import FinetuneConfig
-from .data import PatchStream, VolumeRecord, check_splits, fingerprint, make_loader, prepare_volumes
+from .data import VolumeRecord, check_splits, fingerprint, prepare_volumes
 from .engine import (
-    CHECKPOINT_NAME,
-    LOG_NAME,
-    CsvLog,
-    Timer,
-    autocast,
-    backward_step,
-    load_checkpoint,
-    main_first,
-    make_optimiser,
-    make_scaler,
-    parameter_digest,
-    restore,
-    save_checkpoint,
-    set_weights,
-    setup_processes,
-    start_record,
-    teardown_processes,
-    unwrap,
-    wrap_model,
-    write_record,
+    Loop, autocast, main_first, resume_state, setup_processes, teardown_processes, train_loop, unwrap, write_record,
 )
-from .pretrain import ENCODER_PREFIXES
 from .plots import plot_training
+from .pretrain import ENCODER_PREFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -114,17 +94,14 @@ def load_full_model(model: torch.nn.Module, path: Path, model_config) -> dict:
     ``path`` is a weights manifest (its default entry; the checkpoint's sha256 is verified and its
     model config must equal the run's) or a ``.safetensors``/``.pt`` state dict.
     """
-    from lsmseg.config import to_dict as plain
-    from lsmseg.weights import load_manifest
-
     path = Path(path)
     if path.is_dir() or path.suffix in (".yaml", ".yml"):
         manifest = load_manifest(path)
         name, entry = manifest.entry_for(None)
         checkpoint = manifest.checkpoint_path(entry)
         # The window (roi) may differ; the network's shape may not.
-        theirs = {k: v for k, v in plain(entry.model).items() if k != "roi"}
-        mine = {k: v for k, v in plain(model_config).items() if k != "roi"}
+        theirs = {k: v for k, v in to_dict(entry.model).items() if k != "roi"}
+        mine = {k: v for k, v in to_dict(model_config).items() if k != "roi"}
         if theirs != mine:
             differing = next(k for k in mine if mine[k] != theirs.get(k))
             raise WeightsError(f"{manifest.path}: model '{name}' is another architecture ({differing} "
@@ -175,17 +152,15 @@ def dice_scores(probabilities: np.ndarray, label: np.ndarray, thresholds) -> lis
 
 def validate(model: torch.nn.Module, config: FinetuneConfig, volumes: list[dict], device, overlap: float) -> dict:
     """Per-volume Dice over the threshold sweep; the model is left in eval mode."""
-    from lsmseg.predictor import Predictor
+    from lsmseg.inference import Predictor, RunOptions
 
     thresholds = sorted(set(config.validation.thresholds) | {config.validation.threshold})
-    # The training ROI on MONAI's grid at the configured fractional overlap (not the inference default's
-    # larger windows and voxel halo), so that validation scores stay comparable across runs.
-    settings = InferenceSettings(overlap=overlap, window=None, overlap_voxels=None,
-                                 sw_batch_size=config.validation.sw_batch_size,
+    # The training ROI on MONAI's grid at the configured overlap, so that scores stay comparable across runs.
+    settings = InferenceSettings(overlap=overlap, sw_batch_size=config.validation.sw_batch_size,
                                  lower_percentile=config.data.lower_percentile,
                                  upper_percentile=config.data.upper_percentile,
                                  spacing=config.data.target_spacing)
-    predictor = Predictor(unwrap(model), config.model, settings, device=device, progress=False)
+    predictor = Predictor(unwrap(model), config.model, settings, device=device, options=RunOptions(progress=False))
     per_volume = {}
     for volume in volumes:
         logits = predictor.predict_logits(volume["image"], volume["spacing"], name=volume["name"])
@@ -208,6 +183,13 @@ def validate(model: torch.nn.Module, config: FinetuneConfig, volumes: list[dict]
 
 
 def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resume: bool = False) -> dict:
+    """Fine-tune as ``config`` says; return the run record.
+
+    Args:
+        config: the validated config.
+        config_path: its YAML file, for the run record.
+        resume: continue from the output folder's last checkpoint, if there is one.
+    """
     from .losses import dice_bce, soft_cldice, split_label
 
     where = str(config_path or config.name)
@@ -223,115 +205,78 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
             validation_records = prepare_volumes(config.data, "validation", need_labels=True, where=where,
                                                  seed=config.seed)
         torch.manual_seed(config.seed)
-        base = build_model(config.model)
+        model = build_model(config.model)
         pretrained = None
         if config.pretrained is not None:
             if not Path(config.pretrained).is_file():
                 raise WeightsError(f"{where}: pretrained: {config.pretrained}: no such file")
-            pretrained = load_pretrained_encoder(base, Path(config.pretrained), config.min_matched_fraction)
+            pretrained = load_pretrained_encoder(model, Path(config.pretrained), config.min_matched_fraction)
         initialised = None
         if config.init is not None:
-            initialised = load_full_model(base, Path(config.init), config.model)
-        resume_state = None
-        if resume and (output / CHECKPOINT_NAME).is_file():
-            resume_state = load_checkpoint(output / CHECKPOINT_NAME, config.model)
+            initialised = load_full_model(model, Path(config.init), config.model)
+        resume_from = resume_state(output, config.model, resume)
+        history = resume_from["extra"].get("history", []) if resume_from else []
+        best = resume_from["extra"].get("best", {"dice": -1.0, "step": None}) if resume_from else {"dice": -1.0, "step": None}
+        validation_volumes = load_validation(validation_records) if processes.main else []
 
-        model = wrap_model(base, processes)
-        optimiser, scheduler = make_optimiser(model, config.optim, config.total_steps)
-        scaler = make_scaler(processes.device, config.optim.amp)
-        step, history, best = 0, [], {"dice": -1.0, "step": None}
-        if resume_state:
-            step = restore(resume_state, model, optimiser, scheduler, scaler)
-            history = resume_state["extra"].get("history", [])
-            best = resume_state["extra"].get("best", best)
-            logger.info("resumed %s at step %d", output / CHECKPOINT_NAME, step)
-
-        stream = PatchStream(
-            records, config.model.roi, seed=config.seed + 1000 * step, set_weights=set_weights(config.data),
-            foreground_ratio=config.data.foreground_ratio, labels=True, augment=config.augment,
-            rank=processes.rank, cache_mb=config.data.cache_mb,
-        )
-        batches = iter(make_loader(stream, config.batch_size, config.data.workers))
-
-        def loss_fn(logits, batch_label, tubular):
-            target, valid = split_label(batch_label)
+        def step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+            image = batch["image"].to(processes.device, non_blocking=True)
+            target, valid = split_label(batch["label"].to(processes.device, non_blocking=True))
+            tubular = batch["tubular"].to(processes.device)
+            with autocast(processes.device, config.optim.amp):
+                logits = model(image)
+            logits = logits.float()
             loss = dice_bce(logits, target, valid, config.dice_weight, config.bce_weight)
             if config.cldice_weight and bool(tubular.any()):
                 loss = loss + config.cldice_weight * soft_cldice(logits, target, valid, config.cldice_iterations,
                                                                  weights=tubular)
-            return loss
-        validation_volumes = load_validation(validation_records) if processes.main else []
-        log = CsvLog(output / LOG_NAME, ["step", "epoch", "lr", "loss", "grad_norm", "val_dice", "val_threshold",
-                                         "seconds"], enabled=processes.main)
-        record = start_record(
-            "finetune", config, config_path, processes, records, pretrained=pretrained, init=initialised,
-            splits=splits, validation_data=fingerprint(validation_records) if validation_records else None,
-        )
+            return loss, {}
+
+        def validate_when_due(loop: Loop) -> dict | None:
+            nonlocal best
+            due = config.validation.every and loop.step % config.validation.every == 0
+            if not (processes.main and validation_volumes and (due or loop.step == config.total_steps)):
+                return None
+            val = validate(loop.model, config, validation_volumes, processes.device, config.validation.overlap)
+            loop.model.train()
+            history.append({"step": loop.step, **val})
+            logger.info("step %d: validation Dice %.4f at threshold %.2f (%.4f at %.2f)", loop.step, val["best_dice"],
+                        val["best_threshold"], val["dice_at_default"], config.validation.threshold)
+            if val["best_dice"] > best["dice"]:
+                best = {"dice": val["best_dice"], "step": loop.step, "threshold": val["best_threshold"]}
+                save_weights(unwrap(loop.model).state_dict(), output / BEST_FILE)
+            plot_training(output, history)
+            return {"val_dice": val["best_dice"], "val_threshold": val["best_threshold"]}
+
+        def keep_history(loop: Loop) -> dict:
+            loop.record.update(history=history, best=best)
+            return {"history": history, "best": best}
+
         logger.info("fine-tuning %s: %d training and %d validation volume(s), %d steps of batch %d x %d process(es), "
                     "roi %s, %s, on %s", config.name, len(records), len(validation_volumes), config.total_steps,
                     config.batch_size, processes.world_size, tuple(config.model.roi),
                     "from a whole model" if initialised else "from the pretrained encoder" if pretrained
                     else "from scratch", processes.device)
-        timer = Timer()
-        model.train()
-        while step < config.total_steps:
-            batch = next(batches)
-            image = batch["image"].to(processes.device, non_blocking=True)
-            label = batch["label"].to(processes.device, non_blocking=True)
-            with autocast(processes.device, config.optim.amp):
-                logits = model(image)
-            loss = loss_fn(logits.float(), label, batch["tubular"].to(processes.device))
-            lr = scheduler.get_last_lr()[0]
-            norm = backward_step(loss, model, optimiser, scheduler, scaler, config.optim.grad_clip)
-            step += 1
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower optim.lr")
-            val = None
-            due = config.validation.every and step % config.validation.every == 0
-            if processes.main and validation_volumes and (due or step == config.total_steps):
-                val = validate(model, config, validation_volumes, processes.device, config.validation.overlap)
-                model.train()
-                history.append({"step": step, **val})
-                logger.info("step %d: validation Dice %.4f at threshold %.2f (%.4f at %.2f)", step, val["best_dice"],
-                            val["best_threshold"], val["dice_at_default"], config.validation.threshold)
-                if val["best_dice"] > best["dice"]:
-                    best = {"dice": val["best_dice"], "step": step, "threshold": val["best_threshold"]}
-                    save_weights(unwrap(model).state_dict(), output / BEST_FILE)
-            if step % config.log_every == 0 or step == config.total_steps or val is not None:
-                log.write(step=step, epoch=step / config.steps_per_epoch, lr=lr, loss=loss.item(), grad_norm=norm,
-                          val_dice=val["best_dice"] if val else None,
-                          val_threshold=val["best_threshold"] if val else None, seconds=timer.elapsed())
-                if step % config.log_every == 0:
-                    logger.info("step %d/%d  loss %.4f  %.1f s", step, config.total_steps, loss.item(), timer.elapsed())
-            if val is not None:
-                plot_training(output, history)
-            if processes.main and (step % config.checkpoint_every == 0 or step == config.total_steps):
-                save_checkpoint(output / CHECKPOINT_NAME, model, optimiser, scheduler, scaler, step, config.model,
-                                extra={"history": history, "best": best})
-                record.update(steps=step, seconds=round(timer.elapsed(), 1), history=history, best=best)
-                write_record(output, record)
-        logger.info("rank %d parameter digest %s", processes.rank, parameter_digest(model))
-        processes.barrier()
+        loop = train_loop(
+            config, processes, records, model, step, kind="finetune", config_path=config_path,
+            log_fields=["step", "epoch", "lr", "loss", "grad_norm", "val_dice", "val_threshold", "seconds"],
+            stream_options={"foreground_ratio": config.data.foreground_ratio, "labels": True,
+                            "augment": config.augment},
+            resume_from=resume_from, on_step=validate_when_due, on_checkpoint=keep_history,
+            record_extra={"pretrained": pretrained, "init": initialised, "splits": splits,
+                          "validation_data": fingerprint(validation_records) if validation_records else None},
+        )
+        record = loop.record
         if processes.main:
-            final_sha = save_weights(unwrap(model).state_dict(), output / FINAL_FILE)
+            final_state = unwrap(loop.model).state_dict()
+            final_sha = save_weights(final_state, output / FINAL_FILE)
             if best["step"] is None:  # no validation set: the final weights are the best we know
-                save_weights(unwrap(model).state_dict(), output / BEST_FILE)
-            record["final"] = {"file": FINAL_FILE, "sha256": final_sha, "step": step}
+                save_weights(final_state, output / BEST_FILE)
+            record["final"] = {"file": FINAL_FILE, "sha256": final_sha, "step": loop.step}
             record["best"] = {**best, "file": BEST_FILE, "sha256": sha256_file(output / BEST_FILE)}
             if validation_volumes and config.validation.final_overlap is not None:
-                # Threshold sweep of both checkpoints with the settings that will be exported.
-                for which in ("best", "final"):
-                    if which == "final" and record["best"]["sha256"] == final_sha:
-                        record["final"]["evaluation"] = record["best"]["evaluation"]  # same weights
-                        continue
-                    state = load_state_dict(output / record[which]["file"], record[which]["sha256"])
-                    unwrap(model).load_state_dict(state)
-                    record[which]["evaluation"] = validate(model, config, validation_volumes, processes.device,
-                                                           config.validation.final_overlap)
-                    logger.info("%s checkpoint (step %s): Dice %.4f at tuned threshold %.2f (overlap %.2f)", which,
-                                record[which]["step"], record[which]["evaluation"]["best_dice"],
-                                record[which]["evaluation"]["best_threshold"], config.validation.final_overlap)
-            record.update(steps=step, seconds=round(timer.elapsed(), 1), history=history)
+                sweep_checkpoints(loop, config, validation_volumes)
+            record.update(steps=loop.step, seconds=round(loop.timer.elapsed(), 1), history=history)
             write_record(output, record)
             plot_training(output, history)
         return record
@@ -339,4 +284,20 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
         teardown_processes(processes)
 
 
-__all__ = ["run_finetuning", "load_pretrained_encoder", "validate", "dice_scores", "to_dict", "dataclasses"]
+def sweep_checkpoints(loop: Loop, config: FinetuneConfig, volumes: list[dict]) -> None:
+    """Threshold sweep of the best and final checkpoints with the settings that will be exported."""
+    record = loop.record
+    for which in ("best", "final"):
+        if which == "final" and record["best"]["sha256"] == record["final"]["sha256"]:
+            record["final"]["evaluation"] = record["best"]["evaluation"]  # same weights
+            continue
+        state = load_state_dict(loop.output / record[which]["file"], record[which]["sha256"])
+        unwrap(loop.model).load_state_dict(state)
+        record[which]["evaluation"] = validate(loop.model, config, volumes, loop.processes.device,
+                                               config.validation.final_overlap)
+        logger.info("%s checkpoint (step %s): Dice %.4f at tuned threshold %.2f (overlap %.2f)", which,
+                    record[which]["step"], record[which]["evaluation"]["best_dice"],
+                    record[which]["evaluation"]["best_threshold"], config.validation.final_overlap)
+
+
+__all__ = ["run_finetuning", "load_pretrained_encoder", "load_full_model", "validate", "dice_scores"]

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from pathlib import Path
+
+from lsmseg.io import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,8 @@ def plot_training(folder: Path, history: list[dict] | None = None) -> Path | Non
     figure.tight_layout()
     # Written beside and renamed, so a viewer refreshing the file never sees half a PNG.
     target = folder / PLOT_NAME
-    tmp = folder / f".{PLOT_NAME}.tmp.png"
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, target)
+    with atomic_output(target) as tmp:
+        figure.savefig(tmp, format="png")
     return target
 
 

@@ -19,30 +19,8 @@ from lsmseg.model import build_model
 from lsmseg.weights import save_weights
 
 from .config import PretrainConfig
-from .data import PatchStream, make_loader, prepare_volumes
-from .engine import (
-    CHECKPOINT_NAME,
-    LOG_NAME,
-    CsvLog,
-    Timer,
-    autocast,
-    backward_step,
-    load_checkpoint,
-    main_first,
-    make_optimiser,
-    make_scaler,
-    parameter_digest,
-    restore,
-    save_checkpoint,
-    set_weights,
-    setup_processes,
-    start_record,
-    teardown_processes,
-    unwrap,
-    wrap_model,
-    write_record,
-)
-from .plots import plot_training
+from .data import prepare_volumes
+from .engine import Loop, autocast, main_first, resume_state, setup_processes, teardown_processes, train_loop, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +44,13 @@ def masked_l1(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Te
 
 
 def run_pretraining(config: PretrainConfig, config_path: Path | None = None, resume: bool = False) -> dict:
+    """Pretrain the encoder as ``config`` says; return the run record.
+
+    Args:
+        config: the validated config.
+        config_path: its YAML file, for the run record.
+        resume: continue from the output folder's last checkpoint, if there is one.
+    """
     where = str(config_path or config.name)
     processes = setup_processes(config.device, config.threads)
     output = Path(config.output)
@@ -74,60 +59,34 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
         records = main_first(processes, lambda: prepare_volumes(config.data, "train", need_labels=False,
                                                                  where=where, seed=config.seed))
         records = [dataclasses.replace(r, label=None, foreground=None) for r in records]
-        resume_state = None
-        if resume and (output / CHECKPOINT_NAME).is_file():
-            resume_state = load_checkpoint(output / CHECKPOINT_NAME, config.model)
-
+        resume_from = resume_state(output, config.model, resume)
         torch.manual_seed(config.seed)
-        model = wrap_model(build_model(config.model), processes)
-        optimiser, scheduler = make_optimiser(model, config.optim, config.total_steps)
-        scaler = make_scaler(processes.device, config.optim.amp)
-        step = restore(resume_state, model, optimiser, scheduler, scaler) if resume_state else 0
-        if resume_state:
-            logger.info("resumed %s at step %d", output / CHECKPOINT_NAME, step)
+        model = build_model(config.model)
 
-        stream = PatchStream(
-            records, config.model.roi, seed=config.seed + 1000 * step, set_weights=set_weights(config.data),
-            masking=config.masking, rank=processes.rank, cache_mb=config.data.cache_mb,
-        )
-        batches = iter(make_loader(stream, config.batch_size, config.data.workers))
-        log = CsvLog(output / LOG_NAME, ["step", "epoch", "lr", "loss", "hidden_l1", "visible_l1", "grad_norm",
-                                         "seconds"], enabled=processes.main)
-        record = start_record("pretrain", config, config_path, processes, records)
-        logger.info("pretraining %s: %d volume(s), %d steps of batch %d x %d process(es), roi %s, on %s",
-                    config.name, len(records), config.total_steps, config.batch_size, processes.world_size,
-                    tuple(config.model.roi), processes.device)
-        timer = Timer()
-        model.train()
-        while step < config.total_steps:
-            batch = next(batches)
+        def step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
             image = batch["image"].to(processes.device, non_blocking=True)
             mask = batch["mask"].to(processes.device, non_blocking=True)
             with autocast(processes.device, config.optim.amp):
                 reconstruction = torch.sigmoid(model(image.masked_fill(mask, 0.0)).float())
             loss, hidden, visible = masked_l1(reconstruction, image, mask, config.masking.visible_weight)
-            lr = scheduler.get_last_lr()[0]
-            norm = backward_step(loss, model, optimiser, scheduler, scaler, config.optim.grad_clip)
-            step += 1
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower optim.lr")
-            if step % config.log_every == 0 or step == config.total_steps:
-                log.write(step=step, epoch=step / config.steps_per_epoch, lr=lr, loss=loss.item(),
-                          hidden_l1=hidden.item(), visible_l1=visible.item(), grad_norm=norm,
-                          seconds=timer.elapsed())
-                logger.info("step %d/%d  loss %.4f (hidden %.4f, visible %.4f)  %.1f s", step,
-                            config.total_steps, loss.item(), hidden.item(), visible.item(), timer.elapsed())
-            if processes.main and (step % config.checkpoint_every == 0 or step == config.total_steps):
-                save_checkpoint(output / CHECKPOINT_NAME, model, optimiser, scheduler, scaler, step, config.model)
-                encoder_sha = save_weights(encoder_state(model), output / ENCODER_FILE)
-                record.update(steps=step, seconds=round(timer.elapsed(), 1), encoder=ENCODER_FILE,
-                              encoder_sha256=encoder_sha, encoder_tensors=len(encoder_state(model)))
-                write_record(output, record)
-                plot_training(output)
-        logger.info("rank %d parameter digest %s", processes.rank, parameter_digest(model))
-        processes.barrier()
+            return loss, {"hidden_l1": hidden.item(), "visible_l1": visible.item()}
+
+        def save_encoder(loop: Loop) -> dict:
+            state = encoder_state(loop.model)
+            loop.record.update(encoder=ENCODER_FILE, encoder_sha256=save_weights(state, output / ENCODER_FILE),
+                               encoder_tensors=len(state))
+            return {}
+
+        logger.info("pretraining %s: %d volume(s), %d steps of batch %d x %d process(es), roi %s, on %s",
+                    config.name, len(records), config.total_steps, config.batch_size, processes.world_size,
+                    tuple(config.model.roi), processes.device)
+        loop = train_loop(
+            config, processes, records, model, step, kind="pretrain", config_path=config_path,
+            log_fields=["step", "epoch", "lr", "loss", "hidden_l1", "visible_l1", "grad_norm", "seconds"],
+            stream_options={"masking": config.masking}, resume_from=resume_from, on_checkpoint=save_encoder,
+        )
         if processes.main:
             logger.info("pretraining done: encoder weights in %s", output / ENCODER_FILE)
-        return record
+        return loop.record
     finally:
         teardown_processes(processes)

@@ -77,10 +77,10 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     import torch
 
     from lsmseg.io import read_volume
-    from lsmseg.predictor import Predictor
+    from lsmseg.inference import Predictor, RunOptions
     from lsmseg.structures import category_of
 
-    predictor = Predictor.from_manifest(manifest_path, progress=False)
+    predictor = Predictor.from_manifest(manifest_path, options=RunOptions(progress=False))
     volumes = validation_volumes(config)
     start = time.perf_counter()
     for volume in volumes:
@@ -120,9 +120,9 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
 
 def write_choices(manifest_path: Path, result: dict) -> Path:
     """Store the chosen per-structure settings and their validation scores in the manifest entry."""
-    from lsmseg.weights import find_manifest, load_manifest, write_manifest
+    from lsmseg.weights import load_manifest, resolve_manifest, write_manifest
 
-    path = find_manifest(manifest_path)
+    path = resolve_manifest(manifest_path)
     manifest = load_manifest(path)
     name, entry = manifest.entry_for(None)
     entry.inference.per_structure = result["per_structure"]
