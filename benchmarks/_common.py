@@ -36,9 +36,9 @@ def model_and_config(weights: str | None):
     from lsmseg.model import build_model
 
     if weights:
-        from lsmseg.weights import find_manifest, load_manifest, load_model
+        from lsmseg.weights import load_manifest, load_model, resolve_manifest
 
-        manifest = load_manifest(find_manifest(weights))
+        manifest = load_manifest(resolve_manifest(weights))
         name, entry = manifest.entry_for(None)
         # The engines are compared, not the clean-up: MONAI has no component removal, so none here.
         settings = dataclasses.replace(entry.inference, min_component_voxels=0)

@@ -66,12 +66,12 @@ def child(spec: dict) -> dict:
             mask = (logits[0, 0] >= 0).numpy().astype(np.uint8)
             io.write_mask(mask, Path(spec["out"]) / "mask.tif")
     else:
-        from lsmseg.predictor import Predictor
+        from lsmseg.inference import Predictor, RunOptions, predict_file
 
-        predictor = Predictor(model, config, settings, device="cpu", progress=False, block_size=spec["block"],
-                              prefetch=spec["variant"] == "lsmseg-prefetch")
+        options = RunOptions(progress=False, block_size=spec["block"], prefetch=spec["variant"] == "lsmseg-prefetch")
+        predictor = Predictor(model, config, settings, device="cpu", options=options)
         with Timer() as timer:
-            predictor.predict_file(spec["input"], Path(spec["out"]) / "mask.tif")
+            predict_file(predictor, spec["input"], Path(spec["out"]) / "mask.tif")
     return {"seconds": timer.seconds, "cpu_seconds": timer.cpu, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}
 
 
@@ -90,7 +90,7 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     from lsmseg import io
-    from lsmseg.phantom import make_phantom
+    from lsmseg.synth.phantom import make_phantom
 
     base = tuple(int(v) for v in args.base.split(","))
     block = [int(v) for v in args.block.split(",")]

@@ -34,15 +34,13 @@ from _common import REAL_DATA, Timer, current_rss_mb, dice, machine, peak_rss_mb
 LSMSEG_VARIANTS = {
     "lsmseg": {},
     "lsmseg-torch": {"engine": "torch"},
-    "lsmseg-w128": {"window": (64, 128, 128), "overlap_voxels": (16, 16, 16)},
-    "lsmseg-w192": {"window": (64, 192, 192), "overlap_voxels": (16, 16, 16)},
 }
 
 
 def _load(weights: str):
-    from lsmseg.weights import find_manifest, load_manifest, load_model
+    from lsmseg.weights import load_manifest, load_model, resolve_manifest
 
-    manifest = load_manifest(find_manifest(weights))
+    manifest = load_manifest(resolve_manifest(weights))
     _, entry = manifest.entry_for(None)
     return load_model(manifest, entry), entry
 
@@ -52,7 +50,7 @@ def child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     from lsmseg import io
-    from lsmseg.predictor import Predictor, logit
+    from lsmseg.inference import Predictor, RunOptions, predict_file
 
     model, entry = _load(spec["weights"])
     settings, roi = entry.inference, tuple(entry.model.roi)
@@ -78,15 +76,15 @@ def child(spec: dict) -> dict:
     else:
         overrides = dict(spec["overrides"])
         engine = overrides.pop("engine", "auto")
-        settings = dataclasses.replace(settings, **{k: tuple(v) if v else v for k, v in overrides.items()})
-        predictor = Predictor(model, entry.model, settings, device="cpu", progress=False, engine=engine)
-        if predictor._onnx is not None:
-            # The ONNX export is once per weights and window (cached on disk): outside the timing.
-            # Opening the session from the cached file is inside it.
-            predictor._onnx._export(roi)
+        settings = dataclasses.replace(settings, **overrides)
+        predictor = Predictor(model, entry.model, settings, device="cpu", engine=engine,
+                              options=RunOptions(progress=False))
+        # The ONNX export is once per weights and window (cached on disk): outside the timing.
+        # Opening the session from the cached file is inside it.
+        predictor.export_engine()
         stats["engine"] = predictor.engine
         with Timer() as timer:
-            record = predictor.predict_file(spec["input"], out / "mask.tif")
+            record = predict_file(predictor, spec["input"], out / "mask.tif").record
         stats.update(record["blocks"])
     mask = io.read_volume(out / "mask.tif").load()
     np.save(out / "mask.npy", mask > 0)
@@ -97,7 +95,7 @@ def child(spec: dict) -> dict:
 def wide_field(work: Path, organ: tuple[int, int, int], field: tuple[int, int, int]) -> dict:
     """A phantom organ centred in a field of its own background noise (a whole-organ scan is wider than the organ)."""
     from lsmseg import io
-    from lsmseg.phantom import make_phantom
+    from lsmseg.synth.phantom import make_phantom
 
     small = make_phantom("vessels", organ, seed=3)
     rng = np.random.default_rng(0)

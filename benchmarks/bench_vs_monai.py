@@ -57,12 +57,12 @@ def child(spec: dict) -> dict:
             mask = (logits >= probability_threshold).numpy().astype(np.uint8)
         stats = {}
     else:
-        from lsmseg.predictor import Predictor
+        from lsmseg.inference import Predictor, RunOptions, predict_file
 
-        predictor = Predictor(model, config, settings, device="cpu", progress=False,
-                              skip_background=spec["variant"] == "lsmseg", block_size=spec.get("block"))
+        options = RunOptions(progress=False, skip_background=spec["variant"] == "lsmseg", block_size=spec.get("block"))
+        predictor = Predictor(model, config, settings, device="cpu", options=options)
         with Timer() as timer:
-            record = predictor.predict_file(spec["input"], out / "mask.tif")
+            record = predict_file(predictor, spec["input"], out / "mask.tif").record
         mask = io.read_volume(out / "mask.tif").load()
         stats = record["blocks"]
     np.save(out / "mask.npy", mask)
@@ -73,7 +73,7 @@ def child(spec: dict) -> dict:
 
 def prepare_inputs(work: Path, phantom_shape, wide_shape, use_real: bool) -> list[dict]:
     from lsmseg import io
-    from lsmseg.phantom import make_phantom
+    from lsmseg.synth.phantom import make_phantom
 
     cases = []
     phantom = make_phantom("vessels", phantom_shape, seed=1)
