@@ -14,6 +14,7 @@ import logging
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .challenge.runner import add_challenge_commands
@@ -24,14 +25,19 @@ logger = logging.getLogger("lsmseg")
 COMMANDS_GROUP = "lsmseg.commands"
 
 
-def _shape(text: str) -> tuple[int, int, int]:
-    try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers, got {text!r}") from None
-    if len(values) != 3 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected three positive integers Z,Y,X, got {text!r}")
-    return values  # type: ignore[return-value]
+def zyx(kind: type = int) -> Callable[[str], tuple]:
+    """An argparse type: three positive numbers ``Z,Y,X`` (or ``ZxYxX``) of ``kind``."""
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.replace("x", ",").split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected Z,Y,X {kind.__name__} values, got {text!r}") from None
+        if len(values) != 3 or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected three positive numbers Z,Y,X, got {text!r}")
+        return values
+
+    return parse
 
 
 def _block_size(text: str) -> int | tuple[int, int, int]:
@@ -40,7 +46,7 @@ def _block_size(text: str) -> int | tuple[int, int, int]:
         if value < 1:
             raise argparse.ArgumentTypeError(f"block size must be positive, got {text}")
         return value
-    return _shape(text)
+    return zyx(int)(text)
 
 
 def _part(text: str) -> tuple[int, int]:

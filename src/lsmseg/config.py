@@ -90,7 +90,13 @@ def _convert(value: Any, tp, where: str):
 
 
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types.
+
+    Args:
+        cls: the dataclass (nested dataclasses, tuples, literals and unions are checked too).
+        data: the mapping, e.g. parsed YAML.
+        where: what the mapping is (a file and key path), the start of every error message.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)

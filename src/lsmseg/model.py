@@ -8,7 +8,11 @@ from .config import ModelConfig
 
 
 def build_model(config: ModelConfig) -> torch.nn.Module:
-    """A MONAI Swin UNETR for ``config`` (logits out; apply a sigmoid for probabilities)."""
+    """A MONAI Swin UNETR for ``config`` (logits out; apply a sigmoid for probabilities).
+
+    Args:
+        config: channels, feature size, depths, heads, v2 blocks, drop-path rate, checkpointing.
+    """
     from monai.networks.nets import SwinUNETR
 
     return SwinUNETR(

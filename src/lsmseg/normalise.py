@@ -22,6 +22,10 @@ def subsample(array, max_samples: int = DEFAULT_MAX_SAMPLES) -> np.ndarray:
 
     Deterministic (no random numbers) so that the same volume always gives the same percentiles;
     whole planes are read with a stride so that lazy readers touch few planes.
+
+    Args:
+        array: a 3-D array or lazy array-like (z, y, x).
+        max_samples: the most voxels to keep (about; a volume that small is returned whole).
     """
     shape = tuple(int(s) for s in array.shape)
     total = math.prod(shape)
@@ -42,7 +46,13 @@ def subsample(array, max_samples: int = DEFAULT_MAX_SAMPLES) -> np.ndarray:
 def percentiles(
     array, lower: float = DEFAULT_LOWER, upper: float = DEFAULT_UPPER, max_samples: int = DEFAULT_MAX_SAMPLES
 ) -> tuple[float, float]:
-    """Robust intensity range ``(lo, hi)`` of a volume, ignoring non-finite values."""
+    """Robust intensity range ``(lo, hi)`` of a volume, ignoring non-finite values.
+
+    Args:
+        array: a 3-D array or lazy array-like.
+        lower, upper: the percentiles (0..100) that map to 0 and 1.
+        max_samples: size of the subsample they are computed on (:func:`subsample`).
+    """
     if not 0.0 <= lower < upper <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {lower}, {upper}")
     # The native dtype (uint16: 2 bytes a voxel, not 8): np.percentile interpolates in float64 anyway,
@@ -60,6 +70,10 @@ def normalise(array, lo: float, hi: float) -> np.ndarray:
     """Scale ``array`` so that ``lo -> 0`` and ``hi -> 1``, clipped to [0, 1], as float32.
 
     A constant volume (``hi <= lo``) maps to zeros: there is no contrast to segment.
+
+    Args:
+        array: intensities (any shape).
+        lo, hi: the volume's range (:func:`percentiles`).
     """
     out = np.asarray(array, dtype=np.float32)
     if hi <= lo:
@@ -79,7 +93,8 @@ def is_constant(data, planes_per_read: int = 16) -> bool:
     """
     if isinstance(data, np.ndarray):
         return data.size > 0 and _holds_one_value([data])
-    return _holds_one_value(np.asarray(data[z : z + planes_per_read]) for z in range(0, int(data.shape[0]), planes_per_read))
+    slabs = (np.asarray(data[z : z + planes_per_read]) for z in range(0, int(data.shape[0]), planes_per_read))
+    return _holds_one_value(slabs)
 
 
 def _holds_one_value(slabs) -> bool:
@@ -99,6 +114,6 @@ def _holds_one_value(slabs) -> bool:
 def normalise_volume(
     array, lower: float = DEFAULT_LOWER, upper: float = DEFAULT_UPPER, max_samples: int = DEFAULT_MAX_SAMPLES
 ) -> np.ndarray:
-    """Percentile-normalise a whole (in-memory) volume in one call."""
+    """Percentile-normalise a whole (in-memory) volume in one call (arguments as for :func:`percentiles`)."""
     lo, hi = percentiles(array, lower, upper, max_samples)
     return normalise(array, lo, hi)

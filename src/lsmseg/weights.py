@@ -196,7 +196,8 @@ def _manifest_at(path: Path, scratch_dir: Path | None) -> Path | None:
         return found
     tarballs = natural_sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(MODEL_TARBALL_SUFFIXES))
     if len(tarballs) > 1:
-        raise WeightsError(f"{path}: {len(tarballs)} model tarballs ({', '.join(p.name for p in tarballs)}); expected one")
+        names = ", ".join(p.name for p in tarballs)
+        raise WeightsError(f"{path}: {len(tarballs)} model tarballs ({names}); expected one")
     return extract_model_tarball(tarballs[0], scratch_dir) if tarballs else None
 
 

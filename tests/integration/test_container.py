@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -108,6 +109,17 @@ def test_image_labels(images):
     assert sh("podman", "image", "inspect", "--format", label, default, check=True).stdout.strip() in ("", "<no value>")
     user = sh("podman", "image", "inspect", "--format", "{{.Config.User}}", default, check=True).stdout.strip()
     assert user and not user.startswith(("0", "root")), "runs as a non-root user"
+
+
+def test_image_holds_the_inference_package_only(images):
+    """No training, evaluation or phantom generator in the image: their commands are simply absent."""
+    result = sh("podman", "run", "--rm", "--network", "none", images[0], "--help", check=True)
+    commands = re.findall(r"^    (\w+)\s", result.stdout, flags=re.M)
+    assert commands == ["predict", "challenge", "serve"], result.stdout
+    probe = sh("podman", "run", "--rm", "--network", "none", "--entrypoint", "python3", images[0], "-c",
+               "import importlib.util as u; print([m for m in ('lsmseg.synth', 'lsmseg_training', "
+               "'lsmseg_evaluation') if u.find_spec(m)])", check=True)
+    assert probe.stdout.strip() == "[]"
 
 
 def test_folder_mode_two_formats_and_one_bad_file(images, weights, tmp_path):

@@ -92,7 +92,7 @@ def test_chunked_bodies_are_refused(hostile_server):
 
 def test_malformed_request_lines_get_400_and_logged_text_is_escaped(hostile_server, caplog):
     port, _ = hostile_server
-    caplog.set_level(logging.DEBUG, logger="lsmseg.server")
+    caplog.set_level(logging.DEBUG, logger="lsmseg.challenge.server")
     for line in (b"GARBAGE\r\n\r\n", b"GET\r\n\r\n", b"GET / HTTP/9.9 extra\r\n\r\n", b"\x00\x01\x02\r\n\r\n"):
         assert status_codes(raw(port, line))[0] in (400, 505), line
     raw(port, b"GET /\x1b[31mred\x07 HTTP/1.1\r\nConnection: close\r\n\r\n")

@@ -82,6 +82,16 @@ def teardown_processes(processes: Processes) -> None:
         torch.distributed.destroy_process_group()
 
 
+@contextlib.contextmanager
+def run_processes(config):
+    """This process's place in a run of ``config`` (``device``, ``threads``), left cleanly however it ends."""
+    processes = setup_processes(config.device, config.threads)
+    try:
+        yield processes
+    finally:
+        teardown_processes(processes)
+
+
 def wrap_model(model: torch.nn.Module, processes: Processes) -> torch.nn.Module:
     model = model.to(processes.device)
     if processes.distributed:
@@ -351,8 +361,8 @@ def train_loop(
     if resume_from:
         step = restore(resume_from, wrapped, optimiser, scheduler, scaler)
         logger.info("resumed %s at step %d", output / CHECKPOINT_NAME, step)
-    stream = PatchStream(records, config.model.roi, seed=config.seed + 1000 * step, set_weights=set_weights(config.data),
-                         rank=processes.rank, cache_mb=config.data.cache_mb, **stream_options)
+    stream = PatchStream(records, config.model.roi, seed=config.seed + 1000 * step, rank=processes.rank,
+                         set_weights=set_weights(config.data), cache_mb=config.data.cache_mb, **stream_options)
     batches = iter(make_loader(stream, config.batch_size, config.data.workers))
     log = CsvLog(output / LOG_NAME, log_fields, enabled=processes.main)
     record = start_record(kind, config, config_path, processes, records, **(record_extra or {}))

@@ -26,7 +26,7 @@ from lsmseg.weights import load_manifest, load_state_dict, save_weights, sha256_
 from .config import FinetuneConfig
 from .data import VolumeRecord, check_splits, fingerprint, prepare_volumes
 from .engine import (
-    Loop, autocast, main_first, resume_state, setup_processes, teardown_processes, train_loop, unwrap, write_record,
+    Loop, autocast, main_first, resume_state, run_processes, train_loop, unwrap, write_record,
 )
 from .plots import plot_training
 from .pretrain import ENCODER_PREFIXES
@@ -193,9 +193,8 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
     from .losses import dice_bce, soft_cldice, split_label
 
     where = str(config_path or config.name)
-    processes = setup_processes(config.device, config.threads)
     output = Path(config.output)
-    try:
+    with run_processes(config) as processes:
         # Every check before training: splits by source, data, labels, the initial weights, a resume.
         splits = check_splits(config.data, where)
         records = main_first(processes, lambda: prepare_volumes(config.data, "train", need_labels=True,
@@ -215,8 +214,9 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
         if config.init is not None:
             initialised = load_full_model(model, Path(config.init), config.model)
         resume_from = resume_state(output, config.model, resume)
-        history = resume_from["extra"].get("history", []) if resume_from else []
-        best = resume_from["extra"].get("best", {"dice": -1.0, "step": None}) if resume_from else {"dice": -1.0, "step": None}
+        resumed = resume_from["extra"] if resume_from else {}
+        history = resumed.get("history", [])
+        best = resumed.get("best", {"dice": -1.0, "step": None})
         validation_volumes = load_validation(validation_records) if processes.main else []
 
         def step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -280,8 +280,6 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
             write_record(output, record)
             plot_training(output, history)
         return record
-    finally:
-        teardown_processes(processes)
 
 
 def sweep_checkpoints(loop: Loop, config: FinetuneConfig, volumes: list[dict]) -> None:

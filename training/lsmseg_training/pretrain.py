@@ -20,7 +20,7 @@ from lsmseg.weights import save_weights
 
 from .config import PretrainConfig
 from .data import prepare_volumes
-from .engine import Loop, autocast, main_first, resume_state, setup_processes, teardown_processes, train_loop, unwrap
+from .engine import Loop, autocast, main_first, resume_state, run_processes, train_loop, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +44,11 @@ def masked_l1(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Te
 
 
 def run_pretraining(config: PretrainConfig, config_path: Path | None = None, resume: bool = False) -> dict:
-    """Pretrain the encoder as ``config`` says; return the run record.
-
-    Args:
-        config: the validated config.
-        config_path: its YAML file, for the run record.
-        resume: continue from the output folder's last checkpoint, if there is one.
-    """
+    """Pretrain the encoder as ``config`` says; return the run record (arguments as for
+    :func:`lsmseg_training.finetune.run_finetuning`)."""
     where = str(config_path or config.name)
-    processes = setup_processes(config.device, config.threads)
     output = Path(config.output)
-    try:
+    with run_processes(config) as processes:
         # Every check (paths, readable volumes, architecture of a resumed checkpoint) before training.
         records = main_first(processes, lambda: prepare_volumes(config.data, "train", need_labels=False,
                                                                  where=where, seed=config.seed))
@@ -88,5 +82,3 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
         if processes.main:
             logger.info("pretraining done: encoder weights in %s", output / ENCODER_FILE)
         return loop.record
-    finally:
-        teardown_processes(processes)

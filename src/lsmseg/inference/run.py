@@ -101,7 +101,8 @@ def predict_file(
         blocks = predictor.iter_mask_blocks(prepared, stats, desc=volume.name, on_logits=on_logits)
     else:
         logger.info("%s: resampling needs the whole volume in memory", input_path)
-        stats, blocks = counter.call(_resampled_mask_blocks, predictor, volume, case_name or str(volume.path), on_logits)
+        name = case_name or str(volume.path)
+        stats, blocks = counter.call(_resampled_mask_blocks, predictor, volume, name, on_logits)
     predicted_before_writing = counter.seconds
     timings["read_s"] = time.perf_counter() - start - predicted_before_writing
     start = time.perf_counter()
@@ -195,7 +196,8 @@ def _resampled_mask_blocks(predictor: Predictor, volume: Volume, name: str, on_l
     array = volume.load()
     if array.dtype.kind in "uif" and is_constant(array):
         logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", name)
-        logits, stats = np.full(array.shape, -np.inf, dtype=np.float32), BlockStats.start(predictor.plan(array.shape), None)
+        logits = np.full(array.shape, -np.inf, dtype=np.float32)
+        stats = BlockStats.start(predictor.plan(array.shape), None)
     else:
         logits, stats = predictor.logits_with_stats(array, volume.spacing, name)
     everything = tuple(slice(0, s) for s in volume.shape)

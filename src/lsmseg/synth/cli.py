@@ -5,18 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cli import zyx
 from ..errors import EXIT_OK
 from . import KINDS
-
-
-def _triple(text: str, kind: type, what: str) -> tuple:
-    try:
-        values = tuple(kind(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X {what}, got {text!r}") from None
-    if len(values) != 3 or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected three positive numbers Z,Y,X, got {text!r}")
-    return values
 
 
 def add_commands(subparsers) -> None:
@@ -33,10 +24,8 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("output", type=Path, metavar="OUT", help="output folder, or file name (format from its suffix)")
     p.add_argument("--kind", default="vessels", choices=KINDS, help="structure")
-    p.add_argument("--shape", type=lambda t: _triple(t, int, "integers"), default="48,160,160", metavar="Z,Y,X",
-                   help="volume shape in voxels")
-    p.add_argument("--spacing", type=lambda t: _triple(t, float, "voxel size in um"), default="3,1,1",
-                   metavar="Z,Y,X", help="voxel size in um")
+    p.add_argument("--shape", type=zyx(int), default="48,160,160", metavar="Z,Y,X", help="volume shape in voxels")
+    p.add_argument("--spacing", type=zyx(float), default="3,1,1", metavar="Z,Y,X", help="voxel size in um")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same volume)")
     p.set_defaults(func=run_phantom)
 

@@ -77,8 +77,13 @@ def make_phantom(
 ) -> Phantom:
     """Build a light-sheet-like phantom of ``kind`` (one of ``KINDS``), deterministic for ``seed``.
 
-    ``shape`` is (z, y, x) in voxels and ``spacing`` the voxel size in micrometres; structure sizes
-    are physical, so the same kind looks the same at any spacing.
+    Args:
+        kind: ``vessels``, ``cells``, ``nuclei`` or ``plaques``.
+        shape: (z, y, x) in voxels.
+        seed: the random seed; the phantom is a pure function of the arguments.
+        spacing: the voxel size (z, y, x) in micrometres; structure sizes are physical, so the same
+            kind looks the same at any spacing.
+        settings: the image formation (PSF, noise, attenuation, ...); default :class:`PhantomSettings`.
     """
     if kind not in _KIND_IDS:
         raise ConfigError(f"unknown phantom kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -121,9 +126,13 @@ def write_phantom(
     """Write a phantom as ``out_dir/images/<kind>_<seed>.<fmt>`` and ``out_dir/labels/<kind>_<seed>.<fmt>``.
 
     Image and label share one file name (the challenge convention: a mask has its volume's name).
-    ``fmt`` is any suffix the I/O registry writes (``tif``, ``nii.gz``, ``mha``, ``nrrd``, ``zarr``);
-    ``name`` (a file name with such a suffix) replaces ``<kind>_<seed>.<fmt>``. Spacing (z, y, x, um)
-    is stored in the files. Writes are atomic. Returns ``(image_path, label_path)``.
+    Spacing is stored in the files. Writes are atomic. Returns ``(image_path, label_path)``.
+
+    Args:
+        out_dir: the folder holding ``images/`` and ``labels/``.
+        kind, shape, seed, spacing, settings: as for :func:`make_phantom`.
+        fmt: any suffix the I/O registry writes (``tif``, ``nii.gz``, ``mha``, ``nrrd``, ``zarr``).
+        name: a file name with such a suffix, instead of ``<kind>_<seed>.<fmt>``.
     """
     from ..io import write_volume
 
