@@ -305,6 +305,7 @@ def _weights_note(provenance_files: list[Path], seconds: float, n_predicted: int
 def main(argv: list[str] | None = None) -> int:
     from lsmseg import cli as lsmseg_cli
     from lsmseg.errors import LsmsegError
+    from lsmseg.predictor import provenance_path_for
 
     from .evaluate import EvaluationSettings, evaluate_folders, write_report, write_text_atomic
 
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             mask = predictions / f"{case.name}.tif"
             if mask.exists():
                 (scored / mask.name).symlink_to(mask.resolve())
-        provenance = [predictions / f"{c.name}.provenance.json" for c in cases]
+        provenance = [provenance_path_for(predictions / f"{c.name}.tif") for c in cases]
         note = _weights_note([p for p in provenance if p.exists()], predict_seconds, n_todo)
 
         def score(pred_dir, preset, subset=None, figures=args.figures):
