@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_split(path: Path, set_name: str) -> set[str]:
-    """Case names of one set of a split file (YAML/JSON mapping of lists, or plain lines)."""
+    """Case names of one set of a split file: a YAML/JSON mapping of lists, a fine-tuning config
+    (its ``data.<set>`` include lists), a run's ``run.json`` (its ``splits``), or plain lines."""
     from lsmseg.errors import ConfigError
 
     if not path.is_file():
@@ -118,6 +119,11 @@ def read_split(path: Path, set_name: str) -> set[str]:
         data = yaml.safe_load(text)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of set name to a list of case names")
+        if isinstance(data.get("splits"), dict):  # a fine-tuning run's run.json: {set: {source: [names]}}
+            data = {name: [n for names in sources.values() for n in names] for name, sources in data["splits"].items()}
+        elif isinstance(data.get("data"), dict):  # a fine-tuning config: data.<set> is a list of volume sets
+            data = {name: _included(path, name, sets) if name == set_name else []
+                    for name, sets in data["data"].items() if name in ("train", "validation", "test")}
         if set_name not in data:
             raise ConfigError(f"{path}: no set '{set_name}' (sets: {', '.join(map(str, data))})")
         names = data[set_name] or []
@@ -125,6 +131,18 @@ def read_split(path: Path, set_name: str) -> set[str]:
             raise ConfigError(f"{path}: set '{set_name}' must be a list of case names")
         return {str(n) for n in names}
     return {line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")}
+
+
+def _included(path: Path, set_name: str, volume_sets) -> list[str]:
+    """The volumes a config's set names (``include`` lists); a set without one would mean 'every file'."""
+    from lsmseg.errors import ConfigError
+
+    names = []
+    for volume_set in volume_sets or []:
+        if not volume_set.get("include"):
+            raise ConfigError(f"{path}: a '{set_name}' set of {volume_set.get('images')} has no include list")
+        names += volume_set["include"]
+    return names
 
 
 @dataclass(frozen=True)
