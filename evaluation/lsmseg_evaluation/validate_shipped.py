@@ -245,12 +245,14 @@ def _fmt(value, digits=3) -> str:
 def _mean_std(values) -> str:
     from statistics import mean, stdev
 
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return _fmt(float(values[0]))
-    return f"{_fmt(float(mean(values)))} ± {_fmt(float(stdev(values)))}"
+    values = [float(v) for v in values if v is not None]
+    defined = [v for v in values if v == v]  # NaN: undefined, e.g. PQ of an empty label and empty mask
+    undefined = f" ({len(values) - len(defined)} NaN)" if len(defined) < len(values) else ""
+    if not defined:
+        return "–" + undefined
+    if len(defined) == 1:
+        return _fmt(defined[0]) + undefined
+    return f"{_fmt(mean(defined))} ± {_fmt(stdev(defined))}{undefined}"
 
 
 def results_markdown(model, baseline=None, model_2024=None, baseline_2024=None, note: str = "") -> str:

@@ -31,3 +31,12 @@ def test_a_config_set_without_include_is_refused(tmp_path):
     config.write_text("data:\n  test:\n    - images: somewhere/images\n")
     with pytest.raises(ConfigError, match="no include list"):
         read_split(config, "test")
+
+
+def test_table_means_leave_undefined_cases_out_and_count_them():
+    from lsmseg_evaluation.validate_shipped import _mean_std
+
+    # PQ is NaN when label and mask are both empty (panoptica); the mean is over defined cases.
+    assert _mean_std([0.5, float("nan"), 0.7]) == "0.600 ± 0.141 (1 NaN)"
+    assert _mean_std([float("nan")]) == "– (1 NaN)"
+    assert _mean_std([0.25]) == "0.250"
