@@ -100,7 +100,9 @@ def settings_from_args(args):
 
 
 # The eval extra: import name -> pip name (pyproject.toml's [project.optional-dependencies] eval).
-EVAL_MODULES = {"skimage": "scikit-image", "cc3d": "connected-components-3d", "matplotlib": "matplotlib"}
+EVAL_MODULES = {
+    "panoptica": "panoptica", "skimage": "scikit-image", "cc3d": "connected-components-3d", "matplotlib": "matplotlib",
+}
 
 
 def missing_eval_dependencies() -> list[str]:

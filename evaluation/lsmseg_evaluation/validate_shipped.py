@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_split(path: Path, set_name: str) -> set[str]:
-    """Case names of one set of a split file (YAML/JSON mapping of lists, or plain lines)."""
+    """Case names of one set of a split file: a YAML/JSON mapping of lists, a fine-tuning config
+    (its ``data.<set>`` include lists), a run's ``run.json`` (its ``splits``), or plain lines."""
     from lsmseg.errors import ConfigError
 
     if not path.is_file():
@@ -118,6 +119,11 @@ def read_split(path: Path, set_name: str) -> set[str]:
         data = yaml.safe_load(text)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of set name to a list of case names")
+        if isinstance(data.get("splits"), dict):  # a fine-tuning run's run.json: {set: {source: [names]}}
+            data = {name: [n for names in sources.values() for n in names] for name, sources in data["splits"].items()}
+        elif isinstance(data.get("data"), dict):  # a fine-tuning config: data.<set> is a list of volume sets
+            data = {name: _included(path, name, sets) if name == set_name else []
+                    for name, sets in data["data"].items() if name in ("train", "validation", "test")}
         if set_name not in data:
             raise ConfigError(f"{path}: no set '{set_name}' (sets: {', '.join(map(str, data))})")
         names = data[set_name] or []
@@ -125,6 +131,18 @@ def read_split(path: Path, set_name: str) -> set[str]:
             raise ConfigError(f"{path}: set '{set_name}' must be a list of case names")
         return {str(n) for n in names}
     return {line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")}
+
+
+def _included(path: Path, set_name: str, volume_sets) -> list[str]:
+    """The volumes a config's set names (``include`` lists); a set without one would mean 'every file'."""
+    from lsmseg.errors import ConfigError
+
+    names = []
+    for volume_set in volume_sets or []:
+        if not volume_set.get("include"):
+            raise ConfigError(f"{path}: a '{set_name}' set of {volume_set.get('images')} has no include list")
+        names += volume_set["include"]
+    return names
 
 
 @dataclass(frozen=True)
@@ -227,12 +245,14 @@ def _fmt(value, digits=3) -> str:
 def _mean_std(values) -> str:
     from statistics import mean, stdev
 
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return _fmt(float(values[0]))
-    return f"{_fmt(float(mean(values)))} ± {_fmt(float(stdev(values)))}"
+    values = [float(v) for v in values if v is not None]
+    defined = [v for v in values if v == v]  # NaN: undefined, e.g. PQ of an empty label and empty mask
+    undefined = f" ({len(values) - len(defined)} NaN)" if len(defined) < len(values) else ""
+    if not defined:
+        return "–" + undefined
+    if len(defined) == 1:
+        return _fmt(defined[0]) + undefined
+    return f"{_fmt(mean(defined))} ± {_fmt(stdev(defined))}{undefined}"
 
 
 def results_markdown(model, baseline=None, model_2024=None, baseline_2024=None, note: str = "") -> str:
@@ -305,6 +325,7 @@ def _weights_note(provenance_files: list[Path], seconds: float, n_predicted: int
 def main(argv: list[str] | None = None) -> int:
     from lsmseg import cli as lsmseg_cli
     from lsmseg.errors import LsmsegError
+    from lsmseg.predictor import provenance_path_for
 
     from .evaluate import EvaluationSettings, evaluate_folders, write_report, write_text_atomic
 
@@ -353,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             mask = predictions / f"{case.name}.tif"
             if mask.exists():
                 (scored / mask.name).symlink_to(mask.resolve())
-        provenance = [predictions / f"{c.name}.provenance.json" for c in cases]
+        provenance = [provenance_path_for(predictions / f"{c.name}.tif") for c in cases]
         note = _weights_note([p for p in provenance if p.exists()], predict_seconds, n_todo)
 
         def score(pred_dir, preset, subset=None, figures=args.figures):

@@ -38,7 +38,7 @@ def test_progress_counts_windows_within_one_volume_and_quiet_silences_it(tmp_pat
     assert shown.returncode == 0, shown.stderr
     counts = re.findall(r"vessels_5:\s+\d+%\|.*?\| (\d+)/(\d+) \[", shown.stderr)
     assert counts and counts[-1][0] == counts[-1][1]  # one volume, a bar that reaches its window total
-    total = json.loads((tmp_path / "a" / "vessels_5.provenance.json").read_text())["blocks"]["windows"]
+    total = json.loads((tmp_path / "a" / "vessels_5.tif.provenance.json").read_text())["blocks"]["windows"]
     assert int(counts[-1][1]) >= total > 1
     quiet = lsmseg("predict", volume, "-o", tmp_path / "b", "--weights", weights, "-q")
     assert quiet.returncode == 0 and quiet.stderr == ""
@@ -61,7 +61,7 @@ def test_save_probabilities_beside_the_masks(tmp_path, weights, volume, name, dt
     # the test weights' threshold is 0.5 and keep every component: the mask is p >= 0.5 (up to rounding)
     agree = ((p >= 0.5) == (mask.load() > 0)).mean()
     assert agree > 0.99
-    record = json.loads((tmp_path / "masks" / f"{io.volume_name(name)}.provenance.json").read_text())
+    record = json.loads((tmp_path / "masks" / f"{name}.provenance.json").read_text())
     assert record["probabilities"]["dtype"] == stored
 
 

@@ -1,0 +1,42 @@
+"""validate_shipped --split reads the fine-tuning config or run record that defined the split."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lsmseg.errors import ConfigError
+from lsmseg_evaluation.validate_shipped import read_split
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_split_from_the_shipped_training_config():
+    config = REPO / "training" / "configs" / "general_finetune_real.yaml"
+    test, validation = read_split(config, "test"), read_split(config, "validation")
+    assert "santos2015_mixedSizelowContrastVessels" in test and "patchvolume_695_0" in test
+    assert "patchvolume_1147_0" in validation and not test & validation
+
+
+def test_split_from_a_run_record(tmp_path):
+    record = tmp_path / "run.json"
+    record.write_text(json.dumps({"splits": {"test": {"images:695": ["a", "b"], "images:8858": ["c"]}}}))
+    assert read_split(record, "test") == {"a", "b", "c"}
+    with pytest.raises(ConfigError, match="no set 'validation'"):
+        read_split(record, "validation")
+
+
+def test_a_config_set_without_include_is_refused(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  test:\n    - images: somewhere/images\n")
+    with pytest.raises(ConfigError, match="no include list"):
+        read_split(config, "test")
+
+
+def test_table_means_leave_undefined_cases_out_and_count_them():
+    from lsmseg_evaluation.validate_shipped import _mean_std
+
+    # PQ is NaN when label and mask are both empty (panoptica); the mean is over defined cases.
+    assert _mean_std([0.5, float("nan"), 0.7]) == "0.600 ± 0.141 (1 NaN)"
+    assert _mean_std([float("nan")]) == "– (1 NaN)"
+    assert _mean_std([0.25]) == "0.250"
