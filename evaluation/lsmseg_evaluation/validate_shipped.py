@@ -325,7 +325,7 @@ def _weights_note(provenance_files: list[Path], seconds: float, n_predicted: int
 def main(argv: list[str] | None = None) -> int:
     from lsmseg import cli as lsmseg_cli
     from lsmseg.errors import LsmsegError
-    from lsmseg.predictor import provenance_path_for
+    from lsmseg.inference.results import provenance_path_for
 
     from .evaluate import EvaluationSettings, evaluate_folders, write_report, write_text_atomic
 
