@@ -6,19 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
+from lsmseg.cli import zyx
 from lsmseg.errors import EXIT_FAILED, EXIT_OK
 
 logger = logging.getLogger(__name__)
-
-
-def spacing_argument(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X voxel size in um, got {text!r}") from None
-    if len(values) != 3 or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected three positive numbers Z,Y,X, got {text!r}")
-    return values  # type: ignore[return-value]
 
 
 def jobs_argument(text: str) -> int:
@@ -47,7 +38,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                              "foreground; sparse: 0 unlabelled, 1 background, 2 foreground (default: binary)")
     parser.add_argument("--sparse-edge", choices=SPARSE_EDGE_MODES, default="ignore",
                         help="sparse labels: score TRAILMAP edge voxels (value 4) as background or ignore them")
-    parser.add_argument("--spacing", type=spacing_argument, metavar="Z,Y,X",
+    parser.add_argument("--spacing", type=zyx(float), metavar="Z,Y,X",
                         help="voxel size in um for every volume, overriding the files (HD95 and volumes in um)")
     parser.add_argument("--structure", help="structure of every volume not in --mapping (e.g. vessels)")
     parser.add_argument("--mapping", type=Path, metavar="FILE",
