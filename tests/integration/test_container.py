@@ -113,7 +113,8 @@ def test_image_labels(images):
 
 def test_image_holds_the_inference_package_only(images):
     """No training, evaluation or phantom generator in the image: their commands are simply absent."""
-    result = sh("podman", "run", "--rm", "--network", "none", images[0], "--help", check=True)
+    result = sh("podman", "run", "--rm", "--network", "none", "--entrypoint", "lsmseg", images[0], "--help",
+                check=True)
     commands = re.findall(r"^    (\w+)\s", result.stdout, flags=re.M)
     assert commands == ["predict", "challenge", "serve"], result.stdout
     probe = sh("podman", "run", "--rm", "--network", "none", "--entrypoint", "python3", images[0], "-c",
