@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -73,6 +74,8 @@ class OnnxEngine:
         self.key = key
         self.threads = threads
         self._sessions: dict[tuple[int, ...], object] = {}
+        # Per window shape: the ONNX file used and whether this process exported it (for provenance).
+        self.models: dict[tuple[int, ...], dict] = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -84,32 +87,46 @@ class OnnxEngine:
         return cache_dir() / "onnx" / f"{self.key}_{shape}_v{EXPORT_VERSION}.onnx"
 
     def _export(self, window: Sequence[int]) -> Path:
+        window = tuple(int(w) for w in window)
         path = self.path_for(window)
         if path.is_file():
+            self.models[window] = {"window": list(window), "file": str(path), "exported": False, "cached": True}
             return path
+        folder = path.parent
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            folder = path.parent
+            folder.mkdir(parents=True, exist_ok=True)
+            writable = os.access(folder, os.W_OK | os.X_OK)  # an existing read-only cache (an image's)
         except OSError:
+            writable = False
+        if writable:
+            logger.info("exporting the network to ONNX for windows %s (once per weights and window)", window)
+        else:
             folder = Path(tempfile.mkdtemp(prefix="lsmseg-onnx-"))
             path = folder / path.name
-            logger.warning("cache folder not writable; exporting the network to %s for this process only", folder)
-        logger.info("exporting the network to ONNX for windows %s (once per weights and window)", tuple(window))
-        example = torch.zeros(1, 1, *[int(w) for w in window])
+            logger.warning("ONNX cache %s not writable (weights %s not prefilled there); exporting the network "
+                           "for windows %s to %s for this process only", cache_dir(), self.key, window, folder)
+        example = torch.zeros(1, 1, *window)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".onnx.part")
         os.close(fd)
         try:
-            with torch.inference_mode(False), torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and training-mode notes
                 torch.onnx.export(
                     self.model.cpu().eval(), (example,), tmp, opset_version=17, dynamo=False,
                     input_names=["windows"], output_names=["logits"],
                     dynamic_axes={"windows": {0: "n"}, "logits": {0: "n"}},
                 )
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide an image's cache (built as root) from its user
             os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        self.models[window] = {"window": list(window), "file": str(path), "exported": True, "cached": writable}
         return path
+
+    def describe(self) -> list[dict]:
+        """The ONNX files this process used, per window shape: cache hit (exported False) or export."""
+        return [dict(entry) for entry in self.models.values()]
 
     def session(self, window: Sequence[int]):
         window = tuple(int(w) for w in window)
@@ -131,16 +148,23 @@ class OnnxEngine:
         return torch.from_numpy(logits)
 
 
-def warm_cache(manifest: str | Path | None = None) -> Path | None:
-    """Export the installed (or named) weights to the ONNX cache now, e.g. while building an image."""
+def warm_cache(manifest: str | Path | None = None) -> list[Path]:
+    """Export every model the installed (or named) manifest lists to the ONNX cache now, for its
+    training window (the default inference window), e.g. while building an image. Returns the files."""
     from .predictor import Predictor
+    from .weights import find_manifest, load_manifest
 
-    predictor = Predictor.from_manifest(manifest, device="cpu", progress=False, engine="onnxruntime")
-    return predictor._onnx._export(predictor.roi)
+    path = find_manifest(manifest)
+    paths = []
+    for name in load_manifest(path).models:
+        predictor = Predictor.from_manifest(path, structure=name, device="cpu", progress=False, engine="onnxruntime")
+        paths.append(predictor._onnx._export(predictor.roi))
+    return paths
 
 
 if __name__ == "__main__":  # python -m lsmseg.engines [MANIFEST]: fill the ONNX cache
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(warm_cache(sys.argv[1] if len(sys.argv) > 1 else None))
+    for exported in warm_cache(sys.argv[1] if len(sys.argv) > 1 else None):
+        print(exported)

@@ -347,6 +347,8 @@ class Predictor:
             "device": str(self.device),
             "precision": self.precision,
             "engine": self.engine,
+            # ONNX files used per window shape: "exported": false is a cache hit (lsmseg.engines).
+            "onnx_models": self._onnx.describe() if self._onnx is not None else None,
             "resample": self.resample,
             "mask_value": self.mask_value,
             "structure": self.structure,
