@@ -67,6 +67,8 @@ class WeightsEntry:
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     structures: list[str] = field(default_factory=list)
     validation: dict = field(default_factory=dict)
+    # Scores on the test split (never used for any choice): reported, per structure.
+    test: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
 
 

@@ -5,7 +5,8 @@
 Needs podman and buildah (``.ci/run`` installs them and sets LSMSEG_CONTAINER_TESTS=1). The image
 is built by ``scripts/build_image.sh`` (twice: the default target and the ``invoke`` target, which
 shares every layer but the last). Weights are small test weights made here and mounted at
-``/opt/ml/model`` (a Grand Challenge model mount), never shipped.
+``/opt/ml/model`` (a Grand Challenge model mount), never shipped; the engine test also runs the
+image's own weights (``weights/``) against the PyTorch engine outside the container.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ _ENABLED, _WHY = container_tests_enabled(os.environ.get("LSMSEG_CONTAINER_TESTS"
 if not _ENABLED:
     pytest.skip(_WHY, allow_module_level=True)
 
-IMAGE = "localhost/lsmseg:test"
-INVOKE_IMAGE = "localhost/lsmseg:test-invoke"
+# LSMSEG_TEST_IMAGE: another tag, so that concurrent runs on one machine do not rebuild each other's images.
+IMAGE = os.environ.get("LSMSEG_TEST_IMAGE") or "localhost/lsmseg:test"
+INVOKE_IMAGE = f"{IMAGE}-invoke"
 SPACING = (2.5, 0.8, 0.8)  # z, y, x in micrometres
 SLUG_IN, SLUG_OUT = "light-sheet-3d-microscopy", "isolated-biological-structure"
 RUN_TIMEOUT = 600
@@ -272,3 +274,92 @@ def test_empty_input_unwritable_output_and_bad_weights(images, weights, tmp_path
         assert result.returncode == 1
         [line] = error_lines(result.stderr)
         assert "no trained weights are installed" in line
+
+
+# A 32x96x96 crop of the bundled vessel sample with 18,931 labelled voxels: 4 windows of 32x64x64.
+SAMPLE = REPO / "sample" / "images" / "vessels_0.tif"
+SAMPLE_CROP = (slice(0, 32), slice(32, 128), slice(32, 128))
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def torch_mask_outside(manifest: Path, image: Path, out: Path) -> np.ndarray:
+    """The mask the PyTorch engine gives outside the container, with the same weights and settings."""
+    from lsmseg.inference import Predictor, RunOptions, predict_file
+
+    predictor = Predictor.from_manifest(manifest, device="cpu", engine="torch", options=RunOptions(progress=False))
+    record = predict_file(predictor, image, out / image.name, provenance_path=out / "torch.provenance.json").record
+    assert record["parameters"]["engine"] == "torch"
+    return io.read_volume(out / image.name).load()
+
+
+def sample_crop(folder: Path) -> Path:
+    sample = io.read_volume(SAMPLE)
+    path = folder / "vessels_crop.tif"
+    io.write_volume(np.ascontiguousarray(sample.load()[SAMPLE_CROP]), path, spacing=sample.spacing)
+    readable_tree(folder)
+    return path
+
+
+@pytest.mark.skipif(not (REPO / "weights" / "manifest.yaml").is_file(), reason="the image carries no weights")
+def test_bundled_weights_run_onnxruntime_from_the_prefilled_cache(images, tmp_path):
+    """The image's own weights: ONNX Runtime on CPU from the cache filled at build time (no export at
+    run time), and the masks of the PyTorch engine outside the container."""
+    from lsmseg.weights import load_manifest
+
+    manifest = REPO / "weights" / "manifest.yaml"
+    [entry] = load_manifest(manifest).models.values()
+    image = sample_crop(writable_dir(tmp_path / "in"))
+    out = writable_dir(tmp_path / "out")
+
+    result = podman_run(images[0], tmp_path / "in", out)  # no /opt/ml/model: the bundled weights
+
+    assert result.returncode == 0, result.stderr
+    assert "exporting" not in result.stderr and "not writable" not in result.stderr, result.stderr
+    provenance = json.loads((out / f"{image.name}.provenance.json").read_text())
+    assert provenance["weights"]["sha256"] == entry.sha256
+    assert provenance["parameters"]["engine"] == "onnxruntime"
+    window = "x".join(map(str, entry.model.roi))
+    assert provenance["parameters"]["onnx_models"] == [{
+        "window": list(entry.model.roi), "exported": False, "cached": True,
+        "file": f"/opt/lsmseg/onnx-cache/onnx/{entry.sha256[:16]}_{window}_v1.onnx",
+    }], "a cache hit in the image's read-only cache"
+
+    ours = io.read_volume(out / image.name).load()
+    expected = torch_mask_outside(manifest, image, writable_dir(tmp_path / "torch"))
+    agreement = float((ours == expected).mean())
+    print(f"\nbundled weights, {image.name} {ours.shape}: container (onnxruntime) vs torch outside: Dice "
+          f"{dice(ours, expected):.5f}, voxel agreement {agreement:.6f}, {int(expected.sum())} foreground voxels")
+    assert expected.sum() > 1000, "the crop holds vessels"
+    assert dice(ours, expected) >= 0.99 and agreement >= 0.999
+
+
+def test_mounted_weights_export_to_tmp_once(images, weights, tmp_path):
+    """Weights at /opt/ml/model (another checksum than the image's): the read-only cache does not hold
+    them, so the network is exported to /tmp for the process, with one warning line; masks as PyTorch's."""
+    image = sample_crop(writable_dir(tmp_path / "in"))
+    io.write_volume(volume((20, 40, 40), 6), tmp_path / "in" / "second.tif", spacing=SPACING)
+    readable_tree(tmp_path / "in")
+    out = writable_dir(tmp_path / "out")
+
+    result = podman_run(images[0], tmp_path / "in", out, weights)
+
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "not writable" in warnings[0] and "/tmp/lsmseg-onnx-" in warnings[0], result.stderr
+    for name in (image.name, "second.tif"):  # one export for the process, reused by the second volume
+        provenance = json.loads((out / f"{name}.provenance.json").read_text())
+        assert provenance["parameters"]["engine"] == "onnxruntime"
+        [model] = provenance["parameters"]["onnx_models"]
+        assert model["exported"] and not model["cached"] and model["file"].startswith("/tmp/lsmseg-onnx-")
+
+    ours = io.read_volume(out / image.name).load()
+    expected = torch_mask_outside(weights / "manifest.yaml", image, writable_dir(tmp_path / "torch"))
+    agreement = float((ours == expected).mean())
+    print(f"\nmounted test weights, {image.name}: container (onnxruntime) vs torch outside: "
+          f"Dice {dice(ours, expected):.5f}, voxel agreement {agreement:.6f}")
+    assert agreement >= 0.999 and (expected.sum() < 100 or dice(ours, expected) >= 0.99)

@@ -1,11 +1,13 @@
 """The ONNX Runtime engine gives PyTorch's logits within float tolerance (skipped where not installed)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from lsmseg.config import InferenceSettings
-from lsmseg.inference import Predictor, RunOptions
+from lsmseg.inference import Predictor, RunOptions, predict_file
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -36,3 +38,49 @@ def test_engine_choice():
     assert resolve_engine("auto", torch.device("cuda"), "auto", False) == "torch"
     with pytest.raises(ValueError):
         resolve_engine("onnxruntime", torch.device("cuda"), "auto", False)
+
+
+def test_cache_hit_and_unwritable_cache(tiny_model, tiny_model_config, tmp_path, monkeypatch, caplog):
+    """A prefilled cache is used as is; a read-only one without these weights gets one warning line and
+    an export to a temporary folder (an image's cache with weights mounted at /opt/ml/model)."""
+    import logging
+    import os
+    import tempfile
+
+    from lsmseg import io
+
+    image = np.random.default_rng(1).integers(0, 4000, (20, 40, 40)).astype(np.uint16)
+    io.write_volume(image, tmp_path / "x.tif")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LSMSEG_CACHE_DIR", str(cache))
+
+    def run(name):
+        predictor = Predictor(tiny_model, tiny_model_config, device="cpu", engine="onnxruntime",
+                              options=RunOptions(progress=False))
+        record = predict_file(predictor, tmp_path / "x.tif", tmp_path / f"{name}.tif").record
+        return record["parameters"], io.read_volume(tmp_path / f"{name}.tif").load()
+
+    first, mask = run("first")  # writable cache: export into it
+    [model] = first["onnx_models"]
+    assert first["engine"] == "onnxruntime" and model["exported"] and model["cached"]
+    assert Path(model["file"]).parent == cache / "onnx"
+    assert Path(model["file"]).stat().st_mode & 0o777 == 0o644, "readable by others (an image's non-root user)"
+    again, same = run("again")  # cache hit, no export
+    assert again["onnx_models"] == [{**model, "exported": False}]
+    np.testing.assert_array_equal(same, mask)
+
+    # Read-only cache (as for uid 1001 in the image) holding other weights' files only.
+    for path in (cache / "onnx").iterdir():
+        path.rename(path.with_name("0" * 16 + path.name[16:]))
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != cache / "onnx" and access(path, mode, **kw))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lsmseg.inference.engines"):
+        elsewhere, other = run("elsewhere")
+    [model] = elsewhere["onnx_models"]
+    assert model["exported"] and not model["cached"] and Path(model["file"]).parent.parent == tmp_path
+    [line] = [r for r in caplog.records if r.name == "lsmseg.inference.engines"]
+    assert line.levelno == logging.WARNING and "not writable" in line.getMessage()
+    assert sorted(p.name[:16] for p in (cache / "onnx").iterdir()) == ["0" * 16], "nothing written to the cache"
+    np.testing.assert_array_equal(other, mask)

@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -88,6 +89,8 @@ class OnnxEngine:
         self.key = key
         self.threads = threads
         self._sessions: dict[tuple[int, ...], object] = {}
+        # Per window shape: the ONNX file used and whether this process exported it (for provenance).
+        self.models: dict[tuple[int, ...], dict] = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -99,29 +102,45 @@ class OnnxEngine:
         return cache_dir() / "onnx" / f"{self.key}_{shape}_v{EXPORT_VERSION}.onnx"
 
     def export(self, window: Sequence[int]) -> Path:
-        """The network exported for windows of ``window`` (once; later calls find the cached file)."""
+        """The network exported for windows of ``window``: the cached file, or an export now.
+
+        A cache folder this process cannot write (an image's, prefilled at build time for its own
+        weights) gets an export to a temporary folder for this process instead, with one warning.
+        """
+        window = tuple(int(w) for w in window)
         path = self.path_for(window)
         if path.is_file():
+            self.models[window] = {"window": list(window), "file": str(path), "exported": False, "cached": True}
             return path
+        folder = path.parent
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            writable = os.access(path.parent, os.W_OK)
+            folder.mkdir(parents=True, exist_ok=True)
+            writable = os.access(folder, os.W_OK | os.X_OK)  # an existing read-only cache (an image's)
         except OSError:
             writable = False
-        if not writable:
+        if writable:
+            logger.info("exporting the network to ONNX for windows %s (once per weights and window)", window)
+        else:
             folder = Path(tempfile.mkdtemp(prefix="lsmseg-onnx-"))
             path = folder / path.name
-            logger.warning("cache folder not writable; exporting the network to %s for this process only", folder)
-        logger.info("exporting the network to ONNX for windows %s (once per weights and window)", tuple(window))
-        example = torch.zeros(1, 1, *[int(w) for w in window])
+            logger.warning("ONNX cache %s not writable (weights %s not prefilled there); exporting the network "
+                           "for windows %s to %s for this process only", cache_dir(), self.key, window, folder)
+        example = torch.zeros(1, 1, *window)
         # Atomic: a concurrent process (another dask worker) sees the whole file or none.
-        with atomic_output(path) as tmp, torch.inference_mode(False), torch.no_grad():
+        with atomic_output(path) as tmp, torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and training-mode notes
             torch.onnx.export(
                 self.model.cpu().eval(), (example,), str(tmp), opset_version=17, dynamo=False,
                 input_names=["windows"], output_names=["logits"],
                 dynamic_axes={"windows": {0: "n"}, "logits": {0: "n"}},
             )
+            os.chmod(tmp, 0o644)  # readable by an image's non-root user (the cache is built as root)
+        self.models[window] = {"window": list(window), "file": str(path), "exported": True, "cached": writable}
         return path
+
+    def describe(self) -> list[dict]:
+        """The ONNX files this process used, per window shape: cache hit (exported False) or export."""
+        return [dict(entry) for entry in self.models.values()]
 
     def session(self, window: Sequence[int]):
         window = tuple(int(w) for w in window)

@@ -513,6 +513,8 @@ class Predictor:
             "device": str(self.device),
             "precision": self.precision,
             "engine": self.engine,
+            # ONNX files used per window shape: "exported": false is a cache hit (.engines).
+            "onnx_models": self._onnx.describe() if self._onnx is not None else None,
             "resample": self.options.resample,
             "mask_value": self.options.mask_value,
             "structure": self.options.structure,
