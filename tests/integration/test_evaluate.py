@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,6 @@ import yaml
 pytest.importorskip("skimage")
 pytest.importorskip("cc3d")
 pytest.importorskip("matplotlib")
-EVALUATION = Path(__file__).resolve().parents[2] / "evaluation"
-if str(EVALUATION) not in sys.path:
-    sys.path.insert(0, str(EVALUATION))
 
 from lsmseg.cli import main  # noqa: E402
 from lsmseg.io import write_volume  # noqa: E402

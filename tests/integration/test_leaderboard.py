@@ -15,7 +15,6 @@ import csv
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,6 @@ pytest.importorskip("panoptica")
 pytest.importorskip("skimage")
 pytest.importorskip("cc3d")
 pytest.importorskip("matplotlib")
-EVALUATION = Path(__file__).resolve().parents[2] / "evaluation"
-if str(EVALUATION) not in sys.path:
-    sys.path.insert(0, str(EVALUATION))
 
 from lsmseg.cli import main  # noqa: E402
 from lsmseg.io import write_volume  # noqa: E402
