@@ -35,11 +35,6 @@ def _dice(a, b):
 
 
 @pytest.mark.slow  # the shipped Swin UNETR on 64 windows, twice: about a minute on two CPU cores
-@pytest.mark.xfail(strict=True, reason=(
-    "with the real-data general model (weights of main 5bf8303) the network's answer to a constant window, "
-    "which a skipped window contributes, is above the threshold on ~2 % of the window near its faces: in the "
-    "dark field 9487 false voxels with skipping against 2621 without, Dice 0.650 against 0.705 (the earlier "
-    "weights passed: 195 against 2083). Contributing that answer's mean, uniformly, gives 0 and Dice 0.729"))
 def test_skipping_is_a_prior_that_holds_on_a_dark_field_with_the_shipped_network():
     """Skipping assumes uniformly dark windows hold nothing. With the real network, against the truth:
     it removes the false structures the network answers dark noise with, and loses no true voxel."""
