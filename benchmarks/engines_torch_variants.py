@@ -3,7 +3,7 @@ channels-last 3-D, int8 dynamic quantisation of the Linear layers. Prints times 
 
     python benchmarks/engines_torch_variants.py weights
 """
-import sys, time, json
+import sys, time
 from pathlib import Path; _here = Path(__file__).resolve().parent; sys.path.insert(0, str(_here.parent / "src")); sys.path.insert(0, str(_here))
 import torch
 from _common import model_and_config

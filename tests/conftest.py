@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +17,20 @@ os.environ["PYTHONPATH"] = os.pathsep.join(_ROOTS + [p for p in os.environ.get("
 from lsmseg.realdata import real_data_root  # noqa: E402
 
 REAL_DATA = real_data_root()  # LSMSEG_DATA, else ../shared/data/real beside the checkout
+
+
+def run_lsmseg(*args, cwd=None, env=None, launcher=None) -> subprocess.CompletedProcess:
+    """``python -m lsmseg ARGS`` (or ``launcher + ARGS``) in a subprocess of this checkout, output captured.
+
+    Args:
+        args: the command line after ``lsmseg`` (converted with ``str``).
+        cwd: working folder.
+        env: extra environment variables (on top of this process's).
+        launcher: the command that replaces ``python -m lsmseg`` (e.g. torchrun's).
+    """
+    command = (launcher or [sys.executable, "-m", "lsmseg"]) + [str(a) for a in args]
+    environment = {**os.environ, **env} if env else None
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=environment, timeout=600)
 
 
 def pytest_configure(config):

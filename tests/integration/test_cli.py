@@ -1,8 +1,6 @@
 """The command line as a user runs it: real subprocesses, real files."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,12 +8,8 @@ import pytest
 from lsmseg import io
 
 from ..conftest import make_weights
+from ..conftest import run_lsmseg as lsmseg
 
-
-def lsmseg(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "lsmseg", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
 
 
 @pytest.fixture(scope="module")

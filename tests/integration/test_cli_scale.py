@@ -1,8 +1,6 @@
 """The predict flags for large volumes, as a user runs them."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,10 +9,8 @@ from lsmseg import io
 from lsmseg.cli import select_part
 
 from ..conftest import make_weights
+from ..conftest import run_lsmseg as lsmseg
 
-
-def lsmseg(*args):
-    return subprocess.run([sys.executable, "-m", "lsmseg", *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

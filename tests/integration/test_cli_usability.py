@@ -3,8 +3,6 @@ before the weights load, phantoms in any format with a spacing, defaults shown i
 
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,12 +10,8 @@ import pytest
 from lsmseg import io
 
 from ..conftest import make_weights
+from ..conftest import run_lsmseg as lsmseg
 
-
-def lsmseg(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "lsmseg", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,8 @@ Every run happens in a temporary folder: the configs' relative ``runs/smoke/...`
 """
 
 import json
-import os
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,21 +14,13 @@ import yaml
 
 from lsmseg import io
 
-REPO = Path(__file__).resolve().parents[2]
+from ..conftest import REPO, run_lsmseg
+
 CONFIGS = REPO / "training" / "configs"
 
 
-def _env():
-    env = dict(os.environ)
-    roots = [str(REPO / "src"), str(REPO / "training"), str(REPO / "evaluation")]
-    env["PYTHONPATH"] = os.pathsep.join(roots + [env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def lsmseg(*args, cwd, launcher=None):
-    command = (launcher or [sys.executable, "-m", "lsmseg"]) + [str(a) for a in args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=600)
+    return run_lsmseg(*args, cwd=cwd, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
 
 
 def _config(tmp_path, name, **changes):

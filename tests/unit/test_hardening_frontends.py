@@ -3,20 +3,18 @@ stay one line, provenance records are not lost, weights stay confined, SIGTERM c
 
 import io as stdio
 import json
-import logging
 import os
 import shutil
 import signal
 import stat
 import tarfile
 
-import numpy as np
 import pytest
 import tifffile
 import torch
 import yaml
 
-from lsmseg import io, model, weights
+from lsmseg import io, model
 from lsmseg.challenge import folder as folder_mode
 from lsmseg.challenge.runner import run, settings_from_args
 from lsmseg.challenge.settings import DEFAULT_INPUT_SLUG, ChallengeSettings

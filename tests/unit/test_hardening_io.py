@@ -1,7 +1,6 @@
 """Readers and writers against hostile and careless inputs (issue 11): declared-size limits, data
 files confined to the header's folder, one-line errors for lazy reads, metadata round-trips."""
 
-import json
 import os
 import shutil
 import time

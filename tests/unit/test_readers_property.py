@@ -8,7 +8,6 @@ import tracemalloc
 
 import numpy as np
 import psutil
-import pytest
 import tifffile
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st

@@ -74,8 +74,6 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     """Predict the validation volumes once, score the grid per structure, return the choices."""
     import dataclasses
 
-    import torch
-
     from lsmseg.io import read_volume
     from lsmseg.inference import Predictor, RunOptions
     from lsmseg.structures import category_of
