@@ -376,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
                 (scored / mask.name).symlink_to(mask.resolve())
         provenance = [provenance_path_for(predictions / f"{c.name}.tif") for c in cases]
         note = _weights_note([p for p in provenance if p.exists()], predict_seconds, n_todo)
+        unpredicted = [c.name for c in cases if not (predictions / f"{c.name}.tif").exists()]
+        if unpredicted:  # scored as empty masks (the leaderboard's rule), which is not the weights' score
+            logger.error("no mask for %d of %d case(s) (prediction failed, errors above); they score as empty masks",
+                         len(unpredicted), len(cases))
+            note = (f"**PREDICTION FAILED for {len(unpredicted)} of {len(cases)} case(s)** ({', '.join(unpredicted)}): "
+                    "no mask, scored as an empty mask, so these figures are not the weights'. " + note)
 
         def score(pred_dir, preset, subset=None, figures=args.figures):
             settings = EvaluationSettings(preset=preset, jobs=args.jobs, figures=figures, progress=not args.quiet)

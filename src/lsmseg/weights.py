@@ -130,6 +130,8 @@ def load_manifest(path: str | Path) -> Manifest:
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict) or not data["models"]:
         raise WeightsError(f"{path}: manifest lists no models")
     try:
+        for name, entry in data["models"].items():
+            _drop_removed_settings(entry, f"{path}:models.{name}")
         models = {name: from_dict(WeightsEntry, entry, f"{path}:models.{name}") for name, entry in data["models"].items()}
         extra = sorted(set(data) - {"models", "default", "format"})
         if extra:
@@ -137,6 +139,24 @@ def load_manifest(path: str | Path) -> Manifest:
     except ConfigError as exc:
         raise WeightsError(str(exc)) from exc
     return Manifest(models=models, default=data.get("default", "general"), format=data.get("format", 1), path=path)
+
+
+# Inference settings removed since manifests were first written (window larger than the training ROI,
+# overlap in voxels: measured to lose Dice). Null meant "the training ROI on MONAI's grid", which is
+# now the only behaviour, so older manifests that hold them as null still load.
+REMOVED_INFERENCE_SETTINGS = ("window", "overlap_voxels")
+
+
+def _drop_removed_settings(entry, where: str) -> None:
+    inference = entry.get("inference") if isinstance(entry, dict) else None
+    if not isinstance(inference, dict):
+        return
+    for key in REMOVED_INFERENCE_SETTINGS:
+        if key in inference:
+            if inference[key] is not None:
+                raise ConfigError(f"{where}.inference.{key}: {inference[key]!r} is no longer supported (windows are "
+                                  "the model's training ROI); remove the key to apply the checkpoint that way")
+            del inference[key]
 
 
 def write_manifest(manifest: Manifest, path: str | Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,13 @@ def test_validate_shipped_scores_each_structure_with_the_leaderboard_metrics(tmp
         "blood_vessel_vol1", "cfos_neuron_patchvolume_2_0"]
     assert (tmp_path / "masks" / "blood_vessel_vol1.tif").stat().st_mtime_ns == before
     assert validate(["--data", str(data), "--quiet", "--cases", "nothing_like_this", "--out", str(tmp_path / "o3")]) == 1
+
+    # weights that cannot be loaded: the run fails, and its report says the figures are not the weights'
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_weights if tiny_weights.is_dir() else tiny_weights.parent, broken)
+    manifest = broken / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("threshold:", "no_such_setting: 1\n      threshold:", 1))
+    status = validate(["--data", str(data), "--weights", str(broken), "--out", str(tmp_path / "o4"), "--quiet",
+                       "--cases", "vol1", "--no-figures"])
+    assert status == 1
+    assert "PREDICTION FAILED for 1 of 1 case(s)" in (tmp_path / "o4" / "results.md").read_text()

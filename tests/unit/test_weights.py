@@ -120,3 +120,21 @@ def test_saved_weights_are_world_readable(tmp_path, tiny_model):
     path = tmp_path / "w.safetensors"
     save_weights(tiny_model.state_dict(), path)
     assert path.stat().st_mode & 0o444 == 0o444
+
+
+def test_manifests_from_before_the_window_settings_were_removed(tiny_weights):
+    """Manifests written before issue 12 hold ``window``/``overlap_voxels`` as null: they still load
+    (the previous weights that training/configs/general_finetune_real.yaml starts from are one); a
+    value that asked for a larger window is refused by name."""
+    import yaml
+
+    manifest = tiny_weights / "manifest.yaml" if tiny_weights.is_dir() else tiny_weights
+    data = yaml.safe_load(manifest.read_text())
+    name = next(iter(data["models"]))
+    data["models"][name]["inference"].update(window=None, overlap_voxels=None)
+    manifest.write_text(yaml.safe_dump(data))
+    assert load_manifest(manifest).models[name].inference.overlap == data["models"][name]["inference"]["overlap"]
+    data["models"][name]["inference"]["overlap_voxels"] = 16
+    manifest.write_text(yaml.safe_dump(data))
+    with pytest.raises(WeightsError, match="inference.overlap_voxels: 16 is no longer supported"):
+        load_manifest(manifest)
