@@ -227,7 +227,8 @@ class Predictor:
         if self.precision == "fp32" or (self.precision == "auto" and kind != "cuda"):
             return contextlib.nullcontext()
         if self.precision == "auto":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Emulated bf16 (a T4, the challenge platform's default) is slow: fp16 there.
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         else:
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=kind, dtype=dtype)
