@@ -120,6 +120,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    # autocast dtype with amp: "auto" = bf16 where the GPU supports it, else fp16 (with a GradScaler)
+    amp_dtype: typing.Literal["auto", "bf16", "fp16"] = "auto"
 
 
 @dataclass
@@ -193,6 +195,9 @@ class RunConfig:
     seed: int = 0
     device: str | None = None  # default: cuda if available, else cpu
     threads: int | None = None  # torch CPU threads per process (None: torch's default)
+    # Wall-clock budget in seconds: the run ends (validates, checkpoints, writes) after the first step
+    # that finds it spent, even before total_steps (the schedule is not compressed). None: no budget.
+    max_seconds: float | None = None
 
     @property
     def total_steps(self) -> int:
@@ -203,6 +208,8 @@ class RunConfig:
             raise ValueError("batch_size, epochs and steps_per_epoch must be positive")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be positive")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError("max_seconds must be positive (or null: no budget)")
 
 
 @dataclass
