@@ -255,15 +255,51 @@ class FinetuneConfig(RunConfig):
                     raise ValueError(f"data.{split}: sparse labels are for training only (scores need dense labels)")
 
 
-def load_run_config(cls, path: str | Path, data_root: str | Path | None = None):
+def load_run_config(cls, path: str | Path, data_root: str | Path | None = None, overrides: typing.Sequence[str] = ()):
     """Load ``cls`` from YAML; every error names the file and the key.
 
     Args:
         cls: ``PretrainConfig`` or ``FinetuneConfig``.
         path: the YAML file.
         data_root: what ``$LSMSEG_DATA`` in data paths means (default: :func:`lsmseg.realdata.real_data_root`).
+        overrides: ``KEY=VALUE`` settings that replace the file's (:func:`apply_overrides`).
     """
-    return from_dict(cls, _expand_data_paths(load_yaml(path), data_root), where=str(path))
+    data = apply_overrides(load_yaml(path), overrides, where=str(path))
+    return from_dict(cls, _expand_data_paths(data, data_root), where=str(path))
+
+
+def apply_overrides(data: dict, overrides: typing.Sequence[str], where: str = "config") -> dict:
+    """``data`` with each ``KEY=VALUE`` set: KEY a dotted path (``model.feature_size``), VALUE YAML (``[64, 64, 64]``).
+
+    The result is checked as strictly as the file (an unknown key or a wrong type is refused, naming it).
+
+    Args:
+        data: a config's mapping (not modified).
+        overrides: the settings, applied in order.
+        where: names the config in errors.
+    """
+    import copy
+
+    import yaml
+
+    from lsmseg.errors import ConfigError
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{where}: --set {text!r}: expected KEY=VALUE (e.g. model.feature_size=24)")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{where}: --set {text!r}: {name} is not a mapping")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: --set {text!r}: value is not YAML ({' '.join(str(exc).split())})") from exc
+    return data
 
 
 def _expand_data_paths(node, data_root):
@@ -289,4 +325,5 @@ __all__ = [
     "PretrainConfig",
     "FinetuneConfig",
     "load_run_config",
+    "apply_overrides",
 ]
