@@ -192,10 +192,11 @@ def main(argv=None) -> int:
 
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
-    budget = int(args.max_mb * 2**20) if args.max_mb else default_budget(args.wheels)
     if args.stand_in:
+        budget = None
         packed, left_out = pack_stand_in(config, args.out)
     else:
+        budget = int(args.max_mb * 2**20) if args.max_mb else default_budget(args.wheels)
         packed, left_out = pack_real(config, args.out, budget)
     (args.out / "finetune.yaml").write_text(
         f"# Written by scripts/gpu_pack_data.py from {GPU_CONFIG.relative_to(REPO)} and the splits of "
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
                "stand_in": args.stand_in, "packed": packed, "left_out": left_out}
     (args.out / "pack.json").write_text(json.dumps(summary, indent=1))
     counts = {split: sum(1 for p in packed if p["split"] == split) for split in SPLITS}
-    print(f"{args.out}: {summary['bytes'] / 2**20:.1f} MiB of a {budget / 2**20:.1f} MiB budget; packed "
+    print(f"{args.out}: {summary['bytes'] / 2**20:.1f} MiB ({'stand-in phantoms' if args.stand_in else f'budget {budget / 2**20:.1f} MiB'}); packed "
           f"{counts['train']} training and {counts['validation']} validation volume(s), left out {len(left_out)}")
     return 0
 
