@@ -99,7 +99,9 @@ step() {  # step NAME COMMAND...: run, log, record the exit code and time, colle
 }
 
 # ---------------------------------------------------------------------------------------------- packages
-if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('monai', 'zarr', 'distributed')))"; then
+# (lsmseg's own distribution too: its metadata holds the entry points of `lsmseg finetune` and `export`)
+if ! "$PYTHON" -c "import importlib.metadata as m, importlib.util as u, sys; m.version('lsmseg')
+sys.exit(any(u.find_spec(n) is None for n in ('monai', 'zarr', 'distributed')))" 2>/dev/null; then
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     echo "installing the carried wheels (.whl) into /tmp/site"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

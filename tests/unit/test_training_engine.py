@@ -120,9 +120,11 @@ def test_amp_dtype_and_grad_scaler_follow_the_config(monkeypatch):
     assert amp_dtype(cpu, True, "fp16") is None and not make_scaler(cpu, True, "fp16").is_enabled()
     assert amp_dtype(cuda, False, "fp16") is None
     assert amp_dtype(cuda, True, "fp16") == torch.float16 and amp_dtype(cuda, True, "bf16") == torch.bfloat16
+    asked = []
     for supported, expected in ((True, torch.bfloat16), (False, torch.float16)):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **k: asked.append(k) or supported)
         assert amp_dtype(cuda, True, "auto") == expected
+    assert asked == [{"including_emulation": False}] * 2  # emulated bf16 (a T4) is slower than fp16
 
 
 def test_max_seconds_stops_every_rank_together():

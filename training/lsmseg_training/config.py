@@ -120,7 +120,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
-    # autocast dtype with amp: "auto" = bf16 where the GPU supports it, else fp16 (with a GradScaler)
+    # autocast dtype with amp: "auto" = bf16 where the GPU has it natively (Ampere on), else fp16 (with a GradScaler)
     amp_dtype: typing.Literal["auto", "bf16", "fp16"] = "auto"
 
 

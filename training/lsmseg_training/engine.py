@@ -139,12 +139,14 @@ def amp_dtype(device: torch.device, enabled: bool, dtype: str = "auto") -> torch
     Args:
         device: where the model trains (autocast on CPU is slower; it is never used there).
         enabled: ``optim.amp``.
-        dtype: ``optim.amp_dtype``: ``"auto"`` (bf16 where the GPU supports it, else fp16), ``"bf16"``, ``"fp16"``.
+        dtype: ``optim.amp_dtype``: ``"auto"`` (bf16 where the GPU has it natively, else fp16), ``"bf16"``, ``"fp16"``.
     """
     if not enabled or device.type != "cuda":
         return None
     if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Natively only: torch's default also says True where bf16 is emulated (e.g. a T4, the
+        # challenge's GPU), which is slower than fp16 there.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
