@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lsmseg.inference import Predictor, RunOptions
+from lsmseg.inference.predictor import logit
 from lsmseg.io import read_volume
 from lsmseg_evaluation.metrics import dice
 
@@ -40,7 +41,7 @@ def test_cuda_logits_match_the_cpu(gpu, sample_volumes):
     # The stand-in's "GPU" is the CPU: one predictor serves both sides there.
     on_cpu = shipped(gpu, device=None if gpu.stand_in else torch.device("cpu")).predict_logits(image)
     on_gpu = shipped(gpu).predict_logits(image)
-    threshold = np.log(0.5 / 0.5)
+    threshold = logit(shipped(gpu).settings.threshold)
     flipped = float(np.mean((on_cpu >= threshold) != (on_gpu >= threshold)))
     difference = float(np.abs(on_cpu - on_gpu).max())
     gpu.report("cpu_vs_cuda_logits", volume=sample_volumes[0][0].name, shape=image.shape,
