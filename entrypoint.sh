@@ -7,7 +7,7 @@
 #   COMMAND ...             any other lsmseg command, e.g. `predict /input/x.tif -o /output`
 #
 # Environment: LSMSEG_MODE, LSMSEG_INPUT (/input), LSMSEG_OUTPUT (/output), LSMSEG_INPUT_SLUG,
-# LSMSEG_OUTPUT_SLUG, LSMSEG_PORT (4743), LSMSEG_DEVICE (cuda when visible, else cpu),
+# LSMSEG_OUTPUT_SLUG, LSMSEG_PORT (4743), LSMSEG_DEVICE (cuda when visible, else cpu), LSMSEG_ENGINE (auto),
 # LSMSEG_WEIGHTS (a manifest; default /opt/ml/model, then the image's weights).
 # Exit codes: 0 all volumes segmented (or none found), 1 any volume failed or no usable weights,
 # 2 bad arguments.

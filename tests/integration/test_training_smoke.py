@@ -129,8 +129,9 @@ def _phantom(work):
 
 
 def test_two_process_gloo_training(tmp_path):
-    """torchrun with 2 CPU processes: DDP over gloo keeps both ranks' parameters identical."""
-    config = _config(tmp_path, "smoke_pretrain", epochs=1, batch_size=1)
+    """torchrun with 2 CPU processes: DDP over gloo keeps both ranks' parameters identical, and a spent
+    max_seconds stops both ranks after the same step (rank 0's clock decides)."""
+    config = _config(tmp_path, "smoke_pretrain", epochs=1, batch_size=1, max_seconds=0.01)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                 "--nproc_per_node", "2", "-m", "lsmseg"]
     result = lsmseg("pretrain", "-c", config, cwd=tmp_path, launcher=launcher)
@@ -143,7 +144,8 @@ def test_two_process_gloo_training(tmp_path):
             digests[rank] = line.split("parameter digest ")[1].strip()
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
     record = json.loads((tmp_path / "runs/smoke/pretrain/run.json").read_text())
-    assert record["world_size"] == 2 and record["steps"] == 2
+    assert record["world_size"] == 2 and record["steps"] == 1
+    assert record["stopped"] == {"reason": "max_seconds", "step": 1, "planned_steps": 2}
 
 
 def test_bad_inputs_are_refused_before_training(tmp_path):

@@ -368,8 +368,11 @@ def test_cli_challenge_folder_mode_with_env(tmp_path, tiny_model_config, tiny_mo
     monkeypatch.setenv("LSMSEG_OUTPUT", str(tmp_path / "out"))
     monkeypatch.setenv("LSMSEG_WEIGHTS", str(manifest))
     monkeypatch.setenv("LSMSEG_DEVICE", "cpu")
+    monkeypatch.setenv("LSMSEG_ENGINE", "torch")
     assert main(["-q", "challenge"]) == 0
     assert (tmp_path / "out" / "x.nii.gz").is_file()
+    record = json.loads((tmp_path / "out" / "x.nii.gz.provenance.json").read_text())
+    assert record["parameters"]["engine"] == "torch"
 
 
 def test_cli_bad_mode_or_port_is_a_usage_error(tmp_path, monkeypatch, caplog):

@@ -71,3 +71,15 @@ def test_unknown_phantom_kind(tmp_path):
     text = MINIMAL.format(out=tmp_path, images=tmp_path) + "  train_phantoms: {folder: p, kinds: [axons]}\n"
     with pytest.raises(ConfigError, match="unknown phantom kind 'axons'"):
         load_run_config(PretrainConfig, _write(tmp_path, text))
+
+
+def test_set_overrides_are_checked_like_the_file():
+    path = CONFIGS / "smoke_finetune.yaml"
+    config = load_run_config(FinetuneConfig, path, overrides=["max_seconds=30", "model.roi=[32, 32, 64]",
+                                                              "optim.amp_dtype=fp16", "pretrained=null"])
+    assert config.max_seconds == 30 and tuple(config.model.roi) == (32, 32, 64)
+    assert config.optim.amp_dtype == "fp16" and config.pretrained is None and config.optim.lr == 0.0003
+    for bad, message in (("model.fature_size=24", "fature_size"), ("optim.amp_dtype=fp8", "amp_dtype"),
+                         ("max_seconds", "KEY=VALUE"), ("max_seconds=-1", "max_seconds")):
+        with pytest.raises(ConfigError, match=message):
+            load_run_config(FinetuneConfig, path, overrides=[bad])

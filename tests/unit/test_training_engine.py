@@ -110,3 +110,30 @@ def test_exported_spacing_is_the_training_grid_spacing():
     mixed = {"volumes": [{"training_spacing": [3.0, 3.0, 3.0]}, {"training_spacing": [4.0, 3.0, 3.0]}]}
     assert training_spacing({"downscale": 1 / 3}, mixed) is None
     assert training_spacing({"downscale": 1 / 3}, {"volumes": [{"training_spacing": None}]}) is None
+
+
+def test_amp_dtype_and_grad_scaler_follow_the_config(monkeypatch):
+    """CPU: never autocast nor scale. CUDA: bf16 where supported (no scaler), fp16 with a GradScaler."""
+    from lsmseg_training.engine import amp_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype(cpu, True, "fp16") is None and not make_scaler(cpu, True, "fp16").is_enabled()
+    assert amp_dtype(cuda, False, "fp16") is None
+    assert amp_dtype(cuda, True, "fp16") == torch.float16 and amp_dtype(cuda, True, "bf16") == torch.bfloat16
+    asked = []
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **k: asked.append(k) or supported)
+        assert amp_dtype(cuda, True, "auto") == expected
+    assert asked == [{"including_emulation": False}] * 2  # emulated bf16 (a T4) is slower than fp16
+
+
+def test_max_seconds_stops_every_rank_together():
+    from lsmseg_training.engine import Processes, Timer, out_of_time
+
+    processes = Processes(0, 1, 0, torch.device("cpu"))
+    timer = Timer()
+    budget = lambda seconds: type("Config", (), {"max_seconds": seconds})()  # noqa: E731
+    assert not out_of_time(budget(None), processes, timer)
+    assert not out_of_time(budget(3600.0), processes, timer)
+    timer.start -= 10.0
+    assert out_of_time(budget(5.0), processes, timer)

@@ -28,6 +28,9 @@ def add_commands(subparsers) -> None:
         p.add_argument("--data", type=Path, metavar="DIR",
                        help="real-data folder that $LSMSEG_DATA in the config means (default: the LSMSEG_DATA "
                        "environment variable, else ../shared/data/real beside the checkout)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="replace a config setting (dotted key, YAML value; repeatable), e.g. "
+                       "--set max_seconds=300 --set model.roi=[64,64,64]; the run record keeps the result")
         p.set_defaults(func=func)
 
     p = subparsers.add_parser(
@@ -58,7 +61,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from .config import PretrainConfig, load_run_config
     from .pretrain import run_pretraining
 
-    config = load_run_config(PretrainConfig, args.config, args.data)
+    config = load_run_config(PretrainConfig, args.config, args.data, args.overrides)
     run_pretraining(config, args.config, resume=args.resume)
     return EXIT_OK
 
@@ -67,7 +70,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from .config import FinetuneConfig, load_run_config
     from .finetune import run_finetuning
 
-    config = load_run_config(FinetuneConfig, args.config, args.data)
+    config = load_run_config(FinetuneConfig, args.config, args.data, args.overrides)
     run_finetuning(config, args.config, resume=args.resume)
     return EXIT_OK
 

@@ -120,6 +120,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    # autocast dtype with amp: "auto" = bf16 where the GPU has it natively (Ampere on), else fp16 (with a GradScaler)
+    amp_dtype: typing.Literal["auto", "bf16", "fp16"] = "auto"
 
 
 @dataclass
@@ -193,6 +195,9 @@ class RunConfig:
     seed: int = 0
     device: str | None = None  # default: cuda if available, else cpu
     threads: int | None = None  # torch CPU threads per process (None: torch's default)
+    # Wall-clock budget in seconds: the run ends (validates, checkpoints, writes) after the first step
+    # that finds it spent, even before total_steps (the schedule is not compressed). None: no budget.
+    max_seconds: float | None = None
 
     @property
     def total_steps(self) -> int:
@@ -203,6 +208,8 @@ class RunConfig:
             raise ValueError("batch_size, epochs and steps_per_epoch must be positive")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be positive")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError("max_seconds must be positive (or null: no budget)")
 
 
 @dataclass
@@ -248,15 +255,51 @@ class FinetuneConfig(RunConfig):
                     raise ValueError(f"data.{split}: sparse labels are for training only (scores need dense labels)")
 
 
-def load_run_config(cls, path: str | Path, data_root: str | Path | None = None):
+def load_run_config(cls, path: str | Path, data_root: str | Path | None = None, overrides: typing.Sequence[str] = ()):
     """Load ``cls`` from YAML; every error names the file and the key.
 
     Args:
         cls: ``PretrainConfig`` or ``FinetuneConfig``.
         path: the YAML file.
         data_root: what ``$LSMSEG_DATA`` in data paths means (default: :func:`lsmseg.realdata.real_data_root`).
+        overrides: ``KEY=VALUE`` settings that replace the file's (:func:`apply_overrides`).
     """
-    return from_dict(cls, _expand_data_paths(load_yaml(path), data_root), where=str(path))
+    data = apply_overrides(load_yaml(path), overrides, where=str(path))
+    return from_dict(cls, _expand_data_paths(data, data_root), where=str(path))
+
+
+def apply_overrides(data: dict, overrides: typing.Sequence[str], where: str = "config") -> dict:
+    """``data`` with each ``KEY=VALUE`` set: KEY a dotted path (``model.feature_size``), VALUE YAML (``[64, 64, 64]``).
+
+    The result is checked as strictly as the file (an unknown key or a wrong type is refused, naming it).
+
+    Args:
+        data: a config's mapping (not modified).
+        overrides: the settings, applied in order.
+        where: names the config in errors.
+    """
+    import copy
+
+    import yaml
+
+    from lsmseg.errors import ConfigError
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{where}: --set {text!r}: expected KEY=VALUE (e.g. model.feature_size=24)")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{where}: --set {text!r}: {name} is not a mapping")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: --set {text!r}: value is not YAML ({' '.join(str(exc).split())})") from exc
+    return data
 
 
 def _expand_data_paths(node, data_root):
@@ -282,4 +325,5 @@ __all__ = [
     "PretrainConfig",
     "FinetuneConfig",
     "load_run_config",
+    "apply_overrides",
 ]

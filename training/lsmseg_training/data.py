@@ -158,6 +158,17 @@ def check_splits(data: DataConfig, where: str) -> dict[str, dict[str, list[str]]
 # Checking and indexing volumes before training
 
 
+def set_volumes(volume_set: VolumeSet) -> list[tuple[str, Path, Path | None]]:
+    """``(name, image, label)`` of every volume a set selects (``include``/``exclude`` applied; label None without labels)."""
+    selected = []
+    for path in expand_inputs([Path(volume_set.images)]):
+        name = volume_name(path)
+        if (volume_set.include and name not in volume_set.include) or name in volume_set.exclude:
+            continue
+        selected.append((name, path, _label_path(volume_set, path) if volume_set.labels is not None else None))
+    return selected
+
+
 def _label_path(volume_set: VolumeSet, image: Path) -> Path:
     """A folder of images pairs with a folder of same-named labels; a single volume with a label volume."""
     labels = Path(volume_set.labels)

@@ -38,14 +38,12 @@ class Processes:
     world_size: int
     local_rank: int
     device: torch.device
+    # In a process group (launched by torchrun, one process too): DDP and its collectives (NCCL/gloo) run.
+    distributed: bool = False
 
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
     def barrier(self) -> None:
         if self.distributed:
@@ -53,21 +51,26 @@ class Processes:
 
 
 def setup_processes(device: str | None, threads: int | None) -> Processes:
-    """Join the torchrun process group when launched by torchrun; pick this process's device."""
+    """Join the torchrun process group when launched by torchrun; pick this process's device.
+
+    Under torchrun (which sets ``LOCAL_RANK``) the group is joined even for one process, so that
+    ``torchrun --nproc_per_node 1`` runs DistributedDataParallel and its NCCL (gloo) collectives as N do.
+    """
     if threads:
         torch.set_num_threads(threads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launched = "LOCAL_RANK" in os.environ or world_size > 1
     chosen = select_device(device)
-    if chosen.type == "cuda" and world_size > 1:
+    if chosen.type == "cuda" and launched:
         chosen = torch.device("cuda", local_rank)
         torch.cuda.set_device(chosen)
-    if world_size > 1 and not torch.distributed.is_initialized():
+    if launched and not torch.distributed.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend=backend)
         logger.info("rank %d of %d joined the %s process group on %s", rank, world_size, backend, chosen)
-    return Processes(rank, world_size, local_rank, chosen)
+    return Processes(rank, world_size, local_rank, chosen, distributed=launched)
 
 
 def main_first(processes: Processes, prepare):
@@ -130,17 +133,32 @@ def make_optimiser(model: torch.nn.Module, optim, total_steps: int):
     return optimiser, scheduler
 
 
-def autocast(device: torch.device, enabled: bool):
-    """fp16/bf16 autocast on CUDA when enabled; full precision on CPU (autocast there is slower)."""
+def amp_dtype(device: torch.device, enabled: bool, dtype: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of a training step: None (full precision) unless enabled on CUDA.
+
+    Args:
+        device: where the model trains (autocast on CPU is slower; it is never used there).
+        enabled: ``optim.amp``.
+        dtype: ``optim.amp_dtype``: ``"auto"`` (bf16 where the GPU has it natively, else fp16), ``"bf16"``, ``"fp16"``.
+    """
     if not enabled or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+        return None
+    if dtype == "auto":
+        # Natively only: torch's default also says True where bf16 is emulated (e.g. a T4, the
+        # challenge's GPU), which is slower than fp16 there.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
-def make_scaler(device: torch.device, enabled: bool):
-    use = enabled and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    return torch.amp.GradScaler("cuda", enabled=use)
+def autocast(device: torch.device, enabled: bool, dtype: str = "auto"):
+    """fp16/bf16 autocast on CUDA when enabled (:func:`amp_dtype`); full precision on CPU."""
+    chosen = amp_dtype(device, enabled, dtype)
+    return contextlib.nullcontext() if chosen is None else torch.autocast(device_type="cuda", dtype=chosen)
+
+
+def make_scaler(device: torch.device, enabled: bool, dtype: str = "auto"):
+    """A GradScaler that scales only where fp16 autocast runs (bf16 keeps fp32's exponent range)."""
+    return torch.amp.GradScaler("cuda", enabled=amp_dtype(device, enabled, dtype) == torch.float16)
 
 
 def backward_step(loss, model, optimiser, scheduler, scaler, grad_clip: float) -> float:
@@ -307,6 +325,18 @@ class Loop:
     step: int
     record: dict
     timer: Timer
+    last: bool = False  # this step is the run's last (total_steps reached, or max_seconds spent)
+
+
+def out_of_time(config, processes: Processes, timer: Timer) -> bool:
+    """Whether ``config.max_seconds`` is spent; rank 0's clock decides for every rank (they stop together)."""
+    if config.max_seconds is None:
+        return False
+    spent = torch.tensor([1.0 if timer.elapsed() >= config.max_seconds else 0.0],
+                         device=processes.device if processes.device.type == "cuda" else "cpu")
+    if processes.distributed:
+        torch.distributed.broadcast(spent, src=0)
+    return bool(spent.item())
 
 
 def train_loop(
@@ -356,7 +386,7 @@ def train_loop(
     output = Path(config.output)
     wrapped = wrap_model(model, processes)
     optimiser, scheduler = make_optimiser(wrapped, config.optim, config.total_steps)
-    scaler = make_scaler(processes.device, config.optim.amp)
+    scaler = make_scaler(processes.device, config.optim.amp, config.optim.amp_dtype)
     step = 0
     if resume_from:
         step = restore(resume_from, wrapped, optimiser, scheduler, scaler)
@@ -368,14 +398,18 @@ def train_loop(
     record = start_record(kind, config, config_path, processes, records, **(record_extra or {}))
     loop = Loop(config, processes, output, wrapped, optimiser, scheduler, scaler, step, record, Timer())
     wrapped.train()
-    while loop.step < config.total_steps:
+    while not loop.last and loop.step < config.total_steps:
         loss, values = step_fn(wrapped, next(batches))
         lr = scheduler.get_last_lr()[0]
         norm = backward_step(loss, wrapped, optimiser, scheduler, scaler, config.optim.grad_clip)
         loop.step += 1
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {loop.step}; lower optim.lr")
-        last = loop.step == config.total_steps
+        loop.last = last = loop.step == config.total_steps or out_of_time(config, processes, loop.timer)
+        if last and loop.step < config.total_steps:
+            logger.info("max_seconds %s spent: stopping at step %d of %d", config.max_seconds, loop.step,
+                        config.total_steps)
+            record["stopped"] = {"reason": "max_seconds", "step": loop.step, "planned_steps": config.total_steps}
         extra = on_step(loop) if on_step is not None else None
         if loop.step % config.log_every == 0 or last or extra is not None:
             log.write(step=loop.step, epoch=loop.step / config.steps_per_epoch, lr=lr, loss=loss.item(), grad_norm=norm,

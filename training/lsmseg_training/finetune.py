@@ -223,7 +223,7 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
             image = batch["image"].to(processes.device, non_blocking=True)
             target, valid = split_label(batch["label"].to(processes.device, non_blocking=True))
             tubular = batch["tubular"].to(processes.device)
-            with autocast(processes.device, config.optim.amp):
+            with autocast(processes.device, config.optim.amp, config.optim.amp_dtype):
                 logits = model(image)
             logits = logits.float()
             loss = dice_bce(logits, target, valid, config.dice_weight, config.bce_weight)
@@ -235,7 +235,7 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
         def validate_when_due(loop: Loop) -> dict | None:
             nonlocal best
             due = config.validation.every and loop.step % config.validation.every == 0
-            if not (processes.main and validation_volumes and (due or loop.step == config.total_steps)):
+            if not (processes.main and validation_volumes and (due or loop.last)):
                 return None
             val = validate(loop.model, config, validation_volumes, processes.device, config.validation.overlap)
             loop.model.train()

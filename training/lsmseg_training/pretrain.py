@@ -60,7 +60,7 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
         def step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
             image = batch["image"].to(processes.device, non_blocking=True)
             mask = batch["mask"].to(processes.device, non_blocking=True)
-            with autocast(processes.device, config.optim.amp):
+            with autocast(processes.device, config.optim.amp, config.optim.amp_dtype):
                 reconstruction = torch.sigmoid(model(image.masked_fill(mask, 0.0)).float())
             loss, hidden, visible = masked_l1(reconstruction, image, mask, config.masking.visible_weight)
             return loss, {"hidden_l1": hidden.item(), "visible_l1": visible.item()}

@@ -34,20 +34,14 @@ SPLITS = (0.0, 1.0, 2.0)  # split_touching h (voxels); isolated structures only
 
 def validation_volumes(config) -> list[dict]:
     """(name, structure, image path, label path, spacing, nonzero) of every validation volume."""
-    from lsmseg.io import expand_inputs, volume_name
-
-    from .data import _label_path
+    from .data import set_volumes
 
     volumes = []
     for volume_set in config.data.validation:
         if volume_set.structure is None:
             raise SystemExit(f"ERROR: {volume_set.images}: validation set names no structure (set structure:)")
-        for path in expand_inputs([Path(volume_set.images)]):
-            name = volume_name(path)
-            if (volume_set.include and name not in volume_set.include) or name in volume_set.exclude:
-                continue
-            volumes.append({"name": name, "structure": volume_set.structure, "image": path,
-                            "label": _label_path(volume_set, path),
+        for name, path, label in set_volumes(volume_set):
+            volumes.append({"name": name, "structure": volume_set.structure, "image": path, "label": label,
                             "spacing": tuple(volume_set.spacing) if volume_set.spacing else None})
     return volumes
 

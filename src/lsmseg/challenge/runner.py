@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from ..errors import EXIT_FAILED, EXIT_TERMINATED, EXIT_USAGE, LsmsegError
+from ..inference.engines import ENGINES
 from .exec import run_exec
 from .folder import run_folder
 from .invoke import run_invoke
@@ -125,6 +126,9 @@ def _add_options(p: argparse.ArgumentParser, with_mode: bool) -> None:
     p.add_argument("--structure", default=env("LSMSEG_STRUCTURE") or None, help="structure to segment (env LSMSEG_STRUCTURE)")
     p.add_argument("--device", default=env("LSMSEG_DEVICE") or None,
                    help="torch device (env LSMSEG_DEVICE; default cuda when visible, else cpu)")
+    p.add_argument("--engine", choices=ENGINES, default=env("LSMSEG_ENGINE") or "auto",
+                   help="network runtime (env LSMSEG_ENGINE; default auto: ONNX Runtime on CPU when installed, "
+                   "else PyTorch)")
     p.add_argument("--mask-value", type=int, choices=[1, 255], default=1,
                    help="foreground value (1 for the challenge; 255 for viewers)")
     p.add_argument("--max-voxels", type=_positive_int, default=None, metavar="N",
@@ -170,6 +174,7 @@ def settings_from_args(args) -> ChallengeSettings:
         weights=args.weights,
         structure=args.structure,
         device=args.device,
+        engine=args.engine,
         mask_value=args.mask_value,
         progress=progress,
         provenance_dir=_env_path("LSMSEG_PROVENANCE_DIR", None),

@@ -36,6 +36,7 @@ class ChallengeSettings:
     weights: Path | None = None
     structure: str | None = None
     device: str | None = None
+    engine: str = "auto"  # lsmseg.inference.engines.ENGINES
     mask_value: int = 1
     progress: bool = False
     model_dir: Path = GRAND_CHALLENGE_MODEL_DIR
@@ -59,7 +60,8 @@ def load_predictor(settings: ChallengeSettings):
 
     options = RunOptions(structure=settings.structure, progress=settings.progress, mask_value=settings.mask_value,
                          max_voxels=settings.max_voxels)
-    return Predictor.from_manifest(resolve_weights(settings), device=settings.device, options=options)
+    return Predictor.from_manifest(resolve_weights(settings), device=settings.device, engine=settings.engine,
+                                   options=options)
 
 
 def ensure_writable(folder: Path) -> None:

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Pack the real training and validation data for a GPU run into a folder the device call carries.
+
+The device machine has no network and never sees ``../shared/data/real``: what it trains on must
+travel with the working tree, whose limit (64 MiB) the repository and the wheels already half fill.
+This script takes the train and validation splits of a training config (default
+``training/configs/general_finetune_real.yaml``: splits by source, the test split is never packed),
+and writes, within a byte budget:
+
+    OUT/<split>/<set>/images/<name>.tif, OUT/<split>/<set>/labels/<name>.tif   (zlib TIFF)
+    OUT/finetune.yaml   training/configs/gpu_finetune_real.yaml with data.train/validation pointing here
+    OUT/pack.json       what was packed and left out, sizes, quantisation, the budget
+
+Images that are not 8-bit are stored as uint8 over the range inference normalises to (the
+volume's 0.5 / 99.5 percentiles, ``lsmseg.normalise``; values outside it are clipped there anyway):
+the network's input changes by at most 1/510 of that range (recorded per volume). Labels are stored
+as uint8 (binary sets as {0, 1}; sparse sets keep their values). Volumes are taken one from each
+set of each split in turn (and within a set, one from each source in turn), so that every set and
+source is represented before any gets a second volume; a volume that does not fit the budget is left
+out and listed. With the default budget, 26 of the 62 train and validation volumes fit (every set
+and source is there; 36 DELiVR patches are left out). With ``--stand-in``, small phantoms in the
+same layout replace the real data (the dry run of scripts/gpu_check.sh).
+
+    python scripts/gpu_pack_data.py [--data DIR] [--out .gpu_data] [--max-mb N] [--stand-in]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "src"), str(REPO / "training")]
+
+from lsmseg.config import load_yaml, to_dict  # noqa: E402
+from lsmseg.io import read_volume, write_volume  # noqa: E402
+from lsmseg.normalise import normalise, percentiles  # noqa: E402
+from lsmseg_training.config import FinetuneConfig, load_run_config  # noqa: E402
+from lsmseg_training.data import set_volumes, source_of  # noqa: E402
+
+SPLITS = ("train", "validation")
+DEVICE_TREE_LIMIT = 64 * 2**20  # what one device call carries: tracked + untracked files + carried paths
+MARGIN = 2 * 2**20  # files that appear in the tree meanwhile (scripts, notes)
+GPU_CONFIG = REPO / "training" / "configs" / "gpu_finetune_real.yaml"
+STAND_IN_SHAPE = (32, 40, 64)  # one window of the dry run's 32x32x64 model in y, two at overlap 0.5 at most
+STAND_IN_KINDS = {"blood_vessel": "vessels", "axonalmarker": "vessels", "cfos_neuron": "cells", "microglia": "cells"}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def tree_bytes() -> int:
+    """What a device call sends without carried paths: tracked files and untracked files git does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.split(b"\0")
+    return sum((REPO / name.decode()).stat().st_size for name in listed if name and (REPO / name.decode()).is_file())
+
+
+def default_budget(wheels: Path) -> int:
+    return DEVICE_TREE_LIMIT - tree_bytes() - folder_bytes(wheels) - MARGIN
+
+
+def set_key(volume_set, index: int) -> str:
+    return volume_set.structure or f"set{index}"
+
+
+def as_uint8(image: np.ndarray, lower: float, upper: float) -> tuple[np.ndarray, dict]:
+    """The image as stored: uint8 as is, else quantised over the percentile range; with what that cost."""
+    if image.dtype == np.uint8:
+        return image, {"quantised": False}
+    lo, hi = percentiles(image, lower, upper)
+    scaled = normalise(image, lo, hi)
+    stored = np.rint(scaled * 255.0).astype(np.uint8)
+    error = float(np.abs(normalise(stored, 0, 255) - scaled).max())
+    return stored, {"quantised": True, "dtype": str(image.dtype), "lo": float(lo), "hi": float(hi),
+                    "max_normalised_error": round(error, 6)}
+
+
+def encoded(array: np.ndarray, spacing) -> bytes:
+    """The TIFF bytes lsmseg's writer produces for ``array`` (zlib), to size a volume before choosing it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_volume(array, Path(folder) / "v.tif", spacing=spacing)
+        return path.read_bytes()
+
+
+def round_robin(queues: list[list]) -> list:
+    """The items of ``queues`` taken one from each queue in turn."""
+    ordered, pending = [], [list(q) for q in queues if q]
+    while pending:
+        for queue in list(pending):
+            ordered.append(queue.pop(0))
+            if not queue:
+                pending.remove(queue)
+    return ordered
+
+
+def candidates(config) -> list[dict]:
+    """Every train and validation volume of ``config`` in the order they are taken: one per set (and split) in
+    turn, and within a set one per source in turn."""
+    per_set = []
+    for split in SPLITS:
+        for index, volume_set in enumerate(getattr(config.data, split)):
+            sources: dict[str, list[dict]] = {}
+            for name, image, label in set_volumes(volume_set):
+                sources.setdefault(source_of(volume_set, name), []).append(
+                    {"split": split, "set": set_key(volume_set, index), "name": name, "image": image, "label": label,
+                     "volume_set": volume_set})
+            per_set.append(round_robin(list(sources.values())))
+    return round_robin(per_set)
+
+
+def pack_real(config, out: Path, budget: int) -> tuple[list[dict], list[dict]]:
+    packed, left_out, used = [], [], 0
+    for item in candidates(config):
+        volume_set = item["volume_set"]
+        image = read_volume(item["image"])
+        stored, quantisation = as_uint8(image.load(), config.data.lower_percentile, config.data.upper_percentile)
+        label = read_volume(item["label"]).load()
+        label = label.astype(np.uint8) if volume_set.label_mode == "sparse" else (label != 0).astype(np.uint8)
+        blobs = {"images": encoded(stored, image.spacing), "labels": encoded(label, image.spacing)}
+        size = sum(len(b) for b in blobs.values())
+        entry = {k: item[k] for k in ("split", "set", "name")} | {"source": str(item["image"]), "bytes": size,
+                                                                   **quantisation}
+        if used + size > budget:
+            left_out.append(entry)
+            continue
+        for kind, blob in blobs.items():
+            path = out / item["split"] / item["set"] / kind / f"{item['name']}.tif"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(blob)
+        used += size
+        packed.append(entry)
+    return packed, left_out
+
+
+def pack_stand_in(config, out: Path) -> tuple[list[dict], list[dict]]:
+    """One small phantom per set in the packed layout (no real data needed: the dry run)."""
+    from lsmseg.synth.phantom import write_phantom
+
+    packed = []
+    for split in SPLITS:
+        for index, volume_set in enumerate(getattr(config.data, split)):
+            key = set_key(volume_set, index)
+            kind = STAND_IN_KINDS.get(volume_set.structure, "vessels")
+            image, label = write_phantom(out / split / key, kind, STAND_IN_SHAPE, seed=index + 10 * SPLITS.index(split))
+            if volume_set.label_mode == "sparse":  # 1 = background, 2 = foreground (0 = unlabelled)
+                write_volume(read_volume(label).load() + 1, label)
+            packed.append({"split": split, "set": key, "name": f"{kind} phantom", "stand_in": True})
+    return packed, []
+
+
+def packed_config(config, out: Path) -> dict:
+    """gpu_finetune_real.yaml with the packed sets as data.train / data.validation ($LSMSEG_DATA = the pack)."""
+    data = load_yaml(GPU_CONFIG)
+    for split in SPLITS:
+        sets = []
+        for index, volume_set in enumerate(getattr(config.data, split)):
+            key = set_key(volume_set, index)
+            if not (out / split / key / "images").is_dir():
+                continue
+            entry = to_dict(dataclasses.replace(volume_set, include=[], exclude=[]))
+            entry.update(images=f"$LSMSEG_DATA/{split}/{key}/images", labels=f"$LSMSEG_DATA/{split}/{key}/labels")
+            sets.append({k: v for k, v in entry.items() if v not in ([], None)})
+        data.setdefault("data", {})[split] = sets
+    return data
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=REPO / "training/configs/general_finetune_real.yaml",
+                        help="training config whose train and validation splits are packed")
+    parser.add_argument("--data", type=Path, help="real-data folder ($LSMSEG_DATA; default as lsmseg.realdata)")
+    parser.add_argument("--out", type=Path, default=REPO / ".gpu_data", help="pack folder (ignored by git)")
+    parser.add_argument("--max-mb", type=float, help="byte budget in MiB (default: 64 MiB less the tree, .whl and 2 MiB)")
+    parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="the wheels the same call carries")
+    parser.add_argument("--stand-in", action="store_true", help="phantoms instead of the real data (dry run)")
+    args = parser.parse_args(argv)
+
+    config = load_run_config(FinetuneConfig, args.config, args.data)
+    if args.out.exists():
+        import shutil
+
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    if args.stand_in:
+        budget = None
+        packed, left_out = pack_stand_in(config, args.out)
+    else:
+        budget = int(args.max_mb * 2**20) if args.max_mb else default_budget(args.wheels)
+        packed, left_out = pack_real(config, args.out, budget)
+    (args.out / "finetune.yaml").write_text(
+        f"# Written by scripts/gpu_pack_data.py from {GPU_CONFIG.relative_to(REPO)} and the splits of "
+        f"{args.config.name}; $LSMSEG_DATA is this folder.\n" + yaml.safe_dump(packed_config(config, args.out),
+                                                                                   sort_keys=False))
+    summary = {"config": str(args.config), "budget_bytes": budget, "bytes": folder_bytes(args.out),
+               "stand_in": args.stand_in, "packed": packed, "left_out": left_out}
+    (args.out / "pack.json").write_text(json.dumps(summary, indent=1))
+    counts = {split: sum(1 for p in packed if p["split"] == split) for split in SPLITS}
+    print(f"{args.out}: {summary['bytes'] / 2**20:.1f} MiB ({'stand-in phantoms' if args.stand_in else f'budget {budget / 2**20:.1f} MiB'}); packed "
+          f"{counts['train']} training and {counts['validation']} validation volume(s), left out {len(left_out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

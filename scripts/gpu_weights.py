@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Weights across the device boundary: fp16 parts small enough to come back, and their reassembly.
+
+A device call returns at most 8 files of 16 MiB (64 MiB in all). ``split`` takes an export made by
+``lsmseg export`` (a folder with ``manifest.yaml``), stores its default model's tensors in fp16
+(half the bytes; floating tensors only) and cuts that file into parts of at most ``--part-mb`` MiB,
+beside an index (``NAME.json``: the sha256 of the fp16 file and of every part, the manifest text).
+``join`` checks every part's and the whole file's sha256, then writes a weights folder that
+``lsmseg predict --weights`` takes: the fp32 tensors (from fp16) and the manifest with that file's sha256.
+
+    python scripts/gpu_weights.py split EXPORT_DIR OUT_DIR [--name gpu_weights] [--part-mb 15]
+    python scripts/gpu_weights.py join OUT_DIR/gpu_weights.json -o WEIGHTS_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from lsmseg.weights import (  # noqa: E402
+    Manifest, load_manifest, load_state_dict, save_weights, sha256_file, write_manifest,
+)
+
+FP16_SUFFIX = ".fp16.safetensors"
+
+
+def split(export_dir: Path, out_dir: Path, name: str, part_mb: float) -> Path:
+    import torch
+
+    manifest = load_manifest(export_dir)
+    model_name, entry = manifest.entry_for(None)
+    state = load_state_dict(manifest.checkpoint_path(entry), entry.sha256)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    part_bytes = int(part_mb * 2**20)
+    with tempfile.TemporaryDirectory() as scratch:
+        whole = Path(scratch) / f"{name}{FP16_SUFFIX}"
+        save_weights(half, whole)
+        data = whole.read_bytes()
+    parts = []
+    for index, start in enumerate(range(0, len(data), part_bytes)):
+        chunk = data[start : start + part_bytes]
+        part = out_dir / f"{name}{FP16_SUFFIX}.part{index}"
+        part.write_bytes(chunk)
+        parts.append({"file": part.name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
+    index_path = out_dir / f"{name}.json"
+    index_path.write_text(json.dumps({
+        "model": model_name,
+        "fp16_file": f"{name}{FP16_SUFFIX}",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "parameters": int(sum(v.numel() for v in state.values() if torch.is_tensor(v))),
+        "parts": parts,
+        "source": {"file": str(manifest.checkpoint_path(entry)), "sha256": entry.sha256},
+        "manifest": Path(manifest.path).read_text(),
+    }, indent=1))
+    print(f"{index_path}: {len(parts)} part(s), {len(data) / 2**20:.1f} MiB in fp16, sha256 {hashlib.sha256(data).hexdigest()[:16]}")
+    return index_path
+
+
+def join(index_path: Path, weights_dir: Path) -> Path:
+    index = json.loads(index_path.read_text())
+    chunks = []
+    for part in index["parts"]:
+        chunk = (index_path.parent / part["file"]).read_bytes()
+        if hashlib.sha256(chunk).hexdigest() != part["sha256"]:
+            raise SystemExit(f"ERROR: {part['file']}: sha256 differs from the index (damaged or another run's part)")
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    if hashlib.sha256(data).hexdigest() != index["sha256"]:
+        raise SystemExit(f"ERROR: {index_path}: the joined parts' sha256 differs from the index")
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    fp16_path = weights_dir / index["fp16_file"]
+    fp16_path.write_bytes(data)
+    # The manifest of the export, its entry pointing at the fp32 tensors restored from fp16.
+    exported = weights_dir / "exported-manifest.yaml"
+    exported.write_text(index["manifest"])
+    manifest = load_manifest(exported)
+    state = load_state_dict(fp16_path, index["sha256"])
+    restored = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    checkpoint = f"{index['model']}.safetensors"
+    sha = save_weights(restored, weights_dir / checkpoint)
+    entry = dataclasses.replace(manifest.models[index["model"]], file=checkpoint, sha256=sha)
+    path = write_manifest(Manifest(models={index["model"]: entry}, default=index["model"]), weights_dir / "manifest.yaml")
+    exported.unlink()
+    print(f"{path}: sha256 verified ({index['sha256'][:16]}, {len(index['parts'])} part(s)); "
+          f"{checkpoint} restored to fp32 (sha256 {sha_short(weights_dir / checkpoint)})")
+    return path
+
+
+def sha_short(path: Path) -> str:
+    return sha256_file(path)[:16]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    s = commands.add_parser("split", help="fp16 parts of an export's default model, with an index")
+    s.add_argument("export_dir", type=Path)
+    s.add_argument("out_dir", type=Path)
+    s.add_argument("--name", default="gpu_weights")
+    s.add_argument("--part-mb", type=float, default=15.0, help="largest part in MiB (a device call returns <= 16)")
+    j = commands.add_parser("join", help="check and reassemble the parts into a weights folder")
+    j.add_argument("index", type=Path, help="NAME.json written by split, beside its parts")
+    j.add_argument("-o", "--weights-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.command == "split":
+        split(args.export_dir, args.out_dir, args.name, args.part_mb)
+    else:
+        join(args.index, args.weights_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
