@@ -81,11 +81,11 @@ def test_autocast_masks_on_real_volumes(gpu, real_volumes, precision):
 
 
 def test_auto_precision_is_bf16_where_supported(gpu, sample_volumes):
-    """precision 'auto' autocasts to bf16 where torch.cuda.is_bf16_supported(), else fp16 (the same logits)."""
+    """precision 'auto' autocasts to bf16 where the GPU has bf16 natively, else fp16 (the same logits)."""
     if gpu.stand_in:
         pytest.skip("'auto' is fp32 on the CPU")
     image = load(gpu, sample_volumes[0][0])
-    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    expected = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     auto = shipped(gpu, precision="auto").predict_logits(image)
     explicit = shipped(gpu, precision=expected).predict_logits(image)
     gpu.report("auto_precision", chose=expected, max_abs_difference=float(np.abs(auto - explicit).max()))
