@@ -48,6 +48,36 @@ def model_and_config(weights: str | None):
     return build_model(config).eval(), config, InferenceSettings(), "random weights (seed 0), shipped architecture"
 
 
+def wide_field(work: Path, organ: tuple[int, int, int], field: tuple[int, int, int]) -> dict:
+    """A vessel phantom organ centred in a field of its own background noise (a whole-organ scan's
+    field of view is wider than the organ), written to ``work`` as ``wide.tif`` and ``wide_label.tif``.
+
+    Args:
+        work: the folder to write to.
+        organ: the phantom's shape (z, y, x); its z is the field's.
+        field: the field of view's shape.
+
+    Returns:
+        ``name``, ``input`` and ``label`` (paths), ``dark`` (the fraction outside the tissue).
+    """
+    from lsmseg import io
+    from lsmseg.synth.phantom import make_phantom
+
+    small = make_phantom("vessels", organ, seed=3)
+    rng = np.random.default_rng(0)
+    image = rng.choice(small.image[~small.tissue], field).astype(small.image.dtype)  # its own noise
+    label = np.zeros(field, bool)
+    tissue = np.zeros(field, bool)
+    y0, x0 = (field[1] - organ[1]) // 2, (field[2] - organ[2]) // 2
+    inner = (slice(None), slice(y0, y0 + organ[1]), slice(x0, x0 + organ[2]))
+    image[inner], label[inner], tissue[inner] = small.image, small.label > 0, small.tissue
+    io.write_volume(image, work / "wide.tif")
+    io.write_volume(label.astype(np.uint8), work / "wide_label.tif")
+    dark = 1.0 - float(tissue.mean())
+    name = f"phantom organ {'x'.join(map(str, organ))} in a {'x'.join(map(str, field))} field ({dark:.0%} dark)"
+    return {"name": name, "input": str(work / "wide.tif"), "label": str(work / "wide_label.tif"), "dark": dark}
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory, from /proc (VmHWM).
 
@@ -95,7 +125,7 @@ def machine() -> str:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    gpu = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})" if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, Python {platform.python_version()}; "
             f"load average at start {os.getloadavg()[0]:.1f}")
 

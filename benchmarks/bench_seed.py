@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REAL_DATA, Timer, current_rss_mb, dice, machine, peak_rss_mb, run_child, table  # noqa: E402
+from _common import REAL_DATA, Timer, current_rss_mb, dice, machine, peak_rss_mb, run_child, table, wide_field  # noqa: E402
 
 # name -> InferenceSettings overrides for lsmseg ({}: the manifest's settings as they are).
 # "engine" picks the network runtime (auto: ONNX Runtime on CPU where installed).
@@ -92,25 +92,6 @@ def child(spec: dict) -> dict:
             "windows": stats.get("windows"), "window_runs": stats.get("window_runs"), "engine": stats.get("engine")}
 
 
-def wide_field(work: Path, organ: tuple[int, int, int], field: tuple[int, int, int]) -> dict:
-    """A phantom organ centred in a field of its own background noise (a whole-organ scan is wider than the organ)."""
-    from lsmseg import io
-    from lsmseg.synth.phantom import make_phantom
-
-    small = make_phantom("vessels", organ, seed=3)
-    rng = np.random.default_rng(0)
-    image = rng.choice(small.image[~small.tissue], field).astype(small.image.dtype)
-    label = np.zeros(field, bool)
-    tissue = np.zeros(field, bool)
-    y0, x0 = (field[1] - organ[1]) // 2, (field[2] - organ[2]) // 2
-    inner = (slice(None), slice(y0, y0 + organ[1]), slice(x0, x0 + organ[2]))
-    image[inner], label[inner], tissue[inner] = small.image, small.label > 0, small.tissue
-    io.write_volume(image, work / "wide.tif")
-    io.write_volume(label.astype(np.uint8), work / "wide_label.tif")
-    name = f"phantom organ {'x'.join(map(str, organ))} in a {'x'.join(map(str, field))} field ({1 - tissue.mean():.0%} dark)"
-    return {"name": name, "input": str(work / "wide.tif"), "label": str(work / "wide_label.tif"), "kind": "wide field"}
-
-
 def cases(args, work: Path) -> list[dict]:
     out = []
     from lsmseg import io
@@ -136,7 +117,7 @@ def cases(args, work: Path) -> list[dict]:
                         "input": str(folder / "images" / f"{name}.tif"), "label": str(folder / "labels" / f"{name}.tif")})
     if args.wide_field:
         organ, field = (tuple(int(v) for v in s.split(",")) for s in args.wide_field.split(":"))
-        out.append(wide_field(work, organ, field))
+        out.append({**wide_field(work, organ, field), "kind": "wide field"})
     return out
 
 

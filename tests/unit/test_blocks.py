@@ -238,3 +238,70 @@ def test_default_blocks_cut_as_little_as_the_budget_allows():
     assert np.prod(block) <= DEFAULT_BLOCK_VOXELS and min(block) >= 200  # a whole organ: ~256^3 blocks
     thin = default_block_shape((64, 4000, 4000))
     assert thin[0] == 64 and np.prod(thin) <= DEFAULT_BLOCK_VOXELS
+
+
+@pytest.mark.parametrize("block_size", [None, (20, 50, 70)])
+def test_device_accumulation_equals_host_bit_for_bit(conv_model, tiny_model_config, monkeypatch, block_size):
+    """The device path (torch accumulators; forced onto the CPU here) adds the same float32 windows
+    in the same order as the host's NumPy accumulators: the same bits, skipped windows included."""
+    rng = np.random.default_rng(2)
+    volume = rng.integers(100, 4000, (40, 100, 200)).astype(np.uint16)
+    volume[:, :, :110] = rng.integers(95, 105, (40, 100, 110))  # dark: windows blended as background
+    host = make_predictor(conv_model, tiny_model_config, block_size=block_size)
+    device = make_predictor(conv_model, tiny_model_config, block_size=block_size)
+    monkeypatch.setattr(device, "accumulation_device", lambda block: torch.device("cpu"))
+    calls = []
+    run_windows = device.run_windows
+    monkeypatch.setattr(device, "run_windows", lambda windows, on_device=False: calls.append(on_device)
+                        or run_windows(windows, on_device))
+    expected, stats = host.logits_with_stats(volume)
+    logits = device.logits_with_stats(volume)[0]
+    assert stats.windows_skipped > 0
+    # The windows' logits stay where they are blended (the first call is background_logits').
+    assert len(calls) > 1 and calls == [False] + [True] * (len(calls) - 1)
+    assert logits.dtype == np.float32 and logits.tobytes() == expected.tobytes()
+
+
+def test_blocks_fall_back_to_host_accumulation_when_the_gpu_lacks_memory(conv_model, tiny_model_config, monkeypatch):
+    from lsmseg.inference import blocks
+
+    shape = (64, 256, 256)
+    need = blocks.accumulator_bytes(shape)
+    assert need == 2 * 4 * 64 * 256 * 256  # two float32 accumulators
+    enough = int(need / blocks.DEVICE_MEMORY_SHARE)
+    cuda = torch.device("cuda:0")  # only the decision runs: no GPU needed
+    assert blocks.accumulation_device(cuda, shape, free_memory=lambda d: enough) == cuda
+    assert blocks.accumulation_device(cuda, shape, free_memory=lambda d: enough - 1) is None
+    assert blocks.accumulation_device(torch.device("cpu"), shape, free_memory=lambda d: 10**15) is None  # the host
+
+    # The predictor asks torch.cuda.mem_get_info of its own device, and only where PyTorch runs the network.
+    predictor = make_predictor(conv_model, tiny_model_config)
+    predictor.device = cuda
+    block = predictor.plan(shape).blocks[0]
+    free = {"bytes": 10 * need}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
+    assert predictor.accumulation_device(block) == cuda
+    free["bytes"] = need  # the accumulators would take all of it: blended on the host
+    assert predictor.accumulation_device(block) is None
+    free["bytes"] = 10 * need
+    predictor.options = RunOptions(progress=False, device_accumulation=False)
+    assert predictor.accumulation_device(block) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_accumulation_on_cuda_equals_host_accumulation(conv_model, tiny_model_config):
+    """On a GPU: blended in device memory (pinned uploads, logits left on the GPU) vs every batch
+    copied down and blended on the host. Same IEEE float32 products, adds and division in the same
+    order, so equal up to the network's own call-to-call rounding (none expected)."""
+    rng = np.random.default_rng(3)
+    volume = rng.integers(100, 4000, (40, 100, 200)).astype(np.uint16)
+    volume[:, :, :110] = rng.integers(95, 105, (40, 100, 110))
+    results = {}
+    for on_device in (True, False):
+        predictor = Predictor(conv_model, tiny_model_config, InferenceSettings(overlap=0.5), device="cuda",
+                              precision="fp32", engine="torch",
+                              options=RunOptions(progress=False, block_size=(20, 50, 70), device_accumulation=on_device))
+        block = predictor.plan(volume.shape, (20, 50, 70)).blocks[0]
+        assert (predictor.accumulation_device(block) is not None) == on_device
+        results[on_device] = predictor.logits_with_stats(volume)[0]
+    np.testing.assert_allclose(results[True], results[False], rtol=0, atol=1e-6)

@@ -8,7 +8,8 @@ result equals the in-memory one for any block size. The price is that windows st
 border run once per block they touch; large blocks keep that small.
 
 Memory per block: its input region (the block plus up to one window on each side) as float32, and
-two float32 accumulators of the block's size - independent of the volume's size.
+two float32 accumulators of the block's size - independent of the volume's size. On a GPU the
+accumulators live in device memory when they fit (:func:`accumulation_device`), else on the host.
 """
 
 from __future__ import annotations
@@ -187,6 +188,34 @@ def plan_blocks(
     return BlockPlan(shape, roi, float(overlap), pad, starts, size, tuple(blocks))  # type: ignore[arg-type]
 
 
+# Accumulators may take at most this share of a GPU's free memory: the rest stays for the network's
+# activations (not yet reserved before a volume's first batch) and for other processes.
+DEVICE_MEMORY_SHARE = 0.5
+
+
+def accumulator_bytes(shape: Sequence[int]) -> int:
+    """Bytes of a block's two float32 accumulators (weighted logits, weight sum)."""
+    return 2 * 4 * math.prod(int(s) for s in shape)
+
+
+def accumulation_device(
+    device: torch.device, shape: Sequence[int], free_memory: Callable[[torch.device], int] | None = None
+) -> torch.device | None:
+    """Where a block of ``shape`` is blended: ``device`` if it is a GPU whose free memory holds the
+    block's accumulators (at most :data:`DEVICE_MEMORY_SHARE` of it), else None (the host).
+
+    Args:
+        device: the network's device.
+        shape: the block's shape.
+        free_memory: free bytes on a device; default ``torch.cuda.mem_get_info(device)[0]`` (tests
+            pass a fake).
+    """
+    if device.type != "cuda":
+        return None
+    free = free_memory(device) if free_memory is not None else torch.cuda.mem_get_info(device)[0]
+    return device if accumulator_bytes(shape) <= DEVICE_MEMORY_SHARE * free else None
+
+
 def accumulate_block(
     plan: BlockPlan,
     block: Block,
@@ -196,6 +225,7 @@ def accumulate_block(
     batch_size: int,
     skip: Sequence[bool] | None = None,
     background_logits: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
     """Blended logits (float32) on ``block.out`` from every window that intersects the block.
 
@@ -203,25 +233,44 @@ def accumulate_block(
     output for a uniform dark window) with their usual weight. Windows are added to each voxel in
     the global scan order, so the sums match a one-block pass exactly.
 
+    The two float32 accumulators are NumPy arrays on the host, or torch tensors on ``device``. On a
+    GPU (as nnU-Net's predictor blends) no batch comes back to the host: windows go up from pinned
+    memory without blocking, and only the finished block comes down. Both take the same float32
+    adds in the same order: with ``device="cpu"`` the result is bit-identical to the host's.
+
     Args:
         plan: the volume's block plan.
         block: the block to compute.
         region: the block's normalised input region (:meth:`BlockPlan.read_region`).
-        run_windows: the network: a batch (N, 1, *roi) of windows -> logits (N, C, *roi).
+        run_windows: the network: a batch (N, 1, *roi) of windows -> logits (N, C, *roi), best
+            already on ``device``.
         weights: the blending weights of one window (:func:`lsmseg.inference.windows.blend_weights`).
         batch_size: windows per call of ``run_windows``.
         skip: per window of the block (in :meth:`BlockPlan.window_corners` order), whether it is dark.
         background_logits: what a skipped window contributes (needed when any is skipped).
+        device: where the accumulators live; None: on the host (:func:`accumulation_device` chooses).
     """
+    on_host = device is None
+    compute = torch.device("cpu") if on_host else torch.device(device)  # where window products are taken
+    pinned = compute.type == "cuda"
     roi = plan.roi
     corners = plan.window_corners(block)
     skip = list(skip) if skip is not None else [False] * len(corners)
     out_start = [s.start + plan.pad[axis][0] for axis, s in enumerate(block.out)]
     out_shape = block.shape
-    accumulated = np.zeros(out_shape, dtype=np.float32)
-    weight_sum = np.zeros(out_shape, dtype=np.float32)
-    weights_np = weights.numpy()
-    background_weighted = (background_logits * weights).numpy() if background_logits is not None else None
+
+    # The host blends in NumPy: single-threaded, it measured faster there than torch's small ops
+    # (which compete with the network for the same cores); the indexing below is the same for both.
+    def zeros():
+        return np.zeros(out_shape, np.float32) if on_host else torch.zeros(out_shape, dtype=torch.float32, device=compute)
+
+    def stored(tensor: torch.Tensor):
+        return tensor.numpy() if on_host else tensor
+
+    accumulated, weight_sum = zeros(), zeros()
+    weights = weights.to(compute)
+    weights_stored = stored(weights)
+    background_weighted = stored(background_logits.to(compute) * weights) if background_logits is not None else None
     source = torch.from_numpy(region)
     origin = [s.start for s in block.region]
 
@@ -239,15 +288,16 @@ def accumulate_block(
         run = [i for i in chunk if not skip[i]]
         logits = {}
         if run:
-            windows = torch.stack(
-                [source[tuple(slice(c - o, c - o + r) for c, o, r in zip(corners[i], origin, roi))] for i in run]
-            )[:, None]
-            weighted = (run_windows(windows)[:, 0].cpu() * weights).numpy()
+            # Stacked straight into pinned memory for a GPU, so that the upload does not block.
+            windows = torch.empty((len(run), *roi), dtype=torch.float32, pin_memory=pinned)
+            torch.stack([source[tuple(slice(c - o, c - o + r) for c, o, r in zip(corners[i], origin, roi))]
+                         for i in run], out=windows)
+            weighted = stored(run_windows(windows[:, None])[:, 0].to(compute) * weights)
             logits = dict(zip(run, weighted))
         for i in chunk:  # in scan order, so that sums are bit-identical to a one-block pass
             window_part, block_part = target(corners[i])
             accumulated[block_part] += (logits[i] if i in logits else background_weighted)[window_part]
-            weight_sum[block_part] += weights_np[window_part]
+            weight_sum[block_part] += weights_stored[window_part]
 
     chunk: list[int] = []
     pending = 0
@@ -260,7 +310,12 @@ def accumulate_block(
     if chunk:
         flush(chunk)
     accumulated /= weight_sum
-    return accumulated
+    if on_host:
+        return accumulated
+    if pinned:  # down into pinned memory (non_blocking allocates it there), then wait for the copy
+        accumulated = accumulated.to("cpu", non_blocking=True)
+        torch.cuda.current_stream(compute).synchronize()
+    return accumulated.numpy()
 
 
 def prefetched(items: Iterable, load: Callable, enabled: bool = True) -> Iterator[tuple]:

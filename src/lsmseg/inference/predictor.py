@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 from pathlib import Path
@@ -34,7 +35,8 @@ from ..io import Volume
 from ..model import select_device
 from ..normalise import DEFAULT_MAX_SAMPLES, is_constant, normalise, percentiles, subsample
 from ..structures import structure_from_name
-from .blocks import Block, BlockPlan, accumulate_block, default_block_shape, plan_blocks, prefetched
+from .blocks import (Block, BlockPlan, accumulate_block, accumulation_device, default_block_shape, plan_blocks,
+                     prefetched)
 from .engines import OnnxEngine, model_key, resolve_engine
 from .foreground import Background, dark_windows, estimate_background
 from .postprocess import open_faces_of, remove_small_components, split_touching
@@ -65,6 +67,9 @@ class RunOptions:
             the network on uniformly dark windows (:mod:`.foreground`).
         prefetch: read the next block in a thread while the network runs; None: on CUDA only (on a
             CPU the network already uses every core).
+        device_accumulation: on a GPU, blend each block's windows in device memory when its
+            accumulators fit there (:func:`.blocks.accumulation_device`); False: on the host, every
+            batch's logits copied down first (the way before issue 13; kept for benchmarks).
         resample: resample volumes whose spacing differs from the model's (settings ``spacing``).
         mask_value: the foreground value written (1, or 255 for viewers).
         max_voxels: cap on an input's declared size (None: ``LSMSEG_MAX_VOXELS`` or the default).
@@ -78,6 +83,7 @@ class RunOptions:
     block_size: int | tuple[int, int, int] | None = None
     skip_background: bool = True
     prefetch: bool | None = None
+    device_accumulation: bool = True
     resample: bool = True
     mask_value: int = 1
     max_voxels: int | None = None
@@ -233,13 +239,21 @@ class Predictor:
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=kind, dtype=dtype)
 
-    def run_windows(self, windows: torch.Tensor) -> torch.Tensor:
-        """Model logits (float32, on CPU) for a batch of normalised windows (N, 1, *roi)."""
+    def run_windows(self, windows: torch.Tensor, on_device: bool = False) -> torch.Tensor:
+        """Model logits (float32) for a batch of normalised windows (N, 1, *roi).
+
+        Args:
+            windows: the batch; on the host (from pinned memory its upload does not block) or on
+                the predictor's device.
+            on_device: leave the logits on the predictor's device (to blend them there); default:
+                on the host. ONNX Runtime's are on the host either way.
+        """
         if self._onnx is not None:
             return self._onnx(windows)[:, :1]
         with torch.inference_mode(), self._autocast():
             out = self.model(windows.to(self.device, non_blocking=True))
-        return out[:, :1].float()
+        out = out[:, :1].float()
+        return out if on_device else out.cpu()
 
     def background_logits(self, level: float, window: Sequence[int] | None = None) -> torch.Tensor:
         """What a skipped window contributes: the mean of the model's logits for a uniform window
@@ -256,7 +270,7 @@ class Predictor:
             if len(self._background_cache) >= 8:  # one level per volume: keep the cache small
                 self._background_cache.pop(next(iter(self._background_cache)))
             uniform = torch.full((1, 1, *window), key[0], dtype=torch.float32)
-            answer = self.run_windows(uniform)[0, 0].cpu()
+            answer = self.run_windows(uniform)[0, 0]
             self._background_cache[key] = torch.full_like(answer, float(answer.mean()))
         return self._background_cache[key]
 
@@ -307,8 +321,19 @@ class Predictor:
         background_logits = (
             self.background_logits(background.level, plan.roi) if skip is not None and any(skip) else None
         )
-        run = self.run_windows if on_windows is None else _counted(self.run_windows, on_windows)
-        return accumulate_block(plan, block, region, run, weights, settings.sw_batch_size, skip, background_logits)
+        device = self.accumulation_device(block)
+        run = functools.partial(self.run_windows, on_device=device is not None)
+        if on_windows is not None:
+            run = _counted(run, on_windows)
+        return accumulate_block(plan, block, region, run, weights, settings.sw_batch_size, skip, background_logits,
+                                device=device)
+
+    def accumulation_device(self, block: Block) -> torch.device | None:
+        """Where ``block`` is blended: the GPU when its free memory holds the block's accumulators
+        (the network runs there in PyTorch, ``options.device_accumulation`` on), else None (the host)."""
+        if not self.options.device_accumulation or self._onnx is not None:
+            return None
+        return accumulation_device(self.device, block.shape)
 
     def iter_block_logits(self, plan: BlockPlan, source, lo, hi, background: Background | None, stats: BlockStats,
                           desc: str | None = None, on_raw=None) -> Iterator[tuple[Block, np.ndarray]]:
