@@ -172,6 +172,8 @@ def main() -> None:
                     "dice": result["dice"], "dice_diff": result["dice"] - results["monai"]["dice"],
                     "agree": dice(result["mask"], results["monai"]["mask"]),
                 })
+            if args.json:  # after every volume: a run stopped by a time limit keeps what it measured
+                args.json.write_text(json.dumps(rows, indent=2))
     print()
     print(table(rows, [
         ("volume", "volume", ""), ("dark", "dark fraction", ".2f"), ("variant", "variant", ""),
@@ -183,8 +185,6 @@ def main() -> None:
         ("runs", "windows run/total", ""), ("dice", "Dice vs truth", ".4f"), ("dice_diff", "Dice - MONAI's", "+.4f"),
         ("agree", "Dice vs MONAI mask", ".4f"),
     ]))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

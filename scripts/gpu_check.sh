@@ -148,7 +148,7 @@ cat "$RESULTS/environment.txt"
 
 # ---------------------------------------------------------------------------------------------- 2. CUDA tests
 cuda_tests() (
-  LSMSEG_CUDA_REPORT="$RESULTS/cuda_report.jsonl" timeout "$1" "$PYTHON" -m pytest tests/cuda -m cuda -q -rs \
+  LSMSEG_CUDA_REPORT="$RESULTS/cuda_report.jsonl" timeout "$1" "$PYTHON" -m pytest tests/cuda tests/unit/test_blocks.py -m cuda -q -rs \
     -p no:cacheprovider --junitxml="$RESULTS/junit.xml" "${@:2}" 2>&1 | tee "$RESULTS/pytest.log"
 )
 run_tests() {
@@ -168,8 +168,10 @@ if [ "$DRY" = 1 ]; then
   bench_args+=(--phantom-shape 32,64,64 --wide-shape '' --variants monai,lsmseg --threads 2)
   BENCH_TIMEOUT=60
 else
-  bench_args+=(--weights weights)
-  BENCH_TIMEOUT=120
+  # Three variants x two volumes, each a process that starts CUDA: before/after device accumulation
+  # against MONAI's fp32 pipeline; rows are written after each volume, so a timeout keeps the first.
+  bench_args+=(--weights weights --variants monai,lsmseg,lsmseg-host-accum)
+  BENCH_TIMEOUT=180
 fi
 bench() (
   timeout "$BENCH_TIMEOUT" "$PYTHON" benchmarks/bench_vs_monai.py "${bench_args[@]}" 2>&1 | tee "$RESULTS/bench_vs_monai.log"

@@ -288,6 +288,7 @@ def test_blocks_fall_back_to_host_accumulation_when_the_gpu_lacks_memory(conv_mo
     assert predictor.accumulation_device(block) is None
 
 
+@pytest.mark.cuda  # scripts/gpu_check.sh runs it with tests/cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_accumulation_on_cuda_equals_host_accumulation(conv_model, tiny_model_config):
     """On a GPU: blended in device memory (pinned uploads, logits left on the GPU) vs every batch
