@@ -48,3 +48,14 @@ def select_device(device: str | None = None) -> torch.device:
         if chosen.index is not None and chosen.index >= torch.cuda.device_count():
             raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return chosen
+
+
+def autocast_dtype(precision: str = "auto") -> torch.dtype:
+    """The autocast dtype for ``precision`` (``"auto"``: a CUDA rule; ``"bf16"``, ``"fp16"``), for inference and training.
+
+    ``"auto"`` is bf16 where the GPU has it natively, else fp16: torch's ``is_bf16_supported()`` also
+    says yes where bf16 is emulated (e.g. a T4, the challenge's default GPU), which is slower than fp16.
+    """
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -23,7 +23,7 @@ import torch
 from lsmseg.config import ModelConfig, to_dict
 from lsmseg.errors import WeightsError
 from lsmseg.io import atomic_output, write_json
-from lsmseg.model import select_device
+from lsmseg.model import autocast_dtype, select_device
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +143,7 @@ def amp_dtype(device: torch.device, enabled: bool, dtype: str = "auto") -> torch
     """
     if not enabled or device.type != "cuda":
         return None
-    if dtype == "auto":
-        # Natively only: torch's default also says True where bf16 is emulated (e.g. a T4, the
-        # challenge's GPU), which is slower than fp16 there.
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return autocast_dtype(dtype)
 
 
 def autocast(device: torch.device, enabled: bool, dtype: str = "auto"):

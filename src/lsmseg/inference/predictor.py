@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..config import InferenceSettings, ModelConfig, to_dict
 from ..errors import InputError
 from ..io import Volume
-from ..model import select_device
+from ..model import autocast_dtype, select_device
 from ..normalise import DEFAULT_MAX_SAMPLES, is_constant, normalise, percentiles, subsample
 from ..structures import structure_from_name
 from .blocks import (Block, BlockPlan, accumulate_block, accumulation_device, default_block_shape, plan_blocks,
@@ -232,12 +232,7 @@ class Predictor:
         kind = self.device.type
         if self.precision == "fp32" or (self.precision == "auto" and kind != "cuda"):
             return contextlib.nullcontext()
-        if self.precision == "auto":
-            # Emulated bf16 (a T4, the challenge platform's default) is slow: fp16 there.
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-        else:
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=kind, dtype=dtype)
+        return torch.autocast(device_type=kind, dtype=autocast_dtype(self.precision))
 
     def run_windows(self, windows: torch.Tensor, on_device: bool = False) -> torch.Tensor:
         """Model logits (float32) for a batch of normalised windows (N, 1, *roi).
