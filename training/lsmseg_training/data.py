@@ -142,7 +142,7 @@ def check_splits(data: DataConfig, where: str) -> dict[str, dict[str, list[str]]
             folder = str(images.resolve())
             for path in expand_inputs([images]):
                 name = volume_name(path)
-                if (volume_set.include and name not in volume_set.include) or name in volume_set.exclude:
+                if not selects(volume_set, name):
                     continue
                 source = source_of(volume_set, name)
                 key = (folder, source)
@@ -158,12 +158,17 @@ def check_splits(data: DataConfig, where: str) -> dict[str, dict[str, list[str]]
 # Checking and indexing volumes before training
 
 
+def selects(volume_set: VolumeSet, name: str) -> bool:
+    """Whether a set's ``include``/``exclude`` lists keep the volume ``name``."""
+    return (not volume_set.include or name in volume_set.include) and name not in volume_set.exclude
+
+
 def set_volumes(volume_set: VolumeSet) -> list[tuple[str, Path, Path | None]]:
     """``(name, image, label)`` of every volume a set selects (``include``/``exclude`` applied; label None without labels)."""
     selected = []
     for path in expand_inputs([Path(volume_set.images)]):
         name = volume_name(path)
-        if (volume_set.include and name not in volume_set.include) or name in volume_set.exclude:
+        if not selects(volume_set, name):
             continue
         selected.append((name, path, _label_path(volume_set, path) if volume_set.labels is not None else None))
     return selected
@@ -239,7 +244,7 @@ def prepare_volumes(
             if missing:
                 raise ConfigError(f"{where}: {key}.{list_key}: no volume named {missing[0]!r} in {images}")
         for path, name in zip(paths, names):
-            if (volume_set.include and name not in volume_set.include) or name in volume_set.exclude:
+            if not selects(volume_set, name):
                 continue
             records.append(_index_volume(data, volume_set, set_index, path, name, need_labels, rng))
     if not records:
