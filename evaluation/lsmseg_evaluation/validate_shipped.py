@@ -370,13 +370,15 @@ def main(argv: list[str] | None = None) -> int:
         # Score only this run's cases, even when --predictions holds masks of others.
         scored = scratch / "scored"
         scored.mkdir()
+        unpredicted = []
         for case in cases:
             mask = predictions / f"{case.name}.tif"
             if mask.exists():
                 (scored / mask.name).symlink_to(mask.resolve())
+            else:
+                unpredicted.append(case.name)
         provenance = [provenance_path_for(predictions / f"{c.name}.tif") for c in cases]
         note = _weights_note([p for p in provenance if p.exists()], predict_seconds, n_todo)
-        unpredicted = [c.name for c in cases if not (predictions / f"{c.name}.tif").exists()]
         if unpredicted:  # scored as empty masks (the leaderboard's rule), which is not the weights' score
             logger.error("no mask for %d of %d case(s) (prediction failed, errors above); they score as empty masks",
                          len(unpredicted), len(cases))
