@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from lsmseg.weights import (  # noqa: E402
-    Manifest, load_manifest, load_state_dict, save_weights, sha256_file, write_manifest,
+    Manifest, load_manifest, load_state_dict, save_weights, write_manifest,
 )
 
 FP16_SUFFIX = ".fp16.safetensors"
@@ -43,7 +43,7 @@ def split(export_dir: Path, out_dir: Path, name: str, part_mb: float) -> Path:
     part_bytes = int(part_mb * 2**20)
     with tempfile.TemporaryDirectory() as scratch:
         whole = Path(scratch) / f"{name}{FP16_SUFFIX}"
-        save_weights(half, whole)
+        digest = save_weights(half, whole)  # the file's sha256
         data = whole.read_bytes()
     parts = []
     for index, start in enumerate(range(0, len(data), part_bytes)):
@@ -55,14 +55,14 @@ def split(export_dir: Path, out_dir: Path, name: str, part_mb: float) -> Path:
     index_path.write_text(json.dumps({
         "model": model_name,
         "fp16_file": f"{name}{FP16_SUFFIX}",
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": digest,
         "bytes": len(data),
         "parameters": int(sum(v.numel() for v in state.values() if torch.is_tensor(v))),
         "parts": parts,
         "source": {"file": str(manifest.checkpoint_path(entry)), "sha256": entry.sha256},
         "manifest": Path(manifest.path).read_text(),
     }, indent=1))
-    print(f"{index_path}: {len(parts)} part(s), {len(data) / 2**20:.1f} MiB in fp16, sha256 {hashlib.sha256(data).hexdigest()[:16]}")
+    print(f"{index_path}: {len(parts)} part(s), {len(data) / 2**20:.1f} MiB in fp16, sha256 {digest[:16]}")
     return index_path
 
 
@@ -92,12 +92,8 @@ def join(index_path: Path, weights_dir: Path) -> Path:
     path = write_manifest(Manifest(models={index["model"]: entry}, default=index["model"]), weights_dir / "manifest.yaml")
     exported.unlink()
     print(f"{path}: sha256 verified ({index['sha256'][:16]}, {len(index['parts'])} part(s)); "
-          f"{checkpoint} restored to fp32 (sha256 {sha_short(weights_dir / checkpoint)})")
+          f"{checkpoint} restored to fp32 (sha256 {sha[:16]})")
     return path
-
-
-def sha_short(path: Path) -> str:
-    return sha256_file(path)[:16]
 
 
 def main(argv=None) -> int:
