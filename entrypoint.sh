@@ -8,7 +8,7 @@
 #
 # Environment: LSMSEG_MODE, LSMSEG_INPUT (/input), LSMSEG_OUTPUT (/output), LSMSEG_INPUT_SLUG,
 # LSMSEG_OUTPUT_SLUG, LSMSEG_PORT (4743), LSMSEG_DEVICE (cuda when visible, else cpu), LSMSEG_ENGINE (auto),
-# LSMSEG_WEIGHTS (a manifest; default /opt/ml/model, then the image's weights).
+# LSMSEG_MIRROR_AXES (the manifest's per structure; none|all|ZYX), LSMSEG_WEIGHTS (a manifest; default /opt/ml/model, then the image's weights).
 # Exit codes: 0 all volumes segmented (or none found), 1 any volume failed or no usable weights,
 # 2 bad arguments.
 set -eu

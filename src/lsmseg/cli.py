@@ -18,6 +18,7 @@ from typing import Callable
 
 from . import __version__
 from .challenge.runner import add_challenge_commands
+from .config import parse_mirror_axes
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LsmsegError
 
 logger = logging.getLogger("lsmseg")
@@ -94,6 +95,9 @@ def add_predict_command(subparsers) -> None:
                    help="remove connected components smaller than N voxels (default: the manifest's; 0 keeps all)")
     p.add_argument("--overlap", type=float, help="window overlap as a fraction in [0, 1) (default: the manifest's)")
     p.add_argument("--batch-size", type=int, dest="sw_batch_size", help="windows per forward pass")
+    p.add_argument("--mirror-axes", type=parse_mirror_axes, metavar="none|all|ZYX",
+                   help="test-time mirroring: also run every window flipped along each combination of these axes "
+                   "and average (all: 8 passes per window; default: the manifest's, per structure)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: fp16/bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--no-resample", dest="resample", action="store_false",
@@ -149,7 +153,7 @@ def run_predict(args) -> int:
     predictor = Predictor.from_manifest(
         args.weights, device=args.device, precision=args.precision, engine=args.engine, compile=args.compile,
         options=options, threshold=args.threshold, min_component_voxels=args.min_component_voxels,
-        overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+        overlap=args.overlap, sw_batch_size=args.sw_batch_size, mirror_axes=args.mirror_axes,
     )
     inputs = expand_inputs([path for path in args.inputs if path not in missing])
     if not inputs:

@@ -6,6 +6,7 @@ work starts: a typo in a config must never silently fall back to a default.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -171,7 +172,7 @@ class ModelConfig:
             raise ValueError("depths and num_heads must have the same length")
 
 
-PER_STRUCTURE_FIELDS = ("threshold", "min_component_voxels", "split_touching")
+PER_STRUCTURE_FIELDS = ("threshold", "min_component_voxels", "split_touching", "mirror_axes")
 
 
 @dataclass
@@ -198,9 +199,14 @@ class InferenceSettings:
     # Touching objects are split apart (seeded watershed of the distance transform, seeds of at least
     # this prominence in voxels; lsmseg.inference.postprocess.split_touching). 0 keeps them merged.
     split_touching: float = 0.0
-    # Post-processing per structure (the 2026 challenge's names, lsmseg.structures), chosen on the
-    # validation split: {structure: {threshold, min_component_voxels, split_touching}}. Used when a
-    # case's structure is named or read from its name's prefix; other cases use the fields above.
+    # Test-time mirroring (nnU-Net's): every window is also run flipped along each combination of
+    # these spatial axes (0 z, 1 y, 2 x) and the logits are averaged: (0, 1, 2) costs 8 passes.
+    # The model trained with flips on every axis. () runs each window once.
+    mirror_axes: tuple[int, ...] = ()
+    # Post-processing and mirroring per structure (the 2026 challenge's names, lsmseg.structures),
+    # chosen on the validation split: {structure: {threshold, min_component_voxels, split_touching,
+    # mirror_axes}}. Used when a case's structure is named or read from its name's prefix; other
+    # cases use the fields above.
     per_structure: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -216,6 +222,9 @@ class InferenceSettings:
             raise ValueError("percentiles must satisfy 0 <= lower < upper <= 100")
         if self.split_touching < 0:
             raise ValueError("split_touching must be >= 0")
+        self.mirror_axes = tuple(int(a) for a in self.mirror_axes)
+        if sorted(set(self.mirror_axes)) != list(self.mirror_axes) or not set(self.mirror_axes) <= {0, 1, 2}:
+            raise ValueError(f"mirror_axes {self.mirror_axes} must be distinct spatial axes in 0..2, ascending")
         for structure, overrides in self.per_structure.items():
             if not isinstance(overrides, dict):
                 raise ValueError(f"per_structure.{structure} must be a mapping")
@@ -234,4 +243,17 @@ class InferenceSettings:
         return from_dict(InferenceSettings, merged, where=f"per_structure.{structure}")
 
 
-__all__ = ["ModelConfig", "InferenceSettings", "from_dict", "to_dict", "load_yaml"]
+def parse_mirror_axes(text: str) -> tuple[int, ...]:
+    """``none``, ``all`` or axis letters (``zyx``, ``yx``) as :attr:`InferenceSettings.mirror_axes`
+    (an argparse type: command lines and their environment variables)."""
+    text = text.strip().lower()
+    if text in ("none", ""):
+        return ()
+    if text == "all":
+        text = "zyx"
+    if not set(text) <= set("zyx") or len(set(text)) != len(text):
+        raise argparse.ArgumentTypeError(f"expected none, all or distinct letters of zyx, got {text!r}")
+    return tuple(sorted("zyx".index(letter) for letter in text))
+
+
+__all__ = ["ModelConfig", "InferenceSettings", "from_dict", "to_dict", "load_yaml", "parse_mirror_axes"]

@@ -85,8 +85,9 @@ def run_block(predictor: Predictor, input_path: str, prepared_state: dict, block
         plan, block, volume.data, prepared_state["lo"], prepared_state["hi"], background,
         on_raw=predictor.check_finite(volume.path),
     )
-    mask = predictor.mask_from_logits(predictor.block_logits(plan, block, region, skip, background), block.out,
-                                      volume.shape, prepared_state["settings"])
+    settings = prepared_state["settings"]
+    logits = predictor.block_logits(plan, block, region, skip, background, settings=settings)
+    mask = predictor.mask_from_logits(logits, block.out, volume.shape, settings)
     zarr.open_array(str(Path(zarr_path) / "0"), mode="r+")[block.out] = mask
     return BlockOutcome(block_index, int(np.count_nonzero(mask)), skip)
 

@@ -252,8 +252,8 @@ def test_device_accumulation_equals_host_bit_for_bit(conv_model, tiny_model_conf
     monkeypatch.setattr(device, "accumulation_device", lambda block: torch.device("cpu"))
     calls = []
     run_windows = device.run_windows
-    monkeypatch.setattr(device, "run_windows", lambda windows, on_device=False: calls.append(on_device)
-                        or run_windows(windows, on_device))
+    monkeypatch.setattr(device, "run_windows", lambda windows, on_device=False, mirror_axes=(): calls.append(on_device)
+                        or run_windows(windows, on_device, mirror_axes))
     expected, stats = host.logits_with_stats(volume)
     logits = device.logits_with_stats(volume)[0]
     assert stats.windows_skipped > 0

@@ -3,9 +3,10 @@
 ``python -m lsmseg_training.tune -c CONFIG --weights DIR [--write]``
 
 Every validation volume of the config (each set names its ``structure``) is predicted once with the
-weights exactly as ``lsmseg predict`` applies them (the manifest's inference settings); then, per
-structure, every combination of threshold, touching-object splitting and small-component removal
-is scored with the SELMA3D 2026 metrics (lsmseg_evaluation.leaderboard: Dice + panoptic quality
+weights exactly as ``lsmseg predict`` applies them (the manifest's inference settings), and once
+more with test-time mirroring on every axis when ``--mirror`` asks (8 passes per window); then, per
+structure, every combination of mirroring, threshold, touching-object splitting and small-component
+removal is scored with the SELMA3D 2026 metrics (lsmseg_evaluation.leaderboard: Dice + panoptic quality
 for isolated structures, Dice + clDice for contiguous ones) and the one with the best mean of the
 two is chosen. ``--write`` stores the choices in the manifest entry's ``inference.per_structure``
 (the checkpoint and its checksum are unchanged) with the validation scores that chose them.
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 MIN_COMPONENTS = (0, 10, 30, 100)
 SPLITS = (0.0, 1.0, 2.0)  # split_touching h (voxels); isolated structures only
+MIRROR_ALL = (0, 1, 2)  # InferenceSettings.mirror_axes: every flip the model trained with
 
 
 def validation_volumes(config) -> list[dict]:
@@ -64,8 +66,9 @@ def leaderboard_score(structure: str, pred: np.ndarray, label: np.ndarray) -> di
 
 
 def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_COMPONENTS,
-         splits=SPLITS) -> dict:
-    """Predict the validation volumes once, score the grid per structure, return the choices."""
+         splits=SPLITS, mirrors=((),)) -> dict:
+    """Predict the validation volumes once per mirroring in ``mirrors``, score the grid per
+    structure, return the choices."""
     import dataclasses
 
     from lsmseg.io import read_volume
@@ -73,41 +76,51 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     from lsmseg.structures import category_of
 
     predictor = Predictor.from_manifest(manifest_path, options=RunOptions(progress=False))
-    volumes = validation_volumes(config)
-    start = time.perf_counter()
-    for volume in volumes:
-        image = read_volume(volume["image"]).load()
-        volume["logits"] = predictor.predict_logits(image, volume["spacing"], name=volume["name"])
-        volume["truth"] = read_volume(volume["label"]).load() != 0
-        logger.info("predicted %s (%s)", volume["name"], volume["structure"])
-    predict_seconds = time.perf_counter() - start
     base = dataclasses.replace(predictor.settings, per_structure={})
+    mirrors = [tuple(axes) for axes in mirrors]
+    volumes = validation_volumes(config)
+    predict_seconds = {}
+    for axes in mirrors:
+        # Validation names carry no structure prefix: the mirroring is set for the whole predictor.
+        predictor.settings = dataclasses.replace(base, mirror_axes=axes)
+        start = time.perf_counter()
+        for volume in volumes:
+            image = read_volume(volume["image"]).load()
+            volume.setdefault("logits", {})[axes] = predictor.predict_logits(image, volume["spacing"], name=volume["name"])
+            volume.setdefault("truth", read_volume(volume["label"]).load() != 0)
+            logger.info("predicted %s (%s), mirror axes %s", volume["name"], volume["structure"], axes)
+        predict_seconds[str(list(axes))] = round(time.perf_counter() - start, 1)
     choices, grids = {}, {}
     for structure in sorted({v["structure"] for v in volumes}):
         members = [v for v in volumes if v["structure"] == structure]
         structure_splits = splits if category_of(structure) == "isolated" else (0.0,)
         rows = []
-        for threshold, split, min_voxels in itertools.product(thresholds, structure_splits, min_components):
+        for axes, threshold, split, min_voxels in itertools.product(mirrors, thresholds, structure_splits,
+                                                                    min_components):
             settings = dataclasses.replace(base, threshold=threshold, split_touching=split,
                                            min_component_voxels=min_voxels)
-            scores = [leaderboard_score(structure, predictor.binary_mask(v["logits"], settings=settings), v["truth"])
-                      for v in members]
-            row = {"threshold": threshold, "split_touching": split, "min_component_voxels": min_voxels}
+            scores = [leaderboard_score(structure, predictor.binary_mask(v["logits"][axes], settings=settings),
+                                        v["truth"]) for v in members]
+            row = {"mirror_axes": list(axes), "threshold": threshold, "split_touching": split,
+                   "min_component_voxels": min_voxels}
             for key in scores[0]:
                 row[key] = round(float(np.nanmean([s[key] for s in scores])), 5)
             rows.append(row)
         # Best mean score; ties go to the simpler setting (the grid's earlier, plainer entries).
         best = max(rows, key=lambda r: r["score"])
-        at_base = next(r for r in rows if r["threshold"] == min(thresholds, key=lambda t: abs(t - base.threshold))
+        at_base = next(r for r in rows if r["mirror_axes"] == list(base.mirror_axes)
+                       and r["threshold"] == min(thresholds, key=lambda t: abs(t - base.threshold))
                        and r["split_touching"] == base.split_touching
                        and r["min_component_voxels"] == base.min_component_voxels) if rows else None
         choices[structure] = {"threshold": best["threshold"], "split_touching": best["split_touching"],
                               "min_component_voxels": best["min_component_voxels"]}
+        if len(mirrors) > 1 or best["mirror_axes"]:  # manifests tuned without mirroring stay as they were
+            choices[structure]["mirror_axes"] = best["mirror_axes"]
         grids[structure] = {"volumes": [v["name"] for v in members], "best": best, "at_manifest_settings": at_base,
                             "grid": rows}
         logger.info("%s: %s -> mean score %.4f (%s)", structure, choices[structure], best["score"],
                     ", ".join(f"{k} {best[k]:.4f}" for k in best if k not in choices[structure]))
-    return {"per_structure": choices, "validation": grids, "predict_seconds": round(predict_seconds, 1)}
+    return {"per_structure": choices, "validation": grids, "predict_seconds": predict_seconds}
 
 
 def write_choices(manifest_path: Path, result: dict) -> Path:
@@ -134,10 +147,13 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", type=Path, required=True, help="weights manifest or folder to tune")
     parser.add_argument("--out", type=Path, help="JSON with the whole grid (default: print the choices only)")
     parser.add_argument("--write", action="store_true", help="store the choices in the manifest")
+    parser.add_argument("--mirror", action="store_true",
+                        help="also predict with test-time mirroring on every axis (8x the time) and let "
+                             "each structure choose")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_run_config(FinetuneConfig, args.config)
-    result = tune(config, args.weights)
+    result = tune(config, args.weights, mirrors=((), MIRROR_ALL) if args.mirror else ((),))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

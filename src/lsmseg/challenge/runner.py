@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..config import parse_mirror_axes
 from ..errors import EXIT_FAILED, EXIT_TERMINATED, EXIT_USAGE, LsmsegError
 from ..inference.engines import ENGINES
 from .exec import run_exec
@@ -129,6 +130,10 @@ def _add_options(p: argparse.ArgumentParser, with_mode: bool) -> None:
     p.add_argument("--engine", choices=ENGINES, default=env("LSMSEG_ENGINE") or "auto",
                    help="network runtime (env LSMSEG_ENGINE; default auto: ONNX Runtime on CPU when installed, "
                    "else PyTorch)")
+    p.add_argument("--mirror-axes", type=parse_mirror_axes, default=env("LSMSEG_MIRROR_AXES") or None,
+                   metavar="none|all|ZYX",
+                   help="test-time mirroring (env LSMSEG_MIRROR_AXES; default: the manifest's, per structure; "
+                   "none: one pass per window, e.g. on a CPU without time for 8)")
     p.add_argument("--mask-value", type=int, choices=[1, 255], default=1,
                    help="foreground value (1 for the challenge; 255 for viewers)")
     p.add_argument("--max-voxels", type=_positive_int, default=None, metavar="N",
@@ -175,6 +180,7 @@ def settings_from_args(args) -> ChallengeSettings:
         structure=args.structure,
         device=args.device,
         engine=args.engine,
+        mirror_axes=args.mirror_axes,
         mask_value=args.mask_value,
         progress=progress,
         provenance_dir=_env_path("LSMSEG_PROVENANCE_DIR", None),

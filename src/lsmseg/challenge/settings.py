@@ -37,6 +37,7 @@ class ChallengeSettings:
     structure: str | None = None
     device: str | None = None
     engine: str = "auto"  # lsmseg.inference.engines.ENGINES
+    mirror_axes: tuple[int, ...] | None = None  # test-time mirroring; None: the manifest's, per structure
     mask_value: int = 1
     progress: bool = False
     model_dir: Path = GRAND_CHALLENGE_MODEL_DIR
@@ -61,7 +62,7 @@ def load_predictor(settings: ChallengeSettings):
     options = RunOptions(structure=settings.structure, progress=settings.progress, mask_value=settings.mask_value,
                          max_voxels=settings.max_voxels)
     return Predictor.from_manifest(resolve_weights(settings), device=settings.device, engine=settings.engine,
-                                   options=options)
+                                   options=options, mirror_axes=settings.mirror_axes)
 
 
 def ensure_writable(folder: Path) -> None:

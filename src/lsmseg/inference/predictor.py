@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 from pathlib import Path
@@ -234,7 +235,17 @@ class Predictor:
             return contextlib.nullcontext()
         return torch.autocast(device_type=kind, dtype=autocast_dtype(self.precision))
 
-    def run_windows(self, windows: torch.Tensor, on_device: bool = False) -> torch.Tensor:
+    def _network(self, windows: torch.Tensor, on_device: bool) -> torch.Tensor:
+        """One pass of the network: logits (float32) of channel 0 for a batch of windows."""
+        if self._onnx is not None:
+            return self._onnx(windows)[:, :1]
+        with torch.inference_mode(), self._autocast():
+            out = self.model(windows.to(self.device, non_blocking=True))
+        out = out[:, :1].float()
+        return out if on_device else out.cpu()
+
+    def run_windows(self, windows: torch.Tensor, on_device: bool = False,
+                    mirror_axes: Sequence[int] = ()) -> torch.Tensor:
         """Model logits (float32) for a batch of normalised windows (N, 1, *roi).
 
         Args:
@@ -242,13 +253,15 @@ class Predictor:
                 the predictor's device.
             on_device: leave the logits on the predictor's device (to blend them there); default:
                 on the host. ONNX Runtime's are on the host either way.
+            mirror_axes: test-time mirroring: the mean of the logits of the windows as given and
+                flipped along every non-empty combination of these spatial axes (0 z, 1 y, 2 x),
+                each flipped back (``InferenceSettings.mirror_axes``); () one pass.
         """
-        if self._onnx is not None:
-            return self._onnx(windows)[:, :1]
-        with torch.inference_mode(), self._autocast():
-            out = self.model(windows.to(self.device, non_blocking=True))
-        out = out[:, :1].float()
-        return out if on_device else out.cpu()
+        logits = self._network(windows, on_device)
+        flips = mirror_flips(mirror_axes)
+        for dims in flips:  # out of place: inference tensors refuse in-place updates
+            logits = logits + torch.flip(self._network(torch.flip(windows, dims), on_device), dims)
+        return logits / (1 + len(flips)) if flips else logits
 
     def background_logits(self, level: float, window: Sequence[int] | None = None) -> torch.Tensor:
         """What a skipped window contributes: the mean of the model's logits for a uniform window
@@ -257,7 +270,8 @@ class Predictor:
         The mean, not the answer itself: a network's answer to a constant window can rise above the
         threshold near the window's faces (the shipped real-data model does on ~2 % of it), and a
         field of skipped windows would repeat that pattern as false structure (tests/unit/
-        test_foreground.py). Computed once per level.
+        test_foreground.py). Computed once per level. Test-time mirroring would not change it: a
+        uniform window is its own mirror image, and flipping an answer back keeps its mean.
         """
         window = tuple(int(w) for w in (window or self.roi))
         key = (round(float(level), 6), window)
@@ -302,7 +316,8 @@ class Predictor:
         return region, skip
 
     def block_logits(self, plan: BlockPlan, block: Block, region: np.ndarray, skip, background: Background | None,
-                     on_windows: Callable[[int], object] | None = None) -> np.ndarray:
+                     on_windows: Callable[[int], object] | None = None,
+                     settings: InferenceSettings | None = None) -> np.ndarray:
         """Blended logits on one block from its normalised input region.
 
         Args:
@@ -310,14 +325,16 @@ class Predictor:
             region, skip: what :meth:`load_block` returned.
             background: the volume's dark level (a skipped window contributes the model's answer to it).
             on_windows: called with ``n`` after every batch of ``n`` windows the network ran (progress).
+            settings: the volume's settings (:meth:`settings_for`: its structure's mirroring);
+                default ``self.settings``.
         """
-        settings = self.settings
+        settings = settings or self.settings
         weights = blend_weights(plan.roi, settings.blend, settings.sigma_scale)
         background_logits = (
             self.background_logits(background.level, plan.roi) if skip is not None and any(skip) else None
         )
         device = self.accumulation_device(block)
-        run = functools.partial(self.run_windows, on_device=device is not None)
+        run = functools.partial(self.run_windows, on_device=device is not None, mirror_axes=settings.mirror_axes)
         if on_windows is not None:
             run = _counted(run, on_windows)
         return accumulate_block(plan, block, region, run, weights, settings.sw_batch_size, skip, background_logits,
@@ -331,13 +348,15 @@ class Predictor:
         return accumulation_device(self.device, block.shape)
 
     def iter_block_logits(self, plan: BlockPlan, source, lo, hi, background: Background | None, stats: BlockStats,
-                          desc: str | None = None, on_raw=None) -> Iterator[tuple[Block, np.ndarray]]:
+                          desc: str | None = None, on_raw=None,
+                          settings: InferenceSettings | None = None) -> Iterator[tuple[Block, np.ndarray]]:
         """Yield ``(block, logits)`` for every block of ``plan``, z-major; reads overlap compute.
 
         Args:
             plan, source, lo, hi, background, on_raw: as for :meth:`load_block`.
             stats: counts the windows run and skipped (:meth:`BlockStats.start` of this plan).
             desc: the progress bar's label.
+            settings: the volume's settings (as for :meth:`block_logits`).
         """
         # Progress inside the volume: windows (run or skipped as background), with an ETA.
         bar = tqdm(
@@ -348,7 +367,8 @@ class Predictor:
         load = lambda block: self.load_block(plan, block, source, lo, hi, background, on_raw)  # noqa: E731
         try:
             for block, (region, skip) in prefetched(plan.blocks, load, enabled=prefetch):
-                logits = self.block_logits(plan, block, region, skip, background, on_windows=bar.update)
+                logits = self.block_logits(plan, block, region, skip, background, on_windows=bar.update,
+                                           settings=settings)
                 if skip is not None:
                     bar.update(sum(skip))
                 stats.count(plan, block, skip)
@@ -361,13 +381,15 @@ class Predictor:
         """The dark background of a normalised volume (from its subsample), or None."""
         return estimate_background(subsample(normalised, self.sample_voxels))
 
-    def _normalised_logits(self, image: np.ndarray, desc: str | None) -> tuple[np.ndarray, BlockStats]:
+    def _normalised_logits(self, image: np.ndarray, desc: str | None,
+                           settings: InferenceSettings | None = None) -> tuple[np.ndarray, BlockStats]:
         image = np.asarray(image, dtype=np.float32)
         background = self._background(image) if self.options.skip_background else None
         plan = self.plan(image.shape, self.options.block_size)
         stats = BlockStats.start(plan, background)
         logits = np.empty(image.shape, dtype=np.float32)
-        for block, block_logits in self.iter_block_logits(plan, image, None, None, background, stats, desc=desc):
+        for block, block_logits in self.iter_block_logits(plan, image, None, None, background, stats, desc=desc,
+                                                          settings=settings):
             logits[block.out] = block_logits
         return logits, stats
 
@@ -389,12 +411,13 @@ class Predictor:
             raise InputError(name, f"volume contains {bad} NaN/Inf voxel(s); refusing to guess their values")
         lo, hi = percentiles(array, self.settings.lower_percentile, self.settings.upper_percentile, self.sample_voxels)
         normalised = normalise(array, lo, hi)
+        settings = self.settings_for(name)  # its structure's mirroring
         target = self.resample_target(spacing)
         if target is None:
-            return self._normalised_logits(normalised, desc=name)
+            return self._normalised_logits(normalised, desc=name, settings=settings)
         new_shape = [max(1, round(n * s / t)) for n, s, t in zip(array.shape, spacing, target)]
         logger.info("%s: resampling %s at %s um to %s at %s um", name, array.shape, tuple(spacing), tuple(new_shape), target)
-        logits, stats = self._normalised_logits(_resize(normalised, new_shape), desc=name)
+        logits, stats = self._normalised_logits(_resize(normalised, new_shape), desc=name, settings=settings)
         return _resize(logits, array.shape), stats
 
     def predict_logits(self, image, spacing: Sequence[float] | None = None, name: str = "volume") -> np.ndarray:
@@ -525,7 +548,7 @@ class Predictor:
             return
         for block, logits in self.iter_block_logits(
             plan, volume.data, prepared.lo, prepared.hi, prepared.background, stats, desc=desc,
-            on_raw=self.check_finite(volume.path),
+            on_raw=self.check_finite(volume.path), settings=prepared.settings,
         ):
             if on_logits is not None:
                 on_logits(block.out, logits)
@@ -548,6 +571,12 @@ class Predictor:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def mirror_flips(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """The tensor dims (N, C, z, y, x) of every non-empty combination of the spatial ``mirror_axes``."""
+    dims = [int(a) + 2 for a in mirror_axes]
+    return [flip for k in range(1, len(dims) + 1) for flip in itertools.combinations(dims, k)]
 
 
 def _counted(run_windows: Callable, on_windows: Callable[[int], object]) -> Callable:

@@ -120,7 +120,8 @@ def predict_file(
     effective = predictor.settings_for(case_name or volume.name)
     postprocess = {"structure": options.structure or structure_from_name(case_name or volume.name),
                    "threshold": effective.threshold, "split_touching": effective.split_touching,
-                   "min_component_voxels": effective.min_component_voxels}
+                   "min_component_voxels": effective.min_component_voxels,
+                   "mirror_axes": list(effective.mirror_axes)}
     record = write_provenance(
         predictor, input_path, output_path, volume, provenance_path, stats=stats, resampled_to=target,
         foreground=counter.foreground, timings=timings, postprocess=postprocess,
