@@ -22,11 +22,16 @@ DICE_BUDGET = 0.002  # issue 13: half-precision masks within this Dice (vs label
 
 
 @functools.cache
-def shipped(gpu, device=None, precision="fp32", min_component_voxels=None, block_size=None) -> Predictor:
-    """The shipped weights in PyTorch (no ONNX Runtime), with the stand-in's smaller window on the CPU; loaded once."""
+def shipped(gpu, device=None, precision="fp32", min_component_voxels=None, block_size=None,
+            mirror_axes=()) -> Predictor:
+    """The shipped weights in PyTorch (no ONNX Runtime), with the stand-in's smaller window on the CPU; loaded once.
+
+    One pass per window unless ``mirror_axes`` says otherwise (the manifest mirrors vessels: 8x the
+    time on the CPU stand-in, where ``gpu_check.sh --dry-run`` must stay under 3 minutes)."""
     options = RunOptions(progress=False, block_size=block_size, prefetch=True if block_size else None)
     predictor = Predictor.from_manifest(device=device or gpu.device, precision=precision, engine="torch",
-                                        options=options, min_component_voxels=min_component_voxels)
+                                        options=options, min_component_voxels=min_component_voxels,
+                                        mirror_axes=mirror_axes)
     predictor.model_config = dataclasses.replace(predictor.model_config, roi=gpu.roi(predictor.model_config.roi))
     return predictor
 
@@ -48,6 +53,19 @@ def test_cuda_logits_match_the_cpu(gpu, sample_volumes):
                max_abs_difference=difference, flipped_share=flipped,
                tf32=bool(torch.backends.cudnn.allow_tf32))
     assert difference <= LOGIT_ATOL and flipped <= MAX_FLIPPED
+
+
+def test_cuda_mirrored_logits_match_the_cpu(gpu, sample_volumes):
+    """Test-time mirroring on the GPU (flips and averaging in device memory) equals the CPU's."""
+    image = load(gpu, sample_volumes[0][0])
+    mirrored = shipped(gpu, mirror_axes=(0, 1, 2))
+    on_cpu = shipped(gpu, device=None if gpu.stand_in else torch.device("cpu"), mirror_axes=(0, 1, 2))
+    on_gpu = mirrored.predict_logits(image)
+    difference = float(np.abs(on_cpu.predict_logits(image) - on_gpu).max())
+    moved = float(np.abs(on_gpu - shipped(gpu).predict_logits(image)).max())  # mirroring did run
+    gpu.report("cpu_vs_cuda_mirrored_logits", volume=sample_volumes[0][0].name, shape=image.shape,
+               max_abs_difference=difference, mirroring_moved_logits_by=moved)
+    assert difference <= LOGIT_ATOL and moved > 2 * LOGIT_ATOL
 
 
 def _half_precision_against_fp32(gpu, volumes, precision):
@@ -102,8 +120,9 @@ def test_blockwise_on_cuda_equals_one_pass(gpu, sample_volumes, tmp_path):
     # Small components are removed block by block (kept where cut by a block face), so compare without it.
     one_pass = shipped(gpu, min_component_voxels=0)
     blocks = shipped(gpu, min_component_voxels=0, block_size=(32, 32, 32) if gpu.stand_in else (24, 64, 64))
-    whole = one_pass.predict_logits(image)
-    pieces = blocks.predict_logits(image)
+    # Named as the file: its structure's settings apply to both sides.
+    whole = one_pass.predict_logits(image, name=path.name)
+    pieces = blocks.predict_logits(image, name=path.name)
     difference = float(np.abs(whole - pieces).max())
     result = predict_file(blocks, path, tmp_path / "out" / "vessels.tif")
     written = read_volume(tmp_path / "out" / "vessels.tif").load()

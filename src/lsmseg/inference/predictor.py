@@ -9,7 +9,8 @@ through :mod:`.run` (:func:`.run.predict_files`), which uses the block API here.
 
 Pipeline: percentiles on a subsample (:mod:`lsmseg.normalise`) -> blocks (:mod:`.blocks`): for each
 output block, read and normalise its input region, skip uniformly dark windows (:mod:`.foreground`),
-run and Gaussian-blend every window of the global grid that touches the block -> post-process
+run (mirrored and averaged where the structure's settings say) and Gaussian-blend every window of
+the global grid that touches the block -> post-process
 (:mod:`.postprocess`). In-memory arrays take the same path with one block; volumes that must be
 resampled to the model's spacing are resampled in memory. :mod:`lsmseg.distributed` spreads the
 same blocks over dask workers.
