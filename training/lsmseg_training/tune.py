@@ -87,7 +87,8 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
         for volume in volumes:
             image = read_volume(volume["image"]).load()
             volume.setdefault("logits", {})[axes] = predictor.predict_logits(image, volume["spacing"], name=volume["name"])
-            volume.setdefault("truth", read_volume(volume["label"]).load() != 0)
+            if "truth" not in volume:
+                volume["truth"] = read_volume(volume["label"]).load() != 0
             logger.info("predicted %s (%s), mirror axes %s", volume["name"], volume["structure"], axes)
         predict_seconds[str(list(axes))] = round(time.perf_counter() - start, 1)
     choices, grids = {}, {}
