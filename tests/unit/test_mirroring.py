@@ -29,9 +29,9 @@ def model():
     return CountingModel().eval()
 
 
-def predictor_for(model, config, **settings):
+def predictor_for(model, config, skip_background=True, **settings):
     return Predictor(model, config, InferenceSettings(overlap=0.5, **settings), device="cpu", engine="torch",
-                     options=RunOptions(progress=False))
+                     options=RunOptions(progress=False, skip_background=skip_background))
 
 
 def test_mirror_flips_are_every_non_empty_combination_of_the_axes():
@@ -64,17 +64,15 @@ def test_volume_logits_with_mirroring_equal_the_mirrored_volume_for_a_symmetric_
     x the mean of the volume's logits and its flipped volume's flipped back."""
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(32, 64, 64)).astype(np.float32) * 100 + 1000
-    plain = predictor_for(model, tiny_model_config)
-    plain.options = RunOptions(progress=False, skip_background=False)
-    mirrored = predictor_for(model, tiny_model_config, mirror_axes=(2,))
-    mirrored.options = plain.options
+    plain = predictor_for(model, tiny_model_config, skip_background=False)
+    mirrored = predictor_for(model, tiny_model_config, skip_background=False, mirror_axes=(2,))
     expected = (plain.predict_logits(volume) + plain.predict_logits(volume[:, :, ::-1])[:, :, ::-1]) / 2
     np.testing.assert_allclose(mirrored.predict_logits(volume), expected, atol=1e-5)
 
 
 def test_mirroring_applies_per_structure(model, tiny_model_config):
-    predictor = predictor_for(model, tiny_model_config, per_structure={"cfos_neuron": {"mirror_axes": [0, 1, 2]}})
-    predictor.options = RunOptions(progress=False, skip_background=False)
+    predictor = predictor_for(model, tiny_model_config, skip_background=False,
+                              per_structure={"cfos_neuron": {"mirror_axes": [0, 1, 2]}})
     volume = np.random.default_rng(1).normal(size=(32, 64, 64)).astype(np.float32)
     model.calls = 0
     predictor.predict_volume(volume, name="blood_vessel_case.tif")

@@ -35,7 +35,7 @@ MIRROR_ALL = (0, 1, 2)  # InferenceSettings.mirror_axes: every flip the model tr
 
 
 def validation_volumes(config) -> list[dict]:
-    """(name, structure, image path, label path, spacing, nonzero) of every validation volume."""
+    """(name, structure, image path, label path, spacing) of every validation volume."""
     from .data import set_volumes
 
     volumes = []
@@ -79,18 +79,18 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     base = dataclasses.replace(predictor.settings, per_structure={})
     mirrors = [tuple(axes) for axes in mirrors]
     volumes = validation_volumes(config)
-    predict_seconds = {}
-    for axes in mirrors:
-        # Validation names carry no structure prefix: the mirroring is set for the whole predictor.
-        predictor.settings = dataclasses.replace(base, mirror_axes=axes)
-        start = time.perf_counter()
-        for volume in volumes:
-            image = read_volume(volume["image"]).load()
-            volume.setdefault("logits", {})[axes] = predictor.predict_logits(image, volume["spacing"], name=volume["name"])
-            if "truth" not in volume:
-                volume["truth"] = read_volume(volume["label"]).load() != 0
+    predict_seconds = dict.fromkeys(mirrors, 0.0)
+    for volume in volumes:
+        image = read_volume(volume["image"]).load()
+        volume["truth"] = read_volume(volume["label"]).load() != 0
+        volume["logits"] = {}
+        for axes in mirrors:
+            # Validation names carry no structure prefix: the mirroring is set for the whole predictor.
+            predictor.settings = dataclasses.replace(base, mirror_axes=axes)
+            start = time.perf_counter()
+            volume["logits"][axes] = predictor.predict_logits(image, volume["spacing"], name=volume["name"])
+            predict_seconds[axes] += time.perf_counter() - start
             logger.info("predicted %s (%s), mirror axes %s", volume["name"], volume["structure"], axes)
-        predict_seconds[str(list(axes))] = round(time.perf_counter() - start, 1)
     choices, grids = {}, {}
     for structure in sorted({v["structure"] for v in volumes}):
         members = [v for v in volumes if v["structure"] == structure]
@@ -121,7 +121,8 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
                             "grid": rows}
         logger.info("%s: %s -> mean score %.4f (%s)", structure, choices[structure], best["score"],
                     ", ".join(f"{k} {best[k]:.4f}" for k in best if k not in choices[structure]))
-    return {"per_structure": choices, "validation": grids, "predict_seconds": predict_seconds}
+    return {"per_structure": choices, "validation": grids,
+            "predict_seconds": {str(list(axes)): round(seconds, 1) for axes, seconds in predict_seconds.items()}}
 
 
 def write_choices(manifest_path: Path, result: dict) -> Path:
