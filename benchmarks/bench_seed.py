@@ -69,7 +69,8 @@ def child(spec: dict) -> dict:
 
         with Timer() as timer:
             volume = io.read_volume(spec["input"])
-            normalised = normalise_volume(volume.load(), settings.lower_percentile, settings.upper_percentile)
+            normalised = normalise_volume(volume.load(), settings.lower_percentile, settings.upper_percentile,
+                                          upper_tail=settings.upper_tail)
             with torch.inference_mode():
                 logits = sliding_window_inference(
                     torch.from_numpy(normalised)[None, None], roi, 4, model, overlap=0.5, mode="gaussian",

@@ -58,7 +58,8 @@ def child(spec: dict) -> dict:
 
         with Timer() as timer:
             image = io.read_volume(spec["input"]).load()
-            normalised = normalise_volume(image, settings.lower_percentile, settings.upper_percentile)
+            normalised = normalise_volume(image, settings.lower_percentile, settings.upper_percentile,
+                                          upper_tail=settings.upper_tail)
             with torch.inference_mode():  # fp32, windows and blending on the device (the seed's pipeline)
                 logits = sliding_window_inference(
                     torch.from_numpy(normalised)[None, None].to(device), tuple(config.roi),

@@ -120,6 +120,10 @@ def candidates(config) -> list[dict]:
 
 
 def pack_real(config, out: Path, budget: int) -> tuple[list[dict], list[dict]]:
+    if config.data.upper_tail != "clip":
+        # The uint8 copies hold the clipped [0, 1] range; a "log" tail would be lost without a word.
+        raise SystemExit(f"ERROR: data.upper_tail {config.data.upper_tail!r}: packed uint8 copies keep only the "
+                         "clipped range; pack a config with upper_tail: clip")
     packed, left_out, used = [], [], 0
     for item in candidates(config):
         volume_set = item["volume_set"]

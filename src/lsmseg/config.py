@@ -190,6 +190,8 @@ class InferenceSettings:
     sigma_scale: float = 0.125
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
+    # Above the upper percentile: "clip" (saturate at 1) or "log" (1 + ln x); lsmseg.normalise.normalise.
+    upper_tail: typing.Literal["clip", "log"] = "clip"
     # Voxel spacing (z, y, x, micrometres) the model was trained at; None: never resample.
     spacing: tuple[float, float, float] | None = None
     spacing_tolerance: float = 0.25  # relative difference below which no resampling is done
@@ -220,6 +222,8 @@ class InferenceSettings:
             raise ValueError("min_component_voxels must be >= 0")
         if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
             raise ValueError("percentiles must satisfy 0 <= lower < upper <= 100")
+        if self.upper_tail not in ("clip", "log"):
+            raise ValueError(f"upper_tail {self.upper_tail!r} must be 'clip' or 'log'")
         if self.split_touching < 0:
             raise ValueError("split_touching must be >= 0")
         self.mirror_axes = tuple(int(a) for a in self.mirror_axes)

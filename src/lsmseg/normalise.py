@@ -15,6 +15,11 @@ import numpy as np
 DEFAULT_LOWER = 0.5
 DEFAULT_UPPER = 99.5
 DEFAULT_MAX_SAMPLES = 4_000_000
+# Above the upper percentile: "clip" saturates at 1; "log" continues as 1 + ln(x), so that objects
+# brighter than the haze around them stay brighter. Sparse bright objects need it: in DELiVR's
+# microglia patches of brain 7466 every labelled voxel lies above the 99.5th percentile, and
+# nine in ten voxels there are not labelled (training/README.md).
+UPPER_TAILS = ("clip", "log")
 
 
 def subsample(array, max_samples: int = DEFAULT_MAX_SAMPLES) -> np.ndarray:
@@ -66,20 +71,30 @@ def percentiles(
     return float(lo), float(hi)
 
 
-def normalise(array, lo: float, hi: float) -> np.ndarray:
-    """Scale ``array`` so that ``lo -> 0`` and ``hi -> 1``, clipped to [0, 1], as float32.
+def normalise(array, lo: float, hi: float, upper_tail: str = "clip") -> np.ndarray:
+    """Scale ``array`` so that ``lo -> 0`` and ``hi -> 1``, as float32; values below ``lo`` become 0.
 
     A constant volume (``hi <= lo``) maps to zeros: there is no contrast to segment.
 
     Args:
         array: intensities (any shape).
         lo, hi: the volume's range (:func:`percentiles`).
+        upper_tail: what happens above ``hi``: ``"clip"`` saturates at 1; ``"log"`` maps a scaled
+            value ``x > 1`` to ``1 + ln(x)`` (continuous, slope 1 at 1, slow growth: a voxel 20x
+            brighter than ``hi`` becomes 4.0).
     """
+    if upper_tail not in UPPER_TAILS:
+        raise ValueError(f"upper_tail {upper_tail!r} must be one of {', '.join(UPPER_TAILS)}")
     out = np.asarray(array, dtype=np.float32)
     if hi <= lo:
         return np.zeros(out.shape, dtype=np.float32)
     out = (out - np.float32(lo)) * np.float32(1.0 / (hi - lo))
-    return np.clip(out, 0.0, 1.0, out=out)
+    if upper_tail == "clip":
+        return np.clip(out, 0.0, 1.0, out=out)
+    np.maximum(out, 0.0, out=out)
+    above = out > 1.0
+    out[above] = 1.0 + np.log(out[above])
+    return out
 
 
 def is_constant(data, planes_per_read: int = 16) -> bool:
@@ -112,8 +127,10 @@ def _holds_one_value(slabs) -> bool:
 
 
 def normalise_volume(
-    array, lower: float = DEFAULT_LOWER, upper: float = DEFAULT_UPPER, max_samples: int = DEFAULT_MAX_SAMPLES
+    array, lower: float = DEFAULT_LOWER, upper: float = DEFAULT_UPPER, max_samples: int = DEFAULT_MAX_SAMPLES,
+    upper_tail: str = "clip",
 ) -> np.ndarray:
-    """Percentile-normalise a whole (in-memory) volume in one call (arguments as for :func:`percentiles`)."""
+    """Percentile-normalise a whole (in-memory) volume in one call (arguments as for :func:`percentiles`
+    and :func:`normalise`)."""
     lo, hi = percentiles(array, lower, upper, max_samples)
-    return normalise(array, lo, hi)
+    return normalise(array, lo, hi, upper_tail)

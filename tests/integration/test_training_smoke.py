@@ -23,9 +23,10 @@ def lsmseg(*args, cwd, launcher=None):
     return run_lsmseg(*args, cwd=cwd, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
 
 
-def _config(tmp_path, name, **changes):
+def _config(tmp_path, name, data_changes=None, **changes):
     data = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     data.update(changes)
+    data["data"].update(data_changes or {})
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -39,7 +40,8 @@ def smoke_run(tmp_path_factory):
     assert first.returncode == 0, first.stderr
     resumed = lsmseg("pretrain", "-c", _config(work, "smoke_pretrain"), "--resume", cwd=work)
     assert resumed.returncode == 0, resumed.stderr
-    finetune = lsmseg("finetune", "-c", _config(work, "smoke_finetune"), cwd=work)
+    # Fine-tuned with the "log" upper tail from a clipped pretraining, as the ablation in training/README.md.
+    finetune = lsmseg("finetune", "-c", _config(work, "smoke_finetune", data_changes={"upper_tail": "log"}), cwd=work)
     assert finetune.returncode == 0, finetune.stderr
     export = lsmseg("export", "runs/smoke/finetune", "-o", "weights", "--min-component-voxels", "5", cwd=work)
     assert export.returncode == 0, export.stderr
@@ -75,9 +77,11 @@ def test_export_manifest_then_predict_with_it(smoke_run):
     assert entry.inference.min_component_voxels == 5
     assert entry.inference.threshold == entry.validation["threshold"]
     assert entry.inference.spacing is None  # the smoke run trains on the native grid
+    assert entry.inference.upper_tail == "log"  # inference normalises as training did
     assert set(entry.validation["per_volume"]) == {"vessels_100", "nuclei_100"}
     assert len(entry.provenance["training_data"]["sha256"]) == 64
     assert entry.provenance["training_config"]["name"] == "smoke_finetune"
+    assert "train" in entry.provenance["splits"]  # by source; the smoke sets name no source pattern
     assert entry.provenance["versions"]["torch"]
 
     image_path, _ = _phantom(work)
@@ -87,6 +91,7 @@ def test_export_manifest_then_predict_with_it(smoke_run):
     assert mask.shape == io.read_volume(image_path).shape and set(np.unique(mask)) <= {0, 1}
     provenance = json.loads((work / "masks" / "cells_7.tif.provenance.json").read_text())
     assert provenance["weights"]["sha256"] == entry.sha256
+    assert provenance["parameters"]["inference"]["upper_tail"] == "log"
 
 
 def test_training_writes_its_curves(smoke_run):

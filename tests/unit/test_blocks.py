@@ -92,6 +92,26 @@ def test_lazy_file_prediction_equals_in_memory(conv_model, tiny_model_config, tm
     assert provenance["blocks"]["windows"] == record["blocks"]["windows"] > 0
 
 
+def test_log_upper_tail_reaches_every_path(conv_model, tiny_model_config, tmp_path):
+    """upper_tail "log" is applied alike in memory and block by block from a file."""
+    rng = np.random.default_rng(2)
+    volume = rng.integers(100, 1000, (36, 80, 72)).astype(np.uint16)
+    volume[10:20, 20:40, 20:40] = rng.integers(5000, 20000, (10, 20, 20))  # a tail far above the 99.5th percentile
+    io.write_volume(volume, tmp_path / "v.tif")
+    settings = InferenceSettings(overlap=0.5, upper_tail="log")
+    memory = Predictor(conv_model, tiny_model_config, settings, device="cpu", engine="torch",
+                       options=RunOptions(progress=False))
+    blockwise = Predictor(conv_model, tiny_model_config, settings, device="cpu", engine="torch",
+                          options=RunOptions(progress=False, block_size=(20, 32, 40)))
+    clipped = make_predictor(conv_model, tiny_model_config)
+    expected = memory.predict_logits(volume)
+    assert not np.allclose(expected, clipped.predict_logits(volume))  # the tail changed the input
+    predict_file(blockwise, tmp_path / "v.tif", tmp_path / "out" / "v.tif")
+    np.testing.assert_array_equal(io.read_volume(tmp_path / "out" / "v.tif").load(), memory.predict_volume(volume))
+    provenance = json.loads((tmp_path / "out" / "v.tif.provenance.json").read_text())
+    assert provenance["parameters"]["inference"]["upper_tail"] == "log"
+
+
 def test_plane_folder_and_zarr_outputs_written_block_by_block(conv_model, tiny_model_config, tmp_path):
     rng = np.random.default_rng(2)
     volume = rng.integers(0, 255, (12, 48, 40)).astype(np.uint8)

@@ -50,3 +50,23 @@ def test_subsample_reads_lazy_arrays_by_plane():
     lazy = Lazy()
     sample = subsample(lazy, 10_000)
     assert sample.ndim == 3 and lazy.reads == sample.shape[0] < 40
+
+
+def test_log_upper_tail_keeps_order_above_the_upper_percentile():
+    values = np.array([-5, 0, 5, 10, 20, 100, 1000], np.float32)
+    clipped, logged = normalise(values, 0.0, 10.0), normalise(values, 0.0, 10.0, "log")
+    np.testing.assert_array_equal(logged[:4], clipped[:4])  # up to hi: the same [0, 1] mapping
+    np.testing.assert_allclose(logged[4:], 1.0 + np.log([2.0, 10.0, 100.0]), rtol=1e-6)
+    assert clipped[4:].tolist() == [1.0, 1.0, 1.0]  # clip: the bright tail is one plateau
+    assert np.all(np.diff(logged[1:]) > 0)
+    # continuous at hi
+    assert normalise(np.float32([10.001]), 0.0, 10.0, "log")[0] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_unknown_upper_tail_is_refused():
+    with pytest.raises(ValueError, match="upper_tail"):
+        normalise(np.ones(3), 0.0, 1.0, "sqrt")
+    from lsmseg.config import InferenceSettings
+
+    with pytest.raises(ValueError, match="upper_tail"):
+        InferenceSettings(upper_tail="sqrt")

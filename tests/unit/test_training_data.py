@@ -101,6 +101,16 @@ def test_patch_reads_lazily_and_pads_short_axes(data_dir):
     np.testing.assert_allclose(image[first : first + 20], expected, atol=1e-5)
 
 
+def test_patch_follows_the_upper_tail_setting(data_dir):
+    data = _data(data_dir)
+    data.upper_tail = "log"
+    record = prepare_volumes(data, "train", need_labels=True, where="cfg")[0]
+    assert record.upper_tail == "log"
+    image, _ = read_patch(record, VolumeCache(0), (0, 0, 0), ROI, np.random.default_rng(0))
+    scaled = (io.read_volume(record.image).load() - record.lo) / (record.hi - record.lo)
+    assert image.max() == pytest.approx(1 + np.log(scaled[:, :64, :64].max()), rel=1e-4) and image.max() > 1
+
+
 def test_target_spacing_resamples_the_grid(data_dir):
     data = _data(data_dir)
     data.target_spacing = (2.0, 2.0, 2.0)

@@ -137,3 +137,12 @@ def test_max_seconds_stops_every_rank_together():
     assert not out_of_time(budget(3600.0), processes, timer)
     timer.start -= 10.0
     assert out_of_time(budget(5.0), processes, timer)
+
+
+def test_export_records_the_splits_by_source():
+    from lsmseg_training.export import splits_by_source
+
+    record = {"train": {"images:1008": ["p_1008_1", "p_1008_0"], "labels:1008": ["p_1008_2"], "volume.tif:volume": ["volume"]},
+              "validation": {"images:1147": ["p_1147_0"]}}
+    assert splits_by_source(record) == {"train": {"1008": ["p_1008_0", "p_1008_1", "p_1008_2"], "volume": ["volume"]},
+                                        "validation": {"1147": ["p_1147_0"]}}

@@ -1,15 +1,15 @@
 """lsmseg_training.tune: per-structure choices from the validation split, mirroring included."""
 
+import json
+
 import numpy as np
 
 from ..conftest import make_weights
 from lsmseg.synth.phantom import write_phantom
 
 
-def test_tune_scores_each_mirroring_and_writes_the_best_choice(tmp_path, tiny_model_config, tiny_model):
-    from lsmseg.inference import Predictor, RunOptions
+def _validation_config(tmp_path):
     from lsmseg_training.config import FinetuneConfig, load_run_config
-    from lsmseg_training.tune import MIRROR_ALL, tune, write_choices
 
     for seed in (1, 2):
         write_phantom(tmp_path / "data", "cells", (32, 64, 64), seed)
@@ -21,7 +21,14 @@ def test_tune_scores_each_mirroring_and_writes_the_best_choice(tmp_path, tiny_mo
         f"  validation:\n    - images: {tmp_path / 'data' / 'images'}\n"
         f"      labels: {tmp_path / 'data' / 'labels'}\n      structure: cfos_neuron\n"
     )
-    config = load_run_config(FinetuneConfig, config_path)
+    return load_run_config(FinetuneConfig, config_path)
+
+
+def test_tune_scores_each_mirroring_and_writes_the_best_choice(tmp_path, tiny_model_config, tiny_model):
+    from lsmseg.inference import Predictor, RunOptions
+    from lsmseg_training.tune import MIRROR_ALL, tune, write_choices
+
+    config = _validation_config(tmp_path)
     manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
 
     result = tune(config, manifest, thresholds=(0.3, 0.5), min_components=(0,), splits=(0.0,),
@@ -45,3 +52,31 @@ def test_tune_scores_each_mirroring_and_writes_the_best_choice(tmp_path, tiny_mo
     assert applied.mirror_axes == tuple(choice["mirror_axes"]) and applied.threshold == choice["threshold"]
     assert predictor.settings_for("blood_vessel_case.tif").mirror_axes == ()
     assert np.isfinite(best["score"])
+
+
+def test_tune_without_mirroring_leaves_it_out_of_the_choices(tmp_path, tiny_model_config, tiny_model):
+    """The default run (no --mirror): one prediction per volume, and the manifest's mirroring untouched."""
+    from lsmseg_training.tune import main
+
+    _validation_config(tmp_path)  # writes config.yaml
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+    out = tmp_path / "grid.json"
+    assert main(["-c", str(tmp_path / "config.yaml"), "--weights", str(manifest), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["predict_seconds"]) == {"[]"}
+    assert set(result["per_structure"]["cfos_neuron"]) == {"threshold", "split_touching", "min_component_voxels"}
+
+
+def test_default_threshold_chosen_on_phantoms_and_written(tmp_path, tiny_model_config, tiny_model):
+    from lsmseg.weights import load_manifest
+    from lsmseg_training.tune import phantom_threshold, write_choices
+
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+    chosen = phantom_threshold(manifest, thresholds=(0.3, 0.6, 0.7), kinds=("cells",), seeds=(1, 2),
+                               shape=(16, 48, 48))
+    dice = chosen["phantom_dice_by_threshold"]
+    assert set(dice) == {0.3, 0.6, 0.7} and chosen["threshold"] == max(dice, key=dice.get)
+    assert "2 validation phantoms (cells; seeds 1, 2, 16x48x48" in chosen["why"]
+    write_choices(manifest, {"per_structure": {}, "validation": {}, "default_threshold": chosen})  # was 0.5
+    entry = load_manifest(manifest).models["general"]
+    assert entry.inference.threshold == chosen["threshold"] and entry.validation["default_threshold"] == chosen

@@ -97,6 +97,8 @@ class DataConfig:
     downscale: float = 1.0  # extra in-plane (y, x) factor; the paper used 1/3
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
+    # Above the upper percentile: "clip" or "log" (lsmseg.normalise.normalise); recorded in the manifest.
+    upper_tail: typing.Literal["clip", "log"] = "clip"
     foreground_ratio: float = 0.5  # fine-tuning: share of patches centred on a foreground voxel
     workers: int = 0  # DataLoader worker processes
     cache_mb: int = 256  # volumes smaller than this are held in memory (per worker); larger ones read lazily

@@ -61,6 +61,7 @@ class VolumeRecord:
     foreground_fraction: float | None = None
     sparse: bool = False  # sparse label: ``foreground`` holds labelled positions, patches centre on them
     tubular: bool = False
+    upper_tail: str = "clip"  # lsmseg.normalise.normalise's, from data.upper_tail
 
     @property
     def resampled(self) -> bool:
@@ -272,6 +273,7 @@ def _index_volume(data: DataConfig, volume_set: VolumeSet, set_index: int, path:
         name=name, image=path, label=None, shape=volume.shape, spacing=spacing, lo=lo, hi=hi,
         factors=tuple(factors), grid=grid, set_index=set_index,
         nbytes=int(math.prod(volume.shape) * volume.dtype.itemsize), tubular=volume_set.tubular,
+        upper_tail=data.upper_tail,
     )
     if volume_set.labels is not None:
         label_path = _label_path(volume_set, path)
@@ -355,7 +357,8 @@ def read_patch(
         stop = max(start + 1, min(n, int(math.ceil((c + e) * f))))
         native.append(slice(start, stop))
     native = tuple(native)
-    image = normalise(np.asarray(cache.get(record.image, record.nbytes)[native]), record.lo, record.hi)
+    image = normalise(np.asarray(cache.get(record.image, record.nbytes)[native]), record.lo, record.hi,
+                      record.upper_tail)
     image = _resize(image, extent)
     label = None
     if record.label is not None:

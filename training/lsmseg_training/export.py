@@ -88,6 +88,7 @@ def export_run(
         min_component_voxels=int(min_component_voxels),
         lower_percentile=data["lower_percentile"],
         upper_percentile=data["upper_percentile"],
+        upper_tail=data.get("upper_tail", "clip"),  # runs before the option clipped
         spacing=training_spacing(data, record.get("data") or {}),
     )
     sha = save_weights(state, weights_dir / file_name)
@@ -116,6 +117,8 @@ def export_run(
         "validation_data": record.get("validation_data"),
         "versions": record.get("versions"),
     }
+    if record.get("splits"):
+        provenance["splits"] = splits_by_source(record["splits"])
     entry = WeightsEntry(
         file=file_name,
         sha256=sha,
@@ -139,6 +142,17 @@ def export_run(
     logger.info("exported %s (%s checkpoint, step %s) -> %s, sha256 %s..., threshold %.2f",
                 run, checkpoint, chosen.get("step"), weights_dir / file_name, sha[:12], settings.threshold)
     return manifest_path
+
+
+def splits_by_source(splits: dict) -> dict:
+    """``{split: {source: [volume names]}}`` from the run record's ``{split: {"set:source": [...]}}``."""
+    merged = {}
+    for split, groups in splits.items():
+        by_source = merged.setdefault(split, {})
+        for key, names in groups.items():
+            source = key.split(":", 1)[-1]
+            by_source[source] = sorted(set(by_source.get(source, [])) | set(names))
+    return merged
 
 
 def refuse_overwrite(weights_dir: Path, name: str, file_name: str) -> None:

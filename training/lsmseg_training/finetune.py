@@ -159,6 +159,7 @@ def validate(model: torch.nn.Module, config: FinetuneConfig, volumes: list[dict]
     settings = InferenceSettings(overlap=overlap, sw_batch_size=config.validation.sw_batch_size,
                                  lower_percentile=config.data.lower_percentile,
                                  upper_percentile=config.data.upper_percentile,
+                                 upper_tail=config.data.upper_tail,
                                  spacing=config.data.target_spacing)
     predictor = Predictor(unwrap(model), config.model, settings, device=device, options=RunOptions(progress=False))
     per_volume = {}

@@ -1,6 +1,6 @@
 """Per-structure post-processing chosen on the validation split, by the leaderboard's own metrics.
 
-``python -m lsmseg_training.tune -c CONFIG --weights DIR [--write]``
+``python -m lsmseg_training.tune -c CONFIG --weights DIR [--mirror] [--default-threshold] [--write]``
 
 Every validation volume of the config (each set names its ``structure``) is predicted once with the
 weights exactly as ``lsmseg predict`` applies them (the manifest's inference settings), and once
@@ -10,6 +10,8 @@ removal is scored with the SELMA3D 2026 metrics (lsmseg_evaluation.leaderboard: 
 for isolated structures, Dice + clDice for contiguous ones) and the one with the best mean of the
 two is chosen. ``--write`` stores the choices in the manifest entry's ``inference.per_structure``
 (the checkpoint and its checksum are unchanged) with the validation scores that chose them.
+``--default-threshold`` also chooses the threshold of structures without their own settings, on
+phantoms of cells, nuclei and plaques (no real validation data of those kinds exists here).
 
 The test split is never read here: choices made on it would make its scores optimistic.
 """
@@ -28,10 +30,15 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.97)
 MIN_COMPONENTS = (0, 10, 30, 100)
 SPLITS = (0.0, 1.0, 2.0)  # split_touching h (voxels); isolated structures only
 MIRROR_ALL = (0, 1, 2)  # InferenceSettings.mirror_axes: every flip the model trained with
+# The manifest's default threshold serves structures with no real validation data: chosen on
+# phantoms of those kinds, with seeds no training or validation config uses.
+PHANTOM_KINDS = ("cells", "nuclei", "plaques")
+PHANTOM_SEEDS = (701, 702)
+PHANTOM_SHAPE = (48, 128, 128)
 
 
 def validation_volumes(config) -> list[dict]:
@@ -120,9 +127,39 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
         grids[structure] = {"volumes": [v["name"] for v in members], "best": best, "at_manifest_settings": at_base,
                             "grid": rows}
         logger.info("%s: %s -> mean score %.4f (%s)", structure, choices[structure], best["score"],
-                    ", ".join(f"{k} {best[k]:.4f}" for k in best if k not in choices[structure]))
+                    ", ".join(f"{k} {best[k]:.4f}" for k in best if k not in choices[structure] and k != "mirror_axes"))
     return {"per_structure": choices, "validation": grids,
             "predict_seconds": {str(list(axes)): round(seconds, 1) for axes, seconds in predict_seconds.items()}}
+
+
+def phantom_threshold(manifest_path: Path, thresholds=THRESHOLDS, kinds=PHANTOM_KINDS, seeds=PHANTOM_SEEDS,
+                      shape=PHANTOM_SHAPE) -> dict:
+    """The threshold with the best mean Dice on phantoms of ``kinds`` (one pass per window, the
+    manifest's other settings; component removal does not apply: Dice hardly moves with it)."""
+    import dataclasses
+
+    import torch
+
+    from lsmseg.inference import Predictor, RunOptions
+    from lsmseg.synth.phantom import make_phantom
+    from lsmseg_evaluation.leaderboard import dice
+
+    predictor = Predictor.from_manifest(manifest_path, options=RunOptions(progress=False))
+    predictor.settings = dataclasses.replace(predictor.settings, per_structure={}, mirror_axes=())
+    scores = []
+    for kind, seed in itertools.product(kinds, seeds):
+        phantom = make_phantom(kind, shape, seed)
+        logits = predictor.predict_logits(phantom.image, phantom.spacing, name=f"{kind}_{seed}")
+        probabilities = torch.sigmoid(torch.from_numpy(logits)).numpy()
+        scores.append([dice(probabilities >= t, phantom.label != 0) for t in thresholds])
+    mean = np.mean(scores, axis=0)
+    return {
+        "threshold": float(thresholds[int(np.argmax(mean))]),
+        "why": f"structures without tuned settings (no real validation data) use the threshold with the best mean "
+               f"Dice on {len(scores)} validation phantoms ({', '.join(kinds)}; seeds "
+               f"{', '.join(map(str, seeds))}, {'x'.join(map(str, shape))}, never trained on)",
+        "phantom_dice_by_threshold": {float(t): round(float(d), 3) for t, d in zip(thresholds, mean)},
+    }
 
 
 def write_choices(manifest_path: Path, result: dict) -> Path:
@@ -138,6 +175,9 @@ def write_choices(manifest_path: Path, result: dict) -> Path:
         structure: {"volumes": grid["volumes"], "chosen": grid["best"], "at_manifest_settings": grid["at_manifest_settings"]}
         for structure, grid in result["validation"].items()
     }
+    if "default_threshold" in result:
+        entry.inference.threshold = result["default_threshold"]["threshold"]
+        entry.validation["default_threshold"] = result["default_threshold"]
     return write_manifest(manifest, path)
 
 
@@ -149,6 +189,9 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", type=Path, required=True, help="weights manifest or folder to tune")
     parser.add_argument("--out", type=Path, help="JSON with the whole grid (default: print the choices only)")
     parser.add_argument("--write", action="store_true", help="store the choices in the manifest")
+    parser.add_argument("--default-threshold", action="store_true",
+                        help="also choose the manifest's default threshold (structures without their own "
+                             "settings) on phantoms of cells, nuclei and plaques")
     parser.add_argument("--mirror", action="store_true",
                         help="also predict with test-time mirroring on every axis (8x the time) and let "
                              "each structure choose")
@@ -156,6 +199,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_run_config(FinetuneConfig, args.config)
     result = tune(config, args.weights, mirrors=((), MIRROR_ALL) if args.mirror else ((),))
+    if args.default_threshold:
+        result["default_threshold"] = phantom_threshold(args.weights)
+        logger.info("default threshold %s (phantom Dice %s)", result["default_threshold"]["threshold"],
+                    result["default_threshold"]["phantom_dice_by_threshold"])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

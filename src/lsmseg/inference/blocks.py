@@ -98,12 +98,14 @@ class BlockPlan:
         return [(z * counts[1] + y) * counts[2] + x for z in range(z0, z1) for y in range(y0, y1) for x in range(x0, x1)]
 
     def read_region(
-        self, source, block: Block, lo: float | None, hi: float | None, on_raw: Callable | None = None
+        self, source, block: Block, lo: float | None, hi: float | None, on_raw: Callable | None = None,
+        upper_tail: str = "clip",
     ) -> np.ndarray:
         """The block's input region, normalised to float32, zero where it lies in the padding.
 
         ``source`` is a numpy array or a lazy array-like; only the region is read. ``lo, hi`` are
         the volume's normalisation range; ``None`` means ``source`` is normalised already.
+        ``upper_tail`` is :func:`lsmseg.normalise.normalise`'s.
         ``on_raw(data)`` sees the raw data first (the predictor checks it for NaN/Inf).
         """
         region = np.zeros([s.stop - s.start for s in block.region], dtype=np.float32)
@@ -119,7 +121,7 @@ class BlockPlan:
         if lo is None:
             region[tuple(local)] = data
         else:
-            region[tuple(local)] = normalise(data, lo, hi)
+            region[tuple(local)] = normalise(data, lo, hi, upper_tail)
         return region
 
 

@@ -309,7 +309,7 @@ class Predictor:
         Returns:
             The normalised region, and per window whether it is dark (None when nothing is skipped).
         """
-        region = plan.read_region(source, block, lo, hi, on_raw=on_raw)
+        region = plan.read_region(source, block, lo, hi, on_raw=on_raw, upper_tail=self.settings.upper_tail)
         skip = None
         if background is not None:
             origin = [s.start for s in block.region]
@@ -411,7 +411,7 @@ class Predictor:
             bad = int(array.size - np.isfinite(array).sum())
             raise InputError(name, f"volume contains {bad} NaN/Inf voxel(s); refusing to guess their values")
         lo, hi = percentiles(array, self.settings.lower_percentile, self.settings.upper_percentile, self.sample_voxels)
-        normalised = normalise(array, lo, hi)
+        normalised = normalise(array, lo, hi, self.settings.upper_tail)
         settings = self.settings_for(name)  # its structure's mirroring
         target = self.resample_target(spacing)
         if target is None:
@@ -514,7 +514,8 @@ class Predictor:
         constant = hi <= lo and is_constant(data)
         background = None
         if self.options.skip_background and not constant:
-            background = estimate_background(normalise(subsample(data, self.sample_voxels), lo, hi))
+            background = estimate_background(normalise(subsample(data, self.sample_voxels), lo, hi,
+                                                        self.settings.upper_tail))
         size = block_size or self.options.block_size or default_block_shape(volume.shape)
         plan = self.plan(volume.shape, size)
         return PreparedVolume(volume, lo, hi, background, plan, constant, self.settings_for(case_name or volume.name))
