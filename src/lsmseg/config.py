@@ -17,6 +17,7 @@ from typing import Any, TypeVar, Union
 import yaml
 
 from .errors import ConfigError
+from .normalise import UPPER_TAILS
 
 T = TypeVar("T")
 
@@ -222,8 +223,8 @@ class InferenceSettings:
             raise ValueError("min_component_voxels must be >= 0")
         if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
             raise ValueError("percentiles must satisfy 0 <= lower < upper <= 100")
-        if self.upper_tail not in ("clip", "log"):
-            raise ValueError(f"upper_tail {self.upper_tail!r} must be 'clip' or 'log'")
+        if self.upper_tail not in UPPER_TAILS:
+            raise ValueError(f"upper_tail {self.upper_tail!r} must be one of {', '.join(UPPER_TAILS)}")
         if self.split_touching < 0:
             raise ValueError("split_touching must be >= 0")
         self.mirror_axes = tuple(int(a) for a in self.mirror_axes)
