@@ -26,9 +26,10 @@
 #               they need that the device image lacks, and a wheel of lsmseg for its entry points.
 #               Not SimpleITK (53 MB): the exec-mode test skips there (it writes output.mha).
 #   .gpu_data/  scripts/gpu_pack_data.py: the train and validation splits of
-#               training/configs/general_finetune_real.yaml (never the test split) as zlib TIFFs,
-#               non-8-bit images quantised to uint8 over the percentile range inference normalises
-#               to, one volume per set and source in turn until the budget is spent (26 of the 62
+#               training/configs/general_finetune_real_logtail.yaml (never the test split) as zlib
+#               TIFFs, non-8-bit images as uint16 with 255 steps over the percentile range inference
+#               normalises to and the bright tail above it (that run keeps it: data.upper_tail log),
+#               one volume per set and source in turn until the budget is spent (22 of the 62
 #               volumes fit; pack.json lists what was left out), and finetune.yaml, the GPU config
 #               pointing at them. The same pack gives the fp16/bf16 test its real volumes
 #               (LSMSEG_DATA=.gpu_data); the bundled sample/ gives it the phantoms.

@@ -4,22 +4,28 @@
 The device machine has no network and never sees ``../shared/data/real``: what it trains on must
 travel with the working tree, whose limit (64 MiB) the repository and the wheels already half fill.
 This script takes the train and validation splits of a training config (default
-``training/configs/general_finetune_real.yaml``: splits by source, the test split is never packed),
-and writes, within a byte budget:
+``training/configs/general_finetune_real_logtail.yaml``, the shipped weights' run: splits by source,
+the test split is never packed), and writes, within a byte budget:
 
     OUT/<split>/<set>/images/<name>.tif, OUT/<split>/<set>/labels/<name>.tif   (zlib TIFF)
-    OUT/finetune.yaml   training/configs/gpu_finetune_real.yaml with data.train/validation pointing here
+    OUT/finetune.yaml   training/configs/gpu_finetune_real.yaml with data.train/validation pointing here,
+                        and the packed config's normalisation (percentiles, upper_tail)
     OUT/pack.json       what was packed and left out, sizes, quantisation, the budget
 
-Images that are not 8-bit are stored as uint8 over the range inference normalises to (the
-volume's 0.5 / 99.5 percentiles, ``lsmseg.normalise``; values outside it are clipped there anyway):
-the network's input changes by at most 1/510 of that range (recorded per volume). Labels are stored
-as uint8 (binary sets as {0, 1}; sparse sets keep their values). Volumes are taken one from each
-set of each split in turn (and within a set, one from each source in turn), so that every set and
-source is represented before any gets a second volume; a volume that does not fit the budget is left
-out and listed. With the default budget, 26 of the 62 train and validation volumes fit (every set
-and source is there; 36 DELiVR patches are left out). With ``--stand-in``, small phantoms in the
-same layout replace the real data (the dry run of scripts/gpu_check.sh).
+How images are stored follows the config's ``data.upper_tail`` (``lsmseg.normalise``):
+- ``clip``: images that are not 8-bit are stored as uint8 over the range inference normalises to (the
+  volume's 0.5 / 99.5 percentiles; values outside it are clipped there anyway): the network's input
+  changes by at most 1/510 of that range (recorded per volume).
+- ``log``: the bright tail above the upper percentile is input too, so it may not be clipped. Images
+  that are not 8-bit are stored as uint16 with the same 255 steps over the percentile range and the
+  tail continuing above 255 (an affine map, which the percentile normalisation undoes; mostly small
+  values, so they compress almost as well as uint8); the largest change of the normalised input is
+  recorded per volume.
+Labels are stored as uint8 (binary sets as {0, 1}; sparse sets keep their values). Volumes are taken
+one from each set of each split in turn (and within a set, one from each source in turn), so that
+every set and source is represented before any gets a second volume; a volume that does not fit the
+budget is left out and listed (pack.json; the count is printed). With ``--stand-in``, small phantoms
+in the same layout replace the real data (the dry run of scripts/gpu_check.sh).
 
     python scripts/gpu_pack_data.py [--data DIR] [--out .gpu_data] [--max-mb N] [--stand-in]
 """
@@ -72,16 +78,22 @@ def set_key(volume_set, index: int) -> str:
     return volume_set.structure or f"set{index}"
 
 
-def as_uint8(image: np.ndarray, lower: float, upper: float) -> tuple[np.ndarray, dict]:
-    """The image as stored: uint8 as is, else quantised over the percentile range; with what that cost."""
+def as_stored(image: np.ndarray, lower: float, upper: float, upper_tail: str) -> tuple[np.ndarray, dict]:
+    """The image as packed for normalisation with ``upper_tail`` (see the module docstring), with what that cost:
+    ``max_normalised_error``, the largest change of the normalised input, where it changes at all."""
     if image.dtype == np.uint8:
         return image, {"quantised": False}
     lo, hi = percentiles(image, lower, upper)
-    scaled = normalise(image, lo, hi)
-    stored = np.rint(scaled * 255.0).astype(np.uint8)
-    error = float(np.abs(normalise(stored, 0, 255) - scaled).max())
-    return stored, {"quantised": True, "dtype": str(image.dtype), "lo": float(lo), "hi": float(hi),
-                    "max_normalised_error": round(error, 6)}
+    scaled = normalise(image, lo, hi, upper_tail=upper_tail)
+    if upper_tail == "clip":
+        stored = np.rint(scaled * 255.0).astype(np.uint8)
+    else:  # the same 255 steps over [lo, hi], the tail above them in uint16 (an affine map the normaliser undoes)
+        step = max((hi - lo) / 255.0, (float(image.max()) - lo) / 65535.0, 1e-12)
+        stored = np.rint(np.clip((image.astype(np.float64) - lo) / step, 0, 65535)).astype(np.uint16)
+    stored_lo, stored_hi = percentiles(stored, lower, upper)
+    error = float(np.abs(normalise(stored, stored_lo, stored_hi, upper_tail=upper_tail) - scaled).max())
+    return stored, {"quantised": True, "dtype": str(image.dtype), "stored_dtype": str(stored.dtype), "lo": float(lo),
+                    "hi": float(hi), "max_normalised_error": round(error, 6)}
 
 
 def encoded(array: np.ndarray, spacing) -> bytes:
@@ -120,15 +132,12 @@ def candidates(config) -> list[dict]:
 
 
 def pack_real(config, out: Path, budget: int) -> tuple[list[dict], list[dict]]:
-    if config.data.upper_tail != "clip":
-        # The uint8 copies hold the clipped [0, 1] range; a "log" tail would be lost without a word.
-        raise SystemExit(f"ERROR: data.upper_tail {config.data.upper_tail!r}: packed uint8 copies keep only the "
-                         "clipped range; pack a config with upper_tail: clip")
     packed, left_out, used = [], [], 0
     for item in candidates(config):
         volume_set = item["volume_set"]
         image = read_volume(item["image"])
-        stored, quantisation = as_uint8(image.load(), config.data.lower_percentile, config.data.upper_percentile)
+        stored, quantisation = as_stored(image.load(), config.data.lower_percentile,
+                                         config.data.upper_percentile, config.data.upper_tail)
         label = read_volume(item["label"]).load()
         label = label.astype(np.uint8) if volume_set.label_mode == "sparse" else (label != 0).astype(np.uint8)
         blobs = {"images": encoded(stored, image.spacing), "labels": encoded(label, image.spacing)}
@@ -164,8 +173,11 @@ def pack_stand_in(config, out: Path) -> tuple[list[dict], list[dict]]:
 
 
 def packed_config(config, out: Path) -> dict:
-    """gpu_finetune_real.yaml with the packed sets as data.train / data.validation ($LSMSEG_DATA = the pack)."""
+    """gpu_finetune_real.yaml with the packed sets as data.train / data.validation ($LSMSEG_DATA = the pack) and
+    the packed config's normalisation, which the stored images were made for."""
     data = load_yaml(GPU_CONFIG)
+    data.setdefault("data", {}).update({key: getattr(config.data, key)
+                                        for key in ("lower_percentile", "upper_percentile", "upper_tail")})
     for split in SPLITS:
         sets = []
         for index, volume_set in enumerate(getattr(config.data, split)):
@@ -181,7 +193,7 @@ def packed_config(config, out: Path) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=REPO / "training/configs/general_finetune_real.yaml",
+    parser.add_argument("--config", type=Path, default=REPO / "training/configs/general_finetune_real_logtail.yaml",
                         help="training config whose train and validation splits are packed")
     parser.add_argument("--data", type=Path, help="real-data folder ($LSMSEG_DATA; default as lsmseg.realdata)")
     parser.add_argument("--out", type=Path, default=REPO / ".gpu_data", help="pack folder (ignored by git)")
