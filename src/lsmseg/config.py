@@ -192,7 +192,7 @@ class InferenceSettings:
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
     # Above the upper percentile: "clip" (saturate at 1) or "log" (1 + ln x); lsmseg.normalise.normalise.
-    upper_tail: typing.Literal["clip", "log"] = "clip"
+    upper_tail: typing.Literal[UPPER_TAILS] = "clip"
     # Voxel spacing (z, y, x, micrometres) the model was trained at; None: never resample.
     spacing: tuple[float, float, float] | None = None
     spacing_tolerance: float = 0.25  # relative difference below which no resampling is done

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lsmseg.config import ModelConfig, from_dict, load_yaml
+from lsmseg.normalise import UPPER_TAILS
 from lsmseg.synth import KINDS as PHANTOM_KINDS
 
 
@@ -98,7 +99,7 @@ class DataConfig:
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
     # Above the upper percentile: "clip" or "log" (lsmseg.normalise.normalise); recorded in the manifest.
-    upper_tail: typing.Literal["clip", "log"] = "clip"
+    upper_tail: typing.Literal[UPPER_TAILS] = "clip"
     foreground_ratio: float = 0.5  # fine-tuning: share of patches centred on a foreground voxel
     workers: int = 0  # DataLoader worker processes
     cache_mb: int = 256  # volumes smaller than this are held in memory (per worker); larger ones read lazily

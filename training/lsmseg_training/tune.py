@@ -136,16 +136,14 @@ def phantom_threshold(manifest_path: Path, thresholds=THRESHOLDS, kinds=PHANTOM_
                       shape=PHANTOM_SHAPE) -> dict:
     """The threshold with the best mean Dice on phantoms of ``kinds`` (one pass per window, the
     manifest's other settings; component removal does not apply: Dice hardly moves with it)."""
-    import dataclasses
-
     import torch
 
     from lsmseg.inference import Predictor, RunOptions
     from lsmseg.synth.phantom import make_phantom
     from lsmseg_evaluation.leaderboard import dice
 
-    predictor = Predictor.from_manifest(manifest_path, options=RunOptions(progress=False))
-    predictor.settings = dataclasses.replace(predictor.settings, per_structure={}, mirror_axes=())
+    predictor = Predictor.from_manifest(manifest_path, options=RunOptions(progress=False), per_structure={},
+                                        mirror_axes=())
     scores = []
     for kind, seed in itertools.product(kinds, seeds):
         phantom = make_phantom(kind, shape, seed)
