@@ -99,14 +99,20 @@ def current_rss_mb() -> float:
 
 
 def run_child(script: Path, spec: dict, timeout: float = 3600) -> dict:
-    """Run ``script --child SPEC_JSON`` in a fresh interpreter; return the JSON it prints last."""
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS=str(spec.get("threads", 2)))
+    """Run ``script --child SPEC_JSON`` in a fresh interpreter; return the JSON it prints last.
+
+    The child's error output goes straight to this process's, as it is written: a run cut short by
+    a time limit (a device call) still shows where each child was."""
+    # The checkout's src first, the caller's path kept (a device call installs the packages into one).
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(spec.get("threads", 2)))
+    sys.stderr.flush()
     result = subprocess.run(
-        [sys.executable, str(script), "--child", json.dumps(spec)], capture_output=True, text=True, env=env,
+        [sys.executable, str(script), "--child", json.dumps(spec)], stdout=subprocess.PIPE, text=True, env=env,
         timeout=timeout,
     )
     if result.returncode != 0:
-        raise RuntimeError(f"{spec.get('variant')} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"{spec.get('variant')} failed (exit {result.returncode}; its error output is above)")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -42,16 +42,25 @@
 # The script keeps to GPU_CHECK_BUDGET_S (default 540 s) by sizing the training to what is left, so
 # the call ends inside its 600 s; with 15 minutes of device time a session has no second try: call
 # give_back right after it. Results: files_at from the reply (or /work/.device/...).
+# A machine still warm after it (30 s) can take a rerun of what failed, e.g.
+#   GPU_CHECK_TESTS_K="autocast" GPU_CHECK_TESTS_S=80 bash scripts/gpu_check.sh --only cuda-tests
+# (--only takes cuda-tests, bench, training; training includes its weights step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
 
 DRY=0
-case "${1:-}" in
-  --dry-run) DRY=1 ;;
-  "") ;;
-  *) echo "usage: scripts/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
-esac
+ONLY=""  # --only STEP[,STEP]: a second call repeats what the first left undone
+USAGE="usage: scripts/gpu_check.sh [--dry-run] [--only cuda-tests,bench,training]"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --only) ONLY="${2:?$USAGE}"; shift ;;
+    *) echo "$USAGE" >&2; exit 2 ;;
+  esac
+  shift
+done
+wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 
 OUT="${OUT:-$REPO/gpu_check_out}"
 mkdir -p "$OUT"
@@ -62,7 +71,10 @@ mkdir -p "$RESULTS"
 PYTHON="${PYTHON:-python3}"
 T0=$(date +%s)
 if [ "$DRY" = 1 ]; then BUDGET="${GPU_CHECK_BUDGET_S:-170}"; else BUDGET="${GPU_CHECK_BUDGET_S:-540}"; fi
-export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# A step over its time box gets SIGABRT (then SIGKILL 15 s later): with the fault handler on, every Python
+# process of the step prints its threads' stacks first, so a call cut short says where each one was.
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONFAULTHANDLER=1
+box() { local seconds="$1"; shift; timeout -s ABRT -k 15 "$seconds" "$@"; }  # exits 124 when over
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -148,15 +160,16 @@ step environment environment
 cat "$RESULTS/environment.txt"
 
 # ---------------------------------------------------------------------------------------------- 2. CUDA tests
+# GPU_CHECK_TESTS_K: a pytest -k expression (a rerun of the tests that failed); GPU_CHECK_TESTS_S: their time box.
 cuda_tests() (
-  LSMSEG_CUDA_REPORT="$RESULTS/cuda_report.jsonl" timeout "$1" "$PYTHON" -m pytest tests/cuda tests/unit/test_blocks.py -m cuda -q -rs \
-    -p no:cacheprovider --junitxml="$RESULTS/junit.xml" "${@:2}" 2>&1 | tee "$RESULTS/pytest.log"
+  LSMSEG_CUDA_REPORT="$RESULTS/cuda_report.jsonl" box "$1" "$PYTHON" -m pytest tests/cuda tests/unit/test_blocks.py -m cuda -q -rs \
+    -p no:cacheprovider --junitxml="$RESULTS/junit.xml" ${GPU_CHECK_TESTS_K:+-k "$GPU_CHECK_TESTS_K"} 2>&1 | tee "$RESULTS/pytest.log"
 )
 run_tests() {
   if [ "$DRY" = 1 ]; then
-    step cuda-tests cuda_tests 170
+    step cuda-tests cuda_tests "${GPU_CHECK_TESTS_S:-170}"
   else
-    step cuda-tests cuda_tests 240
+    step cuda-tests cuda_tests "${GPU_CHECK_TESTS_S:-240}"
   fi
 }
 
@@ -174,8 +187,12 @@ else
   bench_args+=(--weights weights --variants monai,lsmseg,lsmseg-host-accum)
   BENCH_TIMEOUT=180
 fi
+# GPU_CHECK_BENCH_ARGS: more arguments (e.g. --wide-shape '' for the phantom volume alone); GPU_CHECK_BENCH_S: its time box.
+read -r -a extra_bench_args <<< "${GPU_CHECK_BENCH_ARGS:-}"
+bench_args+=("${extra_bench_args[@]}")
+BENCH_TIMEOUT="${GPU_CHECK_BENCH_S:-$BENCH_TIMEOUT}"
 bench() (
-  timeout "$BENCH_TIMEOUT" "$PYTHON" benchmarks/bench_vs_monai.py "${bench_args[@]}" 2>&1 | tee "$RESULTS/bench_vs_monai.log"
+  box "$BENCH_TIMEOUT" "$PYTHON" benchmarks/bench_vs_monai.py "${bench_args[@]}" 2>&1 | tee "$RESULTS/bench_vs_monai.log"
 )
 
 # ---------------------------------------------------------------------------------------------- 4. training
@@ -193,7 +210,7 @@ else
 fi
 training() (
   cd "$WORK" || exit 1
-  timeout $(( $1 + RESERVE + 60 )) "$PYTHON" -m lsmseg finetune -c "$PACK/finetune.yaml" --data "$PACK" \
+  box $(( $1 + RESERVE + 60 )) "$PYTHON" -m lsmseg finetune -c "$PACK/finetune.yaml" --data "$PACK" \
     --set "max_seconds=$1" "${train_args[@]}" 2>&1 | tee "$RESULTS/training.log"
   status=$?
   mkdir -p "$RESULTS/training"
@@ -234,10 +251,10 @@ run_weights() {
 }
 
 # ---------------------------------------------------------------------------------------------- the run
-run_tests
-step bench bench
-run_training
-run_weights
+wanted cuda-tests && run_tests
+wanted bench && step bench bench
+wanted training && run_training
+wanted training && run_weights
 
 collect
 echo "=== done after $(elapsed) s: $(ls "$OUT" | wc -l) file(s) in $OUT"

@@ -107,3 +107,18 @@ def real_volumes(gpu) -> list[tuple[Path, Path]]:
     if not found:
         pytest.skip(f"no real labelled volumes under {REAL_DATA} (set LSMSEG_DATA; scripts/gpu_pack_data.py packs them)")
     return found
+
+
+def pytest_runtest_logreport(report):
+    """Every test's outcome and time into ``$LSMSEG_CUDA_REPORT`` as it ends, a failure's text with it: a
+    device call cut short by its time limit (pytest prints its summary only at the end) still says which
+    test failed, why, and how long each took."""
+    path = os.environ.get(REPORT_ENV)
+    if not path or not report.nodeid.startswith("tests/cuda") or not (report.when == "call" or report.failed):
+        return
+    line = {"check": "outcome", "test": report.nodeid, "when": report.when, "outcome": report.outcome,
+            "seconds": round(report.duration, 2)}
+    if report.failed:
+        line["error"] = report.longreprtext[-3000:]
+    with open(path, "a") as handle:
+        handle.write(json.dumps(line) + "\n")
