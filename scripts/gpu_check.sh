@@ -187,7 +187,8 @@ else
   bench_args+=(--weights weights --variants monai,lsmseg,lsmseg-host-accum)
   BENCH_TIMEOUT=180
 fi
-# GPU_CHECK_BENCH_ARGS: more arguments (e.g. --wide-shape '' for the phantom volume alone); GPU_CHECK_BENCH_S: its time box.
+# GPU_CHECK_BENCH_ARGS: more arguments, split at spaces (e.g. --wide-shape= for the phantom volume alone);
+# GPU_CHECK_BENCH_S: its time box.
 read -r -a extra_bench_args <<< "${GPU_CHECK_BENCH_ARGS:-}"
 bench_args+=("${extra_bench_args[@]}")
 BENCH_TIMEOUT="${GPU_CHECK_BENCH_S:-$BENCH_TIMEOUT}"
