@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 BEFORE=$1 AFTER=$2 ROUNDS=${3:-1}
 WORK=$(mktemp -d /tmp/lsmseg-bench-container.XXXXXX)
 mkdir -m 755 "$WORK/in" && cp sample/images/*.tif "$WORK/in/" && chmod 644 "$WORK/in"/*
-PROBE="import resource, sys; from lsmseg.cli import main; rc = main(['challenge']); u = resource.getrusage(resource.RUSAGE_SELF); print('peak_rss_mb', u.ru_maxrss // 1024, 'cpu_s', round(u.ru_utime + u.ru_stime, 1), file=sys.stderr); sys.exit(rc)"
+PROBE="import resource, sys; from lsmseg.cli import main; rc = main(['challenge', '--mode', 'folder']); u = resource.getrusage(resource.RUSAGE_SELF); print('peak_rss_mb', u.ru_maxrss // 1024, 'cpu_s', round(u.ru_utime + u.ru_stime, 1), file=sys.stderr); sys.exit(rc)"
 
 run() {  # LABEL IMAGE [podman args]
   local label=$1 image=$2; shift 2
