@@ -36,8 +36,10 @@ def run_lsmseg(*args, cwd=None, env=None, launcher=None) -> subprocess.Completed
 def pytest_configure(config):
     import torch
 
-    # Two cores on CI: keep torch from oversubscribing them when xdist runs workers.
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    # Two cores on CI: keep torch from oversubscribing them when xdist runs workers. A device call
+    # (scripts/gpu_check.sh) asks for more with LSMSEG_TEST_THREADS: its CPU-side references run there.
+    wanted = int(os.environ.get("LSMSEG_TEST_THREADS") or 2)
+    torch.set_num_threads(max(1, min(wanted, torch.get_num_threads())))
 
 
 # Whole-pipeline tests that take minutes on two cores: `-m "not slow"` leaves them out (README).

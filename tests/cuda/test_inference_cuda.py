@@ -57,7 +57,7 @@ def test_cuda_logits_match_the_cpu(gpu, sample_volumes):
 
 def test_cuda_mirrored_logits_match_the_cpu(gpu, sample_volumes):
     """Test-time mirroring on the GPU (flips and averaging in device memory) equals the CPU's."""
-    # 2x2 windows, not the whole volume: the CPU side runs 8 passes a window on the 2 threads tests use.
+    # 2x2 windows, not the whole volume: the CPU side runs 8 passes a window (on few threads: tests/conftest.py).
     image = load(gpu, sample_volumes[0][0])[:32, :96, :96]
     mirrored = shipped(gpu, mirror_axes=(0, 1, 2))
     on_cpu = shipped(gpu, device=None if gpu.stand_in else torch.device("cpu"), mirror_axes=(0, 1, 2))
