@@ -57,12 +57,18 @@ class Gpu:
 
     def report(self, check: str, **values) -> None:
         """Append one JSON line of measured values to ``$LSMSEG_CUDA_REPORT`` (nothing when unset)."""
-        path = os.environ.get(REPORT_ENV)
-        if not path:
+        if not os.environ.get(REPORT_ENV):
             return
         line = {"check": check, "device": str(self.device), "stand_in": self.stand_in, **values}
         if self.device.type == "cuda":
             line["gpu"] = torch.cuda.get_device_name(self.device)
+        append_report(line)
+
+
+def append_report(line: dict) -> None:
+    """Append ``line`` as one JSON line to ``$LSMSEG_CUDA_REPORT`` (nothing when unset)."""
+    path = os.environ.get(REPORT_ENV)
+    if path:
         with open(path, "a") as handle:
             handle.write(json.dumps(line, default=float) + "\n")
 
@@ -113,12 +119,10 @@ def pytest_runtest_logreport(report):
     """Every test's outcome and time into ``$LSMSEG_CUDA_REPORT`` as it ends, a failure's text with it: a
     device call cut short by its time limit (pytest prints its summary only at the end) still says which
     test failed, why, and how long each took."""
-    path = os.environ.get(REPORT_ENV)
-    if not path or not report.nodeid.startswith("tests/cuda") or not (report.when == "call" or report.failed):
+    if not report.nodeid.startswith("tests/cuda") or not (report.when == "call" or report.failed):
         return
     line = {"check": "outcome", "test": report.nodeid, "when": report.when, "outcome": report.outcome,
             "seconds": round(report.duration, 2)}
     if report.failed:
         line["error"] = report.longreprtext[-3000:]
-    with open(path, "a") as handle:
-        handle.write(json.dumps(line) + "\n")
+    append_report(line)
