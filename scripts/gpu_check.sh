@@ -21,15 +21,18 @@
 #
 # Data and packages travel with the call (the device has no network and no ../shared/data/real).
 # The working tree that travels is limited to 64 MiB, carried paths included: the tracked tree is
-# ~25 MiB (the shipped weights 21 MiB), the wheels ~14 MiB, which leaves ~23 MiB for data:
+# ~26 MiB (the shipped weights 21 MiB), the wheels 11.5 MiB, which leaves ~25 MiB for data:
 #   .whl/       scripts/gpu_fetch_wheels.sh: monai, zarr + numcodecs, dask + distributed and what
-#               they need that the device image lacks, and a wheel of lsmseg for its entry points.
-#               Not SimpleITK (53 MB): the exec-mode test skips there (it writes output.mha).
+#               they need that the device image lacks, and a wheel of lsmseg for its entry points,
+#               recompressed with LZMA (~11.5 MiB). Not SimpleITK, without which the exec-mode test
+#               skips (it writes output.mha): `gpu_fetch_wheels.sh --simpleitk` swaps the dask stack
+#               for it (~36 MiB in all), which leaves no room for data, so such a call runs the
+#               checks that need none (docs/gpu_check.md: the exec-mode test and the benchmark).
 #   .gpu_data/  scripts/gpu_pack_data.py: the train and validation splits of
 #               training/configs/general_finetune_real_logtail.yaml (never the test split) as zlib
 #               TIFFs, non-8-bit images as uint16 with 255 steps over the percentile range inference
 #               normalises to and the bright tail above it (that run keeps it: data.upper_tail log),
-#               one volume per set and source in turn until the budget is spent (22 of the 62
+#               one volume per set and source in turn until the budget is spent (24 of the 62
 #               volumes fit; pack.json lists what was left out), and finetune.yaml, the GPU config
 #               pointing at them. The same pack gives the fp16/bf16 test its real volumes
 #               (LSMSEG_DATA=.gpu_data); the bundled sample/ gives it the phantoms.
@@ -42,6 +45,11 @@
 # The script keeps to GPU_CHECK_BUDGET_S (default 540 s) by sizing the training to what is left, so
 # the call ends inside its 600 s; with 15 minutes of device time a session has no second try: call
 # give_back right after it. Results: files_at from the reply (or /work/.device/...).
+# The exec-mode test needs SimpleITK, which travels only without a data pack (64 MiB): that is a call
+# of its own, with the benchmark (docs/gpu_check.md, "The next device call"):
+#   scripts/gpu_fetch_wheels.sh --simpleitk
+#   run(command="GPU_CHECK_TESTS_S=200 GPU_CHECK_BENCH_S=330 bash scripts/gpu_check.sh --only cuda-tests,bench",
+#       carry=[".whl"], timeout_s=600)
 # A machine still warm after it (30 s) can take a rerun of what failed, e.g.
 #   GPU_CHECK_TESTS_K="autocast" GPU_CHECK_TESTS_S=80 bash scripts/gpu_check.sh --only cuda-tests
 # (--only takes cuda-tests, bench, training; training includes its weights step).
@@ -113,8 +121,10 @@ step() {  # step NAME COMMAND...: run, log, record the exit code and time, colle
 
 # ---------------------------------------------------------------------------------------------- packages
 # (lsmseg's own distribution too: its metadata holds the entry points of `lsmseg finetune` and `export`)
+needed="monai zarr distributed"
+if ls .whl/simpleitk-*.whl >/dev/null 2>&1; then needed="monai zarr SimpleITK"; fi  # (--simpleitk: no dask stack)
 if ! "$PYTHON" -c "import importlib.metadata as m, importlib.util as u, sys; m.version('lsmseg')
-sys.exit(any(u.find_spec(n) is None for n in ('monai', 'zarr', 'distributed')))" 2>/dev/null; then
+sys.exit(any(u.find_spec(n) is None for n in sys.argv[1].split()))" "$needed" 2>/dev/null; then
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     echo "installing the carried wheels (.whl) into /tmp/site"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
