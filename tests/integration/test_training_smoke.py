@@ -40,8 +40,10 @@ def smoke_run(tmp_path_factory):
     assert first.returncode == 0, first.stderr
     resumed = lsmseg("pretrain", "-c", _config(work, "smoke_pretrain"), "--resume", cwd=work)
     assert resumed.returncode == 0, resumed.stderr
-    # Fine-tuned with the "log" upper tail from a clipped pretraining, as the ablation in training/README.md.
-    finetune = lsmseg("finetune", "-c", _config(work, "smoke_finetune", data_changes={"upper_tail": "log"}), cwd=work)
+    # Fine-tuned with the "log" upper tail from a clipped pretraining, as the ablation in training/README.md,
+    # keeping a moving average of the weights (what it validates and keeps).
+    finetune = lsmseg("finetune", "-c", _config(work, "smoke_finetune", data_changes={"upper_tail": "log"},
+                                                average_decay=0.5), cwd=work)
     assert finetune.returncode == 0, finetune.stderr
     export = lsmseg("export", "runs/smoke/finetune", "-o", "weights", "--min-component-voxels", "5", cwd=work)
     assert export.returncode == 0, export.stderr
@@ -64,6 +66,22 @@ def test_finetune_reports_the_encoder_match_and_validates(smoke_run):
     assert record["best"]["step"] in (2, 4) and record["final"]["step"] == 4
     assert 0.0 <= record["best"]["evaluation"]["best_dice"] <= 1.0
     assert record["pretrained"]["matched"] == 89
+
+
+def test_finetune_keeps_the_moving_average_of_the_weights(smoke_run):
+    """With average_decay, the final weights are the checkpoint's average, not the last step's weights."""
+    import torch
+
+    from lsmseg.weights import load_state_dict
+
+    run = smoke_run["work"] / "runs/smoke/finetune"
+    checkpoint = torch.load(run / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    final = load_state_dict(run / "final.safetensors", json.loads((run / "run.json").read_text())["final"]["sha256"])
+    assert int(checkpoint["averaged"]["n_averaged"]) == checkpoint["step"] == 4
+    assert set(final) == set(checkpoint["model"])
+    for name, tensor in final.items():
+        torch.testing.assert_close(tensor, checkpoint["averaged"][f"module.{name}"])
+    assert any(not torch.equal(final[name], checkpoint["model"][name]) for name in final)
 
 
 def test_export_manifest_then_predict_with_it(smoke_run):

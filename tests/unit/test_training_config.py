@@ -80,6 +80,7 @@ def test_set_overrides_are_checked_like_the_file():
     assert config.max_seconds == 30 and tuple(config.model.roi) == (32, 32, 64)
     assert config.optim.amp_dtype == "fp16" and config.pretrained is None and config.optim.lr == 0.0003
     for bad, message in (("model.fature_size=24", "fature_size"), ("optim.amp_dtype=fp8", "amp_dtype"),
-                         ("max_seconds", "KEY=VALUE"), ("max_seconds=-1", "max_seconds")):
+                         ("max_seconds", "KEY=VALUE"), ("max_seconds=-1", "max_seconds"),
+                         ("average_decay=1.0", "average_decay")):
         with pytest.raises(ConfigError, match=message):
             load_run_config(FinetuneConfig, path, overrides=[bad])

@@ -10,7 +10,7 @@ from lsmseg.errors import WeightsError
 from lsmseg.model import build_model
 from lsmseg.weights import save_weights
 from lsmseg_training.config import OptimConfig
-from lsmseg_training.engine import load_checkpoint, make_optimiser, make_scaler, save_checkpoint
+from lsmseg_training.engine import load_checkpoint, make_averaged, make_optimiser, make_scaler, save_checkpoint
 from lsmseg_training.finetune import dice_scores, load_pretrained_encoder
 from lsmseg_training.pretrain import ENCODER_PREFIXES, encoder_state, masked_l1
 
@@ -89,6 +89,32 @@ def test_resume_checkpoint_of_another_architecture_is_refused(tmp_path):
     assert load_checkpoint(tmp_path / "c.pt", TINY)["step"] == 3
     with pytest.raises(WeightsError, match=r"c\.pt: checkpoint is for another architecture \(feature_size 12 here, 24"):
         load_checkpoint(tmp_path / "c.pt", dataclasses.replace(TINY, feature_size=24))
+
+
+def test_moving_average_of_the_weights_and_its_resume(tmp_path):
+    """decay d: the first update copies the weights, then avg = d * avg + (1 - d) * weights; a checkpoint keeps it."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv3d(1, 2, 3)
+    assert make_averaged(model, 0.0) is None
+    averaged = make_averaged(model, 0.75)
+    first = model.weight.detach().clone()
+    averaged.update_parameters(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    averaged.update_parameters(model)
+    torch.testing.assert_close(averaged.module.weight, 0.75 * first + 0.25 * (first + 1.0))
+    assert not torch.equal(averaged.module.weight, model.weight)
+
+    optimiser, scheduler = make_optimiser(model, OptimConfig(), 10)
+    save_checkpoint(tmp_path / "c.pt", model, optimiser, scheduler, make_scaler(torch.device("cpu"), False), 2, TINY,
+                    averaged=averaged)
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    resumed = make_averaged(model, 0.75, state)
+    torch.testing.assert_close(resumed.module.weight, averaged.module.weight)
+    assert int(resumed.n_averaged) == 2
+    # A checkpoint without an average (a run that kept none) starts it from the restored weights.
+    del state["averaged"]
+    torch.testing.assert_close(make_averaged(model, 0.75, state).module.weight, model.weight)
 
 
 def test_dice_scores_over_thresholds():

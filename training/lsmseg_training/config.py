@@ -240,6 +240,9 @@ class FinetuneConfig(RunConfig):
     # Soft clDice (Shit et al., CVPR 2021) on the patches of tubular sets: rewards connected centrelines.
     cldice_weight: float = 0.0
     cldice_iterations: int = 5  # soft-skeleton iterations (about the largest radius in voxels)
+    # Exponential moving average of the weights, decay per step (0: off; 0.99 averages over ~100 steps):
+    # when on, the average is what is validated, kept as best and final, and exported.
+    average_decay: float = 0.0
     structures: list[str] = field(default_factory=lambda: ["vessels", "cells", "nuclei", "plaques"])
 
     def __post_init__(self):
@@ -252,6 +255,8 @@ class FinetuneConfig(RunConfig):
             raise ValueError("set either init (a whole model) or pretrained (an encoder), not both")
         if self.cldice_weight < 0 or self.cldice_iterations < 1:
             raise ValueError("cldice_weight must be >= 0 and cldice_iterations >= 1")
+        if not 0.0 <= self.average_decay < 1.0:
+            raise ValueError(f"average_decay {self.average_decay} must be in [0, 1) (0: no moving average)")
         for split in ("validation", "test"):
             for volume_set in getattr(self.data, split):
                 if volume_set.label_mode == "sparse":

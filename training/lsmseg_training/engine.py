@@ -174,9 +174,10 @@ def backward_step(loss, model, optimiser, scheduler, scaler, grad_clip: float) -
 
 
 def save_checkpoint(path: Path, model, optimiser, scheduler, scaler, step: int, model_config: ModelConfig,
-                    extra: dict | None = None) -> None:
+                    extra: dict | None = None, averaged: torch.nn.Module | None = None) -> None:
     state = {
         "model": unwrap(model).state_dict(),
+        **({"averaged": averaged.state_dict()} if averaged is not None else {}),
         "optimiser": optimiser.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -217,6 +218,23 @@ def restore(state: dict, model, optimiser, scheduler, scaler) -> int:
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     return int(state["step"])
+
+
+def make_averaged(model: torch.nn.Module, decay: float, resume_from: dict | None = None):
+    """An exponential moving average of ``model``'s weights (``decay`` per step), or None when ``decay`` is 0.
+
+    torch's ``AveragedModel`` keeps the copy; a resumed run continues the average its checkpoint
+    saved (a checkpoint without one starts it from the restored weights). Buffers are not averaged:
+    the Swin UNETR's are constant (relative position indices; its instance norms keep no statistics).
+    """
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    averaged = AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay))
+    if resume_from and "averaged" in resume_from:
+        averaged.load_state_dict(resume_from["averaged"])
+    return averaged
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +340,11 @@ class Loop:
     record: dict
     timer: Timer
     last: bool = False  # this step is the run's last (total_steps reached, or max_seconds spent)
+    averaged: torch.nn.Module | None = None  # the weights' moving average (``make_averaged``), if kept
+
+    def weights(self) -> torch.nn.Module:
+        """The model whose weights are validated and kept: the moving average where one is kept."""
+        return self.averaged.module if self.averaged is not None else unwrap(self.model)
 
 
 def out_of_time(config, processes: Processes, timer: Timer) -> bool:
@@ -350,6 +373,7 @@ def train_loop(
     record_extra: dict | None = None,
     on_step: Callable[[Loop], dict | None] | None = None,
     on_checkpoint: Callable[[Loop], dict] | None = None,
+    average_decay: float = 0.0,
 ) -> Loop:
     """The training loop both stages share: set up, resume, stream patches, step, log, checkpoint.
 
@@ -372,6 +396,8 @@ def train_loop(
             returns are logged in that step's row (None: nothing to add).
         on_checkpoint: called on the main process when a checkpoint is written; returns the
             checkpoint's ``extra`` (and may update ``loop.record``).
+        average_decay: keep an exponential moving average of the weights with this decay per step
+            (0: none); ``Loop.weights()`` is then the average, which the stage validates and keeps.
 
     Returns:
         The loop's final state; its ``record`` has been written at the last checkpoint.
@@ -392,12 +418,15 @@ def train_loop(
     batches = iter(make_loader(stream, config.batch_size, config.data.workers))
     log = CsvLog(output / LOG_NAME, log_fields, enabled=processes.main)
     record = start_record(kind, config, config_path, processes, records, **(record_extra or {}))
-    loop = Loop(config, processes, output, wrapped, optimiser, scheduler, scaler, step, record, Timer())
+    loop = Loop(config, processes, output, wrapped, optimiser, scheduler, scaler, step, record, Timer(),
+                averaged=make_averaged(wrapped, average_decay, resume_from))
     wrapped.train()
     while not loop.last and loop.step < config.total_steps:
         loss, values = step_fn(wrapped, next(batches))
         lr = scheduler.get_last_lr()[0]
         norm = backward_step(loss, wrapped, optimiser, scheduler, scaler, config.optim.grad_clip)
+        if loop.averaged is not None:
+            loop.averaged.update_parameters(unwrap(wrapped))
         loop.step += 1
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {loop.step}; lower optim.lr")
@@ -417,7 +446,7 @@ def train_loop(
         if processes.main and (loop.step % config.checkpoint_every == 0 or last):
             checkpoint_extra = on_checkpoint(loop) if on_checkpoint is not None else {}
             save_checkpoint(output / CHECKPOINT_NAME, wrapped, optimiser, scheduler, scaler, loop.step, config.model,
-                            extra=checkpoint_extra)
+                            extra=checkpoint_extra, averaged=loop.averaged)
             record.update(steps=loop.step, seconds=round(loop.timer.elapsed(), 1))
             write_record(output, record)
             plot_training(output, record.get("history"))

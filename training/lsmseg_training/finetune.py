@@ -238,14 +238,14 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
             due = config.validation.every and loop.step % config.validation.every == 0
             if not (processes.main and validation_volumes and (due or loop.last)):
                 return None
-            val = validate(loop.model, config, validation_volumes, processes.device, config.validation.overlap)
+            val = validate(loop.weights(), config, validation_volumes, processes.device, config.validation.overlap)
             loop.model.train()
             history.append({"step": loop.step, **val})
             logger.info("step %d: validation Dice %.4f at threshold %.2f (%.4f at %.2f)", loop.step, val["best_dice"],
                         val["best_threshold"], val["dice_at_default"], config.validation.threshold)
             if val["best_dice"] > best["dice"]:
                 best = {"dice": val["best_dice"], "step": loop.step, "threshold": val["best_threshold"]}
-                save_weights(unwrap(loop.model).state_dict(), output / BEST_FILE)
+                save_weights(loop.weights().state_dict(), output / BEST_FILE)
             plot_training(output, history)
             return {"val_dice": val["best_dice"], "val_threshold": val["best_threshold"]}
 
@@ -264,12 +264,13 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
             stream_options={"foreground_ratio": config.data.foreground_ratio, "labels": True,
                             "augment": config.augment},
             resume_from=resume_from, on_step=validate_when_due, on_checkpoint=keep_history,
+            average_decay=config.average_decay,
             record_extra={"pretrained": pretrained, "init": initialised, "splits": splits,
                           "validation_data": fingerprint(validation_records) if validation_records else None},
         )
         record = loop.record
         if processes.main:
-            final_state = unwrap(loop.model).state_dict()
+            final_state = loop.weights().state_dict()
             final_sha = save_weights(final_state, output / FINAL_FILE)
             if best["step"] is None:  # no validation set: the final weights are the best we know
                 save_weights(final_state, output / BEST_FILE)
