@@ -33,6 +33,16 @@ def run_lsmseg(*args, cwd=None, env=None, launcher=None) -> subprocess.Completed
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=environment, timeout=600)
 
 
+def load_script(name: str):
+    """``scripts/NAME.py`` imported as a module (the scripts are files, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pytest_configure(config):
     import torch
 

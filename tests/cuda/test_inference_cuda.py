@@ -71,7 +71,7 @@ def test_cuda_mirrored_logits_match_the_cpu(gpu, sample_volumes):
 
 def _half_precision_against_fp32(gpu, volumes, precision):
     # The network's precision is the question: no post-processing (the watershed split and the
-    # component removal need SimpleITK, which a device call cannot carry).
+    # component removal need SimpleITK, which cannot travel beside the data pack these tests read).
     reference = shipped(gpu, split_touching=0.0, min_component_voxels=0)
     half = shipped(gpu, precision=precision, split_touching=0.0, min_component_voxels=0)
     worst = 0.0

@@ -1,20 +1,15 @@
 """scripts/gpu_pack_data.py: the packed copy of an image normalises as the original does, tail included."""
 
-import importlib.util
-
 import numpy as np
 import pytest
 
-from ..conftest import REPO
+from ..conftest import load_script
 from lsmseg.normalise import normalise, percentiles
 
 
 @pytest.fixture(scope="module")
 def pack():
-    spec = importlib.util.spec_from_file_location("gpu_pack_data", REPO / "scripts" / "gpu_pack_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_pack_data")
 
 
 def bright_tailed(seed=0):

@@ -1,24 +1,20 @@
 """scripts/repack_wheels.py: a wheel recompressed with LZMA is smaller and pip installs it as the original."""
 
 import base64
-import random
 import hashlib
-import importlib.util
+import random
 import subprocess
 import sys
 import zipfile
 
 import pytest
 
-from ..conftest import REPO
+from ..conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def repack():
-    spec = importlib.util.spec_from_file_location("repack_wheels", REPO / "scripts" / "repack_wheels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("repack_wheels")
 
 
 def make_wheel(folder):
