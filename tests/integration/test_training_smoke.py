@@ -145,6 +145,39 @@ def test_export_defaults_to_the_run_folder_and_the_shipped_clean_up(smoke_run):
     assert not (work / "weights" / "other.safetensors").exists()
 
 
+def test_continued_pretraining_and_a_pretrained_encoder_over_a_whole_model(smoke_run, tmp_path):
+    """Pretraining with init starts from that whole model; fine-tuning with init and pretrained takes the
+    encoder from pretrained and everything else from init. At learning rate 0 the weights stay at their start."""
+    import torch
+
+    from lsmseg.weights import load_manifest, load_state_dict
+    from lsmseg_training.pretrain import ENCODER_PREFIXES
+
+    work = smoke_run["work"]
+    entry = load_manifest(work / "weights").models["general"]
+    whole = load_state_dict(work / "weights" / entry.file, entry.sha256)
+    still = {"optim": {"lr": 0.0, "warmup_steps": 1}, "epochs": 1, "steps_per_epoch": 1}
+
+    continued = lsmseg("pretrain", "-c", _config(tmp_path, "smoke_pretrain", data_changes={"upper_tail": "log"},
+                                                 output="runs/smoke/continued", init="weights", **still), cwd=work)
+    assert continued.returncode == 0, continued.stderr
+    assert "from a whole model" in continued.stderr
+    encoder = load_state_dict(work / "runs/smoke/continued/encoder.safetensors", None)
+    assert len(encoder) == 89 and all(torch.equal(tensor, whole[name]) for name, tensor in encoder.items())
+
+    pretrained = load_state_dict(work / "runs/smoke/pretrain/encoder.safetensors", None)
+    assert any(not torch.equal(tensor, whole[name]) for name, tensor in pretrained.items())
+    both = lsmseg("finetune", "-c", _config(tmp_path, "smoke_finetune", output="runs/smoke/both", init="weights",
+                                            **still), cwd=work)
+    assert both.returncode == 0, both.stderr
+    assert "from a whole model with a pretrained encoder" in both.stderr
+    final = load_state_dict(work / "runs/smoke/both/final.safetensors", None)
+    assert set(final) == set(whole)
+    for name, tensor in final.items():
+        expected = pretrained[name] if name.startswith(ENCODER_PREFIXES) else whole[name]
+        assert torch.equal(tensor, expected), name
+
+
 def _phantom(work):
     from lsmseg.synth.phantom import write_phantom
 

@@ -11,7 +11,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
 
 
 def _config_class(path: Path):
-    return PretrainConfig if "pretrain" in path.stem else FinetuneConfig
+    return FinetuneConfig if "finetune" in path.stem else PretrainConfig
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)

@@ -218,6 +218,9 @@ class RunConfig:
 @dataclass
 class PretrainConfig(RunConfig):
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    # A whole trained model to continue from (as FinetuneConfig.init): continued pretraining adapts
+    # a trained encoder to new unlabelled data (e.g. real light-sheet scans). None: from scratch.
+    init: Path | None = None
 
     def __post_init__(self):
         self._check_common()
@@ -231,6 +234,7 @@ class FinetuneConfig(RunConfig):
     pretrained: Path | None = None  # encoder weights from `lsmseg pretrain` (None: from scratch)
     # A whole trained model to continue from (encoder and decoder): a weights manifest (its default
     # entry, sha256-checked) or a .safetensors file. How a lab adapts the shipped model to its data.
+    # With pretrained too, the pretrained encoder replaces init's (init keeps the decoder).
     init: Path | None = None
     min_matched_fraction: float = 0.9  # refuse a pretrained file that fills less of the encoder
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -251,8 +255,6 @@ class FinetuneConfig(RunConfig):
             raise ValueError("data.train lists no labelled volumes to fine-tune on")
         if not 0.0 < self.min_matched_fraction <= 1.0:
             raise ValueError("min_matched_fraction must be in (0, 1]")
-        if self.init is not None and self.pretrained is not None:
-            raise ValueError("set either init (a whole model) or pretrained (an encoder), not both")
         if self.cldice_weight < 0 or self.cldice_iterations < 1:
             raise ValueError("cldice_weight must be >= 0 and cldice_iterations >= 1")
         if not 0.0 <= self.average_decay < 1.0:

@@ -206,14 +206,14 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
                                                  seed=config.seed)
         torch.manual_seed(config.seed)
         model = build_model(config.model)
-        pretrained = None
+        initialised = None
+        if config.init is not None:
+            initialised = load_full_model(model, Path(config.init), config.model)
+        pretrained = None  # after init: a pretrained encoder replaces init's, the decoder stays
         if config.pretrained is not None:
             if not Path(config.pretrained).is_file():
                 raise WeightsError(f"{where}: pretrained: {config.pretrained}: no such file")
             pretrained = load_pretrained_encoder(model, Path(config.pretrained), config.min_matched_fraction)
-        initialised = None
-        if config.init is not None:
-            initialised = load_full_model(model, Path(config.init), config.model)
         resume_from = resume_state(output, config.model, resume)
         resumed = resume_from["extra"] if resume_from else {}
         history = resumed.get("history", [])
@@ -256,7 +256,8 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
         logger.info("fine-tuning %s: %d training and %d validation volume(s), %d steps of batch %d x %d process(es), "
                     "roi %s, %s, on %s", config.name, len(records), len(validation_volumes), config.total_steps,
                     config.batch_size, processes.world_size, tuple(config.model.roi),
-                    "from a whole model" if initialised else "from the pretrained encoder" if pretrained
+                    "from a whole model with a pretrained encoder" if initialised and pretrained
+                    else "from a whole model" if initialised else "from the pretrained encoder" if pretrained
                     else "from scratch", processes.device)
         loop = train_loop(
             config, processes, records, model, step, kind="finetune", config_path=config_path,

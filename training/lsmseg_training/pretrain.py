@@ -56,12 +56,19 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
         resume_from = resume_state(output, config.model, resume)
         torch.manual_seed(config.seed)
         model = build_model(config.model)
+        from .finetune import load_full_model  # here: finetune imports this module
+
+        initialised = load_full_model(model, Path(config.init), config.model) if config.init is not None else None
+        # Intensities normalised with the log tail exceed 1, which a sigmoid cannot reach.
+        bounded = config.data.upper_tail == "clip"
 
         def step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
             image = batch["image"].to(processes.device, non_blocking=True)
             mask = batch["mask"].to(processes.device, non_blocking=True)
             with autocast(processes.device, config.optim.amp, config.optim.amp_dtype):
-                reconstruction = torch.sigmoid(model(image.masked_fill(mask, 0.0)).float())
+                reconstruction = model(image.masked_fill(mask, 0.0)).float()
+            if bounded:
+                reconstruction = torch.sigmoid(reconstruction)
             loss, hidden, visible = masked_l1(reconstruction, image, mask, config.masking.visible_weight)
             return loss, {"hidden_l1": hidden.item(), "visible_l1": visible.item()}
 
@@ -71,13 +78,14 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
                                encoder_tensors=len(state))
             return {}
 
-        logger.info("pretraining %s: %d volume(s), %d steps of batch %d x %d process(es), roi %s, on %s",
+        logger.info("pretraining %s: %d volume(s), %d steps of batch %d x %d process(es), roi %s, on %s, %s",
                     config.name, len(records), config.total_steps, config.batch_size, processes.world_size,
-                    tuple(config.model.roi), processes.device)
+                    tuple(config.model.roi), processes.device, "from a whole model" if initialised else "from scratch")
         loop = train_loop(
             config, processes, records, model, step, kind="pretrain", config_path=config_path,
             log_fields=["step", "epoch", "lr", "loss", "hidden_l1", "visible_l1", "grad_norm", "seconds"],
             stream_options={"masking": config.masking}, resume_from=resume_from, on_checkpoint=save_encoder,
+            record_extra={"init": initialised},
         )
         if processes.main:
             logger.info("pretraining done: encoder weights in %s", output / ENCODER_FILE)
