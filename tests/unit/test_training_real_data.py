@@ -139,7 +139,7 @@ def test_soft_cldice_prefers_a_connected_tube_to_a_broken_one():
 def test_init_loads_a_whole_model_from_a_manifest(tmp_path, tiny_model_config, tiny_model):
     from ..conftest import make_weights
     from lsmseg.model import build_model
-    from lsmseg_training.finetune import load_full_model
+    from lsmseg_training.engine import load_full_model
 
     manifest = make_weights(tmp_path / "w", tiny_model_config, tiny_model)
     torch.manual_seed(1)
@@ -154,7 +154,7 @@ def test_init_refuses_another_architecture(tmp_path, tiny_model_config, tiny_mod
 
     from ..conftest import make_weights
     from lsmseg.model import build_model
-    from lsmseg_training.finetune import load_full_model
+    from lsmseg_training.engine import load_full_model
 
     manifest = make_weights(tmp_path / "w", tiny_model_config, tiny_model)
     other = dataclasses.replace(tiny_model_config, feature_size=24)

@@ -201,6 +201,10 @@ class RunConfig:
     # Wall-clock budget in seconds: the run ends (validates, checkpoints, writes) after the first step
     # that finds it spent, even before total_steps (the schedule is not compressed). None: no budget.
     max_seconds: float | None = None
+    # A whole trained model to continue from (encoder and decoder): a weights manifest (its default
+    # entry, sha256-checked) or a .safetensors file. Fine-tuning from it adapts the shipped model to a
+    # lab's data; pretraining from it adapts a trained encoder to new unlabelled data. None: from scratch.
+    init: Path | None = None
 
     @property
     def total_steps(self) -> int:
@@ -218,9 +222,6 @@ class RunConfig:
 @dataclass
 class PretrainConfig(RunConfig):
     masking: MaskingConfig = field(default_factory=MaskingConfig)
-    # A whole trained model to continue from (as FinetuneConfig.init): continued pretraining adapts
-    # a trained encoder to new unlabelled data (e.g. real light-sheet scans). None: from scratch.
-    init: Path | None = None
 
     def __post_init__(self):
         self._check_common()
@@ -231,11 +232,9 @@ class PretrainConfig(RunConfig):
 @dataclass
 class FinetuneConfig(RunConfig):
     epochs: int = 2000
-    pretrained: Path | None = None  # encoder weights from `lsmseg pretrain` (None: from scratch)
-    # A whole trained model to continue from (encoder and decoder): a weights manifest (its default
-    # entry, sha256-checked) or a .safetensors file. How a lab adapts the shipped model to its data.
-    # With pretrained too, the pretrained encoder replaces init's (init keeps the decoder).
-    init: Path | None = None
+    # Encoder weights from `lsmseg pretrain` (None: from scratch). With init too, this encoder
+    # replaces init's and init keeps the decoder.
+    pretrained: Path | None = None
     min_matched_fraction: float = 0.9  # refuse a pretrained file that fills less of the encoder
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)

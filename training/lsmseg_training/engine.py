@@ -1,5 +1,5 @@
-"""What pretraining and fine-tuning share: processes, optimiser, schedule, checkpoints, logs, and
-the training loop itself (:func:`train_loop`).
+"""What pretraining and fine-tuning share: processes, starting weights, optimiser, schedule,
+checkpoints, logs, and the training loop itself (:func:`train_loop`).
 
 Both commands run as a single process or under ``torchrun`` (DistributedDataParallel; NCCL on GPUs,
 gloo on CPU). Rank 0 alone writes files; every rank draws its own patches (seed, rank, worker).
@@ -24,12 +24,61 @@ from lsmseg.config import ModelConfig, to_dict
 from lsmseg.errors import WeightsError
 from lsmseg.io import atomic_output, write_json
 from lsmseg.model import autocast_dtype, select_device
+from lsmseg.weights import load_manifest, load_state_dict, sha256_file
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint_last.pt"
 LOG_NAME = "log.csv"
 RUN_RECORD = "run.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Starting weights
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Names as saved by DDP (``module.``) or by a wrapper (``model.``) map onto the bare model."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "model."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_full_model(model: torch.nn.Module, path: Path, model_config) -> dict:
+    """Load a whole trained model (encoder and decoder) into ``model``, strictly and checksummed.
+
+    ``path`` is a weights manifest (its default entry; the checkpoint's sha256 is verified and its
+    model config must equal the run's) or a ``.safetensors``/``.pt`` state dict.
+    """
+    path = Path(path)
+    if path.is_dir() or path.suffix in (".yaml", ".yml"):
+        manifest = load_manifest(path)
+        name, entry = manifest.entry_for(None)
+        checkpoint = manifest.checkpoint_path(entry)
+        # The window (roi) may differ; the network's shape may not.
+        theirs = {k: v for k, v in to_dict(entry.model).items() if k != "roi"}
+        mine = {k: v for k, v in to_dict(model_config).items() if k != "roi"}
+        if theirs != mine:
+            differing = next(k for k in mine if mine[k] != theirs.get(k))
+            raise WeightsError(f"{manifest.path}: model '{name}' is another architecture ({differing} "
+                               f"{theirs.get(differing)} there, {mine[differing]} in the config)")
+        state = load_state_dict(checkpoint, entry.sha256)
+        source = {"manifest": str(manifest.path), "model": name, "file": str(checkpoint), "sha256": entry.sha256}
+    else:
+        if not path.is_file():
+            raise WeightsError(f"{path}: no such file")
+        state = load_state_dict(path, sha256=None)
+        source = {"file": str(path), "sha256": sha256_file(path)}
+    try:
+        model.load_state_dict(strip_prefixes(state), strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{path}: weights do not fit the config's model ({str(exc).splitlines()[0]})") from exc
+    logger.info("initialised every tensor from %s", source["file"])
+    return source
 
 
 @dataclass

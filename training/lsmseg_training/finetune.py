@@ -17,16 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lsmseg.config import InferenceSettings, to_dict
+from lsmseg.config import InferenceSettings
 from lsmseg.errors import WeightsError
 from lsmseg.io import read_volume
 from lsmseg.model import build_model
-from lsmseg.weights import load_manifest, load_state_dict, save_weights, sha256_file
+from lsmseg.weights import load_state_dict, save_weights, sha256_file
 
 from .config import FinetuneConfig
 from .data import VolumeRecord, check_splits, fingerprint, prepare_volumes
 from .engine import (
-    Loop, autocast, main_first, resume_state, run_processes, train_loop, unwrap, write_record,
+    Loop, autocast, load_full_model, main_first, resume_state, run_processes, strip_prefixes, train_loop, unwrap,
+    write_record,
 )
 from .plots import plot_training
 from .pretrain import ENCODER_PREFIXES
@@ -42,17 +43,6 @@ EXPORT_OVERLAP = 0.5  # what the exported inference settings use; the final swee
 # Loading a pretrained encoder, loudly
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Names as saved by DDP (``module.``) or by a wrapper (``model.``) map onto the bare model."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "model."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
 def load_pretrained_encoder(model: torch.nn.Module, path: Path, min_fraction: float) -> dict:
     """Copy the matching encoder tensors of ``path`` into ``model``; refuse a poor match.
 
@@ -61,7 +51,7 @@ def load_pretrained_encoder(model: torch.nn.Module, path: Path, min_fraction: fl
     the encoder's tensors (by name and shape) stops the run before it starts.
     """
     path = Path(path)
-    state = _strip_prefixes(load_state_dict(path, sha256=None))
+    state = strip_prefixes(load_state_dict(path, sha256=None))
     own = model.state_dict()
     encoder_keys = [k for k in own if k.startswith(ENCODER_PREFIXES)]
     matched = {k: v for k, v in state.items() if k in own and k.startswith(ENCODER_PREFIXES) and v.shape == own[k].shape}
@@ -86,39 +76,6 @@ def load_pretrained_encoder(model: torch.nn.Module, path: Path, min_fraction: fl
         )
     model.load_state_dict({**own, **matched})
     return summary
-
-
-def load_full_model(model: torch.nn.Module, path: Path, model_config) -> dict:
-    """Load a whole trained model (encoder and decoder) into ``model``, strictly and checksummed.
-
-    ``path`` is a weights manifest (its default entry; the checkpoint's sha256 is verified and its
-    model config must equal the run's) or a ``.safetensors``/``.pt`` state dict.
-    """
-    path = Path(path)
-    if path.is_dir() or path.suffix in (".yaml", ".yml"):
-        manifest = load_manifest(path)
-        name, entry = manifest.entry_for(None)
-        checkpoint = manifest.checkpoint_path(entry)
-        # The window (roi) may differ; the network's shape may not.
-        theirs = {k: v for k, v in to_dict(entry.model).items() if k != "roi"}
-        mine = {k: v for k, v in to_dict(model_config).items() if k != "roi"}
-        if theirs != mine:
-            differing = next(k for k in mine if mine[k] != theirs.get(k))
-            raise WeightsError(f"{manifest.path}: model '{name}' is another architecture ({differing} "
-                               f"{theirs.get(differing)} there, {mine[differing]} in the config)")
-        state = load_state_dict(checkpoint, entry.sha256)
-        source = {"manifest": str(manifest.path), "model": name, "file": str(checkpoint), "sha256": entry.sha256}
-    else:
-        if not path.is_file():
-            raise WeightsError(f"{path}: no such file")
-        state = load_state_dict(path, sha256=None)
-        source = {"file": str(path), "sha256": sha256_file(path)}
-    try:
-        model.load_state_dict(_strip_prefixes(state), strict=True)
-    except RuntimeError as exc:
-        raise WeightsError(f"{path}: weights do not fit the config's model ({str(exc).splitlines()[0]})") from exc
-    logger.info("initialised every tensor from %s", source["file"])
-    return source
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,4 +258,4 @@ def sweep_checkpoints(loop: Loop, config: FinetuneConfig, volumes: list[dict]) -
                     record[which]["evaluation"]["best_threshold"], config.validation.final_overlap)
 
 
-__all__ = ["run_finetuning", "load_pretrained_encoder", "load_full_model", "validate", "dice_scores"]
+__all__ = ["run_finetuning", "load_pretrained_encoder", "validate", "dice_scores"]

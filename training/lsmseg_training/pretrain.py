@@ -20,7 +20,7 @@ from lsmseg.weights import save_weights
 
 from .config import PretrainConfig
 from .data import prepare_volumes
-from .engine import Loop, autocast, main_first, resume_state, run_processes, train_loop, unwrap
+from .engine import Loop, autocast, load_full_model, main_first, resume_state, run_processes, train_loop, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,6 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
         resume_from = resume_state(output, config.model, resume)
         torch.manual_seed(config.seed)
         model = build_model(config.model)
-        from .finetune import load_full_model  # here: finetune imports this module
-
         initialised = load_full_model(model, Path(config.init), config.model) if config.init is not None else None
         # Intensities normalised with the log tail exceed 1, which a sigmoid cannot reach.
         bounded = config.data.upper_tail == "clip"
