@@ -232,6 +232,15 @@ def test_bad_inputs_are_refused_before_training(tmp_path):
     result = lsmseg("pretrain", "-c", path, cwd=tmp_path)
     assert result.returncode == 1 and "data.train[0].images: no/such/folder: no such file or folder" in result.stderr
 
+    # a whole model to continue from that does not exist
+    no_init = yaml.safe_load((CONFIGS / "smoke_pretrain.yaml").read_text())
+    no_init["init"] = "no/such/weights.safetensors"
+    path = tmp_path / "no_init.yaml"
+    path.write_text(yaml.safe_dump(no_init))
+    result = lsmseg("pretrain", "-c", path, cwd=tmp_path)
+    assert result.returncode == 1 and "ERROR: no/such/weights.safetensors: no such file" in result.stderr
+    assert not (tmp_path / "runs/smoke/pretrain/log.csv").exists()
+
 
 def _encoder_of_tiny_model(path):
     import torch
