@@ -160,10 +160,14 @@ def find_cases(data: Path, structures, wanted: set[str] | None = None) -> tuple[
     from lsmseg.io import list_volumes, volume_name
 
     cases, problems = [], []
+    left_out = set()  # names of the structures not chosen: wanted by a split, yet not missing
     for dataset in DATASETS:
-        if dataset.structure not in structures:
-            continue
         images_dir, labels_dir = data / dataset.folder / "images", data / dataset.folder / "labels"
+        if dataset.structure not in structures:
+            if images_dir.is_dir():
+                sources = {volume_name(p) for p in list_volumes(images_dir)}
+                left_out |= sources | {f"{dataset.structure}_{s}" for s in sources}
+            continue
         if not images_dir.is_dir() or not labels_dir.is_dir():
             problems.append(f"{data / dataset.folder}: expected images/ and labels/ folders")
             continue
@@ -178,7 +182,7 @@ def find_cases(data: Path, structures, wanted: set[str] | None = None) -> tuple[
         found = {c.name for c in cases} | {c.source for c in cases}
         # A name of a structure left out by --structures is not missing.
         excluded = tuple(f"{d.structure}_" for d in DATASETS if d.structure not in structures)
-        problems += [f"case '{n}' not found in {data}" for n in sorted(wanted - found)
+        problems += [f"case '{n}' not found in {data}" for n in sorted(wanted - found - left_out)
                      if not (excluded and n.startswith(excluded))]
     return cases, problems
 

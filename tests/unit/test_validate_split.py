@@ -40,3 +40,22 @@ def test_table_means_leave_undefined_cases_out_and_count_them():
     assert _mean_std([0.5, float("nan"), 0.7]) == "0.600 ± 0.141 (1 NaN)"
     assert _mean_std([float("nan")]) == "– (1 NaN)"
     assert _mean_std([0.25]) == "0.250"
+
+
+def test_split_names_of_structures_left_out_are_not_reported_missing(tmp_path):
+    """A split names bare file names of every structure; with --structures microglia the c-Fos and
+    vessel names are left out quietly, while a name found nowhere is still a problem."""
+    import numpy as np
+
+    from lsmseg.io import write_volume
+    from lsmseg_evaluation.validate_shipped import find_cases
+
+    for folder, name in (("delivr/microglia", "patchvolume_8858_0"), ("delivr/cfos", "patchvolume_695_0"),
+                         ("vesselnn", "santos2015")):
+        for kind in ("images", "labels"):
+            (tmp_path / folder / kind).mkdir(parents=True)
+            write_volume(np.zeros((2, 4, 4), np.uint8), tmp_path / folder / kind / f"{name}.tif")
+    wanted = {"patchvolume_8858_0", "patchvolume_695_0", "santos2015", "patchvolume_1_0"}
+    cases, problems = find_cases(tmp_path, ["microglia"], wanted)
+    assert [c.name for c in cases] == ["microglia_patchvolume_8858_0"]
+    assert problems == [f"case 'patchvolume_1_0' not found in {tmp_path}"]
