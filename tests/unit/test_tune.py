@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from ..conftest import make_weights
 from lsmseg.synth.phantom import write_phantom
@@ -80,3 +81,33 @@ def test_default_threshold_chosen_on_phantoms_and_written(tmp_path, tiny_model_c
     write_choices(manifest, {"per_structure": {}, "validation": {}, "default_threshold": chosen})  # was 0.5
     entry = load_manifest(manifest).models["general"]
     assert entry.inference.threshold == chosen["threshold"] and entry.validation["default_threshold"] == chosen
+
+
+def test_tuning_some_structures_keeps_the_others_settings(tmp_path, tiny_model_config, tiny_model):
+    """--structures: only the named structures' volumes are predicted, and --write merges their
+    choices into the manifest instead of replacing every structure's."""
+    from lsmseg.weights import load_manifest
+    from lsmseg_training.tune import main, write_choices
+
+    _validation_config(tmp_path)  # writes config.yaml; its validation set is cfos_neuron
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+    earlier = {"threshold": 0.7, "split_touching": 0.0, "min_component_voxels": 30}
+    earlier_cfos = {"threshold": 0.6, "split_touching": 1.0, "min_component_voxels": 10}
+    write_choices(manifest, {"per_structure": {"microglia": earlier, "cfos_neuron": earlier_cfos},
+                             "validation": {"microglia": {"volumes": ["m"], "best": {"score": 0.1},
+                                                          "at_manifest_settings": None}}})
+
+    assert main(["-c", str(tmp_path / "config.yaml"), "--weights", str(manifest), "--structures", "cfos_neuron",
+                 "--write"]) == 0
+    entry = load_manifest(manifest).models["general"]
+    assert entry.inference.per_structure["microglia"] == earlier
+    assert set(entry.inference.per_structure) == {"microglia", "cfos_neuron"}
+    assert set(entry.validation["per_structure"]) == {"microglia", "cfos_neuron"}
+    assert entry.validation["per_structure"]["microglia"]["volumes"] == ["m"]
+    # The re-tuned structure's score before the change is kept, at its own earlier settings.
+    before = entry.validation["per_structure"]["cfos_neuron"]["at_manifest_settings"]
+    assert {key: before[key] for key in earlier_cfos} == earlier_cfos and before["mirror_axes"] == []
+
+    # A structure the config has no validation volumes of is refused, naming it.
+    with pytest.raises(SystemExit, match="no validation volumes of microglia"):
+        main(["-c", str(tmp_path / "config.yaml"), "--weights", str(manifest), "--structures", "microglia"])
