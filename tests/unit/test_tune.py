@@ -95,7 +95,7 @@ def test_tuning_some_structures_keeps_the_others_settings(tmp_path, tiny_model_c
     earlier_cfos = {"threshold": 0.6, "split_touching": 1.0, "min_component_voxels": 10}
     write_choices(manifest, {"per_structure": {"microglia": earlier, "cfos_neuron": earlier_cfos},
                              "validation": {"microglia": {"volumes": ["m"], "best": {"score": 0.1},
-                                                          "at_manifest_settings": None}}})
+                                                          "at_previous_settings": None}}})
 
     assert main(["-c", str(tmp_path / "config.yaml"), "--weights", str(manifest), "--structures", "cfos_neuron",
                  "--write"]) == 0
@@ -105,7 +105,7 @@ def test_tuning_some_structures_keeps_the_others_settings(tmp_path, tiny_model_c
     assert set(entry.validation["per_structure"]) == {"microglia", "cfos_neuron"}
     assert entry.validation["per_structure"]["microglia"]["volumes"] == ["m"]
     # The re-tuned structure's score before the change is kept, at its own earlier settings.
-    before = entry.validation["per_structure"]["cfos_neuron"]["at_manifest_settings"]
+    before = entry.validation["per_structure"]["cfos_neuron"]["at_previous_settings"]
     assert {key: before[key] for key in earlier_cfos} == earlier_cfos and before["mirror_axes"] == []
 
     # A structure the config has no validation volumes of is refused, naming it.

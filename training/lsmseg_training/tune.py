@@ -125,17 +125,18 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
         # Best mean score; ties go to the simpler setting (the grid's earlier, plainer entries).
         best = max(rows, key=lambda r: r["score"])
         # The structure's settings before this tune (its manifest entry over the defaults): the
-        # figure a re-tune is measured against. None when the grid does not hold them.
+        # figure a re-tune is measured against. None when the grid does not hold them. (Manifests
+        # tuned before 2026-12-02 hold at_manifest_settings instead: the global defaults' row.)
         before = manifest_settings.for_structure(structure)
-        at_base = next((r for r in rows if r["mirror_axes"] == list(before.mirror_axes)
-                        and r["threshold"] == min(thresholds, key=lambda t: abs(t - before.threshold))
-                        and r["split_touching"] == (before.split_touching if structure_splits != (0.0,) else 0.0)
-                        and r["min_component_voxels"] == before.min_component_voxels), None)
+        at_previous = next((r for r in rows if r["mirror_axes"] == list(before.mirror_axes)
+                            and r["threshold"] == min(thresholds, key=lambda t: abs(t - before.threshold))
+                            and r["split_touching"] == (before.split_touching if structure_splits != (0.0,) else 0.0)
+                            and r["min_component_voxels"] == before.min_component_voxels), None)
         choices[structure] = {"threshold": best["threshold"], "split_touching": best["split_touching"],
                               "min_component_voxels": best["min_component_voxels"]}
         if len(mirrors) > 1 or best["mirror_axes"]:  # manifests tuned without mirroring stay as they were
             choices[structure]["mirror_axes"] = best["mirror_axes"]
-        grids[structure] = {"volumes": [v["name"] for v in members], "best": best, "at_manifest_settings": at_base,
+        grids[structure] = {"volumes": [v["name"] for v in members], "best": best, "at_previous_settings": at_previous,
                             "grid": rows}
         logger.info("%s: %s -> mean score %.4f (%s)", structure, choices[structure], best["score"],
                     ", ".join(f"{k} {best[k]:.4f}" for k in best if k not in choices[structure] and k != "mirror_axes"))
@@ -184,7 +185,7 @@ def write_choices(manifest_path: Path, result: dict) -> Path:
     entry.validation["per_structure"] = {
         **entry.validation.get("per_structure", {}),
         **{structure: {"volumes": grid["volumes"], "chosen": grid["best"],
-                       "at_manifest_settings": grid["at_manifest_settings"]}
+                       "at_previous_settings": grid["at_previous_settings"]}
            for structure, grid in result["validation"].items()},
     }
     if "default_threshold" in result:
