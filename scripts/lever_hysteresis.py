@@ -1,8 +1,8 @@
 """Lever measurement (2026-11-28, not kept): hysteresis thresholding on the validation split.
 
 Objects are seeded where the probability reaches ``threshold`` and grown into the 26-connected
-voxels at or above a lower ``grow`` threshold (skimage's apply_hysteresis_threshold, with
-SimpleITK labelling), then touching objects split and small components removed as lsmseg does.
+voxels at or above a lower ``grow`` threshold (26-connected components labelled by SimpleITK, as
+lsmseg's clean-up does), then touching objects split and small components removed as lsmseg does.
 The aim was to give c-Fos and microglia objects found at their high thresholds their fuller extent
 (Dice, and PQ's matched IoU) and to reconnect vessels broken at 0.5 (clDice). Result and reading:
 training/README.md, lever table; grids: benchmarks/results/hysteresis_validation_2026-11-28.json.
@@ -25,13 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lsmseg.inference.predictor import logit
+
 CONFIG = Path("training/configs/general_finetune_real_logtail.yaml")
 HIGH = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97)
 GROW = (None, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9)  # None: plain thresholding
-
-
-def logit(p: float) -> float:
-    return float(np.log(p / (1 - p)))
 
 
 def predict(manifest: Path, out: Path) -> None:

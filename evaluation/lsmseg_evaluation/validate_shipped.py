@@ -160,13 +160,12 @@ def find_cases(data: Path, structures, wanted: set[str] | None = None) -> tuple[
     from lsmseg.io import list_volumes, volume_name
 
     cases, problems = [], []
-    left_out = set()  # names of the structures not chosen: wanted by a split, yet not missing
+    left_out = set()  # file names of the structures not chosen: a split names them, yet they are not missing
     for dataset in DATASETS:
         images_dir, labels_dir = data / dataset.folder / "images", data / dataset.folder / "labels"
         if dataset.structure not in structures:
-            if images_dir.is_dir():
-                sources = {volume_name(p) for p in list_volumes(images_dir)}
-                left_out |= sources | {f"{dataset.structure}_{s}" for s in sources}
+            if wanted is not None and images_dir.is_dir():
+                left_out |= {volume_name(p) for p in list_volumes(images_dir)}  # prefixed names: `excluded` below
             continue
         if not images_dir.is_dir() or not labels_dir.is_dir():
             problems.append(f"{data / dataset.folder}: expected images/ and labels/ folders")
