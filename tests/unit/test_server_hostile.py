@@ -81,6 +81,66 @@ def test_oversized_body_is_413_and_never_parsed_as_a_request(hostile_server):
     assert calls == [], "the tail of the body was run as /invoke"
 
 
+def test_a_client_still_sending_its_oversized_body_reads_the_413_not_a_reset(hostile_server):
+    """The refusal goes out before the body is sent: the server must drain it rather than close with
+    unread bytes, which resets the connection (the client's send fails, its answer may be lost)."""
+    port, calls = hostile_server
+    body = b"x" * (2 << 20)
+    with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as sock:
+        sock.sendall(b"POST /invoke HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body))
+        time.sleep(0.3)  # the server has answered 413 by now
+        sock.sendall(body)  # BrokenPipeError / ConnectionResetError if the server closed unread
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert status_codes(answer) == [413]
+    assert calls == []
+
+
+def one_slot_server(tmp_path):
+    service = InvokeService(settings_for(tmp_path), invoke=lambda predictor, settings: {"output": "x"})
+    service.predictor = object()
+    server = make_server(service, "127.0.0.1", 0, max_connections=1)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("bound", ["seconds", "bytes"])
+def test_the_drain_after_a_refusal_is_bounded(tmp_path, monkeypatch, bound):
+    """A refused client that keeps its socket open, or keeps sending, holds its connection slot
+    no longer than REFUSED_DRAIN_S seconds or REFUSED_DRAIN_BYTES bytes."""
+    if bound == "seconds":
+        monkeypatch.setattr(server_module, "REFUSED_DRAIN_S", 1.0)
+    else:
+        monkeypatch.setattr(server_module, "REFUSED_DRAIN_S", 60.0)
+        monkeypatch.setattr(server_module, "REFUSED_DRAIN_BYTES", 256 << 10)
+    server = one_slot_server(tmp_path)
+    port = server.server_address[1]
+    health = b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n"
+    hostile = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
+    try:
+        hostile.sendall(b"POST /invoke HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (1 << 30))
+        assert status_codes(b"".join(iter(lambda: hostile.recv(65536), b""))) == [413]
+        if bound == "seconds":
+            time.sleep(0.3)  # an undrained connection would have freed its slot by now
+            assert status_codes(raw(port, health)) == [503], "the refused connection was not drained"
+        else:
+            def keep_sending():
+                try:
+                    while True:
+                        hostile.sendall(b"x" * 65536)
+                except OSError:  # reset once the server has dropped enough and closed
+                    pass
+            threading.Thread(target=keep_sending, daemon=True).start()
+        started, codes = time.monotonic(), []
+        while time.monotonic() - started < 8.0 and codes[-1:] != [200]:
+            codes = status_codes(raw(port, health))
+            time.sleep(0.05)
+        assert codes == [200], "the refused connection still holds the only slot"
+    finally:
+        hostile.close()
+        server.shutdown()
+        server.server_close()
+
+
 def test_chunked_bodies_are_refused(hostile_server):
     port, calls = hostile_server
     inner = b"POST /invoke HTTP/1.1\r\nContent-Length: 0\r\n\r\n"

@@ -15,7 +15,8 @@ could ever succeed.
 Requests are handled defensively (the platform's network is not the only client a port may see;
 see docs/security.md): bodies must have a valid ``Content-Length`` of at most
 :data:`MAX_BODY_BYTES` (400 / 413, then the connection is closed, so a body is never parsed as a
-request), ``Transfer-Encoding`` is refused (501), sockets time out after
+request), ``Transfer-Encoding`` is refused (501), a refused request's unread bytes are drained for a
+bounded time before the close (so that the client reads the refusal instead of a reset), sockets time out after
 :data:`SOCKET_TIMEOUT_S` seconds, at most :data:`MAX_CONNECTIONS` connections are served at once,
 malformed request lines get 400, and logged request text is escaped.
 """
@@ -28,6 +29,7 @@ import re
 import signal
 import socket
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20  # /invoke needs no body; anything larger is refused unread
 SOCKET_TIMEOUT_S = 30.0  # a stalled client loses its connection (and its thread) after this
 MAX_CONNECTIONS = 32  # beyond this, new connections are answered 503 and closed at once
+REFUSED_DRAIN_S = 2.0  # after a refusal, read and drop what the client still sends, at most this long
+REFUSED_DRAIN_BYTES = 4 * MAX_BODY_BYTES  # ... and at most this much; beyond it the close resets
 DEFAULT_FAILED_LINGER_S = 300.0  # after a failed model load, report it on /health this long, then exit
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
@@ -129,26 +133,56 @@ def make_handler(service: InvokeService) -> type[BaseHTTPRequestHandler]:
             if self.command != "HEAD":
                 self.wfile.write(payload)
 
+        def _refuse(self, status: int, body: dict) -> None:
+            """Answer a refusal, then close the connection (see :meth:`_drain_before_close`)."""
+            self._reply(status, body, close=True)
+            self._drain_before_close()
+
+        def _drain_before_close(self) -> None:
+            """Stop sending, then read and drop what the client still sends, bounded.
+
+            Closing a socket with unread bytes makes the kernel reset the connection: a client
+            still sending its body gets a broken pipe, and may never read the answer. So drain for
+            at most :data:`REFUSED_DRAIN_S` seconds and :data:`REFUSED_DRAIN_BYTES` bytes (a
+            hostile client holds its thread no longer); the server closes the socket afterwards.
+            """
+            try:
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + REFUSED_DRAIN_S
+                left = REFUSED_DRAIN_BYTES
+                while left > 0:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self.connection.settimeout(remaining)
+                    chunk = self.rfile.read1(min(left, 1 << 16))
+                    if not chunk:  # the client has closed its side
+                        break
+                    left -= len(chunk)
+            except OSError:  # timeout, reset: the refusal was sent, nothing more to do
+                pass
+
         def _read_body(self) -> bool:
-            """Read (and drop) a request body, or answer an error and close; True when all is well.
+            """Read (and drop) a request body, or refuse it and close; True when all is well.
 
             Closing after every refusal matters: an unread body left on a keep-alive connection
             would be parsed as the next request.
             """
             if self.headers.get("Transfer-Encoding") is not None:
-                self._reply(HTTPStatus.NOT_IMPLEMENTED, {"error": "Transfer-Encoding is not supported; send Content-Length"},
-                            close=True)
+                self._refuse(HTTPStatus.NOT_IMPLEMENTED,
+                             {"error": "Transfer-Encoding is not supported; send Content-Length"})
                 return False
             values = self.headers.get_all("Content-Length") or []
             if not values:
                 return True
             if len(values) > 1 or not _DIGITS.fullmatch(values[0].strip()):
-                self._reply(HTTPStatus.BAD_REQUEST, {"error": "invalid Content-Length"}, close=True)
+                self._refuse(HTTPStatus.BAD_REQUEST, {"error": "invalid Content-Length"})
                 return False
             length = int(values[0])
             if length > MAX_BODY_BYTES:
-                self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                            {"error": f"request body over {MAX_BODY_BYTES} bytes"}, close=True)
+                self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                             {"error": f"request body over {MAX_BODY_BYTES} bytes"})
                 return False
             while length > 0:  # the socket timeout ends a stalled upload
                 chunk = self.rfile.read(min(length, 1 << 16))
@@ -180,6 +214,7 @@ def make_handler(service: InvokeService) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(payload)
             else:
                 self.end_headers()
+            self._drain_before_close()
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if not self._read_body():
