@@ -30,10 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REAL_DATA, Timer, current_rss_mb, dice, machine, peak_rss_mb, run_child, table, wide_field  # noqa: E402
 
 # name -> InferenceSettings overrides for lsmseg ({}: the manifest's settings as they are).
-# "engine" picks the network runtime (auto: ONNX Runtime on CPU where installed).
+# "engine" picks the network runtime (auto: OpenVINO, else ONNX Runtime, on CPU where installed).
 LSMSEG_VARIANTS = {
     "lsmseg": {},
     "lsmseg-torch": {"engine": "torch"},
+    "lsmseg-onnxruntime": {"engine": "onnxruntime"},
+    "lsmseg-openvino": {"engine": "openvino"},
     # Test-time mirroring on every axis for every volume (the manifest mirrors by structure name,
     # and these inputs' names name none): what the 8 passes cost and give here.
     "lsmseg-mirrored": {"mirror_axes": (0, 1, 2)},

@@ -83,8 +83,8 @@ fi
 if [ -n "${PIP_FIND_LINKS:-}" ] && [ -d "$PIP_FIND_LINKS" ]; then
   ARGS+=(-v "$PIP_FIND_LINKS":/wheels:ro --build-arg PIP_FIND_LINKS=/wheels)
 fi
-# Optional extras of pyproject.toml baked into the image (the Dockerfile's default: onnx; e.g.
-# LSMSEG_EXTRAS=onnx,zarr; LSMSEG_EXTRAS= for none).
+# Optional extras of pyproject.toml baked into the image (the Dockerfile's default: openvino; e.g.
+# LSMSEG_EXTRAS=openvino,zarr; LSMSEG_EXTRAS= for none).
 if [ -n "${LSMSEG_EXTRAS+set}" ]; then
   ARGS+=(--build-arg "LSMSEG_EXTRAS=$LSMSEG_EXTRAS")
 fi

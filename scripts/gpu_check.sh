@@ -158,7 +158,7 @@ if torch.cuda.is_available():
     print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", f"sm_{p.major}{p.minor}",
           "bf16", torch.cuda.is_bf16_supported(), "tf32 (cudnn)", torch.backends.cudnn.allow_tf32)
 for name in ("monai", "numpy", "scipy", "tifffile", "zarr", "numcodecs", "dask", "distributed", "SimpleITK",
-             "imagecodecs", "onnxruntime", "safetensors", "lsmseg"):
+             "imagecodecs", "onnxruntime", "openvino", "safetensors", "lsmseg"):
     try:
         print(name, md.version(name))
     except md.PackageNotFoundError:

@@ -20,6 +20,7 @@ from . import __version__
 from .challenge.runner import add_challenge_commands
 from .config import parse_mirror_axes
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LsmsegError
+from .inference.engines import ENGINES
 
 logger = logging.getLogger("lsmseg")
 
@@ -119,8 +120,9 @@ def add_predict_command(subparsers) -> None:
     scale.add_argument("--no-skip-background", dest="skip_background", action="store_false",
                        help="run the network on uniformly dark windows too (default: skip them)")
     scale.add_argument("--compile", action="store_true", help="torch.compile the model (slow start; off by default)")
-    scale.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
-                       help="network runtime; auto: ONNX Runtime on CPU when installed (lsmseg[onnx]), else PyTorch")
+    scale.add_argument("--engine", choices=ENGINES, default="auto",
+                       help="network runtime; auto: on CPU OpenVINO (lsmseg[openvino]), else ONNX Runtime "
+                            "(lsmseg[onnx]), when installed, else PyTorch")
     scale.add_argument("--scheduler", choices=["local", "dask"], default="local",
                        help="dask: spread each volume's blocks over dask.distributed workers")
     scale.add_argument("--address", metavar="tcp://HOST:PORT",

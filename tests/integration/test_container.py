@@ -306,8 +306,8 @@ def sample_crop(folder: Path) -> Path:
 
 
 @pytest.mark.skipif(not (REPO / "weights" / "manifest.yaml").is_file(), reason="the image carries no weights")
-def test_bundled_weights_run_onnxruntime_from_the_prefilled_cache(images, tmp_path):
-    """The image's own weights: ONNX Runtime on CPU from the cache filled at build time (no export at
+def test_bundled_weights_run_openvino_from_the_prefilled_cache(images, tmp_path):
+    """The image's own weights: OpenVINO on CPU from the ONNX cache filled at build time (no export at
     run time), and the masks of the PyTorch engine outside the container."""
     from lsmseg.weights import load_manifest
 
@@ -322,7 +322,7 @@ def test_bundled_weights_run_onnxruntime_from_the_prefilled_cache(images, tmp_pa
     assert "exporting" not in result.stderr and "not writable" not in result.stderr, result.stderr
     provenance = json.loads((out / f"{image.name}.provenance.json").read_text())
     assert provenance["weights"]["sha256"] == entry.sha256
-    assert provenance["parameters"]["engine"] == "onnxruntime"
+    assert provenance["parameters"]["engine"] == "openvino"
     window = "x".join(map(str, entry.model.roi))
     assert provenance["parameters"]["onnx_models"] == [{
         "window": list(entry.model.roi), "exported": False, "cached": True,
@@ -332,7 +332,7 @@ def test_bundled_weights_run_onnxruntime_from_the_prefilled_cache(images, tmp_pa
     ours = io.read_volume(out / image.name).load()
     expected = torch_mask_outside(manifest, image, writable_dir(tmp_path / "torch"))
     agreement = float((ours == expected).mean())
-    print(f"\nbundled weights, {image.name} {ours.shape}: container (onnxruntime) vs torch outside: Dice "
+    print(f"\nbundled weights, {image.name} {ours.shape}: container (openvino) vs torch outside: Dice "
           f"{dice(ours, expected):.5f}, voxel agreement {agreement:.6f}, {int(expected.sum())} foreground voxels")
     assert expected.sum() > 1000, "the crop holds vessels"
     assert dice(ours, expected) >= 0.99 and agreement >= 0.999
@@ -353,13 +353,13 @@ def test_mounted_weights_export_to_tmp_once(images, weights, tmp_path):
     assert len(warnings) == 1 and "not writable" in warnings[0] and "/tmp/lsmseg-onnx-" in warnings[0], result.stderr
     for name in (image.name, "second.tif"):  # one export for the process, reused by the second volume
         provenance = json.loads((out / f"{name}.provenance.json").read_text())
-        assert provenance["parameters"]["engine"] == "onnxruntime"
+        assert provenance["parameters"]["engine"] == "openvino"
         [model] = provenance["parameters"]["onnx_models"]
         assert model["exported"] and not model["cached"] and model["file"].startswith("/tmp/lsmseg-onnx-")
 
     ours = io.read_volume(out / image.name).load()
     expected = torch_mask_outside(weights / "manifest.yaml", image, writable_dir(tmp_path / "torch"))
     agreement = float((ours == expected).mean())
-    print(f"\nmounted test weights, {image.name}: container (onnxruntime) vs torch outside: "
+    print(f"\nmounted test weights, {image.name}: container (openvino) vs torch outside: "
           f"Dice {dice(ours, expected):.5f}, voxel agreement {agreement:.6f}")
     assert agreement >= 0.999 and (expected.sum() < 100 or dice(ours, expected) >= 0.99)

@@ -1,4 +1,5 @@
-"""The ONNX Runtime engine gives PyTorch's logits within float tolerance (skipped where not installed)."""
+"""The exported engines (ONNX Runtime, OpenVINO) give PyTorch's logits within float tolerance (each
+skipped where not installed)."""
 
 from pathlib import Path
 
@@ -9,38 +10,79 @@ import torch
 from lsmseg.config import InferenceSettings
 from lsmseg.inference import Predictor, RunOptions, predict_file
 
-pytest.importorskip("onnxruntime")
+from lsmseg.inference import engines
+
 pytest.importorskip("onnx")
 
 
-def test_onnxruntime_logits_equal_pytorch(tiny_model, tiny_model_config, tmp_path, monkeypatch):
+@pytest.fixture(params=engines.EXPORTED_ENGINES)
+def exported(request):
+    """Each engine that runs the ONNX export, skipped where its package is not installed."""
+    pytest.importorskip(request.param)
+    return request.param
+
+
+def test_exported_engine_logits_equal_pytorch(exported, tiny_model, tiny_model_config, tmp_path, monkeypatch):
     monkeypatch.setenv("LSMSEG_CACHE_DIR", str(tmp_path))
     image = np.random.default_rng(0).random((40, 70, 80), dtype=np.float32)
     settings = InferenceSettings(overlap=0.5)
     options = RunOptions(progress=False)
-    ours = Predictor(tiny_model, tiny_model_config, settings, device="cpu", engine="onnxruntime", options=options)
+    ours = Predictor(tiny_model, tiny_model_config, settings, device="cpu", engine=exported, options=options)
     reference = Predictor(tiny_model, tiny_model_config, settings, device="cpu", engine="torch", options=options)
-    assert ours.engine == "onnxruntime" and reference.engine == "torch"
+    assert ours.engine == exported and reference.engine == "torch"
     got, expected = ours.sliding_window_logits(image), reference.sliding_window_logits(image)
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
     assert list((tmp_path / "onnx").glob("*.onnx")), "the exported network is cached"
     # A second predictor reuses the cached file (no export): same numbers.
-    again = Predictor(tiny_model, tiny_model_config, settings, device="cpu", engine="onnxruntime", options=options)
+    again = Predictor(tiny_model, tiny_model_config, settings, device="cpu", engine=exported, options=options)
     np.testing.assert_array_equal(again.sliding_window_logits(image), got)
 
 
-def test_engine_choice():
+def test_openvino_engine_pickles_and_runs_from_threads(tiny_model, tiny_model_config, tmp_path, monkeypatch):
+    """A dask worker gets a pickled engine (no compiled model in it); threads share one engine."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("LSMSEG_CACHE_DIR", str(tmp_path))
+    engine = engines.OpenVinoEngine(tiny_model, engines.model_key(tiny_model), threads=1)
+    windows = torch.from_numpy(np.random.default_rng(2).random((3, 1, *tiny_model_config.roi), dtype=np.float32))
+    first = engine(windows).numpy()
+    copy = pickle.loads(pickle.dumps(engine))
+    assert copy._sessions == {} and engine._sessions, "compiled models stay with their process"
+    with torch.inference_mode():
+        expected = tiny_model(windows).numpy()
+    np.testing.assert_allclose(first, expected, rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(copy(windows).numpy(), first)
+    with ThreadPoolExecutor(4) as pool:
+        for got in pool.map(lambda _: engine(windows).numpy(), range(8)):
+            np.testing.assert_array_equal(got, first)
+
+
+def test_engine_choice(monkeypatch):
     from lsmseg.inference.engines import resolve_engine
 
     cpu = torch.device("cpu")
+    installed = {"onnxruntime": True, "openvino": True}
+    for name in installed:
+        monkeypatch.setitem(engines._AVAILABLE, name, lambda name=name: installed[name])
+    assert resolve_engine("auto", cpu, "auto", False) == "openvino", "the fastest installed engine first"
+    installed["openvino"] = False
     assert resolve_engine("auto", cpu, "auto", False) == "onnxruntime"
+    with pytest.raises(ValueError, match=r"lsmseg\[openvino\]"):
+        resolve_engine("openvino", cpu, "auto", False)
+    installed["onnxruntime"] = False
+    assert resolve_engine("auto", cpu, "auto", False) == "torch"
+    installed.update(onnxruntime=True, openvino=True)
     assert resolve_engine("auto", cpu, "bf16", False) == "torch"
+    assert resolve_engine("auto", cpu, "auto", True) == "torch", "torch.compile runs in PyTorch"
     assert resolve_engine("auto", torch.device("cuda"), "auto", False) == "torch"
-    with pytest.raises(ValueError):
-        resolve_engine("onnxruntime", torch.device("cuda"), "auto", False)
+    for engine in engines.EXPORTED_ENGINES:
+        with pytest.raises(ValueError, match="CPU in fp32 only"):
+            resolve_engine(engine, torch.device("cuda"), "auto", False)
 
 
-def test_cache_hit_and_unwritable_cache(tiny_model, tiny_model_config, tmp_path, monkeypatch, caplog):
+def test_cache_hit_and_unwritable_cache(exported, tiny_model, tiny_model_config, tmp_path, monkeypatch, caplog):
     """A prefilled cache is used as is; a read-only one without these weights gets one warning line and
     an export to a temporary folder (an image's cache with weights mounted at /opt/ml/model)."""
     import logging
@@ -55,14 +97,14 @@ def test_cache_hit_and_unwritable_cache(tiny_model, tiny_model_config, tmp_path,
     monkeypatch.setenv("LSMSEG_CACHE_DIR", str(cache))
 
     def run(name):
-        predictor = Predictor(tiny_model, tiny_model_config, device="cpu", engine="onnxruntime",
+        predictor = Predictor(tiny_model, tiny_model_config, device="cpu", engine=exported,
                               options=RunOptions(progress=False))
         record = predict_file(predictor, tmp_path / "x.tif", tmp_path / f"{name}.tif").record
         return record["parameters"], io.read_volume(tmp_path / f"{name}.tif").load()
 
     first, mask = run("first")  # writable cache: export into it
     [model] = first["onnx_models"]
-    assert first["engine"] == "onnxruntime" and model["exported"] and model["cached"]
+    assert first["engine"] == exported and model["exported"] and model["cached"]
     assert Path(model["file"]).parent == cache / "onnx"
     assert Path(model["file"]).stat().st_mode & 0o777 == 0o644, "readable by others (an image's non-root user)"
     again, same = run("again")  # cache hit, no export

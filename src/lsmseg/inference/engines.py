@@ -1,8 +1,9 @@
-"""Execution engines for the network on CPU: PyTorch, or ONNX Runtime on the exported network.
+"""Execution engines for the network on CPU: PyTorch, or ONNX Runtime or OpenVINO on the exported network.
 
 On CPU, ONNX Runtime runs the Swin UNETR of the shipped weights 3-4x faster than PyTorch (eager) with
-the same logits within float tolerance (benchmarks/README.md). It is an optional dependency
-(``pip install lsmseg[onnx]``): without it the predictor runs PyTorch. The network is exported once
+the same logits within float tolerance, and OpenVINO faster still (benchmarks/README.md). Both are
+optional dependencies (``pip install lsmseg[onnx]``, ``lsmseg[openvino]``); ``auto`` takes OpenVINO,
+else ONNX Runtime, else PyTorch. Both run the same ONNX file. The network is exported once
 per weights and window shape into a cache folder (``LSMSEG_CACHE_DIR``, default
 ``~/.cache/lsmseg``), keyed by the weights' SHA-256 (or a hash of the parameters), written atomically;
 ``python -m lsmseg.inference [MANIFEST]`` fills the cache ahead of time (e.g. while building an image).
@@ -15,6 +16,7 @@ import importlib.util
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +28,8 @@ from ..io import atomic_output
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnxruntime")
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+EXPORTED_ENGINES = ("onnxruntime", "openvino")  # the engines that run the ONNX export
 # Bump when the export changes (opset, axes), so that stale cached files are not reused.
 EXPORT_VERSION = 1
 
@@ -35,27 +38,49 @@ def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 
 
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None and importlib.util.find_spec("onnx") is not None
+
+
+_AVAILABLE = {"onnxruntime": onnxruntime_available, "openvino": openvino_available}
+_EXTRA = {"onnxruntime": "the onnxruntime and onnx packages (pip install lsmseg[onnx])",
+          "openvino": "the openvino and onnx packages (pip install lsmseg[openvino])"}
+
+
 def resolve_engine(engine: str, device: torch.device, precision: str, compile: bool) -> str:
-    """The engine to use: ``auto`` is ONNX Runtime on CPU in fp32 when installed, else PyTorch.
+    """The engine to use: ``auto`` is OpenVINO, else ONNX Runtime, on CPU in fp32 when installed, else PyTorch.
 
     Args:
-        engine: ``"auto"``, ``"torch"`` or ``"onnxruntime"``.
+        engine: ``"auto"``, ``"torch"``, ``"onnxruntime"`` or ``"openvino"``.
         device: where the model runs.
-        precision: the predictor's precision (ONNX Runtime runs fp32 only).
+        precision: the predictor's precision (the exported engines run fp32 only).
         compile: whether the model is ``torch.compile``-d (then PyTorch).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     cpu_fp32 = device.type == "cpu" and precision in ("auto", "fp32") and not compile
-    if engine == "onnxruntime":
+    if engine in EXPORTED_ENGINES:
         if not cpu_fp32:
-            raise ValueError("engine 'onnxruntime' runs on CPU in fp32 only (no --compile, no bf16/fp16)")
-        if not onnxruntime_available():
-            raise ValueError("engine 'onnxruntime' needs the onnxruntime and onnx packages (pip install lsmseg[onnx])")
+            raise ValueError(f"engine '{engine}' runs on CPU in fp32 only (no --compile, no bf16/fp16)")
+        if not _AVAILABLE[engine]():
+            raise ValueError(f"engine '{engine}' needs {_EXTRA[engine]}")
         return engine
     if engine == "auto":
-        return "onnxruntime" if cpu_fp32 and onnxruntime_available() else "torch"
+        if cpu_fp32:
+            for candidate in ("openvino", "onnxruntime"):  # fastest first (benchmarks/README.md)
+                if _AVAILABLE[candidate]():
+                    return candidate
+        return "torch"
     return engine
+
+
+def exported_engine(engine: str, model: torch.nn.Module, key: str, threads: int | None = None):
+    """The engine object that runs ``model``'s ONNX export for ``engine``; None for PyTorch."""
+    if engine == "onnxruntime":
+        return OnnxEngine(model, key, threads)
+    if engine == "openvino":
+        return OpenVinoEngine(model, key, threads)
+    return None
 
 
 def model_key(model: torch.nn.Module, sha256: str | None = None) -> str:
@@ -160,3 +185,44 @@ class OnnxEngine:
         batch = np.ascontiguousarray(windows.detach().cpu().numpy(), dtype=np.float32)
         (logits,) = self.session(batch.shape[2:]).run(None, {"windows": batch})
         return torch.from_numpy(logits)
+
+
+class OpenVinoEngine(OnnxEngine):
+    """Runs the same ONNX export through OpenVINO's CPU plugin, one compiled model per window shape.
+
+    Precision is pinned to fp32: OpenVINO's default on CPUs with AMX or AVX-512 BF16 is bf16, which
+    would change masks with the machine. Calls are serialised (a compiled model's ``__call__``
+    reuses one infer request), so one engine may be shared by threads.
+    """
+
+    def __init__(self, model: torch.nn.Module, key: str, threads: int | None = None):
+        super().__init__(model, key, threads)
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def session(self, window: Sequence[int]):
+        window = tuple(int(w) for w in window)
+        if window not in self._sessions:
+            import openvino as ov
+
+            self._sessions[window] = ov.Core().compile_model(str(self.export(window)), "CPU", {
+                "INFERENCE_NUM_THREADS": int(self.threads or torch.get_num_threads()),
+                "INFERENCE_PRECISION_HINT": "f32",
+                "PERFORMANCE_HINT": "LATENCY",
+            })
+        return self._sessions[window]
+
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        batch = np.ascontiguousarray(windows.detach().cpu().numpy(), dtype=np.float32)
+        with self._lock:
+            compiled = self.session(batch.shape[2:])
+            logits = compiled(batch, share_outputs=False)[0]
+        return torch.from_numpy(np.asarray(logits, dtype=np.float32))

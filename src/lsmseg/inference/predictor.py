@@ -39,7 +39,7 @@ from ..normalise import DEFAULT_MAX_SAMPLES, is_constant, normalise, percentiles
 from ..structures import structure_from_name
 from .blocks import (Block, BlockPlan, accumulate_block, accumulation_device, default_block_shape, plan_blocks,
                      prefetched)
-from .engines import OnnxEngine, model_key, resolve_engine
+from .engines import exported_engine, model_key, resolve_engine
 from .foreground import Background, dark_windows, estimate_background
 from .postprocess import open_faces_of, remove_small_components, split_touching
 from .probabilities import PROBABILITY_DTYPES
@@ -127,7 +127,8 @@ class Predictor:
             post-processing); default :class:`InferenceSettings`.
         device: torch device; None: CUDA when visible, else CPU.
         precision: ``"auto"`` (fp16/bf16 autocast on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``.
-        engine: ``"auto"`` (ONNX Runtime on CPU when installed, else PyTorch), ``"torch"``, ``"onnxruntime"``.
+        engine: ``"auto"`` (on CPU OpenVINO, else ONNX Runtime, when installed, else PyTorch), ``"torch"``,
+            ``"onnxruntime"``, ``"openvino"``.
         compile: ``torch.compile`` the model.
         weights_info: where the weights came from, for provenance records.
         options: the run's :class:`RunOptions`.
@@ -158,12 +159,10 @@ class Predictor:
         self.options = options or RunOptions()
         if compile:
             self.model = torch.compile(self.model)
-        # ONNX Runtime on CPU where installed (3-4x PyTorch's speed here, same logits); see .engines.
+        # OpenVINO or ONNX Runtime on CPU where installed (3-4x PyTorch's speed and more, same logits
+        # within float tolerance); see .engines. Both run the network's ONNX export.
         self.engine = resolve_engine(engine, self.device, precision, compile)
-        self._onnx = (
-            OnnxEngine(self.model, model_key(self.model, self.weights_info.get("sha256")))
-            if self.engine == "onnxruntime" else None
-        )
+        self._onnx = exported_engine(self.engine, self.model, model_key(self.model, self.weights_info.get("sha256")))
         self._background_cache: dict[tuple, torch.Tensor] = {}
         # Voxels in the subsample that percentiles and the background level come from.
         self.sample_voxels = DEFAULT_MAX_SAMPLES
@@ -226,7 +225,7 @@ class Predictor:
         return self
 
     def export_engine(self) -> Path | None:
-        """Export the network for ONNX Runtime now (the file is cached); None when the engine is PyTorch."""
+        """Export the network for ONNX Runtime or OpenVINO now (the file is cached); None when the engine is PyTorch."""
         return self._onnx.export(self.roi) if self._onnx is not None else None
 
     def _autocast(self):

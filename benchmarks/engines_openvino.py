@@ -1,0 +1,85 @@
+"""OpenVINO against ONNX Runtime on the shipped network's ONNX export, end to end through ``Predictor``.
+
+    python benchmarks/engines_openvino.py weights [--reps 3] [--threads 2]
+
+Both engines run the same cached export (``python -m lsmseg.inference weights`` fills it). Each
+predicts the validation volumes of ``engines_onnx_int8.py`` through the unchanged ``Predictor``
+(one pass, no per-structure clean-up), interleaved, after a warm-up that compiles its model:
+wall time per volume (median of ``--reps``), the largest logit difference, and the share of voxels
+whose mask changes at each structure's threshold. Peak memory needs a process per engine:
+``bench_seed.py`` measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REAL_DATA  # noqa: E402
+from engines_onnx_int8 import VOLUMES  # noqa: E402
+
+ENGINES = ("onnxruntime", "openvino")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("weights", nargs="?", default="weights")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from lsmseg.inference import Predictor, RunOptions
+    from lsmseg.inference.predictor import logit
+    from lsmseg.io import read_volume
+
+    torch.set_num_threads(args.threads)
+    predictors = {name: Predictor.from_manifest(args.weights, engine=name, options=RunOptions(progress=False))
+                  for name in ENGINES}
+    manifest_settings = predictors["onnxruntime"].settings  # each structure's threshold is read from these
+    for predictor in predictors.values():
+        predictor.settings = dataclasses.replace(manifest_settings, per_structure={}, mirror_axes=())
+        predictor.export_engine()
+    rows = []
+    for relative, structure, crop in VOLUMES:
+        image = read_volume(REAL_DATA / relative).load()
+        if crop:
+            y0, x0 = (image.shape[1] - crop) // 2, (image.shape[2] - crop) // 2
+            image = image[:, y0:y0 + crop, x0:x0 + crop]
+        threshold = manifest_settings.for_structure(structure).threshold
+        times = {name: [] for name in ENGINES}
+        logits = {}
+        for rep in range(args.reps):
+            for name, predictor in predictors.items():
+                predictor.predict_logits(image[:8, :64, :64], name="warm-up")
+                start = time.perf_counter()
+                logits[name] = predictor.predict_logits(image, name=Path(relative).stem)
+                times[name].append(time.perf_counter() - start)
+        changed = float(((logits["openvino"] >= logit(threshold)) != (logits["onnxruntime"] >= logit(threshold))).mean())
+        row = {"volume": Path(relative).stem + (f" (central {crop}x{crop})" if crop else ""),
+               **{f"{name}_wall_s": round(statistics.median(times[name]), 2) for name in ENGINES},
+               "openvino_speed_vs_onnxruntime": round(statistics.median(times["onnxruntime"])
+                                                      / statistics.median(times["openvino"]), 2),
+               "max_abs_logit_diff": round(float(np.abs(logits["openvino"] - logits["onnxruntime"]).max()), 6),
+               "threshold": threshold, "mask_voxels_changed_pct": round(100 * changed, 5)}
+        rows.append(row)
+        print(row, flush=True)
+    print(f"\n| volume | ONNX Runtime wall (s), median of {args.reps} | OpenVINO wall (s) | OpenVINO's speed "
+          "| max abs logit difference | threshold | voxels changing side (%) |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['volume']} | {r['onnxruntime_wall_s']} | {r['openvino_wall_s']} | "
+              f"{r['openvino_speed_vs_onnxruntime']}x | {r['max_abs_logit_diff']} | {r['threshold']} "
+              f"| {r['mask_voxels_changed_pct']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
