@@ -126,3 +126,50 @@ def test_cache_hit_and_unwritable_cache(exported, tiny_model, tiny_model_config,
     assert line.levelno == logging.WARNING and "not writable" in line.getMessage()
     assert sorted(p.name[:16] for p in (cache / "onnx").iterdir()) == ["0" * 16], "nothing written to the cache"
     np.testing.assert_array_equal(other, mask)
+
+
+SIGNAL_AFTER_ENGINES = """
+import gc, os, signal, sys, time
+import numpy as np, torch
+from lsmseg.config import ModelConfig
+from lsmseg.inference import engines
+from lsmseg.model import build_model
+
+config = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), roi=(32, 64, 64))
+model = build_model(config).eval()
+windows = torch.zeros(1, 1, *config.roi)
+first, second = (engines.OpenVinoEngine(model, "k", threads=1) for _ in range(2))  # two predictors' engines
+first(windows)
+second(windows)
+del first  # released in the order they were made (a list would release them in reverse)
+gc.collect()
+del second
+gc.collect()
+
+def stop(signum, frame):
+    print("handled", flush=True)
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("not delivered", flush=True)
+"""
+
+
+def test_a_signal_after_openvino_engines_are_released_is_still_handled(tmp_path):
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack; with a Core per engine, two
+    released in creation order left it unmapped, and SIGTERM (docker stop) then segfaulted the
+    process instead of reaching its handler. Run in a child so that a crash fails this test only."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("openvino")
+    env = {**os.environ, "LSMSEG_CACHE_DIR": str(tmp_path)}
+    for faulthandler in ("0", "1"):  # pytest and PYTHONFAULTHANDLER install an alternate stack too
+        result = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_ENGINES], capture_output=True, text=True,
+                                env={**env, "PYTHONFAULTHANDLER": faulthandler} if faulthandler == "1"
+                                else {k: v for k, v in env.items() if k != "PYTHONFAULTHANDLER"}, timeout=300)
+        assert (result.returncode, result.stdout.strip()) == (0, "handled"), (faulthandler, result.returncode,
+                                                                             result.stderr[-2000:])

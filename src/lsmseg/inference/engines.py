@@ -187,6 +187,28 @@ class OnnxEngine:
         return torch.from_numpy(logits)
 
 
+_openvino_core = None
+_openvino_core_lock = threading.Lock()
+
+
+def openvino_core():
+    """The process's one OpenVINO ``Core``, created on first use and never released.
+
+    One only, because each Core's CPU plugin installs an alternate signal stack of its own for the
+    thread that creates it and unmaps it when released, restoring the stack it found: two Cores
+    released in the order they were made leave the thread's alternate stack unmapped, and the next
+    signal handled there (SIGTERM from ``docker stop``, Ctrl-C) kills the process with a segfault
+    (OpenVINO 2026.4; tests/unit/test_engines.py keeps it from coming back).
+    """
+    global _openvino_core
+    with _openvino_core_lock:
+        if _openvino_core is None:
+            import openvino as ov
+
+            _openvino_core = ov.Core()
+        return _openvino_core
+
+
 class OpenVinoEngine(OnnxEngine):
     """Runs the same ONNX export through OpenVINO's CPU plugin, one compiled model per window shape.
 
@@ -211,9 +233,7 @@ class OpenVinoEngine(OnnxEngine):
     def session(self, window: Sequence[int]):
         window = tuple(int(w) for w in window)
         if window not in self._sessions:
-            import openvino as ov
-
-            self._sessions[window] = ov.Core().compile_model(str(self.export(window)), "CPU", {
+            self._sessions[window] = openvino_core().compile_model(str(self.export(window)), "CPU", {
                 "INFERENCE_NUM_THREADS": int(self.threads or torch.get_num_threads()),
                 "INFERENCE_PRECISION_HINT": "f32",
                 "PERFORMANCE_HINT": "LATENCY",
