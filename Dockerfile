@@ -57,7 +57,7 @@ COPY weights/ /opt/lsmseg/weights/
 ENV LSMSEG_CACHE_DIR=/opt/lsmseg/onnx-cache
 RUN mkdir -p "$LSMSEG_CACHE_DIR" \
     && if [ -f /opt/lsmseg/weights/manifest.yaml ] \
-          && python3 -c 'import sys, lsmseg.inference.engines as e; sys.exit(not (e.openvino_available() or e.onnxruntime_available()))'; then \
+          && python3 -c 'import sys, lsmseg.inference.engines as e; sys.exit(e.installed_exported_engine() is None)'; then \
         python3 -m lsmseg.inference /opt/lsmseg/weights/manifest.yaml; \
     fi
 COPY entrypoint.sh /usr/local/bin/entrypoint.sh

@@ -36,6 +36,18 @@ VOLUMES = (  # (file below the real data, structure whose manifest threshold app
 )
 
 
+def read_volume_cropped(relative: str, crop: int | None):
+    """A volume of :data:`VOLUMES`, cut to its central ``crop`` x ``crop`` columns when one is given,
+    and its name for the tables."""
+    from lsmseg.io import read_volume
+
+    image = read_volume(REAL_DATA / relative).load()
+    if crop:
+        y0, x0 = (image.shape[1] - crop) // 2, (image.shape[2] - crop) // 2
+        image = image[:, y0:y0 + crop, x0:x0 + crop]
+    return image, Path(relative).stem + (f" (central {crop}x{crop})" if crop else "")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("weights", nargs="?", default="weights")
@@ -51,7 +63,6 @@ def main(argv=None) -> int:
     from lsmseg.inference import Predictor, RunOptions
     from lsmseg.inference.engines import cache_dir
     from lsmseg.inference.predictor import logit
-    from lsmseg.io import read_volume
 
     torch.set_num_threads(args.threads)
     predictor = Predictor.from_manifest(args.weights, engine="onnxruntime", options=RunOptions(progress=False))
@@ -72,10 +83,7 @@ def main(argv=None) -> int:
 
     rows = []
     for relative, structure, crop in (v for v in VOLUMES if v[1] in args.structures):
-        image = read_volume(REAL_DATA / relative).load()
-        if crop:
-            y0, x0 = (image.shape[1] - crop) // 2, (image.shape[2] - crop) // 2
-            image = image[:, y0:y0 + crop, x0:x0 + crop]
+        image, volume = read_volume_cropped(relative, crop)
         threshold = manifest_settings.for_structure(structure).threshold
         logit_threshold = logit(threshold)
         times = {name: [] for name in caches}
@@ -92,7 +100,7 @@ def main(argv=None) -> int:
         for name in caches:
             difference = float(np.abs(logits[name] - logits["fp32"]).max())
             changed = float(((logits[name] >= logit_threshold) != (logits["fp32"] >= logit_threshold)).mean())
-            row = {"volume": Path(relative).stem + (f" (central {crop}x{crop})" if crop else ""), "variant": name,
+            row = {"volume": volume, "variant": name,
                    "wall_s": round(statistics.median(times[name]), 2),
                    "speed_vs_fp32": round(statistics.median(times["fp32"]) / statistics.median(times[name]), 2),
                    "max_abs_logit_diff": round(difference, 4), "threshold": threshold,

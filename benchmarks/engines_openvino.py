@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REAL_DATA  # noqa: E402
-from engines_onnx_int8 import VOLUMES  # noqa: E402
+from engines_onnx_int8 import VOLUMES, read_volume_cropped  # noqa: E402
 
 ENGINES = ("onnxruntime", "openvino")
 
@@ -39,7 +38,6 @@ def main(argv=None) -> int:
 
     from lsmseg.inference import Predictor, RunOptions
     from lsmseg.inference.predictor import logit
-    from lsmseg.io import read_volume
 
     torch.set_num_threads(args.threads)
     predictors = {name: Predictor.from_manifest(args.weights, engine=name, options=RunOptions(progress=False))
@@ -50,11 +48,9 @@ def main(argv=None) -> int:
         predictor.export_engine()
     rows = []
     for relative, structure, crop in VOLUMES:
-        image = read_volume(REAL_DATA / relative).load()
-        if crop:
-            y0, x0 = (image.shape[1] - crop) // 2, (image.shape[2] - crop) // 2
-            image = image[:, y0:y0 + crop, x0:x0 + crop]
+        image, volume = read_volume_cropped(relative, crop)
         threshold = manifest_settings.for_structure(structure).threshold
+        logit_threshold = logit(threshold)
         times = {name: [] for name in ENGINES}
         logits = {}
         for rep in range(args.reps):
@@ -63,8 +59,8 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 logits[name] = predictor.predict_logits(image, name=Path(relative).stem)
                 times[name].append(time.perf_counter() - start)
-        changed = float(((logits["openvino"] >= logit(threshold)) != (logits["onnxruntime"] >= logit(threshold))).mean())
-        row = {"volume": Path(relative).stem + (f" (central {crop}x{crop})" if crop else ""),
+        changed = float(((logits["openvino"] >= logit_threshold) != (logits["onnxruntime"] >= logit_threshold)).mean())
+        row = {"volume": volume,
                **{f"{name}_wall_s": round(statistics.median(times[name]), 2) for name in ENGINES},
                "openvino_speed_vs_onnxruntime": round(statistics.median(times["onnxruntime"])
                                                       / statistics.median(times["openvino"]), 2),

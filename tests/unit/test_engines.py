@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from lsmseg.config import InferenceSettings
-from lsmseg.inference import Predictor, RunOptions, predict_file
-
-from lsmseg.inference import engines
+from lsmseg.inference import Predictor, RunOptions, engines, predict_file
 
 pytest.importorskip("onnx")
 
@@ -130,7 +128,7 @@ def test_cache_hit_and_unwritable_cache(exported, tiny_model, tiny_model_config,
 
 SIGNAL_AFTER_ENGINES = """
 import gc, os, signal, sys, time
-import numpy as np, torch
+import torch
 from lsmseg.config import ModelConfig
 from lsmseg.inference import engines
 from lsmseg.model import build_model
@@ -166,10 +164,10 @@ def test_a_signal_after_openvino_engines_are_released_is_still_handled(tmp_path)
     import sys
 
     pytest.importorskip("openvino")
-    env = {**os.environ, "LSMSEG_CACHE_DIR": str(tmp_path)}
-    for faulthandler in ("0", "1"):  # pytest and PYTHONFAULTHANDLER install an alternate stack too
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    env["LSMSEG_CACHE_DIR"] = str(tmp_path)
+    for extra in ({}, {"PYTHONFAULTHANDLER": "1"}):  # pytest and PYTHONFAULTHANDLER install an alternate stack too
         result = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_ENGINES], capture_output=True, text=True,
-                                env={**env, "PYTHONFAULTHANDLER": faulthandler} if faulthandler == "1"
-                                else {k: v for k, v in env.items() if k != "PYTHONFAULTHANDLER"}, timeout=300)
-        assert (result.returncode, result.stdout.strip()) == (0, "handled"), (faulthandler, result.returncode,
+                                env={**env, **extra}, timeout=300)
+        assert (result.returncode, result.stdout.strip()) == (0, "handled"), (extra, result.returncode,
                                                                              result.stderr[-2000:])

@@ -42,6 +42,15 @@ def status_codes(answer: bytes) -> list[int]:
     return [int(line.split()[1]) for line in answer.split(b"\r\n") if line.startswith(b"HTTP/1.")]
 
 
+def start_server(tmp_path, invoke, max_connections: int | None = None):
+    """A server for a loaded (stand-in) model, serving in a thread; the caller shuts it down."""
+    service = InvokeService(settings_for(tmp_path), invoke=invoke)
+    service.predictor = object()
+    server = make_server(service, "127.0.0.1", 0, max_connections)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 @pytest.fixture
 def hostile_server(tmp_path, monkeypatch):
     monkeypatch.setattr(server_module, "SOCKET_TIMEOUT_S", 1.0, raising=False)
@@ -52,11 +61,7 @@ def hostile_server(tmp_path, monkeypatch):
         calls.append(time.monotonic())
         return {"output": "/output/images/s/output.mha"}
 
-    service = InvokeService(settings_for(tmp_path), invoke=counting_invoke)
-    service.predictor = object()
-    server = make_server(service, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = start_server(tmp_path, counting_invoke)
     yield server.server_address[1], calls
     server.shutdown()
     server.server_close()
@@ -95,14 +100,6 @@ def test_a_client_still_sending_its_oversized_body_reads_the_413_not_a_reset(hos
     assert calls == []
 
 
-def one_slot_server(tmp_path):
-    service = InvokeService(settings_for(tmp_path), invoke=lambda predictor, settings: {"output": "x"})
-    service.predictor = object()
-    server = make_server(service, "127.0.0.1", 0, max_connections=1)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 @pytest.mark.parametrize("bound", ["seconds", "bytes"])
 def test_the_drain_after_a_refusal_is_bounded(tmp_path, monkeypatch, bound):
     """A refused client that keeps its socket open, or keeps sending, holds its connection slot
@@ -112,7 +109,7 @@ def test_the_drain_after_a_refusal_is_bounded(tmp_path, monkeypatch, bound):
     else:
         monkeypatch.setattr(server_module, "REFUSED_DRAIN_S", 60.0)
         monkeypatch.setattr(server_module, "REFUSED_DRAIN_BYTES", 256 << 10)
-    server = one_slot_server(tmp_path)
+    server = start_server(tmp_path, lambda predictor, settings: {"output": "x"}, max_connections=1)
     port = server.server_address[1]
     health = b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n"
     hostile = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)

@@ -7,12 +7,13 @@ import logging
 import sys
 
 from ..weights import load_manifest, resolve_manifest
-from .engines import openvino_available
+from .engines import installed_exported_engine
 from .predictor import Predictor, RunOptions
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 manifest = resolve_manifest(sys.argv[1] if len(sys.argv) > 1 else None)
-engine = "openvino" if openvino_available() else "onnxruntime"  # the same export; the error names the extras
+# Either engine writes the same export; with neither installed, onnxruntime's error names the extras.
+engine = installed_exported_engine() or "onnxruntime"
 for name in load_manifest(manifest).models:
     options = RunOptions(structure=name, progress=False)
     print(Predictor.from_manifest(manifest, device="cpu", engine=engine, options=options).export_engine())

@@ -29,7 +29,8 @@ from ..io import atomic_output
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
-EXPORTED_ENGINES = ("onnxruntime", "openvino")  # the engines that run the ONNX export
+# The engines that run the ONNX export, fastest first (benchmarks/README.md): ``auto``'s order.
+EXPORTED_ENGINES = ("openvino", "onnxruntime")
 # Bump when the export changes (opset, axes), so that stale cached files are not reused.
 EXPORT_VERSION = 1
 
@@ -45,6 +46,11 @@ def openvino_available() -> bool:
 _AVAILABLE = {"onnxruntime": onnxruntime_available, "openvino": openvino_available}
 _EXTRA = {"onnxruntime": "the onnxruntime and onnx packages (pip install lsmseg[onnx])",
           "openvino": "the openvino and onnx packages (pip install lsmseg[openvino])"}
+
+
+def installed_exported_engine() -> str | None:
+    """The fastest exported engine whose packages are installed; None when neither is."""
+    return next((engine for engine in EXPORTED_ENGINES if _AVAILABLE[engine]()), None)
 
 
 def resolve_engine(engine: str, device: torch.device, precision: str, compile: bool) -> str:
@@ -66,21 +72,24 @@ def resolve_engine(engine: str, device: torch.device, precision: str, compile: b
             raise ValueError(f"engine '{engine}' needs {_EXTRA[engine]}")
         return engine
     if engine == "auto":
-        if cpu_fp32:
-            for candidate in ("openvino", "onnxruntime"):  # fastest first (benchmarks/README.md)
-                if _AVAILABLE[candidate]():
-                    return candidate
-        return "torch"
+        return (installed_exported_engine() if cpu_fp32 else None) or "torch"
     return engine
 
 
-def exported_engine(engine: str, model: torch.nn.Module, key: str, threads: int | None = None):
-    """The engine object that runs ``model``'s ONNX export for ``engine``; None for PyTorch."""
-    if engine == "onnxruntime":
-        return OnnxEngine(model, key, threads)
-    if engine == "openvino":
-        return OpenVinoEngine(model, key, threads)
-    return None
+def exported_engine(engine: str, model: torch.nn.Module, sha256: str | None = None, threads: int | None = None):
+    """The engine object that runs ``model``'s ONNX export for ``engine``; None for PyTorch.
+
+    Args:
+        engine: a resolved engine (:func:`resolve_engine`).
+        model: the network.
+        sha256: its checkpoint's SHA-256, if known; the export's cache key (:func:`model_key`,
+            which otherwise hashes the weights, so only for an exported engine).
+        threads: intra-op threads (default: torch's).
+    """
+    if engine not in EXPORTED_ENGINES:
+        return None
+    engine_class = OpenVinoEngine if engine == "openvino" else OnnxEngine
+    return engine_class(model, model_key(model, sha256), threads)
 
 
 def model_key(model: torch.nn.Module, sha256: str | None = None) -> str:

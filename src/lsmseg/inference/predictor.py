@@ -39,7 +39,7 @@ from ..normalise import DEFAULT_MAX_SAMPLES, is_constant, normalise, percentiles
 from ..structures import structure_from_name
 from .blocks import (Block, BlockPlan, accumulate_block, accumulation_device, default_block_shape, plan_blocks,
                      prefetched)
-from .engines import exported_engine, model_key, resolve_engine
+from .engines import exported_engine, resolve_engine
 from .foreground import Background, dark_windows, estimate_background
 from .postprocess import open_faces_of, remove_small_components, split_touching
 from .probabilities import PROBABILITY_DTYPES
@@ -162,7 +162,7 @@ class Predictor:
         # OpenVINO or ONNX Runtime on CPU where installed (3-4x PyTorch's speed and more, same logits
         # within float tolerance); see .engines. Both run the network's ONNX export.
         self.engine = resolve_engine(engine, self.device, precision, compile)
-        self._onnx = exported_engine(self.engine, self.model, model_key(self.model, self.weights_info.get("sha256")))
+        self._onnx = exported_engine(self.engine, self.model, self.weights_info.get("sha256"))
         self._background_cache: dict[tuple, torch.Tensor] = {}
         # Voxels in the subsample that percentiles and the background level come from.
         self.sample_voxels = DEFAULT_MAX_SAMPLES
