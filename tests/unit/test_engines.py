@@ -57,6 +57,48 @@ def test_openvino_engine_pickles_and_runs_from_threads(tiny_model, tiny_model_co
             np.testing.assert_array_equal(got, first)
 
 
+def test_openvino_unreadable_compiled_model_is_compiled_again(tiny_model, tiny_model_config, tmp_path, monkeypatch,
+                                                              caplog):
+    """A cached compiled model OpenVINO cannot import (truncated, another build's) costs one warning and
+    a compile, whose result replaces it; the logits are unchanged."""
+    import logging
+
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("LSMSEG_CACHE_DIR", str(tmp_path))
+    windows = torch.from_numpy(np.random.default_rng(3).random((2, 1, *tiny_model_config.roi), dtype=np.float32))
+    key = engines.model_key(tiny_model)
+    expected = engines.OpenVinoEngine(tiny_model, key, threads=1)(windows).numpy()
+    blob = engines.OpenVinoEngine(tiny_model, key, threads=1).blob_path(tiny_model_config.roi)
+    blob.write_bytes(blob.read_bytes()[:100])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lsmseg.inference.engines"):
+        engine = engines.OpenVinoEngine(tiny_model, key, threads=1)
+        got = engine(windows).numpy()
+    np.testing.assert_array_equal(got, expected)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "lsmseg.inference.engines"]
+    assert str(blob) in line and "compiling it again" in line
+    assert engine.describe()[0]["imported"] is False
+    again = engines.OpenVinoEngine(tiny_model, key, threads=1)  # the rewritten blob imports
+    np.testing.assert_array_equal(again(windows).numpy(), expected)
+    assert again.describe()[0]["imported"] is True
+    # Another thread count is another compiled model (the settings are part of its name).
+    assert engines.OpenVinoEngine(tiny_model, key, threads=2).blob_path(tiny_model_config.roi) != blob
+
+
+def test_export_engine_can_compile_ahead(tiny_model, tiny_model_config, tmp_path, monkeypatch):
+    """``export_engine(compiled=True)`` leaves OpenVINO's compiled model in the cache; the first
+    prediction imports it instead of compiling."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("LSMSEG_CACHE_DIR", str(tmp_path))
+    options = RunOptions(progress=False)
+    predictor = Predictor(tiny_model, tiny_model_config, device="cpu", engine="openvino", options=options)
+    predictor.export_engine(compiled=True)
+    [blob] = (tmp_path / "openvino").iterdir()
+    predictor.sliding_window_logits(np.zeros((20, 40, 40), dtype=np.float32))
+    assert predictor._onnx.describe() == [{"window": list(tiny_model_config.roi), "compiled_model": str(blob),
+                                           "imported": True}]
+
+
 def test_engine_choice(monkeypatch):
     from lsmseg.inference.engines import resolve_engine
 
@@ -106,23 +148,32 @@ def test_cache_hit_and_unwritable_cache(exported, tiny_model, tiny_model_config,
     assert Path(model["file"]).parent == cache / "onnx"
     assert Path(model["file"]).stat().st_mode & 0o777 == 0o644, "readable by others (an image's non-root user)"
     again, same = run("again")  # cache hit, no export
-    assert again["onnx_models"] == [{**model, "exported": False}]
+    if exported == "openvino":  # and the compiled model, cached beside the export, is imported
+        blob = Path(model.pop("compiled_model"))
+        assert model.pop("imported") is False and blob.parent == cache / "openvino"
+        assert blob.stat().st_mode & 0o777 == 0o644
+        assert again["onnx_models"] == [{"window": model["window"], "compiled_model": str(blob), "imported": True}]
+    else:
+        assert again["onnx_models"] == [{**model, "exported": False}]
     np.testing.assert_array_equal(same, mask)
 
     # Read-only cache (as for uid 1001 in the image) holding other weights' files only.
-    for path in (cache / "onnx").iterdir():
+    for path in [*(cache / "onnx").iterdir(), *(cache / "openvino").glob("*")]:
         path.rename(path.with_name("0" * 16 + path.name[16:]))
     access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != cache / "onnx" and access(path, mode, **kw))
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path).parent != cache and access(path, mode, **kw))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lsmseg.inference.engines"):
         elsewhere, other = run("elsewhere")
     [model] = elsewhere["onnx_models"]
     assert model["exported"] and not model["cached"] and Path(model["file"]).parent.parent == tmp_path
+    assert "compiled_model" not in model, "a read-only cache gets no compiled model either"
     [line] = [r for r in caplog.records if r.name == "lsmseg.inference.engines"]
     assert line.levelno == logging.WARNING and "not writable" in line.getMessage()
     assert sorted(p.name[:16] for p in (cache / "onnx").iterdir()) == ["0" * 16], "nothing written to the cache"
+    if exported == "openvino":
+        assert sorted(p.name[:16] for p in (cache / "openvino").iterdir()) == ["0" * 16]
     np.testing.assert_array_equal(other, mask)
 
 

@@ -39,7 +39,7 @@ from ..normalise import DEFAULT_MAX_SAMPLES, is_constant, normalise, percentiles
 from ..structures import structure_from_name
 from .blocks import (Block, BlockPlan, accumulate_block, accumulation_device, default_block_shape, plan_blocks,
                      prefetched)
-from .engines import exported_engine, resolve_engine
+from .engines import OpenVinoEngine, exported_engine, resolve_engine
 from .foreground import Background, dark_windows, estimate_background
 from .postprocess import open_faces_of, remove_small_components, split_touching
 from .probabilities import PROBABILITY_DTYPES
@@ -224,9 +224,19 @@ class Predictor:
             self._background_cache.clear()
         return self
 
-    def export_engine(self) -> Path | None:
-        """Export the network for ONNX Runtime or OpenVINO now (the file is cached); None when the engine is PyTorch."""
-        return self._onnx.export(self.roi) if self._onnx is not None else None
+    def export_engine(self, compiled: bool = False) -> Path | None:
+        """Export the network for ONNX Runtime or OpenVINO now (the file is cached); None when the engine is PyTorch.
+
+        Args:
+            compiled: with OpenVINO, also compile the exported network into the cache (where it is
+                writable), so that the first run imports it instead of compiling.
+        """
+        if self._onnx is None:
+            return None
+        path = self._onnx.export(self.roi)
+        if compiled and isinstance(self._onnx, OpenVinoEngine):
+            self._onnx.cache_compiled(self.roi)
+        return path
 
     def _autocast(self):
         """Mixed precision where it pays: fp16/bf16 on CUDA by default; on CPU only if asked."""
