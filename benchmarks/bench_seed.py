@@ -37,7 +37,7 @@ LSMSEG_VARIANTS = {
     "lsmseg-torch": {"engine": "torch"},
     "lsmseg-onnxruntime": {"engine": "onnxruntime"},
     "lsmseg-openvino": {"engine": "openvino"},
-    # OpenVINO on a machine's first run: no compiled model cached yet, so the run compiles (~2 s here).
+    # OpenVINO on a machine's first run: no compiled model cached yet, so the run compiles (0.6 s here idle, 2-3 s under load).
     # Every other OpenVINO variant imports the compiled model, cached outside the timing.
     "lsmseg-openvino-cold": {"engine": "openvino", "cold": True},
     # Test-time mirroring on every axis for every volume (the manifest mirrors by structure name,

@@ -28,10 +28,9 @@ BATCH = 4
 
 
 def compiled_models(onnx: Path, window: tuple[int, ...], threads: int):
-    import openvino as ov
+    from lsmseg.inference.engines import openvino_config, openvino_core
 
-    core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    core, config = openvino_core(), openvino_config(threads)
     dynamic = core.compile_model(str(onnx), "CPU", config)
     model = core.read_model(str(onnx))
     model.reshape([BATCH, 1, *window])
@@ -40,11 +39,9 @@ def compiled_models(onnx: Path, window: tuple[int, ...], threads: int):
 
 def child(spec: dict) -> dict:
     """Compile (``blob`` absent) or import (``blob`` present) one kind in this fresh process."""
-    import openvino as ov
+    from lsmseg.inference.engines import openvino_config, openvino_core
 
-    core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": spec["threads"], "INFERENCE_PRECISION_HINT": "f32",
-              "PERFORMANCE_HINT": "LATENCY"}
+    core, config = openvino_core(), openvino_config(spec["threads"])
     blob = Path(spec["blob"])
     start = time.perf_counter()
     if blob.is_file():

@@ -228,11 +228,16 @@ def openvino_core():
         return _openvino_core
 
 
+def openvino_config(threads: int) -> dict:
+    """OpenVINO's CPU settings for lsmseg: fp32 pinned (its default is bf16 on CPUs with AMX or
+    AVX-512 BF16, which would make masks depend on the machine), one latency-bound stream."""
+    return {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+
+
 class OpenVinoEngine(OnnxEngine):
     """Runs the same ONNX export through OpenVINO's CPU plugin, one compiled model per window shape.
 
-    Precision is pinned to fp32: OpenVINO's default on CPUs with AMX or AVX-512 BF16 is bf16, which
-    would change masks with the machine. Calls are serialised (a compiled model's ``__call__``
+    Precision is pinned to fp32 (:func:`openvino_config`). Calls are serialised (a compiled model's ``__call__``
     reuses one infer request), so one engine may be shared by threads.
     """
 
@@ -250,11 +255,7 @@ class OpenVinoEngine(OnnxEngine):
         self._lock = threading.Lock()
 
     def config(self) -> dict:
-        return {
-            "INFERENCE_NUM_THREADS": int(self.threads or torch.get_num_threads()),
-            "INFERENCE_PRECISION_HINT": "f32",
-            "PERFORMANCE_HINT": "LATENCY",
-        }
+        return openvino_config(self.threads or torch.get_num_threads())
 
     def blob_path(self, window: Sequence[int]) -> Path:
         """Where the compiled model for ``window`` is cached: one file per weights, window, OpenVINO
@@ -271,7 +272,7 @@ class OpenVinoEngine(OnnxEngine):
     def session(self, window: Sequence[int]):
         window = tuple(int(w) for w in window)
         if window not in self._sessions:
-            self._sessions[window] = self._compile(window)
+            self._sessions[window] = self._compile(window, self.blob_path(window))
         return self._sessions[window]
 
     def cache_compiled(self, window: Sequence[int]) -> Path | None:
@@ -281,12 +282,12 @@ class OpenVinoEngine(OnnxEngine):
         blob = self.blob_path(window)
         if not blob.is_file():
             with self._lock:
-                self._compile(window)
+                self._compile(window, blob)
         return blob if blob.is_file() else None
 
-    def _compile(self, window: tuple[int, ...]):
-        """The compiled model: imported from the cache, else compiled and cached."""
-        core, config, blob = openvino_core(), self.config(), self.blob_path(window)
+    def _compile(self, window: tuple[int, ...], blob: Path):
+        """The compiled model: imported from ``blob`` (its :meth:`blob_path`), else compiled and cached there."""
+        core, config = openvino_core(), self.config()
         if blob.is_file():
             try:
                 compiled = core.import_model(blob.read_bytes(), "CPU", config)
