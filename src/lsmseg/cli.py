@@ -76,6 +76,13 @@ def _probability(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite value >= 0, got {text}")
+    return value
+
+
 def add_predict_command(subparsers) -> None:
     p = subparsers.add_parser(
         "predict",
@@ -94,6 +101,9 @@ def add_predict_command(subparsers) -> None:
     p.add_argument("--threshold", type=_probability, help="probability threshold (default: the manifest's)")
     p.add_argument("--min-component-voxels", type=int, metavar="N",
                    help="remove connected components smaller than N voxels (default: the manifest's; 0 keeps all)")
+    p.add_argument("--intensity-floor", type=_non_negative, metavar="X",
+                   help="never mark voxels whose normalised intensity is below X (1 = the volume's 99.5th percentile, "
+                   "1 + ln x above it; default: the manifest's, per structure; 0 turns it off)")
     p.add_argument("--overlap", type=float, help="window overlap as a fraction in [0, 1) (default: the manifest's)")
     p.add_argument("--batch-size", type=int, dest="sw_batch_size", help="windows per forward pass")
     p.add_argument("--mirror-axes", type=parse_mirror_axes, metavar="none|all|ZYX",
@@ -155,7 +165,8 @@ def run_predict(args) -> int:
     predictor = Predictor.from_manifest(
         args.weights, device=args.device, precision=args.precision, engine=args.engine, compile=args.compile,
         options=options, threshold=args.threshold, min_component_voxels=args.min_component_voxels,
-        overlap=args.overlap, sw_batch_size=args.sw_batch_size, mirror_axes=args.mirror_axes,
+        intensity_floor=args.intensity_floor, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+        mirror_axes=args.mirror_axes,
     )
     inputs = expand_inputs([path for path in args.inputs if path not in missing])
     if not inputs:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -173,7 +174,7 @@ class ModelConfig:
             raise ValueError("depths and num_heads must have the same length")
 
 
-PER_STRUCTURE_FIELDS = ("threshold", "min_component_voxels", "split_touching", "mirror_axes")
+PER_STRUCTURE_FIELDS = ("threshold", "min_component_voxels", "split_touching", "mirror_axes", "intensity_floor")
 
 
 @dataclass
@@ -206,9 +207,14 @@ class InferenceSettings:
     # these spatial axes (0 z, 1 y, 2 x) and the logits are averaged: (0, 1, 2) costs 8 passes.
     # The model trained with flips on every axis. () runs each window once.
     mirror_axes: tuple[int, ...] = ()
+    # Voxels whose normalised intensity (the network's input: the volume's own percentile range,
+    # upper tail as upper_tail) is below this are never foreground; None: no floor. Where labels
+    # mark only the brightest voxels (DELiVR's microglia validation and test brains: their median
+    # labelled voxel sits at ~2.0), the network's haze around them costs Dice and PQ.
+    intensity_floor: float | None = None
     # Post-processing and mirroring per structure (the 2026 challenge's names, lsmseg.structures),
     # chosen on the validation split: {structure: {threshold, min_component_voxels, split_touching,
-    # mirror_axes}}. Used when a case's structure is named or read from its name's prefix; other
+    # mirror_axes, intensity_floor}}. Used when a case's structure is named or read from its name's prefix; other
     # cases use the fields above.
     per_structure: dict[str, dict] = field(default_factory=dict)
 
@@ -227,6 +233,8 @@ class InferenceSettings:
             raise ValueError(f"upper_tail {self.upper_tail!r} must be one of {', '.join(UPPER_TAILS)}")
         if self.split_touching < 0:
             raise ValueError("split_touching must be >= 0")
+        if self.intensity_floor is not None and not math.isfinite(self.intensity_floor):
+            raise ValueError(f"intensity_floor {self.intensity_floor} must be a finite number (or null: no floor)")
         self.mirror_axes = tuple(int(a) for a in self.mirror_axes)
         if sorted(set(self.mirror_axes)) != list(self.mirror_axes) or not set(self.mirror_axes) <= {0, 1, 2}:
             raise ValueError(f"mirror_axes {self.mirror_axes} must be distinct spatial axes in 0..2, ascending")

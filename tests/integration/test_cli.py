@@ -68,3 +68,24 @@ def test_empty_input_folder_is_not_an_error(tmp_path, weights):
     (tmp_path / "in").mkdir()
     result = lsmseg("predict", tmp_path / "in", "-o", tmp_path / "out", "--weights", weights)
     assert result.returncode == 0 and "no volumes found" in result.stderr
+
+
+def test_intensity_floor_option_reaches_the_masks_and_is_checked(tmp_path, weights):
+    made = lsmseg("phantom", tmp_path / "data", "--kind", "cells", "--shape", "24,64,64", "--seed", "4")
+    assert made.returncode == 0, made.stderr
+    images = tmp_path / "data" / "images"
+    masks = {}
+    for floor in ("0", "1.5"):
+        out = tmp_path / f"out{floor}"
+        result = lsmseg("predict", images, "-o", out, "--weights", weights, "--threshold", "0.01",
+                        "--intensity-floor", floor, "-q")
+        assert result.returncode == 0, result.stderr
+        masks[floor] = io.read_volume(out / "cells_4.tif").load()
+        provenance = json.loads((out / "cells_4.tif.provenance.json").read_text())
+        assert provenance["postprocess"]["intensity_floor"] == float(floor)
+    # Floor 0 keeps every voxel above the threshold (normalised intensity is >= 0); floor 1.5 a
+    # subset: voxels at least e^0.5 = 1.65 times the 99.5th percentile's distance from the 0.5th.
+    plain, floored = masks["0"] > 0, masks["1.5"] > 0
+    assert plain.sum() > floored.sum() and not (floored & ~plain).any()
+    refused = lsmseg("predict", images, "-o", tmp_path / "x", "--weights", weights, "--intensity-floor", "-1")
+    assert refused.returncode == 2 and "expected a finite value >= 0" in refused.stderr

@@ -29,7 +29,8 @@ def test_two_worker_cluster_matches_single_process(conv_model, tiny_model_config
     volume[:, :, :100] = rng.integers(95, 105, (40, 96, 100))  # dark: some windows are skipped
     io.write_volume(volume, tmp_path / "in" / "v.tif", spacing=(2.0, 1.0, 1.0))
     (tmp_path / "in" / "broken.tif").write_bytes(b"II*\x00garbage")
-    settings = InferenceSettings(overlap=0.5, threshold=0.45)
+    # An intensity floor too: each worker reads its block's input again to apply it.
+    settings = InferenceSettings(overlap=0.5, threshold=0.45, intensity_floor=0.3)
     predictor = Predictor(conv_model, tiny_model_config, settings, device="cpu",
                           options=RunOptions(progress=False, block_size=(16, 48, 64)))
     inputs = [tmp_path / "in" / "broken.tif", tmp_path / "in" / "v.tif"]

@@ -8,7 +8,7 @@ import torch
 
 from lsmseg import io
 from lsmseg.config import InferenceSettings
-from lsmseg.errors import InputError
+from lsmseg.errors import ConfigError, InputError
 from lsmseg.inference import Predictor, RunOptions, predict_file, predict_files
 from lsmseg.normalise import normalise_volume
 
@@ -108,3 +108,36 @@ def test_normalisation_is_the_shared_one(predictor):
     np.testing.assert_allclose(
         predictor.predict_logits(volume), predictor.sliding_window_logits(normalise_volume(volume)), rtol=1e-6
     )
+
+
+def test_intensity_floor_drops_dim_voxels_alike_in_memory_block_wise_and_resampled(tiny_model, tiny_model_config,
+                                                                                  tmp_path):
+    """A voxel below the floor (in normalised intensity, 1 = the 99.5th percentile) is never
+    foreground: the same mask from arrays, from a file in several blocks, and resampled."""
+    volume = np.random.default_rng(7).gamma(2.0, 300.0, (40, 70, 80)).astype(np.uint16)
+    settings = InferenceSettings(threshold=0.3, per_structure={"microglia": {"intensity_floor": 0.6}})
+    predictor = Predictor(tiny_model, tiny_model_config, settings, device="cpu", engine="torch",
+                          options=RunOptions(progress=False, block_size=48))
+    normalised = predictor.normalised(volume)
+    probability = torch.sigmoid(torch.from_numpy(predictor.predict_logits(volume))).numpy()
+    expected = ((probability >= 0.3) & (normalised >= 0.6)).astype(np.uint8)
+    assert 0 < expected.sum() < (probability >= 0.3).sum()  # the floor removed some, not all
+    np.testing.assert_array_equal(predictor.predict_volume(volume, name="microglia_1.tif"), expected)
+    assert predictor.predict_volume(volume, name="cfos_neuron_1.tif").sum() == (probability >= 0.3).sum()
+
+    io.write_volume(volume, tmp_path / "microglia_1.tif")
+    result = predict_file(predictor, tmp_path / "microglia_1.tif", tmp_path / "out" / "microglia_1.tif")
+    np.testing.assert_array_equal(io.read_volume(tmp_path / "out" / "microglia_1.tif").load(), expected)
+    assert result.record["postprocess"]["intensity_floor"] == 0.6
+
+    resampling = Predictor(tiny_model, tiny_model_config, dataclasses.replace(settings, spacing=(1.0, 1.0, 1.0)),
+                           device="cpu", engine="torch", options=RunOptions(progress=False))
+    io.write_volume(volume, tmp_path / "z2" / "microglia_2.tif", spacing=(2.0, 1.0, 1.0))
+    predict_file(resampling, tmp_path / "z2" / "microglia_2.tif", tmp_path / "out" / "microglia_2.tif")
+    written = io.read_volume(tmp_path / "out" / "microglia_2.tif").load()
+    assert written.any() and not written[normalised < 0.6].any()
+
+    with pytest.raises(ValueError, match="intensity_floor needs"):
+        predictor.binary_mask(np.zeros((4, 4, 4), np.float32), settings=settings.for_structure("microglia"))
+    with pytest.raises(ConfigError, match="intensity_floor inf must be a finite number"):
+        InferenceSettings(per_structure={"microglia": {"intensity_floor": float("inf")}})

@@ -159,6 +159,27 @@ def test_augmented_patches_keep_shape_and_binary_labels(data_dir, roi):
         assert set(np.unique(sample["label"].numpy())) <= {0.0, 1.0}
 
 
+def test_gamma_augmentation_keeps_order_mean_and_spread():
+    """Gamma changes contrast only: voxel order, mean and spread kept; off by default; bad range refused."""
+    import torch
+
+    from lsmseg_training.data import build_augmentation
+
+    still = dict(flip_prob=0.0, rotate90_prob=0.0, rotate_prob=0.0, scale_prob=0.0, shift_prob=0.0, noise_prob=0.0)
+    image = torch.from_numpy(np.random.default_rng(0).gamma(2.0, size=(1, 8, 16, 16)).astype(np.float32))
+    label = torch.zeros_like(image)
+    off = build_augmentation(AugmentConfig(**still), seed=0, roi=(8, 16, 16))
+    assert torch.equal(off({"image": image.clone(), "label": label})["image"].as_tensor(), image)
+    on = build_augmentation(AugmentConfig(**still, gamma_prob=1.0, gamma_range=(1.4, 1.5)), seed=0, roi=(8, 16, 16))
+    out = torch.as_tensor(on({"image": image.clone(), "label": label})["image"])
+    assert not torch.allclose(out, image, atol=1e-3)
+    in_order = out.flatten()[torch.argsort(image.flatten())]
+    assert bool((in_order.diff() >= -1e-6).all())  # monotone: brighter stays brighter
+    assert abs(float(out.mean() - image.mean())) < 1e-3 and abs(float(out.std() - image.std())) < 1e-3
+    with pytest.raises(ValueError, match="gamma_range"):
+        AugmentConfig(gamma_range=(0.0, 1.5))
+
+
 def test_cuboid_mask_respects_its_settings():
     config = MaskingConfig(count=(3, 8), size=(0.1, 0.3), max_fraction=0.4)
     rng = np.random.default_rng(0)

@@ -33,7 +33,7 @@ def test_tune_scores_each_mirroring_and_writes_the_best_choice(tmp_path, tiny_mo
     manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
 
     result = tune(config, manifest, thresholds=(0.3, 0.5), min_components=(0,), splits=(0.0,),
-                  mirrors=((), MIRROR_ALL))
+                  mirrors=((), MIRROR_ALL), floors=())
 
     grid = result["validation"]["cfos_neuron"]
     assert grid["volumes"] == ["cells_1", "cells_2"]
@@ -65,7 +65,37 @@ def test_tune_without_mirroring_leaves_it_out_of_the_choices(tmp_path, tiny_mode
     assert main(["-c", str(tmp_path / "config.yaml"), "--weights", str(manifest), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["predict_seconds"]) == {"[]"}
-    assert set(result["per_structure"]["cfos_neuron"]) == {"threshold", "split_touching", "min_component_voxels"}
+    assert "mirror_axes" not in result["per_structure"]["cfos_neuron"]
+    assert {"threshold", "split_touching", "min_component_voxels"} <= set(result["per_structure"]["cfos_neuron"])
+
+
+def test_intensity_floor_searched_at_the_first_stages_best_and_applied(tmp_path, tiny_model_config, tiny_model):
+    """The floor's stage: every floor × threshold at the plain grid's best removal; the choice is the
+    best row of both stages, and a chosen floor reaches the manifest and the predictor."""
+    from lsmseg.inference import Predictor, RunOptions
+    from lsmseg_training.tune import tune, write_choices
+
+    config = _validation_config(tmp_path)
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+    result = tune(config, manifest, thresholds=(0.3, 0.5), min_components=(0, 5), splits=(0.0,),
+                  floors=(0.5, 1.0, 50.0))
+    rows = result["validation"]["cfos_neuron"]["grid"]
+    plain = [r for r in rows if r["intensity_floor"] is None]
+    floored = [r for r in rows if r["intensity_floor"] is not None]
+    assert len(plain) == 4 and len(floored) == 6
+    first = max(plain, key=lambda r: r["score"])
+    assert {r["min_component_voxels"] for r in floored} == {first["min_component_voxels"]}
+    # A floor above every voxel's intensity leaves nothing: Dice 0 against the phantoms' cells.
+    assert all(r["dice"] == 0.0 for r in floored if r["intensity_floor"] == 50.0)
+    best = max(rows, key=lambda r: r["score"])
+    choice = result["per_structure"]["cfos_neuron"]
+    assert choice.get("intensity_floor") == best["intensity_floor"] and choice["threshold"] == best["threshold"]
+
+    forced = {"per_structure": {"cfos_neuron": {**choice, "intensity_floor": 1.0}}, "validation": {}}
+    write_choices(manifest, forced)
+    predictor = Predictor.from_manifest(manifest, options=RunOptions(progress=False))
+    assert predictor.settings_for("cfos_neuron_1.tif").intensity_floor == 1.0
+    assert predictor.settings_for("blood_vessel_1.tif").intensity_floor is None
 
 
 def test_default_threshold_chosen_on_phantoms_and_written(tmp_path, tiny_model_config, tiny_model):

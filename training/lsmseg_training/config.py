@@ -163,10 +163,16 @@ class AugmentConfig:
     # unknown voxel spacing of challenge cases. 0 disables it.
     zoom_prob: float = 0.0
     zoom_range: tuple[float, float] = (0.8, 1.25)
+    # Random gamma (nnU-Net's: the patch rescaled to [0, 1], raised to gamma, rescaled back, its mean
+    # and spread kept): robustness to contrast that differs between brains. 0 disables it.
+    gamma_prob: float = 0.0
+    gamma_range: tuple[float, float] = (0.7, 1.5)
 
     def __post_init__(self):
         if not 0.0 < self.zoom_range[0] <= self.zoom_range[1]:
             raise ValueError(f"zoom_range {self.zoom_range} must satisfy 0 < low <= high")
+        if not 0.0 < self.gamma_range[0] <= self.gamma_range[1]:
+            raise ValueError(f"gamma_range {self.gamma_range} must satisfy 0 < low <= high")
 
 
 @dataclass

@@ -410,9 +410,10 @@ def cuboid_mask(roi: Sequence[int], config: MaskingConfig, rng: np.random.Genera
 
 
 def build_augmentation(config, seed: int, roi: Sequence[int] = (64, 64, 64)) -> Callable[[dict], dict]:
-    """MONAI flips, in-plane rotations, intensity scale/shift and noise on {"image", "label"}."""
+    """MONAI flips, in-plane rotations, zoom, gamma, intensity scale/shift and noise on {"image", "label"}."""
     from monai.transforms import (
         Compose,
+        RandAdjustContrastd,
         RandFlipd,
         RandGaussianNoised,
         RandRotate90d,
@@ -436,6 +437,7 @@ def build_augmentation(config, seed: int, roi: Sequence[int] = (64, 64, 64)) -> 
             # Same factor on every axis, shape kept (crop or zero-pad): unknown spacing of new data.
             RandZoomd(keys, prob=config.zoom_prob, min_zoom=config.zoom_range[0], max_zoom=config.zoom_range[1],
                       mode=("trilinear", "nearest"), padding_mode="constant", keep_size=True),
+            RandAdjustContrastd("image", prob=config.gamma_prob, gamma=tuple(config.gamma_range), retain_stats=True),
             RandScaleIntensityd("image", factors=config.scale_factor, prob=config.scale_prob),
             RandShiftIntensityd("image", offsets=config.shift_offset, prob=config.shift_prob),
             RandGaussianNoised("image", prob=config.noise_prob, std=config.noise_std),

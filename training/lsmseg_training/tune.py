@@ -7,8 +7,8 @@ weights exactly as ``lsmseg predict`` applies them (the manifest's inference set
 more with test-time mirroring on every axis when ``--mirror`` asks (8 passes per window); then, per
 structure, every combination of mirroring, threshold, touching-object splitting and small-component
 removal is scored with the SELMA3D 2026 metrics (lsmseg_evaluation.leaderboard: Dice + panoptic quality
-for isolated structures, Dice + clDice for contiguous ones) and the one with the best mean of the
-two is chosen. ``--write`` stores the choices in the manifest entry's ``inference.per_structure``
+for isolated structures, Dice + clDice for contiguous ones), then every intensity floor and threshold
+at the best row's other settings, and the row with the best mean of the two metrics is chosen. ``--write`` stores the choices in the manifest entry's ``inference.per_structure``
 (the checkpoint and its checksum are unchanged) with the validation scores that chose them.
 ``--default-threshold`` also chooses the threshold of structures without their own settings, on
 phantoms of cells, nuclei and plaques (no real validation data of those kinds exists here).
@@ -35,6 +35,14 @@ logger = logging.getLogger(__name__)
 THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998)
 MIN_COMPONENTS = (0, 10, 30, 100)
 SPLITS = (0.0, 1.0, 2.0)  # split_touching h (voxels); isolated structures only
+# InferenceSettings.intensity_floor (normalised intensity; 1 = the 99.5th percentile), searched in a
+# second stage with every threshold at the first stage's best mirroring, splitting and removal (a
+# full product would multiply the grid's scoring time by the floors). Up to 1.0 only: a floor is a
+# bet on how bright labelled voxels are, and the labels of DELiVR's microglia brains disagree.
+# Above 1.0 the validation brain (median labelled voxel at ~2.1) gains more (0.468 -> 0.616 at 1.75)
+# but the training brains (0.7-1.4) collapse (0.318 -> 0.052); up to 1.0 they stay within 0.003
+# (training/README.md, lever table, 2026-12-03). ``--floors`` searches others.
+FLOORS = (0.5, 0.75, 1.0)
 MIRROR_ALL = (0, 1, 2)  # InferenceSettings.mirror_axes: every flip the model trained with
 # The manifest's default threshold serves structures with no real validation data: chosen on
 # phantoms of those kinds, with seeds no training or validation config uses.
@@ -78,9 +86,10 @@ def leaderboard_score(structure: str, pred: np.ndarray, label: np.ndarray) -> di
 
 
 def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_COMPONENTS,
-         splits=SPLITS, mirrors=((),), structures=None) -> dict:
+         splits=SPLITS, mirrors=((),), structures=None, floors=FLOORS) -> dict:
     """Predict the validation volumes (of ``structures`` only, when given) once per mirroring in
-    ``mirrors``, score the grid per structure, return the choices."""
+    ``mirrors``, score the grid per structure (then ``floors`` × ``thresholds`` at its best row's
+    other settings), return the choices."""
     import dataclasses
 
     from lsmseg.io import read_volume
@@ -98,6 +107,7 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     for volume in volumes:
         image = read_volume(volume["image"]).load()
         volume["truth"] = read_volume(volume["label"]).load() != 0
+        volume["intensity"] = predictor.normalised(image, volume["name"]) if floors else None
         volume["logits"] = {}
         for axes in mirrors:
             # Validation names carry no structure prefix: the mirroring is set for the whole predictor.
@@ -110,18 +120,25 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     for structure in sorted({v["structure"] for v in volumes}):
         members = [v for v in volumes if v["structure"] == structure]
         structure_splits = splits if category_of(structure) == "isolated" else (0.0,)
-        rows = []
-        for axes, threshold, split, min_voxels in itertools.product(mirrors, thresholds, structure_splits,
-                                                                    min_components):
+
+        def scored(axes, threshold, split, min_voxels, floor) -> dict:
             settings = dataclasses.replace(base, threshold=threshold, split_touching=split,
-                                           min_component_voxels=min_voxels)
-            scores = [leaderboard_score(structure, predictor.binary_mask(v["logits"][axes], settings=settings),
+                                           min_component_voxels=min_voxels, intensity_floor=floor)
+            scores = [leaderboard_score(structure, predictor.binary_mask(v["logits"][axes], settings=settings,
+                                                                         intensity=v["intensity"]),
                                         v["truth"]) for v in members]
             row = {"mirror_axes": list(axes), "threshold": threshold, "split_touching": split,
-                   "min_component_voxels": min_voxels}
+                   "min_component_voxels": min_voxels, "intensity_floor": floor}
             for key in scores[0]:
                 row[key] = round(float(np.nanmean([s[key] for s in scores])), 5)
-            rows.append(row)
+            return row
+
+        rows = [scored(*combination, None) for combination in
+                itertools.product(mirrors, thresholds, structure_splits, min_components)]
+        first = max(rows, key=lambda r: r["score"])
+        rows += [scored(tuple(first["mirror_axes"]), threshold, first["split_touching"],
+                        first["min_component_voxels"], floor)
+                 for floor, threshold in itertools.product(floors, thresholds)]
         # Best mean score; ties go to the simpler setting (the grid's earlier, plainer entries).
         best = max(rows, key=lambda r: r["score"])
         # The structure's settings before this tune (its manifest entry over the defaults): the
@@ -131,15 +148,19 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
         at_previous = next((r for r in rows if r["mirror_axes"] == list(before.mirror_axes)
                             and r["threshold"] == min(thresholds, key=lambda t: abs(t - before.threshold))
                             and r["split_touching"] == (before.split_touching if structure_splits != (0.0,) else 0.0)
-                            and r["min_component_voxels"] == before.min_component_voxels), None)
+                            and r["min_component_voxels"] == before.min_component_voxels
+                            and r["intensity_floor"] == before.intensity_floor), None)
         choices[structure] = {"threshold": best["threshold"], "split_touching": best["split_touching"],
                               "min_component_voxels": best["min_component_voxels"]}
+        if best["intensity_floor"] is not None:
+            choices[structure]["intensity_floor"] = best["intensity_floor"]
         if len(mirrors) > 1 or best["mirror_axes"]:  # manifests tuned without mirroring stay as they were
             choices[structure]["mirror_axes"] = best["mirror_axes"]
         grids[structure] = {"volumes": [v["name"] for v in members], "best": best, "at_previous_settings": at_previous,
                             "grid": rows}
+        metrics = [k for k in best if k not in choices[structure] and k not in ("mirror_axes", "intensity_floor")]
         logger.info("%s: %s -> mean score %.4f (%s)", structure, choices[structure], best["score"],
-                    ", ".join(f"{k} {best[k]:.4f}" for k in best if k not in choices[structure] and k != "mirror_axes"))
+                    ", ".join(f"{k} {best[k]:.4f}" for k in metrics))
     return {"per_structure": choices, "validation": grids,
             "predict_seconds": {str(list(axes)): round(seconds, 1) for axes, seconds in predict_seconds.items()}}
 
@@ -208,6 +229,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mirror", action="store_true",
                         help="also predict with test-time mirroring on every axis (8x the time) and let "
                              "each structure choose")
+    parser.add_argument("--floors", type=float, nargs="*", default=list(FLOORS), metavar="X",
+                        help=f"intensity floors of the second stage (default: {' '.join(map(str, FLOORS))}; "
+                             "none given: no second stage, the grid of before 2026-12-03)")
     parser.add_argument("--structures", nargs="+", metavar="STRUCTURE",
                         help="tune only these structures' validation volumes; with --write, the others keep "
                              "the manifest's settings (default: every structure of the config)")
@@ -215,7 +239,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_run_config(FinetuneConfig, args.config)
     result = tune(config, args.weights, mirrors=((), MIRROR_ALL) if args.mirror else ((),),
-                  structures=args.structures)
+                  structures=args.structures, floors=tuple(args.floors))
     if args.default_threshold:
         result["default_threshold"] = phantom_threshold(args.weights)
         logger.info("default threshold %s (phantom Dice %s)", result["default_threshold"]["threshold"],

@@ -413,6 +413,18 @@ class Predictor:
     def logits_with_stats(self, image, spacing: Sequence[float] | None = None,
                           name: str = "volume") -> tuple[np.ndarray, BlockStats]:
         """:meth:`predict_logits`, and the window counts of the pass (blocks, windows run and skipped)."""
+        return self.logits_from_normalised(self.normalised(image, name), spacing, name)
+
+    def normalised(self, image, name: str = "volume") -> np.ndarray:
+        """A raw volume as the network sees it: float32, scaled to its own percentile range.
+
+        Args:
+            image: a 3-D array (z, y, x).
+            name: labels errors.
+
+        Raises:
+            InputError: not 3-D, or NaN/Inf voxels.
+        """
         array = np.asarray(image)
         if array.ndim != 3:
             raise InputError(name, f"expected a 3-D volume, got shape {array.shape}")
@@ -420,15 +432,25 @@ class Predictor:
             bad = int(array.size - np.isfinite(array).sum())
             raise InputError(name, f"volume contains {bad} NaN/Inf voxel(s); refusing to guess their values")
         lo, hi = percentiles(array, self.settings.lower_percentile, self.settings.upper_percentile, self.sample_voxels)
-        normalised = normalise(array, lo, hi, self.settings.upper_tail)
+        return normalise(array, lo, hi, self.settings.upper_tail)
+
+    def logits_from_normalised(self, normalised: np.ndarray, spacing: Sequence[float] | None,
+                               name: str) -> tuple[np.ndarray, BlockStats]:
+        """:meth:`logits_with_stats` of a volume :meth:`normalised` already (resampled as it says).
+
+        Args:
+            normalised: what :meth:`normalised` returned for the volume.
+            spacing, name: as for :meth:`predict_logits`.
+        """
         settings = self.settings_for(name)  # its structure's mirroring
         target = self.resample_target(spacing)
         if target is None:
             return self._normalised_logits(normalised, desc=name, settings=settings)
-        new_shape = [max(1, round(n * s / t)) for n, s, t in zip(array.shape, spacing, target)]
-        logger.info("%s: resampling %s at %s um to %s at %s um", name, array.shape, tuple(spacing), tuple(new_shape), target)
+        shape = normalised.shape
+        new_shape = [max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target)]
+        logger.info("%s: resampling %s at %s um to %s at %s um", name, shape, tuple(spacing), tuple(new_shape), target)
         logits, stats = self._normalised_logits(_resize(normalised, new_shape), desc=name, settings=settings)
-        return _resize(logits, array.shape), stats
+        return _resize(logits, shape), stats
 
     def predict_logits(self, image, spacing: Sequence[float] | None = None, name: str = "volume") -> np.ndarray:
         """Blended logits on the input grid for a raw (unnormalised) volume.
@@ -457,7 +479,9 @@ class Predictor:
         if array.dtype.kind in "uif" and is_constant(array):
             logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", name)
             return np.zeros(array.shape, dtype=np.uint8)
-        return self.binary_mask(self.predict_logits(array, spacing, name), settings=self.settings_for(name))
+        normalised = self.normalised(array, name)
+        logits = self.logits_from_normalised(normalised, spacing, name)[0]
+        return self.binary_mask(logits, settings=self.settings_for(name), intensity=normalised)
 
     def settings_for(self, name: str) -> InferenceSettings:
         """The inference settings for the volume ``name``: its structure's post-processing applied.
@@ -471,25 +495,46 @@ class Predictor:
         return self.settings.for_structure(named or structure_from_name(str(name)))
 
     def binary_mask(self, logits: np.ndarray, out=None, volume_shape=None,
-                    settings: InferenceSettings | None = None) -> np.ndarray:
-        """Thresholded logits, touching objects split, small components removed; values {0, 1}.
+                    settings: InferenceSettings | None = None, intensity: np.ndarray | None = None) -> np.ndarray:
+        """Thresholded logits, dim voxels dropped, touching objects split, small components removed; values {0, 1}.
 
         Args:
             logits: blended logits of a volume or a block.
             out, volume_shape: where this block lies in its volume, so that components cut by a
                 block border are kept (see :mod:`.postprocess`); None for a whole volume.
             settings: the volume's settings (:meth:`settings_for`); default ``self.settings``.
+            intensity: the normalised input on the same voxels (:meth:`normalised`,
+                :meth:`block_intensity`); needed when ``settings.intensity_floor`` is set.
         """
         settings = settings or self.settings
-        mask = (logits >= logit(settings.threshold)).astype(np.uint8)
-        mask = split_touching(mask, settings.split_touching)
+        mask = logits >= logit(settings.threshold)
+        if settings.intensity_floor is not None:
+            if intensity is None or intensity.shape != logits.shape:
+                raise ValueError("intensity_floor needs the normalised intensity of the same voxels (intensity=)")
+            mask &= intensity >= settings.intensity_floor
+        mask = split_touching(mask.astype(np.uint8), settings.split_touching)
         open_faces = open_faces_of(out, volume_shape) if out is not None else (False,) * 6
         return remove_small_components(mask, settings.min_component_voxels, open_faces)
 
     def mask_from_logits(self, logits: np.ndarray, out=None, volume_shape=None,
-                         settings: InferenceSettings | None = None) -> np.ndarray:
+                         settings: InferenceSettings | None = None, intensity: np.ndarray | None = None) -> np.ndarray:
         """:meth:`binary_mask` as written: 0 and ``options.mask_value``."""
-        return self._with_mask_value(self.binary_mask(logits, out, volume_shape, settings))
+        return self._with_mask_value(self.binary_mask(logits, out, volume_shape, settings, intensity))
+
+    def block_intensity(self, source, out: tuple[slice, ...], lo, hi,
+                        settings: InferenceSettings | None = None) -> np.ndarray | None:
+        """The normalised input on a block's output voxels, which :meth:`binary_mask` needs for an
+        intensity floor; None when ``settings`` (default ``self.settings``) sets none (nothing is read).
+
+        Args:
+            source: the volume's raw data (numpy or lazy).
+            out: the block's output slices.
+            lo, hi: the volume's normalisation range (:meth:`prepare`).
+            settings: the volume's settings.
+        """
+        if (settings or self.settings).intensity_floor is None:
+            return None
+        return normalise(np.asarray(source[out], dtype=np.float32), lo, hi, self.settings.upper_tail)
 
     def _with_mask_value(self, mask: np.ndarray) -> np.ndarray:
         value = self.options.mask_value
@@ -563,7 +608,8 @@ class Predictor:
         ):
             if on_logits is not None:
                 on_logits(block.out, logits)
-            yield block.out, self.mask_from_logits(logits, block.out, volume.shape, prepared.settings)
+            intensity = self.block_intensity(volume.data, block.out, prepared.lo, prepared.hi, prepared.settings)
+            yield block.out, self.mask_from_logits(logits, block.out, volume.shape, prepared.settings, intensity)
 
     def parameters(self) -> dict:
         """The settings that decided a mask, for its provenance record."""

@@ -121,7 +121,7 @@ def predict_file(
     postprocess = {"structure": options.structure or structure_from_name(case_name or volume.name),
                    "threshold": effective.threshold, "split_touching": effective.split_touching,
                    "min_component_voxels": effective.min_component_voxels,
-                   "mirror_axes": list(effective.mirror_axes)}
+                   "mirror_axes": list(effective.mirror_axes), "intensity_floor": effective.intensity_floor}
     record = write_provenance(
         predictor, input_path, output_path, volume, provenance_path, stats=stats, resampled_to=target,
         foreground=counter.foreground, timings=timings, postprocess=postprocess,
@@ -195,16 +195,19 @@ def guarded(predict: Callable[[], VolumeResult], input_path, output_path) -> Vol
 def _resampled_mask_blocks(predictor: Predictor, volume: Volume, name: str, on_logits=None):
     """The whole volume as one block, predicted in memory at the model's spacing: ``(stats, blocks)``."""
     array = volume.load()
+    everything = tuple(slice(0, s) for s in volume.shape)
     if array.dtype.kind in "uif" and is_constant(array):
         logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", name)
-        logits = np.full(array.shape, -np.inf, dtype=np.float32)
-        stats = BlockStats.start(predictor.plan(array.shape), None)
-    else:
-        logits, stats = predictor.logits_with_stats(array, volume.spacing, name)
-    everything = tuple(slice(0, s) for s in volume.shape)
+        if on_logits is not None:
+            on_logits(everything, np.full(array.shape, -np.inf, dtype=np.float32))
+        return BlockStats.start(predictor.plan(array.shape), None), [(everything, np.zeros(array.shape, np.uint8))]
+    settings = predictor.settings_for(name)
+    normalised = predictor.normalised(array, name)
+    logits, stats = predictor.logits_from_normalised(normalised, volume.spacing, name)
     if on_logits is not None:
         on_logits(everything, logits)
-    return stats, [(everything, predictor.mask_from_logits(logits, settings=predictor.settings_for(name)))]
+    intensity = normalised if settings.intensity_floor is not None else None
+    return stats, [(everything, predictor.mask_from_logits(logits, settings=settings, intensity=intensity))]
 
 
 class _BlockCounter:
