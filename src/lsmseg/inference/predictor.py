@@ -479,9 +479,12 @@ class Predictor:
         if array.dtype.kind in "uif" and is_constant(array):
             logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", name)
             return np.zeros(array.shape, dtype=np.uint8)
+        settings = self.settings_for(name)
         normalised = self.normalised(array, name)
         logits = self.logits_from_normalised(normalised, spacing, name)[0]
-        return self.binary_mask(logits, settings=self.settings_for(name), intensity=normalised)
+        intensity = normalised if settings.intensity_floor is not None else None
+        del normalised  # without a floor, post-processing need not hold it (peak memory)
+        return self.binary_mask(logits, settings=settings, intensity=intensity)
 
     def settings_for(self, name: str) -> InferenceSettings:
         """The inference settings for the volume ``name``: its structure's post-processing applied.

@@ -207,6 +207,7 @@ def _resampled_mask_blocks(predictor: Predictor, volume: Volume, name: str, on_l
     if on_logits is not None:
         on_logits(everything, logits)
     intensity = normalised if settings.intensity_floor is not None else None
+    del normalised, array  # without a floor, post-processing need not hold them (peak memory)
     return stats, [(everything, predictor.mask_from_logits(logits, settings=settings, intensity=intensity))]
 
 
