@@ -32,17 +32,9 @@ FLOORS = (None, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5)
 THRESHOLDS = (0.97, 0.995)
 
 
-def _normalised(image: np.ndarray) -> np.ndarray:
-    from lsmseg.config import InferenceSettings
-    from lsmseg.normalise import normalise, percentiles
-
-    settings = InferenceSettings(upper_tail="log")  # the shipped weights' normalisation
-    lo, hi = percentiles(image, settings.lower_percentile, settings.upper_percentile)
-    return normalise(image, lo, hi, settings.upper_tail)
-
-
 def labels() -> dict:
     from lsmseg.io import read_volume
+    from lsmseg.normalise import normalise_volume
 
     folder = real_data_root() / "delivr" / "microglia"
     brains: dict[str, list] = {}
@@ -50,7 +42,8 @@ def labels() -> dict:
         truth = read_volume(path).load() != 0
         if not truth.any():
             continue
-        normalised = _normalised(read_volume(folder / "images" / path.name).load())
+        # The shipped weights' normalisation: 0.5-99.5th percentiles, log tail.
+        normalised = normalise_volume(read_volume(folder / "images" / path.name).load(), upper_tail="log")
         p10, p50 = np.percentile(normalised[truth], [10, 50])
         bright = normalised >= p10
         brains.setdefault(path.stem.split("_")[1], []).append(
