@@ -8,8 +8,9 @@ more with test-time mirroring on every axis when ``--mirror`` asks (8 passes per
 structure, every combination of mirroring, threshold, touching-object splitting and small-component
 removal is scored with the SELMA3D 2026 metrics (lsmseg_evaluation.leaderboard: Dice + panoptic quality
 for isolated structures, Dice + clDice for contiguous ones), then every intensity floor and threshold
-at the best row's other settings, and the row with the best mean of the two metrics is chosen. ``--write`` stores the choices in the manifest entry's ``inference.per_structure``
-(the checkpoint and its checksum are unchanged) with the validation scores that chose them.
+at the best row's other settings, and the row with the best mean of the two metrics is chosen.
+``--write`` stores the choices in the manifest entry's ``inference.per_structure`` (the checkpoint
+and its checksum are unchanged) with the validation scores that chose them.
 ``--default-threshold`` also chooses the threshold of structures without their own settings, on
 phantoms of cells, nuclei and plaques (no real validation data of those kinds exists here).
 
@@ -107,13 +108,14 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     for volume in volumes:
         image = read_volume(volume["image"]).load()
         volume["truth"] = read_volume(volume["label"]).load() != 0
-        volume["intensity"] = predictor.normalised(image, volume["name"]) if floors else None
+        normalised = predictor.normalised(image, volume["name"])  # once: the network's input and the floors'
+        volume["intensity"] = normalised if floors else None
         volume["logits"] = {}
         for axes in mirrors:
             # Validation names carry no structure prefix: the mirroring is set for the whole predictor.
             predictor.settings = dataclasses.replace(base, mirror_axes=axes)
             start = time.perf_counter()
-            volume["logits"][axes] = predictor.predict_logits(image, volume["spacing"], name=volume["name"])
+            volume["logits"][axes] = predictor.logits_from_normalised(normalised, volume["spacing"], volume["name"])[0]
             predict_seconds[axes] += time.perf_counter() - start
             logger.info("predicted %s (%s), mirror axes %s", volume["name"], volume["structure"], axes)
     choices, grids = {}, {}
