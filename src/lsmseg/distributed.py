@@ -87,7 +87,7 @@ def run_block(predictor: Predictor, input_path: str, prepared_state: dict, block
     )
     settings = prepared_state["settings"]
     logits = predictor.block_logits(plan, block, region, skip, background, settings=settings)
-    intensity = predictor.block_intensity(volume.data, block.out, prepared_state["lo"], prepared_state["hi"], settings)
+    intensity = region[plan.output_in_region(block)]  # the floor's input, read once with the network's
     mask = predictor.mask_from_logits(logits, block.out, volume.shape, settings, intensity)
     zarr.open_array(str(Path(zarr_path) / "0"), mode="r+")[block.out] = mask
     return BlockOutcome(block_index, int(np.count_nonzero(mask)), skip)

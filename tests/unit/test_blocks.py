@@ -56,6 +56,16 @@ def test_plan_covers_every_voxel_once_with_exactly_the_intersecting_windows(shap
     assert (count == 1).all()
 
 
+@pytest.mark.parametrize("shape, block", [((40, 70, 80), (16, 24, 40)), ((10, 40, 20), 7)])
+def test_output_in_region_is_the_blocks_own_voxels(shape, block):
+    # The intensity floor takes a block's voxels from the region read for the network (no second read).
+    source = np.random.default_rng(0).random(shape, dtype=np.float32)
+    plan = plan_blocks(shape, ROI, 0.5, block)
+    for b in plan.blocks:
+        region = plan.read_region(source, b, None, None)
+        np.testing.assert_array_equal(region[plan.output_in_region(b)], source[b.out])
+
+
 @pytest.mark.parametrize("skip_background", [False, True])
 def test_many_blocks_give_exactly_the_one_block_result(conv_model, tiny_model_config, skip_background):
     rng = np.random.default_rng(0)

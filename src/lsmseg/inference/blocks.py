@@ -97,6 +97,11 @@ class BlockPlan:
         (z0, z1), (y0, y1), (x0, x1) = block.window_ranges
         return [(z * counts[1] + y) * counts[2] + x for z in range(z0, z1) for y in range(y0, y1) for x in range(x0, x1)]
 
+    def output_in_region(self, block: Block) -> Slices:
+        """Where the block's output voxels lie in its region (:meth:`read_region`'s array)."""
+        return tuple(slice(out.start + self.pad[axis][0] - part.start, out.stop + self.pad[axis][0] - part.start)
+                     for axis, (out, part) in enumerate(zip(block.out, block.region)))
+
     def read_region(
         self, source, block: Block, lo: float | None, hi: float | None, on_raw: Callable | None = None,
         upper_tail: str = "clip",

@@ -359,8 +359,12 @@ class Predictor:
 
     def iter_block_logits(self, plan: BlockPlan, source, lo, hi, background: Background | None, stats: BlockStats,
                           desc: str | None = None, on_raw=None,
-                          settings: InferenceSettings | None = None) -> Iterator[tuple[Block, np.ndarray]]:
-        """Yield ``(block, logits)`` for every block of ``plan``, z-major; reads overlap compute.
+                          settings: InferenceSettings | None = None
+                          ) -> Iterator[tuple[Block, np.ndarray, np.ndarray]]:
+        """Yield ``(block, logits, intensity)`` for every block of ``plan``, z-major; reads overlap compute.
+
+        ``intensity`` is the normalised input on the block's output voxels (a view of the region
+        read for the network), which :meth:`binary_mask` needs for an intensity floor.
 
         Args:
             plan, source, lo, hi, background, on_raw: as for :meth:`load_block`.
@@ -382,7 +386,7 @@ class Predictor:
                 if skip is not None:
                     bar.update(sum(skip))
                 stats.count(plan, block, skip)
-                yield block, logits
+                yield block, logits, region[plan.output_in_region(block)]
         finally:
             bar.close()
 
@@ -398,7 +402,7 @@ class Predictor:
         plan = self.plan(image.shape, self.options.block_size)
         stats = BlockStats.start(plan, background)
         logits = np.empty(image.shape, dtype=np.float32)
-        for block, block_logits in self.iter_block_logits(plan, image, None, None, background, stats, desc=desc,
+        for block, block_logits, _ in self.iter_block_logits(plan, image, None, None, background, stats, desc=desc,
                                                           settings=settings):
             logits[block.out] = block_logits
         return logits, stats
@@ -506,8 +510,8 @@ class Predictor:
             out, volume_shape: where this block lies in its volume, so that components cut by a
                 block border are kept (see :mod:`.postprocess`); None for a whole volume.
             settings: the volume's settings (:meth:`settings_for`); default ``self.settings``.
-            intensity: the normalised input on the same voxels (:meth:`normalised`,
-                :meth:`block_intensity`); needed when ``settings.intensity_floor`` is set.
+            intensity: the normalised input on the same voxels (:meth:`normalised`, or a block's
+                from :meth:`iter_block_logits`); needed when ``settings.intensity_floor`` is set.
         """
         settings = settings or self.settings
         mask = logits >= logit(settings.threshold)
@@ -523,21 +527,6 @@ class Predictor:
                          settings: InferenceSettings | None = None, intensity: np.ndarray | None = None) -> np.ndarray:
         """:meth:`binary_mask` as written: 0 and ``options.mask_value``."""
         return self._with_mask_value(self.binary_mask(logits, out, volume_shape, settings, intensity))
-
-    def block_intensity(self, source, out: tuple[slice, ...], lo, hi,
-                        settings: InferenceSettings | None = None) -> np.ndarray | None:
-        """The normalised input on a block's output voxels, which :meth:`binary_mask` needs for an
-        intensity floor; None when ``settings`` (default ``self.settings``) sets none (nothing is read).
-
-        Args:
-            source: the volume's raw data (numpy or lazy).
-            out: the block's output slices.
-            lo, hi: the volume's normalisation range (:meth:`prepare`).
-            settings: the volume's settings.
-        """
-        if (settings or self.settings).intensity_floor is None:
-            return None
-        return normalise(np.asarray(source[out], dtype=np.float32), lo, hi, self.settings.upper_tail)
 
     def _with_mask_value(self, mask: np.ndarray) -> np.ndarray:
         value = self.options.mask_value
@@ -605,13 +594,12 @@ class Predictor:
                     on_logits(block.out, np.full(block.shape, -np.inf, dtype=np.float32))
                 yield block.out, np.zeros(block.shape, dtype=np.uint8)
             return
-        for block, logits in self.iter_block_logits(
+        for block, logits, intensity in self.iter_block_logits(
             plan, volume.data, prepared.lo, prepared.hi, prepared.background, stats, desc=desc,
             on_raw=self.check_finite(volume.path), settings=prepared.settings,
         ):
             if on_logits is not None:
                 on_logits(block.out, logits)
-            intensity = self.block_intensity(volume.data, block.out, prepared.lo, prepared.hi, prepared.settings)
             yield block.out, self.mask_from_logits(logits, block.out, volume.shape, prepared.settings, intensity)
 
     def parameters(self) -> dict:
