@@ -456,6 +456,18 @@ class Predictor:
         logits, stats = self._normalised_logits(_resize(normalised, new_shape), desc=name, settings=settings)
         return _resize(logits, shape), stats
 
+    def logits_with_intensity(self, image, spacing: Sequence[float] | None,
+                              name: str) -> tuple[np.ndarray, BlockStats, np.ndarray | None]:
+        """:meth:`logits_with_stats`, and the normalised input that :meth:`binary_mask` needs when the
+        volume's settings set an intensity floor (else None, so that it is not held: peak memory).
+
+        Args:
+            image, spacing, name: as for :meth:`predict_logits`.
+        """
+        normalised = self.normalised(image, name)
+        logits, stats = self.logits_from_normalised(normalised, spacing, name)
+        return logits, stats, normalised if self.settings_for(name).intensity_floor is not None else None
+
     def predict_logits(self, image, spacing: Sequence[float] | None = None, name: str = "volume") -> np.ndarray:
         """Blended logits on the input grid for a raw (unnormalised) volume.
 
@@ -483,12 +495,8 @@ class Predictor:
         if array.dtype.kind in "uif" and is_constant(array):
             logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", name)
             return np.zeros(array.shape, dtype=np.uint8)
-        settings = self.settings_for(name)
-        normalised = self.normalised(array, name)
-        logits = self.logits_from_normalised(normalised, spacing, name)[0]
-        intensity = normalised if settings.intensity_floor is not None else None
-        del normalised  # without a floor, post-processing need not hold it (peak memory)
-        return self.binary_mask(logits, settings=settings, intensity=intensity)
+        logits, _, intensity = self.logits_with_intensity(array, spacing, name)
+        return self.binary_mask(logits, settings=self.settings_for(name), intensity=intensity)
 
     def settings_for(self, name: str) -> InferenceSettings:
         """The inference settings for the volume ``name``: its structure's post-processing applied.

@@ -201,13 +201,11 @@ def _resampled_mask_blocks(predictor: Predictor, volume: Volume, name: str, on_l
         if on_logits is not None:
             on_logits(everything, np.full(array.shape, -np.inf, dtype=np.float32))
         return BlockStats.start(predictor.plan(array.shape), None), [(everything, np.zeros(array.shape, np.uint8))]
-    settings = predictor.settings_for(name)
-    normalised = predictor.normalised(array, name)
-    logits, stats = predictor.logits_from_normalised(normalised, volume.spacing, name)
+    logits, stats, intensity = predictor.logits_with_intensity(array, volume.spacing, name)
+    del array  # post-processing need not hold it (peak memory)
     if on_logits is not None:
         on_logits(everything, logits)
-    intensity = normalised if settings.intensity_floor is not None else None
-    del normalised, array  # without a floor, post-processing need not hold them (peak memory)
+    settings = predictor.settings_for(name)
     return stats, [(everything, predictor.mask_from_logits(logits, settings=settings, intensity=intensity))]
 
 
