@@ -9,6 +9,9 @@ CPU cores); ``--swin`` uses the shipped architecture instead.
 
     python benchmarks/bench_scaling.py                   # 1x = 64x256x256
     python benchmarks/bench_scaling.py --base 32,128,128 --swin
+
+``lsmseg-no-cache`` is lsmseg with the window cache off (``window_cache_mb=0``): windows on block
+borders then run once per block they touch.
 """
 
 from __future__ import annotations
@@ -68,10 +71,13 @@ def child(spec: dict) -> dict:
     else:
         from lsmseg.inference import Predictor, RunOptions, predict_file
 
-        options = RunOptions(progress=False, block_size=spec["block"], prefetch=spec["variant"] == "lsmseg-prefetch")
+        options = RunOptions(progress=False, block_size=spec["block"], prefetch=spec["variant"] == "lsmseg-prefetch",
+                             window_cache_mb=0 if spec["variant"] == "lsmseg-no-cache" else RunOptions.window_cache_mb)
         predictor = Predictor(model, config, settings, device="cpu", options=options)
         with Timer() as timer:
-            predict_file(predictor, spec["input"], Path(spec["out"]) / "mask.tif")
+            blocks = predict_file(predictor, spec["input"], Path(spec["out"]) / "mask.tif").record["blocks"]
+        return {"seconds": timer.seconds, "cpu_seconds": timer.cpu, "peak_rss_mb": peak_rss_mb(),
+                "baseline_rss_mb": baseline, "window_runs": blocks["window_runs"], "windows": blocks["windows"]}
     return {"seconds": timer.seconds, "cpu_seconds": timer.cpu, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}
 
 
@@ -83,6 +89,8 @@ def main() -> None:
     parser.add_argument("--swin", action="store_true", help="use the shipped Swin UNETR architecture")
     parser.add_argument("--weights")
     parser.add_argument("--no-monai", action="store_true")
+    parser.add_argument("--no-cache-at", default="1,4,16", type=lambda text: [int(v) for v in text.split(",") if v],
+                        help="sizes (1,4,16) also run without the window cache ('' none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -110,6 +118,8 @@ def main() -> None:
             del image
             variants = ("lsmseg",) + (() if args.no_monai else ("monai",))
             variants += ("lsmseg-prefetch",) if factor == 4 else ()  # does reading in a thread pay on CPU?
+            # What the window cache (each border window run once) saves in time and costs in memory.
+            variants += ("lsmseg-no-cache",) if factor in args.no_cache_at else ()
             for variant in variants:
                 out = work / f"{variant}{factor}"
                 out.mkdir()
@@ -118,6 +128,7 @@ def main() -> None:
                 result = run_child(Path(__file__), spec)
                 rows.append({"factor": f"{factor}x", "shape": "x".join(map(str, shape)), "variant": variant,
                              "mvox": int(np.prod(shape)) / 1e6, "seconds": result["seconds"],
+                             "runs": f"{result['window_runs']}/{result['windows']}" if "windows" in result else "",
                              "rss": result["peak_rss_mb"], "above": result["peak_rss_mb"] - result["baseline_rss_mb"]})
                 print(f"  {factor}x {variant}: {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
             path.unlink()
@@ -130,7 +141,8 @@ def main() -> None:
             r["growth_above"] = r["above"] / max(mine[0]["above"], 1e-9)
     print()
     print(table(rows, [("factor", "size", ""), ("shape", "shape (z,y,x)", ""), ("mvox", "Mvoxel", ".1f"),
-                       ("variant", "variant", ""), ("seconds", "time (s)", ".1f"), ("rss", "peak RSS (MB)", ".0f"),
+                       ("variant", "variant", ""), ("seconds", "time (s)", ".1f"), ("runs", "window runs/windows", ""),
+                       ("rss", "peak RSS (MB)", ".0f"),
                        ("growth", "RSS vs 1x", ".2f"), ("above", "peak above model-loaded (MB)", ".0f"),
                        ("growth_above", "that vs 1x", ".2f")]))
     if args.json:

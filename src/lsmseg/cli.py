@@ -20,6 +20,7 @@ from . import __version__
 from .challenge.runner import add_challenge_commands
 from .config import parse_mirror_axes
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LsmsegError
+from .inference.blocks import DEFAULT_WINDOW_CACHE_BYTES
 from .inference.engines import ENGINES
 
 logger = logging.getLogger("lsmseg")
@@ -83,6 +84,16 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
+    return value
+
+
 def add_predict_command(subparsers) -> None:
     p = subparsers.add_parser(
         "predict",
@@ -127,6 +138,9 @@ def add_predict_command(subparsers) -> None:
                        help="same: the input's container (TIFF written plane by plane); zarr: OME-Zarr <name>.ome.zarr")
     scale.add_argument("--block-size", type=_block_size, metavar="N|Z,Y,X",
                        help="output block edge in voxels; memory follows it, not the volume (default: blocks of at most 256^3 voxels, as few as possible)")
+    scale.add_argument("--window-cache-mb", type=_non_negative_int, metavar="MB", default=DEFAULT_WINDOW_CACHE_BYTES >> 20,
+                       help="memory for keeping the outputs of windows on block borders for the next blocks, so "
+                            "that each window runs once (default: %(default)s; 0: they run once per block they touch)")
     scale.add_argument("--no-skip-background", dest="skip_background", action="store_false",
                        help="run the network on uniformly dark windows too (default: skip them)")
     scale.add_argument("--compile", action="store_true", help="torch.compile the model (slow start; off by default)")
@@ -159,6 +173,7 @@ def run_predict(args) -> int:
         return EXIT_FAILED
     options = RunOptions(
         structure=args.structure, block_size=args.block_size, skip_background=args.skip_background,
+        window_cache_mb=args.window_cache_mb,
         resample=args.resample, mask_value=args.mask_value, max_voxels=args.max_voxels,
         probabilities_dir=args.probabilities_dir, probability_dtype=args.probability_dtype, progress=not args.quiet,
     )

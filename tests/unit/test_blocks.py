@@ -12,7 +12,7 @@ import torch
 from lsmseg import io
 from lsmseg.config import InferenceSettings
 from lsmseg.inference import Predictor, RunOptions, predict_file, predict_files
-from lsmseg.inference.blocks import plan_blocks
+from lsmseg.inference.blocks import WindowCache, plan_blocks
 from lsmseg.inference.windows import pad_widths, window_starts
 
 ROI = (32, 64, 64)
@@ -79,11 +79,65 @@ def test_many_blocks_give_exactly_the_one_block_result(conv_model, tiny_model_co
     assert stats_split.blocks == 2 * 2 * 3 and stats_whole.blocks == 1
     assert stats_split.skipped == stats_whole.skipped  # the same windows, whichever block they touch
     assert (stats_whole.windows_skipped > 0) == skip_background
-    # A window on a block border runs once per block it touches; a skipped one is counted once.
-    assert stats_split.window_runs >= stats_whole.window_runs == stats_whole.windows - stats_whole.windows_skipped
+    # A window on a block border runs once, in the first block that needs it; the later blocks take
+    # it from the window cache. A skipped one is counted once.
+    assert stats_split.window_runs == stats_whole.window_runs == stats_whole.windows - stats_whole.windows_skipped
+    assert stats_split.windows_reused > 0 and stats_whole.windows_reused == 0
     np.testing.assert_array_equal(logits_split, logits_whole)  # same windows, same order: bit-identical
     threshold = np.float32(np.median(logits_whole))
     np.testing.assert_array_equal(logits_split >= threshold, logits_whole >= threshold)
+
+
+@pytest.mark.parametrize("cache_mb", [0, 1])
+def test_a_small_or_no_window_cache_runs_border_windows_again_with_the_same_result(conv_model, tiny_model_config,
+                                                                                     cache_mb):
+    # 1 MB holds two 32x64x64 windows: most border windows do not fit and run once per block they touch.
+    volume = np.random.default_rng(3).integers(100, 4000, (40, 100, 200)).astype(np.uint16)
+    calls = []
+    whole = make_predictor(conv_model, tiny_model_config, skip_background=False)
+    split = make_predictor(conv_model, tiny_model_config, skip_background=False, block_size=(20, 50, 70),
+                           window_cache_mb=cache_mb)
+    run_windows = split.run_windows
+    split.run_windows = lambda windows, **kw: calls.append(len(windows)) or run_windows(windows, **kw)
+    logits_whole, stats_whole = whole.logits_with_stats(volume)
+    logits_split, stats_split = split.logits_with_stats(volume)
+    # Same windows in the same order, but batched differently: the stand-in's convolution takes another
+    # kernel for a batch of one window (3e-7 apart), which a partly full cache produces here.
+    np.testing.assert_allclose(logits_split, logits_whole, rtol=0, atol=1e-6)
+    assert stats_split.window_runs == sum(calls)  # counted as the network ran them
+    per_block = sum(b.n_windows for b in plan_blocks(volume.shape, ROI, 0.5, (20, 50, 70)).blocks)
+    assert stats_split.window_runs + stats_split.windows_reused == per_block
+    if cache_mb == 0:
+        assert stats_split.windows_reused == 0 and stats_split.window_runs == per_block
+    else:
+        assert 0 < stats_split.windows_reused and stats_whole.window_runs < stats_split.window_runs < per_block
+
+
+def test_window_cache_keeps_only_what_later_blocks_need():
+    plan = plan_blocks((40, 100, 200), ROI, 0.5, (20, 50, 70))
+    cache = WindowCache(plan)
+    window = np.ones(ROI, np.float32)
+    shared = set()
+    for block in plan.blocks:
+        for i in plan.window_ids(block):
+            if cache.get(i) is None:
+                cache.put(i, window)
+            else:
+                shared.add(i)
+        cache.release(plan.window_ids(block))
+        # Held: windows of this block that a block still to come needs, and nothing else.
+        later = {i for b in plan.blocks[block.index + 1:] for i in plan.window_ids(b)}
+        assert set(cache.entries) <= later
+        assert cache.bytes == len(cache.entries) * window.nbytes
+    assert cache.entries == {} and cache.bytes == 0 and cache.remaining == {}
+    counts = {}
+    for block in plan.blocks:
+        for i in plan.window_ids(block):
+            counts[i] = counts.get(i, 0) + 1
+    assert shared == {i for i, n in counts.items() if n > 1}
+    assert cache.reused == sum(n - 1 for n in counts.values())
+    with pytest.raises(ValueError, match="max_bytes"):
+        WindowCache(plan, -1)
 
 
 def test_lazy_file_prediction_equals_in_memory(conv_model, tiny_model_config, tmp_path):

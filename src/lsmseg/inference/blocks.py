@@ -4,8 +4,9 @@ A volume of any size is cut into output blocks. The window grid is the whole (pa
 (:func:`lsmseg.inference.windows.window_starts`), never a per-block grid, and each block runs *every* window
 that intersects it, accumulating weighted logits only on its own voxels. A voxel therefore sees
 exactly the windows it sees in a one-pass prediction, blended in the same order, and the block-wise
-result equals the in-memory one for any block size. The price is that windows straddling a block
-border run once per block they touch; large blocks keep that small.
+result equals the in-memory one for any block size. A window straddling a block border runs in the
+first block that needs it; its weighted logits are kept (:class:`WindowCache`, up to a memory cap)
+for the later blocks, which add them in their scan order as if they had run it.
 
 Memory per block: its input region (the block plus up to one window on each side) as float32, and
 two float32 accumulators of the block's size - independent of the volume's size. On a GPU the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -223,6 +225,68 @@ def accumulation_device(
     return device if accumulator_bytes(shape) <= DEVICE_MEMORY_SHARE * free else None
 
 
+# What a volume's window cache may hold (:class:`WindowCache`): 1 GiB is 2048 windows of 32x64x64,
+# more than the windows straddling the cuts of a z-row of 256^3 blocks across a 2000^2 plane.
+DEFAULT_WINDOW_CACHE_BYTES = 1 << 30
+
+
+class WindowCache:
+    """Weighted window logits shared between the blocks of one volume, so that a window straddling
+    block borders runs once.
+
+    The first block that runs a window :meth:`put`-s its weighted logits if a later block needs the
+    window too and the cache has room (else that block runs it again); later blocks :meth:`get` it.
+    :meth:`release` after each block drops the entries no later block needs, so the cache holds
+    only windows on the cuts not yet passed (z-major blocks: the current z-row's y and x cuts and
+    the next z cut).
+
+    Args:
+        plan: the volume's block plan (the blocks, in the order they are computed).
+        max_bytes: the most the entries may hold; 0 turns reuse off.
+    """
+
+    def __init__(self, plan: BlockPlan, max_bytes: int = DEFAULT_WINDOW_CACHE_BYTES):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        # Blocks still to come that need each window (windows of one block only are left out).
+        counts = Counter(i for block in plan.blocks for i in plan.window_ids(block))
+        self.remaining = {i: n for i, n in counts.items() if n > 1}
+        self.entries: dict[int, object] = {}
+        self.bytes = 0
+        self.reused = 0  # windows taken from the cache instead of run, over the volume
+
+    def get(self, window_id: int):
+        """The stored weighted logits of a window, or None; counts a reuse when found."""
+        value = self.entries.get(window_id)
+        self.reused += value is not None
+        return value
+
+    def put(self, window_id: int, weighted) -> None:
+        """Keep a window's weighted logits (NumPy array or tensor) if a later block needs them and they fit."""
+        if self.remaining.get(window_id, 0) <= 1 or window_id in self.entries:
+            return
+        size = int(weighted.nbytes)
+        if self.bytes + size <= self.max_bytes:
+            # A copy: a row of the batch's array would keep the whole batch alive.
+            self.entries[window_id] = weighted.copy() if isinstance(weighted, np.ndarray) else weighted.clone()
+            self.bytes += size
+
+    def release(self, window_ids: Iterable[int]) -> None:
+        """One block is done with ``window_ids``: drop the entries of windows no later block needs."""
+        for i in window_ids:
+            left = self.remaining.get(i)
+            if left is None:
+                continue
+            if left <= 1:
+                del self.remaining[i]
+                value = self.entries.pop(i, None)
+                if value is not None:
+                    self.bytes -= int(value.nbytes)
+            else:
+                self.remaining[i] = left - 1
+
+
 def accumulate_block(
     plan: BlockPlan,
     block: Block,
@@ -233,6 +297,7 @@ def accumulate_block(
     skip: Sequence[bool] | None = None,
     background_logits: torch.Tensor | None = None,
     device: str | torch.device | None = None,
+    cache: WindowCache | None = None,
 ) -> np.ndarray:
     """Blended logits (float32) on ``block.out`` from every window that intersects the block.
 
@@ -256,6 +321,9 @@ def accumulate_block(
         skip: per window of the block (in :meth:`BlockPlan.window_corners` order), whether it is dark.
         background_logits: what a skipped window contributes (needed when any is skipped).
         device: where the accumulators live; None: on the host (:func:`accumulation_device` chooses).
+        cache: the volume's :class:`WindowCache`: windows found there are not run, and windows run
+            here that later blocks need are stored there (the caller :meth:`WindowCache.release`-s
+            the block's windows afterwards); None: every window runs.
     """
     on_host = device is None
     compute = torch.device("cpu") if on_host else torch.device(device)  # where window products are taken
@@ -263,6 +331,7 @@ def accumulate_block(
     roi = plan.roi
     corners = plan.window_corners(block)
     skip = list(skip) if skip is not None else [False] * len(corners)
+    ids = plan.window_ids(block) if cache is not None else None
     out_start = [s.start + plan.pad[axis][0] for axis, s in enumerate(block.out)]
     out_shape = block.shape
 
@@ -291,31 +360,46 @@ def accumulate_block(
             block_part.append(slice(lo - out_start[axis], hi - out_start[axis]))
         return tuple(window_part), tuple(block_part)
 
-    def flush(chunk: list[int]) -> None:
-        run = [i for i in chunk if not skip[i]]
-        logits = {}
+    def as_stored(value):
+        """A cached entry where this block blends (an earlier block may have blended elsewhere)."""
+        if on_host:
+            return value.cpu().numpy() if isinstance(value, torch.Tensor) else value
+        return value if isinstance(value, torch.Tensor) else torch.from_numpy(value).to(compute)
+
+    def flush(chunk: list[int], cached: dict) -> None:
+        run = [i for i in chunk if not skip[i] and i not in cached]
+        logits = {i: as_stored(value) for i, value in cached.items()}
         if run:
             # Stacked straight into pinned memory for a GPU, so that the upload does not block.
             windows = torch.empty((len(run), *roi), dtype=torch.float32, pin_memory=pinned)
             torch.stack([source[tuple(slice(c - o, c - o + r) for c, o, r in zip(corners[i], origin, roi))]
                          for i in run], out=windows)
             weighted = stored(run_windows(windows[:, None])[:, 0].to(compute) * weights)
-            logits = dict(zip(run, weighted))
+            logits.update(zip(run, weighted))
+            if cache is not None:
+                for i, value in zip(run, weighted):
+                    cache.put(ids[i], value)
         for i in chunk:  # in scan order, so that sums are bit-identical to a one-block pass
             window_part, block_part = target(corners[i])
             accumulated[block_part] += (logits[i] if i in logits else background_weighted)[window_part]
             weight_sum[block_part] += weights_stored[window_part]
 
     chunk: list[int] = []
+    cached: dict[int, object] = {}  # the chunk's windows found in the cache
     pending = 0
     for i in range(len(corners)):
         chunk.append(i)
-        pending += not skip[i]
+        if not skip[i]:
+            value = cache.get(ids[i]) if cache is not None else None
+            if value is not None:
+                cached[i] = value
+            else:
+                pending += 1
         if pending == batch_size:
-            flush(chunk)
-            chunk, pending = [], 0
+            flush(chunk, cached)
+            chunk, cached, pending = [], {}, 0
     if chunk:
-        flush(chunk)
+        flush(chunk, cached)
     accumulated /= weight_sum
     if on_host:
         return accumulated

@@ -37,7 +37,7 @@ from ..io import Volume
 from ..model import autocast_dtype, select_device
 from ..normalise import DEFAULT_MAX_SAMPLES, is_constant, normalise, percentiles, subsample
 from ..structures import structure_from_name
-from .blocks import (Block, BlockPlan, accumulate_block, accumulation_device, default_block_shape, plan_blocks,
+from .blocks import (DEFAULT_WINDOW_CACHE_BYTES, Block, BlockPlan, WindowCache, accumulate_block, accumulation_device, default_block_shape, plan_blocks,
                      prefetched)
 from .engines import OpenVinoEngine, exported_engine, resolve_engine
 from .foreground import Background, dark_windows, estimate_background
@@ -72,6 +72,9 @@ class RunOptions:
         device_accumulation: on a GPU, blend each block's windows in device memory when its
             accumulators fit there (:func:`.blocks.accumulation_device`); False: on the host, every
             batch's logits copied down first (the way before issue 13; kept for benchmarks).
+        window_cache_mb: how much memory a volume cut into blocks may use to keep the outputs of
+            windows straddling block borders for the next blocks, so that each runs once
+            (:class:`.blocks.WindowCache`); 0: such windows run once per block they touch.
         resample: resample volumes whose spacing differs from the model's (settings ``spacing``).
         mask_value: the foreground value written (1, or 255 for viewers).
         max_voxels: cap on an input's declared size (None: ``LSMSEG_MAX_VOXELS`` or the default).
@@ -86,6 +89,7 @@ class RunOptions:
     skip_background: bool = True
     prefetch: bool | None = None
     device_accumulation: bool = True
+    window_cache_mb: int = DEFAULT_WINDOW_CACHE_BYTES >> 20
     resample: bool = True
     mask_value: int = 1
     max_voxels: int | None = None
@@ -94,6 +98,8 @@ class RunOptions:
     progress: bool = True
 
     def __post_init__(self):
+        if self.window_cache_mb < 0:
+            raise ValueError(f"window_cache_mb must be >= 0, got {self.window_cache_mb}")
         if not 1 <= self.mask_value <= 255:
             raise ValueError(f"mask_value must be in 1..255, got {self.mask_value}")
         if self.probability_dtype not in PROBABILITY_DTYPES:
@@ -327,7 +333,7 @@ class Predictor:
 
     def block_logits(self, plan: BlockPlan, block: Block, region: np.ndarray, skip, background: Background | None,
                      on_windows: Callable[[int], object] | None = None,
-                     settings: InferenceSettings | None = None) -> np.ndarray:
+                     settings: InferenceSettings | None = None, cache: WindowCache | None = None) -> np.ndarray:
         """Blended logits on one block from its normalised input region.
 
         Args:
@@ -337,6 +343,8 @@ class Predictor:
             on_windows: called with ``n`` after every batch of ``n`` windows the network ran (progress).
             settings: the volume's settings (:meth:`settings_for`: its structure's mirroring);
                 default ``self.settings``.
+            cache: the volume's window cache (windows found there are not run; see
+                :func:`.blocks.accumulate_block`); None: every window of the block runs.
         """
         settings = settings or self.settings
         weights = blend_weights(plan.roi, settings.blend, settings.sigma_scale)
@@ -348,7 +356,7 @@ class Predictor:
         if on_windows is not None:
             run = _counted(run, on_windows)
         return accumulate_block(plan, block, region, run, weights, settings.sw_batch_size, skip, background_logits,
-                                device=device)
+                                device=device, cache=cache)
 
     def accumulation_device(self, block: Block) -> torch.device | None:
         """Where ``block`` is blended: the GPU when its free memory holds the block's accumulators
@@ -379,13 +387,17 @@ class Predictor:
         )
         prefetch = self.device.type == "cuda" if self.options.prefetch is None else self.options.prefetch
         load = lambda block: self.load_block(plan, block, source, lo, hi, background, on_raw)  # noqa: E731
+        cache = WindowCache(plan, self.options.window_cache_mb << 20) if len(plan.blocks) > 1 else None
         try:
             for block, (region, skip) in prefetched(plan.blocks, load, enabled=prefetch):
+                reused = cache.reused if cache is not None else 0
                 logits = self.block_logits(plan, block, region, skip, background, on_windows=bar.update,
-                                           settings=settings)
-                if skip is not None:
-                    bar.update(sum(skip))
-                stats.count(plan, block, skip)
+                                           settings=settings, cache=cache)
+                if cache is not None:
+                    cache.release(plan.window_ids(block))
+                    reused = cache.reused - reused
+                bar.update(reused + (sum(skip) if skip is not None else 0))
+                stats.count(plan, block, skip, reused=reused)
                 yield block, logits, region[plan.output_in_region(block)]
         finally:
             bar.close()

@@ -34,7 +34,8 @@ class BlockStats:
     block_size: tuple[int, ...]
     windows: int
     background: Background | None = None
-    window_runs: int = 0
+    window_runs: int = 0  # windows the network ran (a window straddling blocks may run in each)
+    windows_reused: int = 0  # windows a block took from the window cache instead of running them
     skipped: set[int] = field(default_factory=set)  # global ids of skipped windows (a window spans blocks)
     scheduler: str | None = None  # "dask" when the blocks ran on dask workers
     workers: int | None = None
@@ -45,12 +46,14 @@ class BlockStats:
         return cls(blocks=len(plan.blocks), block_size=tuple(plan.block_size), windows=plan.n_windows,
                    background=background, **extra)
 
-    def count(self, plan: BlockPlan, block: Block, skip: Sequence[bool] | None) -> None:
-        """Record one computed block: its windows run, and those skipped (``skip`` flags, or None)."""
+    def count(self, plan: BlockPlan, block: Block, skip: Sequence[bool] | None, reused: int = 0) -> None:
+        """Record one computed block: its windows run, those skipped (``skip`` flags, or None) and
+        those ``reused`` from the window cache."""
+        self.windows_reused += reused
         if skip is None:
-            self.window_runs += block.n_windows
+            self.window_runs += block.n_windows - reused
             return
-        self.window_runs += len(skip) - sum(skip)
+        self.window_runs += len(skip) - sum(skip) - reused
         self.skipped.update(i for i, s in zip(plan.window_ids(block), skip) if s)
 
     @property
@@ -63,6 +66,7 @@ class BlockStats:
             "block_size": list(self.block_size),
             "windows": self.windows,
             "window_runs": self.window_runs,
+            "windows_reused": self.windows_reused,
             "windows_skipped": self.windows_skipped,
             "background": self.background.as_dict() if self.background is not None else None,
         }
