@@ -89,9 +89,13 @@ def main() -> None:
     parser.add_argument("--swin", action="store_true", help="use the shipped Swin UNETR architecture")
     parser.add_argument("--weights")
     parser.add_argument("--no-monai", action="store_true")
+    parser.add_argument("--no-prefetch", action="store_true", help="leave out the 4x prefetch variant")
+    parser.add_argument("--sizes", default="1,4,16", type=lambda text: [int(v) for v in text.split(",") if v],
+                        help="which of the sizes 1,4,16 to run")
     parser.add_argument("--no-cache-at", default="1,4,16", type=lambda text: [int(v) for v in text.split(",") if v],
                         help="sizes (1,4,16) also run without the window cache ('' none)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=1, help="runs of each variant per size (order rotated; medians)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.child:
@@ -111,26 +115,35 @@ def main() -> None:
         work = Path(tmp)
         tile = make_phantom("vessels", base, seed=2).image
         for factor, reps in FACTORS.items():
+            if factor not in args.sizes:
+                continue
             image = np.tile(tile, reps)
             path = work / f"x{factor}.tif"
             io.write_volume(image, path, spacing=(3.0, 1.0, 1.0))
             shape = image.shape
             del image
-            variants = ("lsmseg",) + (() if args.no_monai else ("monai",))
-            variants += ("lsmseg-prefetch",) if factor == 4 else ()  # does reading in a thread pay on CPU?
+            variants = ["lsmseg"] + ([] if args.no_monai else ["monai"])
+            variants += ["lsmseg-prefetch"] if factor == 4 and not args.no_prefetch else []  # does reading in a thread pay on CPU?
             # What the window cache (each border window run once) saves in time and costs in memory.
-            variants += ("lsmseg-no-cache",) if factor in args.no_cache_at else ()
-            for variant in variants:
-                out = work / f"{variant}{factor}"
-                out.mkdir()
-                spec = {"variant": variant, "input": str(path), "out": str(out), "block": block, "roi": roi,
-                        "swin": args.swin, "weights": args.weights, "threads": args.threads}
-                result = run_child(Path(__file__), spec)
+            variants += ["lsmseg-no-cache"] if factor in args.no_cache_at else []
+            runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+            for rep in range(args.reps):
+                for variant in variants[rep % len(variants):] + variants[:rep % len(variants)]:  # rotate the order
+                    out = work / f"{variant}{factor}_{rep}"
+                    out.mkdir()
+                    spec = {"variant": variant, "input": str(path), "out": str(out), "block": block, "roi": roi,
+                            "swin": args.swin, "weights": args.weights, "threads": args.threads}
+                    result = run_child(Path(__file__), spec)
+                    runs[variant].append(result)
+                    print(f"  {factor}x {variant} rep {rep}: {result['seconds']:.1f} s, peak RSS "
+                          f"{result['peak_rss_mb']:.0f} MB", flush=True)
+            for variant, results in runs.items():  # medians over the reps
+                result = {key: float(np.median([r[key] for r in results])) for key in
+                          ("seconds", "peak_rss_mb", "baseline_rss_mb")} | {k: results[0].get(k) for k in ("window_runs", "windows")}
                 rows.append({"factor": f"{factor}x", "shape": "x".join(map(str, shape)), "variant": variant,
                              "mvox": int(np.prod(shape)) / 1e6, "seconds": result["seconds"],
-                             "runs": f"{result['window_runs']}/{result['windows']}" if "windows" in result else "",
+                             "runs": f"{result['window_runs']}/{result['windows']}" if result["windows"] else "",
                              "rss": result["peak_rss_mb"], "above": result["peak_rss_mb"] - result["baseline_rss_mb"]})
-                print(f"  {factor}x {variant}: {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
             path.unlink()
     for variant in {r["variant"] for r in rows}:
         mine = [r for r in rows if r["variant"] == variant]

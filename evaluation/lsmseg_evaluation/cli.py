@@ -37,7 +37,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="binary: 0 and one foreground value (0/1, 0/255); nonzero: any non-zero is "
                              "foreground; sparse: 0 unlabelled, 1 background, 2 foreground (default: binary)")
     parser.add_argument("--sparse-edge", choices=SPARSE_EDGE_MODES, default="ignore",
-                        help="sparse labels: score TRAILMAP edge voxels (value 4) as background or ignore them")
+                        help="sparse labels: score TRAILMAP edge voxels (value 4) as background or ignore them "
+                             "(default: %(default)s)")
     parser.add_argument("--spacing", type=zyx(float), metavar="Z,Y,X",
                         help="voxel size in um for every volume, overriding the files (HD95 and volumes in um)")
     parser.add_argument("--structure", help="structure of every volume not in --mapping (e.g. vessels)")

@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 from lsmseg.errors import InputError, LsmsegError
 from lsmseg.io import atomic_output, read_volume
+from lsmseg.io.atomic import write_text
 from tqdm import tqdm
 
 from .categories import classify
@@ -332,11 +333,6 @@ def metrics_csv(rows: list[dict], preset: str = DEFAULT_PRESET) -> str:
     return buffer.getvalue()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def write_report(result: EvaluationResult, out_dir: str | Path, title: str = "lsmseg evaluation") -> dict[str, Path]:
     """Write metrics.csv, metrics.json (the organisers' shape), summary.json, figures/*.png and
     report.html into ``out_dir``."""
@@ -346,10 +342,10 @@ def write_report(result: EvaluationResult, out_dir: str | Path, title: str = "ls
     paths = {"metrics": out_dir / "metrics.csv", "metrics_json": out_dir / "metrics.json",
              "summary": out_dir / "summary.json", "report": out_dir / "report.html"}
     preset = result.summary.get("leaderboard", {}).get("preset", DEFAULT_PRESET)
-    write_text_atomic(paths["metrics"], metrics_csv(result.rows, preset))
+    write_text(metrics_csv(result.rows, preset), paths["metrics"])
     # As the organisers write it (json.dumps, indent 4): NaN stays NaN.
-    write_text_atomic(paths["metrics_json"], json.dumps(result.metrics_json, indent=4) + "\n")
-    write_text_atomic(paths["summary"], json.dumps(result.summary, indent=2) + "\n")
+    write_text(json.dumps(result.metrics_json, indent=4) + "\n", paths["metrics_json"])
+    write_text(json.dumps(result.summary, indent=2) + "\n", paths["summary"])
     figures_dir = out_dir / "figures"
     for name, png in result.figures.items():
         with atomic_output(figures_dir / f"{name}.png") as tmp:
@@ -358,5 +354,5 @@ def write_report(result: EvaluationResult, out_dir: str | Path, title: str = "ls
     if distributions is not None:
         with atomic_output(figures_dir / "distributions.png") as tmp:
             tmp.write_bytes(distributions)
-    write_text_atomic(paths["report"], render_html(result, distributions, title=title))
+    write_text(render_html(result, distributions, title=title), paths["report"])
     return paths

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=None,
                         help=f"real data folder (default: ${DATA_ENV}, else {DEFAULT_DATA})")
     parser.add_argument("--weights", type=Path, help="weights manifest or folder (default: the installed weights)")
-    parser.add_argument("--out", type=Path, default=Path("runs/validate-shipped"), help="report folder")
+    parser.add_argument("--out", type=Path, default=Path("runs/validate-shipped"),
+                        help="report folder (default: %(default)s)")
     parser.add_argument("--structures", nargs="+", choices=[d.structure for d in DATASETS],
                         default=[d.structure for d in DATASETS], help="which labelled sets to score (default: all)")
     parser.add_argument("--cases", nargs="+", metavar="NAME",
@@ -329,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     from lsmseg import cli as lsmseg_cli
     from lsmseg.errors import LsmsegError
     from lsmseg.inference.results import provenance_path_for
+    from lsmseg.io.atomic import write_text
 
-    from .evaluate import EvaluationSettings, evaluate_folders, write_report, write_text_atomic
+    from .evaluate import EvaluationSettings, evaluate_folders, write_report
 
     args = build_parser().parse_args(argv)
     lsmseg_cli.configure_logging(quiet=args.quiet)
@@ -421,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             if cells_2024:
                 baseline_2024 = score(otsu, "selma3d-2024", cells_2024, figures=False)
         markdown = results_markdown(model, baseline, model_2024, baseline_2024, note)
-        write_text_atomic(args.out / "results.md", markdown)
+        write_text(markdown, args.out / "results.md")
     print(markdown)
     logger.info("report: %s", args.out / "model" / "report.html")
     failed = model.failed or (model_2024.failed if model_2024 else [])

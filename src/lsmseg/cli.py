@@ -14,12 +14,12 @@ import logging
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Callable
 
-from . import __version__
+from . import __version__, argtypes
+from .argtypes import zyx  # noqa: F401 (lsmseg.synth and lsmseg_evaluation import it from here)
 from .challenge.runner import add_challenge_commands
 from .config import parse_mirror_axes
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LsmsegError
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LsmsegError, one_line
 from .inference.blocks import DEFAULT_WINDOW_CACHE_BYTES
 from .inference.engines import ENGINES
 
@@ -28,38 +28,9 @@ logger = logging.getLogger("lsmseg")
 COMMANDS_GROUP = "lsmseg.commands"
 
 
-def zyx(kind: type = int) -> Callable[[str], tuple]:
-    """An argparse type: three positive numbers ``Z,Y,X`` (or ``ZxYxX``) of ``kind``."""
-
-    def parse(text: str) -> tuple:
-        try:
-            values = tuple(kind(v) for v in text.replace("x", ",").split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected Z,Y,X {kind.__name__} values, got {text!r}") from None
-        if len(values) != 3 or min(values) <= 0:
-            raise argparse.ArgumentTypeError(f"expected three positive numbers Z,Y,X, got {text!r}")
-        return values
-
-    return parse
-
-
-def _block_size(text: str) -> int | tuple[int, int, int]:
-    if text.strip().isdigit():
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"block size must be positive, got {text}")
-        return value
-    return zyx(int)(text)
-
-
-def _part(text: str) -> tuple[int, int]:
-    try:
-        k, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected K/N, e.g. 2/4, got {text!r}") from None
-    if not 1 <= k <= n:
-        raise argparse.ArgumentTypeError(f"expected 1 <= K <= N, got {text!r}")
-    return k, n
+class UsageError(Exception):
+    """A bad option value or combination found after parsing: one ERROR line and exit code 2
+    (:data:`EXIT_USAGE`), like argparse's own usage errors."""
 
 
 def select_part(items: list, part: tuple[int, int] | None) -> list:
@@ -70,119 +41,127 @@ def select_part(items: list, part: tuple[int, int] | None) -> list:
     return list(items)[k - 1 :: n]
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a value in (0, 1), got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite value >= 0, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
-    return value
-
-
 def add_predict_command(subparsers) -> None:
+    """Register ``lsmseg predict`` (every option value is checked as it is parsed: :mod:`.argtypes`)."""
     p = subparsers.add_parser(
         "predict",
         help="segment volumes with trained weights",
         description="Segment 3-D volumes. Each INPUT is a volume (TIFF stack, NIfTI, MHA/NRRD, zarr, a folder "
         "of 2-D TIFF planes) or a folder of volumes. Masks are written to OUT with the same name and "
-        "format as their input, plus a provenance JSON beside each.",
+        "format as their input, plus a provenance JSON beside each. Progress bars are drawn when stderr is a "
+        "terminal (env LSMSEG_PROGRESS=1: always, 0: never; -q: never).",
     )
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="volume files or folders")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="output folder")
     p.add_argument("--weights", type=Path, metavar="MANIFEST",
                    help="weights: a manifest, a folder holding one, or a model tarball (default: LSMSEG_WEIGHTS, "
                    "a model at /opt/ml/model, then the installed weights)")
-    p.add_argument("--structure", help="structure to segment (default: the manifest's general model)")
+    p.add_argument("--structure", type=argtypes.structure, help=argtypes.STRUCTURE_HELP)
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
-    p.add_argument("--threshold", type=_probability, help="probability threshold (default: the manifest's)")
-    p.add_argument("--min-component-voxels", type=int, metavar="N",
+    p.add_argument("--threshold", type=argtypes.probability, help="probability threshold (default: the manifest's)")
+    p.add_argument("--min-component-voxels", type=argtypes.non_negative_int, metavar="N",
                    help="remove connected components smaller than N voxels (default: the manifest's; 0 keeps all)")
-    p.add_argument("--intensity-floor", type=_non_negative, metavar="X",
+    p.add_argument("--intensity-floor", type=argtypes.non_negative, metavar="X",
                    help="never mark voxels whose normalised intensity is below X (1 = the volume's 99.5th percentile, "
                    "1 + ln x above it; default: the manifest's, per structure; 0 turns it off)")
-    p.add_argument("--overlap", type=float, help="window overlap as a fraction in [0, 1) (default: the manifest's)")
-    p.add_argument("--batch-size", type=int, dest="sw_batch_size", help="windows per forward pass")
+    p.add_argument("--overlap", type=argtypes.fraction,
+                   help="window overlap as a fraction in [0, 1) (default: the manifest's)")
+    p.add_argument("--batch-size", type=argtypes.positive_int, dest="sw_batch_size", metavar="N",
+                   help="windows per forward pass (default: the manifest's)")
     p.add_argument("--mirror-axes", type=parse_mirror_axes, metavar="none|all|ZYX",
                    help="test-time mirroring: also run every window flipped along each combination of these axes "
                    "and average (all: 8 passes per window; default: the manifest's, per structure)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="auto: fp16/bf16 autocast on CUDA, fp32 on CPU")
+                   help="auto: fp16/bf16 autocast on CUDA, fp32 on CPU (default: %(default)s)")
     p.add_argument("--no-resample", dest="resample", action="store_false",
                    help="do not resample inputs whose voxel spacing differs from the model's")
     p.add_argument("--mask-value", type=int, choices=[1, 255], default=1,
-                   help="foreground value in the masks (255 is easier to see in viewers)")
-    p.add_argument("--max-voxels", type=int, metavar="N",
+                   help="foreground value in the masks (255 is easier to see in viewers; default: %(default)s)")
+    p.add_argument("--max-voxels", type=argtypes.positive_int, metavar="N",
                    help="refuse inputs whose headers declare more voxels, before reading them "
                    "(default: env LSMSEG_MAX_VOXELS, else 2^33 = 8.6e9)")
     p.add_argument("--save-probabilities", type=Path, metavar="DIR", dest="probabilities_dir",
                    help="also write each volume's foreground probability to DIR, same name and format as its mask")
-    p.add_argument("--probability-dtype", choices=["uint8", "float16"], default="uint8",
-                   help="uint8: p = value/255 (default); float16 (float32 in NIfTI/MHA/NRRD)")
+    # No default here, so that a --probability-dtype without --save-probabilities can be refused.
+    p.add_argument("--probability-dtype", choices=["uint8", "float16"],
+                   help="with --save-probabilities: uint8: p = value/255 (default); float16 (float32 in NIfTI/MHA/NRRD)")
     scale = p.add_argument_group("large volumes and throughput")
     scale.add_argument("--output-format", choices=["same", "zarr"], default="same",
-                       help="same: the input's container (TIFF written plane by plane); zarr: OME-Zarr <name>.ome.zarr")
-    scale.add_argument("--block-size", type=_block_size, metavar="N|Z,Y,X",
+                       help="same: the input's container (TIFF written plane by plane); zarr: OME-Zarr <name>.ome.zarr "
+                       "(default: %(default)s)")
+    scale.add_argument("--block-size", type=argtypes.block_size, metavar="N|Z,Y,X",
                        help="output block edge in voxels; memory follows it, not the volume (default: blocks of at most 256^3 voxels, as few as possible)")
-    scale.add_argument("--window-cache-mb", type=_non_negative_int, metavar="MB", default=DEFAULT_WINDOW_CACHE_BYTES >> 20,
+    scale.add_argument("--window-cache-mb", type=argtypes.non_negative_int, metavar="MB", default=DEFAULT_WINDOW_CACHE_BYTES >> 20,
                        help="memory for keeping the outputs of windows on block borders for the next blocks, so "
                             "that each window runs once (default: %(default)s; 0: they run once per block they touch)")
     scale.add_argument("--no-skip-background", dest="skip_background", action="store_false",
                        help="run the network on uniformly dark windows too (default: skip them)")
     scale.add_argument("--compile", action="store_true", help="torch.compile the model (slow start; off by default)")
     scale.add_argument("--engine", choices=ENGINES, default="auto",
-                       help="network runtime; auto: on CPU OpenVINO (lsmseg[openvino]), else ONNX Runtime "
-                            "(lsmseg[onnx]), when installed, else PyTorch")
+                       help=f"network runtime; {argtypes.ENGINE_HELP} (default: %(default)s)")
     scale.add_argument("--scheduler", choices=["local", "dask"], default="local",
-                       help="dask: spread each volume's blocks over dask.distributed workers")
+                       help="dask: spread each volume's blocks over dask.distributed workers (default: %(default)s)")
     scale.add_argument("--address", metavar="tcp://HOST:PORT",
-                       help="dask scheduler to use (default: a LocalCluster, one worker per GPU)")
-    scale.add_argument("--workers", type=int, metavar="N", help="LocalCluster workers (default: one per GPU, or 1)")
-    scale.add_argument("--part", type=_part, metavar="K/N",
+                       help="with --scheduler dask: the dask scheduler to use (default: a LocalCluster, one worker "
+                       "per GPU)")
+    scale.add_argument("--workers", type=argtypes.positive_int, metavar="N",
+                       help="with --scheduler dask: LocalCluster workers (default: one per GPU, or 1)")
+    scale.add_argument("--part", type=argtypes.part, metavar="K/N",
                        help="process only the K-th of N interleaved shares of the input volumes (1-based), "
                        "for running N independent jobs")
     p.set_defaults(func=run_predict)
 
 
+def _check_combinations(args) -> None:
+    """Refuse options that mean nothing without another, rather than silently ignore them."""
+    if args.probabilities_dir and args.scheduler == "dask":
+        raise UsageError("--save-probabilities is not supported with --scheduler dask")
+    if args.probability_dtype and not args.probabilities_dir:
+        raise UsageError("--probability-dtype needs --save-probabilities")
+    for flag, value in (("--address", args.address), ("--workers", args.workers)):
+        if value is not None and args.scheduler != "dask":
+            raise UsageError(f"{flag} needs --scheduler dask")
+    if args.probabilities_dir and Path(args.probabilities_dir).resolve() == Path(args.output).resolve():
+        raise UsageError("--save-probabilities must name another folder than -o: each map would replace its mask")
+
+
 def run_predict(args) -> int:
+    """``lsmseg predict``: segment every input volume into ``args.output``.
+
+    Returns:
+        :data:`EXIT_OK`, or :data:`EXIT_FAILED` when any input is missing or any volume failed.
+
+    Raises:
+        UsageError: options that do not go together, or a value the core refused (e.g. an engine
+            the device cannot run).
+    """
     from .inference import Predictor, RunOptions, predict_files
     from .io import expand_inputs
 
-    if args.probabilities_dir and args.scheduler == "dask":
-        logger.error("--save-probabilities is not supported with --scheduler dask")
-        return EXIT_USAGE
+    _check_combinations(args)
     # A typo in a path fails now, not after the weights are loaded; the other inputs still run.
     missing = [path for path in args.inputs if not path.exists()]
     for path in missing:
-        logger.error("%s: no such file or folder", path)
+        logger.error("%s", one_line(path, "no such file or folder"))
     if missing and len(missing) == len(args.inputs):
         return EXIT_FAILED
-    options = RunOptions(
-        structure=args.structure, block_size=args.block_size, skip_background=args.skip_background,
-        window_cache_mb=args.window_cache_mb,
-        resample=args.resample, mask_value=args.mask_value, max_voxels=args.max_voxels,
-        probabilities_dir=args.probabilities_dir, probability_dtype=args.probability_dtype, progress=not args.quiet,
-    )
-    predictor = Predictor.from_manifest(
-        args.weights, device=args.device, precision=args.precision, engine=args.engine, compile=args.compile,
-        options=options, threshold=args.threshold, min_component_voxels=args.min_component_voxels,
-        intensity_floor=args.intensity_floor, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-        mirror_axes=args.mirror_axes,
-    )
+    try:  # a ValueError here is a setting the core refused, not a failure while processing
+        options = RunOptions(
+            structure=args.structure, block_size=args.block_size, skip_background=args.skip_background,
+            window_cache_mb=args.window_cache_mb,
+            resample=args.resample, mask_value=args.mask_value, max_voxels=args.max_voxels,
+            probabilities_dir=args.probabilities_dir,
+            probability_dtype=args.probability_dtype or RunOptions.probability_dtype,
+            progress=argtypes.progress_wanted(args.quiet),
+        )
+        predictor = Predictor.from_manifest(
+            args.weights, device=args.device, precision=args.precision, engine=args.engine, compile=args.compile,
+            options=options, threshold=args.threshold, min_component_voxels=args.min_component_voxels,
+            intensity_floor=args.intensity_floor, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+            mirror_axes=args.mirror_axes,
+        )
+    except ValueError as exc:
+        raise UsageError(" ".join(str(exc).split())) from None
     inputs = expand_inputs([path for path in args.inputs if path not in missing])
     if not inputs:
         logger.warning("no volumes found in %s", ", ".join(map(str, args.inputs)))
@@ -196,9 +175,12 @@ def run_predict(args) -> int:
     if args.scheduler == "dask":
         from .distributed import predict_files_dask
 
-        results = predict_files_dask(predictor, inputs, args.output, args.output_format, args.address, args.workers)
+        results = predict_files_dask(predictor, inputs, args.output, args.output_format, args.address, args.workers,
+                                     input_folders=args.inputs)
     else:
-        results = predict_files(predictor, inputs, args.output, output_format=args.output_format)
+        # The folder arguments too: no output inside one, no link out of one.
+        results = predict_files(predictor, inputs, args.output, output_format=args.output_format,
+                                input_folders=args.inputs)
     failed = [r for r in results if not r.ok]
     logger.info("%d of %d volume(s) segmented into %s", len(results) - len(failed), len(results), args.output)
     unrecorded = any(r.provenance_error for r in results)  # mask written, its record not (ERROR logged)
@@ -206,6 +188,7 @@ def run_predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lsmseg`` parser: ``predict``, ``challenge``/``serve`` and the installed plug-in commands."""
     parser = argparse.ArgumentParser(
         prog="lsmseg",
         description="Semantic segmentation of 3-D light-sheet microscopy volumes (Swin UNETR).",
@@ -239,6 +222,8 @@ class _LevelPrefixFormatter(logging.Formatter):
 
 
 def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Log to stderr: INFO (DEBUG with ``verbose``, WARNING with ``quiet``), warnings and errors prefixed
+    with their level; third-party loggers at WARNING unless ``verbose``."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LevelPrefixFormatter("%(message)s"))
@@ -251,6 +236,8 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``lsmseg`` with ``argv`` (default: ``sys.argv[1:]``) and return its exit code: 0 done, 1 any
+    failure, 2 bad arguments (argparse exits with it itself), 130 on Ctrl-C; errors are one line."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -259,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, args.quiet)
     try:
         return args.func(args)
+    except UsageError as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
     except LsmsegError as exc:
         logger.error("%s", exc)
         return EXIT_FAILED

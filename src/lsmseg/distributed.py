@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from .errors import LsmsegError, OutputError
 from .inference import BlockStats, Predictor, VolumeResult
-from .inference.run import guarded, predict_file, write_provenance
+from .inference.run import check_targets, guarded, predict_file, write_provenance
 from .io import (
     atomic_output, check_output_space, create_zarr_mask, mask_format_for, output_path_for, partial_path, read_volume,
-    refuse_overwriting_inputs, remove_path, sweep_partials, write_mask_blocks,
+    remove_path, sweep_partials, write_mask_blocks,
 )
 
 logger = logging.getLogger(__name__)
@@ -220,6 +220,7 @@ def predict_files_dask(
     address: str | None = None,
     n_workers: int | None = None,
     processes: bool = True,
+    input_folders: Sequence[str | Path] = (),
 ) -> list[VolumeResult]:
     """Like :func:`lsmseg.inference.predict_files`, with each volume's blocks spread over dask workers.
 
@@ -231,15 +232,21 @@ def predict_files_dask(
         address: a dask scheduler's address; None: a LocalCluster on this machine.
         n_workers: the LocalCluster's workers (default: one per GPU, or 1).
         processes: LocalCluster workers in processes (False: threads, for tests).
+        input_folders: the folders the inputs were listed from (as for ``predict_files``).
     """
     outputs = [output_path_for(p, out_dir, output_format) for p in inputs]
-    refuse_overwriting_inputs(zip(inputs, outputs))  # before any work: never replace an input
+    refused = check_targets(inputs, outputs, None, input_folders)  # before any work, as predict_files
+    for error in dict.fromkeys(refused.values()):
+        logger.error("%s", error)
     for folder in {Path(o).parent for o in outputs}:
         sweep_partials(folder)
     results = []
     with dask_client(address, n_workers, processes) as client:
         logger.info("dask: %d worker(s) at %s", len(client.scheduler_info().get("workers", {})), client.scheduler.address)
-        for input_path, output_path in zip(inputs, outputs):
+        for index, (input_path, output_path) in enumerate(zip(inputs, outputs)):
+            if index in refused:
+                results.append(VolumeResult.failed(input_path, output_path, str(refused[index])))
+                continue
             results.append(guarded(lambda: predict_file_dask(predictor, input_path, output_path, client),
                                    input_path, output_path))
     return results

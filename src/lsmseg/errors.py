@@ -13,6 +13,19 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
+def printable(text) -> str:
+    """``text`` (a path, a reason) made safe for one log line: control characters escaped.
+
+    File names are untrusted: one named ``"bad\\nERROR: fake.tif"`` must not print a second line.
+    """
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+
+
+def one_line(path: str | Path, reason: str) -> str:
+    """The message of every file error: ``"<path>: <reason>"``, on one line whatever the file is named."""
+    return f"{printable(path)}: {printable(' '.join(str(reason).split()))}"
+
+
 class LsmsegError(Exception):
     """Base class: anything the user can fix (bad input, bad config, bad weights)."""
 
@@ -23,7 +36,7 @@ class InputError(LsmsegError):
     def __init__(self, path: str | Path, reason: str):
         self.path = Path(path)
         self.reason = " ".join(str(reason).split())  # keep it on one line
-        super().__init__(f"{self.path}: {self.reason}")
+        super().__init__(one_line(self.path, self.reason))
 
 
 class OutputError(LsmsegError):
@@ -32,7 +45,7 @@ class OutputError(LsmsegError):
     def __init__(self, path: str | Path, reason: str):
         self.path = Path(path)
         self.reason = " ".join(str(reason).split())
-        super().__init__(f"{self.path}: {self.reason}")
+        super().__init__(one_line(self.path, self.reason))
 
 
 class ProvenanceError(OutputError):

@@ -51,6 +51,13 @@ def structure_from_name(name: str) -> str | None:
     return None
 
 
+def is_structure_name(name: str) -> bool:
+    """Whether ``name`` is exactly one of :data:`STRUCTURES` (case-sensitive, as the organisers'
+    prefixes) or of :data:`ALIASES` (any case): the names :func:`structure_from_name` resolves whole,
+    so that a typo or a longer name (``microglia2``) is not taken for a structure."""
+    return name in STRUCTURES or name.lower() in ALIASES
+
+
 def category_of(structure: str | None) -> str | None:
     """``"isolated"``, ``"contiguous"`` or None for a structure of :data:`STRUCTURES`."""
     if structure in ISOLATED:
@@ -60,4 +67,4 @@ def category_of(structure: str | None) -> str | None:
     return None
 
 
-__all__ = ["ISOLATED", "CONTIGUOUS", "STRUCTURES", "ALIASES", "structure_from_name", "category_of"]
+__all__ = ["ISOLATED", "CONTIGUOUS", "STRUCTURES", "ALIASES", "structure_from_name", "is_structure_name", "category_of"]

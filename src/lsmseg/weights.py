@@ -74,6 +74,8 @@ class WeightsEntry:
 
 @dataclass
 class Manifest:
+    """A weights manifest: its checkpoints by name, and the one used when no structure names another."""
+
     models: dict[str, WeightsEntry]
     default: str = "general"
     format: int = MANIFEST_FORMAT

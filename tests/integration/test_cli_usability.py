@@ -28,13 +28,14 @@ def volume(tmp_path_factory):
 
 
 def test_progress_counts_windows_within_one_volume_and_quiet_silences_it(tmp_path, weights, volume):
-    shown = lsmseg("predict", volume, "-o", tmp_path / "a", "--weights", weights)
+    # stderr is a pipe here, where bars are off by default (log files); LSMSEG_PROGRESS=1 asks for them.
+    shown = lsmseg("predict", volume, "-o", tmp_path / "a", "--weights", weights, env={"LSMSEG_PROGRESS": "1"})
     assert shown.returncode == 0, shown.stderr
     counts = re.findall(r"vessels_5:\s+\d+%\|.*?\| (\d+)/(\d+) \[", shown.stderr)
     assert counts and counts[-1][0] == counts[-1][1]  # one volume, a bar that reaches its window total
     total = json.loads((tmp_path / "a" / "vessels_5.tif.provenance.json").read_text())["blocks"]["windows"]
     assert int(counts[-1][1]) >= total > 1
-    quiet = lsmseg("predict", volume, "-o", tmp_path / "b", "--weights", weights, "-q")
+    quiet = lsmseg("predict", volume, "-o", tmp_path / "b", "--weights", weights, "-q", env={"LSMSEG_PROGRESS": "1"})
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 

@@ -60,6 +60,17 @@ def test_mha_declaring_ten_teravoxels_never_reaches_itk(tmp_path):
         io.read_volume(short, max_voxels=10**9)
 
 
+def test_a_truncated_file_is_reported_with_the_pixel_bytes_it_holds_not_its_size(tmp_path):
+    short = metaimage(tmp_path / "short.mha", dims=(100, 100, 100), payload=b"\0" * 64)
+    with pytest.raises(InputError, match=r"\(1,000,000 bytes\) but the file holds only 64 bytes of pixel data"):
+        io.read_volume(short, max_voxels=10**9)
+    nifti = tmp_path / "short.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 8, 8), np.uint8)), str(nifti))
+    nifti.write_bytes(nifti.read_bytes()[: 352 + 100])  # NIfTI-1: 348-byte header, pixels from byte 352
+    with pytest.raises(InputError, match=r"\(256 bytes\) but the file holds only 100 bytes of pixel data"):
+        io.read_volume(nifti)
+
+
 def test_zarr_chunk_larger_than_the_cap_is_refused(tmp_path):
     root = zarr.open_group(str(tmp_path / "bomb.zarr"), mode="w")
     root.create_array("0", shape=(4, 8, 8), chunks=(4000, 8000, 8000), dtype="uint8")
@@ -277,6 +288,53 @@ def test_overwriting_an_input_is_refused(tmp_path):
     with pytest.raises(OutputError, match="inside the input"):
         io.refuse_overwriting_inputs([(planes, planes / "planes")])
     io.refuse_overwriting_inputs([(a, tmp_path / "out" / "a.tif")])
+
+
+def test_outputs_inside_an_input_folder_argument_are_refused(tmp_path):
+    a = io.write_volume(np.zeros((2, 4, 4), np.uint8), tmp_path / "a" / "x.tif")
+    # The volumes listed from folder a: their masks may not go into a/sub (a later run would list it).
+    with pytest.raises(OutputError, match="inside the input"):
+        io.refuse_overwriting_inputs([(a, tmp_path / "a" / "sub" / "x.tif")], input_folders=[tmp_path / "a"])
+    # A file named on its own may have its masks beside it.
+    io.refuse_overwriting_inputs([(a, tmp_path / "a" / "sub" / "x.tif")])
+    io.refuse_overwriting_inputs([(a, tmp_path / "a" / "sub" / "x.tif")], input_folders=[a])
+
+
+def test_colliding_outputs_are_found_case_folded(tmp_path):
+    targets = [(0, tmp_path / "out" / "x.tif"), (1, tmp_path / "out" / "X.TIF"), (2, tmp_path / "out" / "y.tif"),
+               (2, tmp_path / "probabilities" / "y.tif")]
+    assert io.colliding_outputs(targets) == {str(tmp_path / "out" / "x.tif"): [0, 1]}
+
+
+def test_a_folder_where_a_mask_file_goes_is_refused_never_deleted(tmp_path):
+    target = tmp_path / "out" / "x.tif"
+    (target / "keep.txt").parent.mkdir(parents=True)
+    (target / "keep.txt").write_text("mine")
+    assert io.mask_format_for(target) == "tiff"  # the suffix decides, not what is there
+    with pytest.raises(OutputError, match="already exists as a folder, but the output is a file"):
+        io.write_mask(np.zeros((2, 4, 4), np.uint8), target)
+    assert (target / "keep.txt").read_text() == "mine"
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")], "no partial output left"
+
+
+def test_a_file_where_a_plane_folder_goes_is_refused_and_same_kinds_are_replaced(tmp_path):
+    planes = tmp_path / "out" / "planes"
+    planes.parent.mkdir()
+    planes.write_text("not a mask")
+    with pytest.raises(OutputError, match="already exists as a file, but the output is a folder"):
+        io.write_mask(np.zeros((2, 4, 4), np.uint8), planes)
+    assert planes.read_text() == "not a mask"
+    # An earlier mask of the same kind is replaced, as before.
+    io.write_mask(np.zeros((2, 4, 4), np.uint8), tmp_path / "out" / "x.tif")
+    io.write_mask(np.ones((2, 4, 4), np.uint8), tmp_path / "out" / "x.tif")
+    assert io.read_volume(tmp_path / "out" / "x.tif").load().all()
+
+
+def test_control_characters_in_a_file_name_stay_on_one_line(tmp_path):
+    error = InputError(tmp_path / "bad\nERROR: fake.tif", "cannot read TIFF: \x1b[2Jcorrupt")
+    assert "\n" not in str(error) and "\x1b" not in str(error)
+    assert "bad\\nERROR: fake.tif" in str(error) and "\\x1b[2Jcorrupt" in str(error)
+    assert error.path.name == "bad\nERROR: fake.tif"  # the path itself is kept as it is
 
 
 def test_truncated_tiff_is_one_error_line_on_the_command_line(tmp_path, capsys, tiny_weights):

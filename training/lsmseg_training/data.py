@@ -29,6 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from lsmseg.errors import ConfigError, InputError
 from lsmseg.io import expand_inputs, read_volume, volume_name
+from lsmseg.io.atomic import write_text
 from lsmseg.normalise import normalise, percentiles
 
 from .config import DataConfig, MaskingConfig, PhantomSet, VolumeSet
@@ -100,7 +101,7 @@ def ensure_phantoms(spec: PhantomSet) -> VolumeSet:
             for i in range(spec.per_kind):
                 write_phantom(folder, kind, tuple(spec.shape), spec.seed + i, spacing=tuple(spec.spacing))
         folder.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(wanted))
+        write_text(json.dumps(wanted), stamp)  # whole or absent: a half stamp would pass for a complete set
     return VolumeSet(images=folder / "images", labels=folder / "labels", include=names, weight=spec.weight)
 
 

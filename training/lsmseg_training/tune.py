@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from lsmseg.io.atomic import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
                     result["default_threshold"]["phantom_dice_by_threshold"])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        write_text(json.dumps(result, indent=1), args.out)  # a grid takes ~30 min: never half a file
     print(json.dumps(result["per_structure"], indent=1))
     if args.write:
         print(write_choices(args.weights, result))

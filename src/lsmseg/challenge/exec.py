@@ -7,12 +7,13 @@ uint8 values {0, 1}). The container runs once per case and exits.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from pathlib import Path
 
-from ..errors import EXIT_OK, InputError
-from ..inference import predict_file
+from ..errors import EXIT_OK, InputError, OutputError, ProvenanceError
+from ..inference import VolumeResult, predict_file
 from ..io import natural_sorted, refuse_overwriting_inputs, sweep_partials
 from .settings import DEFAULT_INPUT_SLUG, DEFAULT_OUTPUT_SLUG, ChallengeSettings, ensure_writable, load_predictor
 
@@ -64,14 +65,71 @@ def case_slugs(settings: ChallengeSettings) -> tuple[str, str]:
     return settings.input_slug, settings.output_slug
 
 
+@functools.cache
+def _own_provenance_dir(scratch_dir: Path | None) -> Path:
+    """This process's private folder for provenance records (made once): a fixed name in the shared
+    temporary folder could be taken, or planted as a link, by another user or container."""
+    try:
+        return Path(tempfile.mkdtemp(prefix="lsmseg-provenance-", dir=scratch_dir))
+    except OSError as exc:
+        raise OutputError(scratch_dir or tempfile.gettempdir(), "cannot make a temporary folder for the provenance "
+                          f"record: {exc.strerror or exc} (set LSMSEG_PROVENANCE_DIR)") from exc
+
+
 def _provenance_path(settings: ChallengeSettings) -> Path:
     # Grand Challenge reads every file in an output socket's folder: keep the JSON out of /output.
-    folder = settings.provenance_dir or Path(tempfile.gettempdir()) / "lsmseg-provenance"
+    folder = settings.provenance_dir or _own_provenance_dir(settings.scratch_dir)
     return folder / f"{CASE_OUTPUT_NAME}.provenance.json"
 
 
+def locate_case(settings: ChallengeSettings, relative_path: str | None = None,
+                image_name: str | None = None) -> tuple[Path, Path]:
+    """The case image of one job and its mask's path, checked before any work (bad input, an output
+    onto the input, an unwritable output folder all raise).
+
+    Args:
+        settings: the folders and slugs.
+        relative_path: the input socket's folder below ``/input`` (default ``images/<input-slug>``).
+        image_name: the image's name in the job, if known.
+
+    Returns:
+        ``(image, output)``: the case image and ``images/<output-slug>/output.mha``.
+    """
+    input_slug, output_slug = case_slugs(settings)
+    image = find_case_image(settings.input_dir / (relative_path or f"images/{input_slug}"), image_name)
+    output = settings.output_dir / "images" / output_slug / CASE_OUTPUT_NAME
+    refuse_overwriting_inputs([(image, output)])
+    ensure_writable(settings.output_dir)
+    return image, output
+
+
+def segment_case(predictor, settings: ChallengeSettings, image: Path, output: Path,
+                 image_name: str | None = None) -> VolumeResult:
+    """Segment a located case (:func:`locate_case`) into ``output``.
+
+    A provenance record that cannot be written is a warning, not a failed case: the platform takes
+    the mask, the record is only for people.
+
+    Args:
+        predictor: the loaded predictor.
+        settings: the folders (the provenance record's).
+        image, output: the case image and its mask.
+        image_name: the image's name in the job; its structure prefix picks the post-processing.
+    """
+    provenance = _provenance_path(settings)
+    sweep_partials(output.parent)
+    # The job's image name carries the case's structure prefix (cfos_neuron_...), which picks the
+    # post-processing; the socket file itself may be named by a UUID.
+    case_name = Path(image_name).name if image_name else None
+    try:
+        return predict_file(predictor, image, output, provenance_path=provenance, case_name=case_name)
+    except ProvenanceError as exc:
+        logger.warning("%s", exc)
+        return VolumeResult.written(exc.record, provenance_error=str(exc))
+
+
 def process_case(predictor, settings: ChallengeSettings, relative_path: str | None = None,
-                 image_name: str | None = None):
+                 image_name: str | None = None) -> VolumeResult:
     """Segment the case image of one job and write ``images/<output-slug>/output.mha``.
 
     Args:
@@ -83,17 +141,8 @@ def process_case(predictor, settings: ChallengeSettings, relative_path: str | No
     Returns:
         The :class:`~lsmseg.inference.VolumeResult`.
     """
-    input_slug, output_slug = case_slugs(settings)
-    folder = settings.input_dir / (relative_path or f"images/{input_slug}")
-    image = find_case_image(folder, image_name)
-    output = settings.output_dir / "images" / output_slug / CASE_OUTPUT_NAME
-    refuse_overwriting_inputs([(image, output)])
-    ensure_writable(settings.output_dir)
-    sweep_partials(output.parent)
-    # The job's image name carries the case's structure prefix (cfos_neuron_...), which picks the
-    # post-processing; the socket file itself may be named by a UUID.
-    case_name = Path(image_name).name if image_name else None
-    return predict_file(predictor, image, output, provenance_path=_provenance_path(settings), case_name=case_name)
+    image, output = locate_case(settings, relative_path, image_name)
+    return segment_case(predictor, settings, image, output, image_name=image_name)
 
 
 def run_exec(settings: ChallengeSettings, predictor=None) -> int:
@@ -103,11 +152,8 @@ def run_exec(settings: ChallengeSettings, predictor=None) -> int:
         settings: the folders, slugs and weights.
         predictor: an already loaded predictor (default: load the settings' weights).
     """
-    input_slug, output_slug = case_slugs(settings)
-    image = find_case_image(settings.input_dir / "images" / input_slug)  # bad input fails before the model loads
-    refuse_overwriting_inputs([(image, settings.output_dir / "images" / output_slug / CASE_OUTPUT_NAME)])
-    ensure_writable(settings.output_dir)
+    image, output = locate_case(settings)  # bad input fails before the model loads
     predictor = predictor or load_predictor(settings)
-    result = process_case(predictor, settings, image_name=image.name)
+    result = segment_case(predictor, settings, image, output, image_name=image.name)
     logger.info("wrote %s", result.output)
     return EXIT_OK

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import EXIT_FAILED, EXIT_OK, InputError
+from ..errors import EXIT_FAILED, EXIT_OK, InputError, printable
 from ..inference import predict_files
 from ..io import list_volumes, refuse_overwriting_inputs
 from .settings import ChallengeSettings, ensure_writable, load_predictor
@@ -24,12 +24,13 @@ def run_folder(settings: ChallengeSettings, predictor=None) -> int:
         raise InputError(settings.input_dir, "input folder does not exist (mount your volumes there: -v ./in:/input:ro)")
     volumes = list_volumes(settings.input_dir)
     if not volumes:
-        logger.warning("%s: no volumes found; nothing to do", settings.input_dir)
+        logger.warning("%s: no volumes found; nothing to do", printable(settings.input_dir))
         return EXIT_OK
-    refuse_overwriting_inputs((v, settings.output_dir / v.name) for v in volumes)  # before the model loads
+    # Before the model loads; the input folder itself too, so that --output in/out is refused.
+    refuse_overwriting_inputs(((v, settings.output_dir / v.name) for v in volumes), [settings.input_dir])
     ensure_writable(settings.output_dir)
     predictor = predictor or load_predictor(settings)
-    results = predict_files(predictor, volumes, settings.output_dir)
+    results = predict_files(predictor, volumes, settings.output_dir, input_folders=[settings.input_dir])
     failed = [r for r in results if not r.ok]
     unrecorded = [r for r in results if r.ok and r.provenance_error]
     logger.info("%d of %d volume(s) segmented into %s", len(results) - len(failed), len(results), settings.output_dir)

@@ -11,10 +11,10 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 
+from .. import argtypes
 from ..config import parse_mirror_axes
 from ..errors import EXIT_FAILED, EXIT_TERMINATED, EXIT_USAGE, LsmsegError
 from ..inference.engines import ENGINES
@@ -89,19 +89,26 @@ def run(mode: str | None, settings: ChallengeSettings, predictor=None) -> int:
 # ---------------------------------------------------------------------------------- CLI
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _env_path(name: str, default: Path | None) -> Path | None:
     value = os.environ.get(name)
     return Path(value) if value else default
+
+
+def _env_value(name: str, parse, default=None):
+    """Environment variable ``name`` checked by its option's type (``default`` when unset or empty).
+
+    Read here rather than as the option's default, so that a bad value's error names the variable.
+
+    Raises:
+        argparse.ArgumentTypeError: a bad value (:func:`run_challenge_command`: exit code 2).
+    """
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        return parse(text)
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{name}: {exc}") from None
 
 
 def _add_options(p: argparse.ArgumentParser, with_mode: bool) -> None:
@@ -124,19 +131,19 @@ def _add_options(p: argparse.ArgumentParser, with_mode: bool) -> None:
     p.add_argument("--weights", type=Path, default=None, metavar="MANIFEST",
                    help="weights: a manifest, a folder holding one, or a model tarball (env LSMSEG_WEIGHTS; "
                    "default: /opt/ml/model, then the image's weights)")
-    p.add_argument("--structure", default=env("LSMSEG_STRUCTURE") or None, help="structure to segment (env LSMSEG_STRUCTURE)")
+    # --structure, --engine and --mirror-axes fall back to their environment variables in
+    # settings_from_args (_env_value), so that a bad value there is named as such.
+    p.add_argument("--structure", type=argtypes.structure, help=f"{argtypes.STRUCTURE_HELP}; env LSMSEG_STRUCTURE")
     p.add_argument("--device", default=env("LSMSEG_DEVICE") or None,
                    help="torch device (env LSMSEG_DEVICE; default cuda when visible, else cpu)")
-    p.add_argument("--engine", choices=ENGINES, default=env("LSMSEG_ENGINE") or "auto",
-                   help="network runtime (env LSMSEG_ENGINE; default auto: ONNX Runtime on CPU when installed, "
-                   "else PyTorch)")
-    p.add_argument("--mirror-axes", type=parse_mirror_axes, default=env("LSMSEG_MIRROR_AXES") or None,
-                   metavar="none|all|ZYX",
+    p.add_argument("--engine", choices=ENGINES,
+                   help=f"network runtime (env LSMSEG_ENGINE; default auto); {argtypes.ENGINE_HELP}")
+    p.add_argument("--mirror-axes", type=parse_mirror_axes, metavar="none|all|ZYX",
                    help="test-time mirroring (env LSMSEG_MIRROR_AXES; default: the manifest's, per structure; "
                    "none: one pass per window, e.g. on a CPU without time for 8)")
     p.add_argument("--mask-value", type=int, choices=[1, 255], default=1,
-                   help="foreground value (1 for the challenge; 255 for viewers)")
-    p.add_argument("--max-voxels", type=_positive_int, default=None, metavar="N",
+                   help="foreground value (1 for the challenge; 255 for viewers; default: %(default)s)")
+    p.add_argument("--max-voxels", type=argtypes.positive_int, default=None, metavar="N",
                    help="refuse inputs that declare more voxels (env LSMSEG_MAX_VOXELS; default 2^33)")
     p.set_defaults(func=run_challenge_command)
 
@@ -163,26 +170,33 @@ def add_challenge_commands(subparsers) -> None:
 
 
 def settings_from_args(args) -> ChallengeSettings:
+    """The challenge settings from parsed ``challenge``/``serve`` arguments and the environment
+    (``LSMSEG_STRUCTURE``, ``LSMSEG_ENGINE``, ``LSMSEG_MIRROR_AXES`` where the option is not given,
+    ``LSMSEG_PROGRESS``, ``LSMSEG_PROVENANCE_DIR``).
+
+    Raises:
+        argparse.ArgumentTypeError: a bad port, or a bad value in one of those variables.
+    """
     try:
         port = int(args.port)
         if not 0 <= port < 65536:
             raise ValueError
     except ValueError:
         raise argparse.ArgumentTypeError(f"port must be an integer in 0..65535, got {args.port!r}") from None
-    progress_env = os.environ.get("LSMSEG_PROGRESS")
-    progress = progress_env == "1" if progress_env else sys.stderr.isatty() and not getattr(args, "quiet", False)
     return ChallengeSettings(
         input_dir=args.input,
         output_dir=args.output,
         input_slug=args.input_slug,
         output_slug=args.output_slug,
         weights=args.weights,
-        structure=args.structure,
+        structure=args.structure or _env_value("LSMSEG_STRUCTURE", argtypes.structure),
         device=args.device,
-        engine=args.engine,
-        mirror_axes=args.mirror_axes,
+        engine=args.engine or _env_value("LSMSEG_ENGINE", argtypes.choice(ENGINES), "auto"),
+        # () (--mirror-axes none) is a choice, not a missing value.
+        mirror_axes=(args.mirror_axes if args.mirror_axes is not None
+                     else _env_value("LSMSEG_MIRROR_AXES", parse_mirror_axes)),
         mask_value=args.mask_value,
-        progress=progress,
+        progress=argtypes.progress_wanted(getattr(args, "quiet", False)),
         provenance_dir=_env_path("LSMSEG_PROVENANCE_DIR", None),
         host=args.host,
         port=port,
@@ -191,6 +205,7 @@ def settings_from_args(args) -> ChallengeSettings:
 
 
 def run_challenge_command(args) -> int:
+    """``lsmseg challenge`` / ``lsmseg serve``: run the chosen mode; exit codes as :func:`run` says."""
     try:
         settings = settings_from_args(args)
     except argparse.ArgumentTypeError as exc:

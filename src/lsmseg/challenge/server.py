@@ -34,7 +34,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from ..errors import EXIT_FAILED, EXIT_OK, InputError, LsmsegError
+from ..errors import EXIT_FAILED, EXIT_OK, InputError, LsmsegError, printable
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _DIGITS = re.compile(r"[0-9]{1,18}")
 
 def escape_log_text(text: str, limit: int = 300) -> str:
     """Client-supplied text made safe for a log line: control characters escaped, length capped."""
-    escaped = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+    escaped = printable(text)
     return escaped[:limit] + ("..." if len(escaped) > limit else "")
 
 
@@ -69,6 +69,11 @@ class InvokeService:
         self.busy = threading.Lock()
 
     def load(self, loader: Callable) -> bool:
+        """Load the predictor with ``loader(settings)``; on failure keep one error line for /health.
+
+        Returns:
+            True when the model is loaded, False when loading failed (logged, never raised).
+        """
         try:
             self.predictor = loader(self.settings)
         except LsmsegError as exc:
@@ -83,6 +88,7 @@ class InvokeService:
         return True
 
     def health(self) -> tuple[int, dict]:
+        """GET /health's status and body: 200 ready, 503 still loading, 500 loading failed."""
         if self.predictor is not None:
             return HTTPStatus.OK, {"status": "ready"}
         if self.load_error:
@@ -90,6 +96,8 @@ class InvokeService:
         return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "loading"}
 
     def run_invocation(self) -> tuple[int, dict]:
+        """POST /invoke's status and body: 201 with the result, 409 while another invocation runs,
+        422 for a bad input, 500 for any other failure, 503 (or 500) before the model is ready."""
         if self.predictor is None:
             return self.health()[0] if self.load_error else HTTPStatus.SERVICE_UNAVAILABLE, {
                 "error": self.load_error or "the model is still loading; retry when GET /health answers 200"
@@ -116,6 +124,8 @@ class InvokeService:
 
 
 def make_handler(service: InvokeService) -> type[BaseHTTPRequestHandler]:
+    """The request handler class serving ``service``: GET /health and POST /invoke, with bounded
+    bodies, socket timeouts and one-line log records."""
     class Handler(BaseHTTPRequestHandler):
         server_version = "lsmseg"
         protocol_version = "HTTP/1.1"

@@ -37,7 +37,8 @@ DEFAULT_BLOCK_EDGE = 256
 DEFAULT_BLOCK_VOXELS = DEFAULT_BLOCK_EDGE ** 3
 
 
-def default_block_shape(shape: Sequence[int], budget: int = DEFAULT_BLOCK_VOXELS) -> tuple[int, int, int]:
+def default_block_shape(shape: Sequence[int], budget: int = DEFAULT_BLOCK_VOXELS,
+                        stride: Sequence[int] | None = None) -> tuple[int, int, int]:
     """The fewest cuts that bring a block under ``budget`` voxels: halve the longest axis until it fits.
 
     A 32x448x448 volume stays one block (fixed 256-cubes would cut it in four and re-run a row of
@@ -45,13 +46,26 @@ def default_block_shape(shape: Sequence[int], budget: int = DEFAULT_BLOCK_VOXELS
 
     Args:
         shape: the volume's shape.
-        budget: the most voxels a block may hold.
+        budget: the most voxels a block may hold (exceeded by under a ``stride`` per axis when
+            aligning).
+        stride: the window grid's step per axis (:func:`grid_stride`); if given, each cut edge is
+            rounded up to a multiple of it, so that a cut lies on the grid and one row of windows
+            straddles it, not two (a 1000x2000x2000 volume: 1.30x the windows run block by block
+            instead of 1.65x, before the window cache).
     """
     block = [max(1, int(s)) for s in shape]
     while math.prod(block) > budget:
         axis = int(np.argmax(block))
         block[axis] = -(-block[axis] // 2)
+    if stride is not None:
+        block = [size if edge >= size else min(size, -(-edge // step) * step)
+                 for edge, size, step in zip(block, shape, stride)]
     return tuple(block)  # type: ignore[return-value]
+
+
+def grid_stride(roi: Sequence[int], overlap: float) -> tuple[int, int, int]:
+    """The window grid's step per axis inside a volume longer than the window (MONAI's interval)."""
+    return tuple(max(int(r * (1.0 - overlap)), 1) for r in roi)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,12 @@ EXPORT_VERSION = 1
 
 
 def onnxruntime_available() -> bool:
+    """Whether ONNX Runtime and onnx (for the export) are installed (``lsmseg[onnx]``)."""
     return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 
 
 def openvino_available() -> bool:
+    """Whether OpenVINO and onnx (for the export) are installed (``lsmseg[openvino]``)."""
     return importlib.util.find_spec("openvino") is not None and importlib.util.find_spec("onnx") is not None
 
 
@@ -112,6 +114,7 @@ def model_key(model: torch.nn.Module, sha256: str | None = None) -> str:
 
 
 def cache_dir() -> Path:
+    """The export cache folder: ``LSMSEG_CACHE_DIR``, else ``~/.cache/lsmseg``."""
     return Path(os.environ.get("LSMSEG_CACHE_DIR") or Path.home() / ".cache" / "lsmseg")
 
 

@@ -32,13 +32,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import InferenceSettings, ModelConfig, to_dict
-from ..errors import InputError
+from ..errors import InputError, printable
 from ..io import Volume
 from ..model import autocast_dtype, select_device
 from ..normalise import DEFAULT_MAX_SAMPLES, is_constant, normalise, percentiles, subsample
 from ..structures import structure_from_name
-from .blocks import (DEFAULT_WINDOW_CACHE_BYTES, Block, BlockPlan, WindowCache, accumulate_block, accumulation_device, default_block_shape, plan_blocks,
-                     prefetched)
+from .blocks import (DEFAULT_WINDOW_CACHE_BYTES, Block, BlockPlan, WindowCache, accumulate_block, accumulation_device,
+                     default_block_shape, grid_stride, plan_blocks, prefetched)
 from .engines import OpenVinoEngine, exported_engine, resolve_engine
 from .foreground import Background, dark_windows, estimate_background
 from .postprocess import open_faces_of, remove_small_components, split_touching
@@ -52,6 +52,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def logit(p: float) -> float:
+    """The log-odds of a probability ``p`` in (0, 1): the logit a probability threshold equals."""
     return math.log(p / (1.0 - p))
 
 
@@ -444,9 +445,7 @@ class Predictor:
         array = np.asarray(image)
         if array.ndim != 3:
             raise InputError(name, f"expected a 3-D volume, got shape {array.shape}")
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            bad = int(array.size - np.isfinite(array).sum())
-            raise InputError(name, f"volume contains {bad} NaN/Inf voxel(s); refusing to guess their values")
+        refuse_non_finite(array, name)
         lo, hi = percentiles(array, self.settings.lower_percentile, self.settings.upper_percentile, self.sample_voxels)
         return normalise(array, lo, hi, self.settings.upper_tail)
 
@@ -505,7 +504,7 @@ class Predictor:
             image = image.load()
         array = np.asarray(image)
         if array.dtype.kind in "uif" and is_constant(array):
-            logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", name)
+            logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", printable(name))
             return np.zeros(array.shape, dtype=np.uint8)
         logits, _, intensity = self.logits_with_intensity(array, spacing, name)
         return self.binary_mask(logits, settings=self.settings_for(name), intensity=intensity)
@@ -582,19 +581,14 @@ class Predictor:
         if self.options.skip_background and not constant:
             background = estimate_background(normalise(subsample(data, self.sample_voxels), lo, hi,
                                                         self.settings.upper_tail))
-        size = block_size or self.options.block_size or default_block_shape(volume.shape)
+        size = block_size or self.options.block_size or default_block_shape(
+            volume.shape, stride=grid_stride(self.roi, self.settings.overlap))
         plan = self.plan(volume.shape, size)
         return PreparedVolume(volume, lo, hi, background, plan, constant, self.settings_for(case_name or volume.name))
 
     def check_finite(self, path) -> Callable[[np.ndarray], None]:
-        """A check for raw block data: NaN/Inf voxels are bad input, never guessed."""
-
-        def check(raw: np.ndarray) -> None:
-            if raw.dtype.kind == "f" and not np.isfinite(raw).all():
-                bad = int(raw.size - np.isfinite(raw).sum())
-                raise InputError(path, f"volume contains NaN/Inf voxel(s) ({bad} in one block); refusing to guess their values")
-
-        return check
+        """A check for raw block data (:func:`refuse_non_finite`), for :meth:`load_block`'s ``on_raw``."""
+        return functools.partial(refuse_non_finite, name=path, where=" in one block")
 
     def iter_mask_blocks(self, prepared: PreparedVolume, stats: BlockStats, desc: str | None = None,
                          on_logits=None) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
@@ -608,7 +602,7 @@ class Predictor:
         """
         volume, plan = prepared.volume, prepared.plan
         if prepared.constant:
-            logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", volume.path)
+            logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", printable(volume.path))
             for block in plan.blocks:
                 if on_logits is not None:
                     on_logits(block.out, np.full(block.shape, -np.inf, dtype=np.float32))
@@ -639,6 +633,14 @@ class Predictor:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def refuse_non_finite(array: np.ndarray, name, where: str = "") -> None:
+    """Raise :class:`InputError` for ``name`` when a float ``array`` holds NaN/Inf voxels: bad input,
+    whose values are never guessed. ``where`` qualifies the count (a block's, not the volume's)."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(array.size - np.isfinite(array).sum())
+        raise InputError(name, f"volume contains {bad} NaN/Inf voxel(s){where}; refusing to guess their values")
 
 
 def mirror_flips(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:

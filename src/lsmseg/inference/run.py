@@ -19,10 +19,10 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import LsmsegError, ProvenanceError
+from ..errors import InputError, LsmsegError, OutputError, ProvenanceError, one_line, printable
 from ..io import (
-    Volume, check_declared_size, check_output_space, output_path_for, read_volume, refuse_overwriting_inputs,
-    sweep_partials, write_json, write_mask_blocks,
+    Volume, check_declared_size, check_output_space, colliding_outputs, output_key, output_path_for, outside_folder,
+    read_volume, refuse_overwriting_inputs, same_file, sweep_partials, write_json, write_mask_blocks,
 )
 from ..normalise import is_constant
 from ..structures import structure_from_name
@@ -100,7 +100,7 @@ def predict_file(
         stats = BlockStats.start(prepared.plan, prepared.background)
         blocks = predictor.iter_mask_blocks(prepared, stats, desc=volume.name, on_logits=on_logits)
     else:
-        logger.info("%s: resampling needs the whole volume in memory", input_path)
+        logger.info("%s: resampling needs the whole volume in memory", printable(input_path))
         name = case_name or str(volume.path)
         stats, blocks = counter.call(_resampled_mask_blocks, predictor, volume, name, on_logits)
     predicted_before_writing = counter.seconds
@@ -127,9 +127,62 @@ def predict_file(
         foreground=counter.foreground, timings=timings, postprocess=postprocess,
         probabilities=probabilities.describe() if probabilities is not None else None,
     )
-    logger.info("%s -> %s (%.1f s; %d of %d windows skipped as background)", input_path, output_path,
-                sum(timings.values()), stats.windows_skipped, stats.windows)
+    logger.info("%s -> %s (%.1f s; %d of %d windows skipped as background)", printable(input_path),
+                printable(output_path), sum(timings.values()), stats.windows_skipped, stats.windows)
     return VolumeResult.written(record)
+
+
+def check_targets(inputs, outputs, probabilities=None, input_folders=()) -> dict[int, LsmsegError]:
+    """Check where a run would write, before any work; return the volumes that must not be processed.
+
+    Args:
+        inputs: the volumes.
+        outputs: each volume's mask.
+        probabilities: each volume's probability map (None: none written).
+        input_folders: the folders the inputs were listed from (files among them are ignored).
+
+    Returns:
+        ``{index: error}``: volumes listed from an input folder that lead out of it (a link to
+        elsewhere: nothing outside the input is read), and volumes whose mask or probability map
+        would be another's (or whose mask and map would be one file; names compared case-folded,
+        as case-insensitive file systems do): none of them is written, rather than one silently
+        replacing the other. Volumes sharing a path share one error.
+
+    Raises:
+        OutputError: the whole run is refused: a mask or probability map would replace (or sit
+            inside) an input or an input folder, or the probability maps would go into the masks'
+            own folder (a usage error: every map would replace its mask).
+    """
+    inputs, outputs = [Path(p) for p in inputs], [Path(o) for o in outputs]
+    probabilities = [Path(p) if p is not None else None for p in (probabilities or [None] * len(inputs))]
+    targets = [(i, o) for i, o in enumerate(outputs)] + [(i, p) for i, p in enumerate(probabilities) if p is not None]
+    refuse_overwriting_inputs([(inputs[i], target) for i, target in targets], input_folders)
+    for probability, output in zip(probabilities, outputs):
+        if probability is not None and (same_file(probability.parent, output.parent)
+                                        or output_key(probability.parent) == output_key(output.parent)):
+            raise OutputError(probability.parent, "probability maps would go into the masks' folder and replace the "
+                                                  "masks (same names); choose another folder for them")
+    refused: dict[int, LsmsegError] = {}
+    folders = [Path(f) for f in input_folders if Path(f).is_dir()]
+    for index, input_path in enumerate(inputs):
+        folder = next((f for f in folders if same_file(input_path.parent, f)), None)
+        target = outside_folder(input_path, folder) if folder is not None else None
+        if target is not None:
+            refused[index] = InputError(input_path, f"links to {printable(target)}, outside the input folder "
+                                                    f"{printable(folder)}; refusing to read it")
+    targets = [(i, target) for i, target in targets if i not in refused]
+    for output, owners in colliding_outputs(targets).items():
+        owners = list(dict.fromkeys(owners))
+        if len(owners) == 1:
+            reason = f"would be both the mask and the probability map of {printable(inputs[owners[0]])}"
+        else:
+            names = ", ".join(printable(inputs[i]) for i in owners)
+            reason = (f"would be written for each of {names}; none of them is segmented (give them distinct "
+                      "names or predict them into separate folders)")
+        error = OutputError(output, reason)
+        for index in owners:
+            refused.setdefault(index, error)
+    return refused
 
 
 def predict_files(
@@ -139,8 +192,13 @@ def predict_files(
     *,
     output_paths: Sequence[str | Path] | None = None,
     output_format: str = "same",
+    input_folders: Sequence[str | Path] = (),
 ) -> list[VolumeResult]:
     """Segment many files; a failure is one logged line and never stops the others.
+
+    Every target is checked before any work (:func:`check_targets`): the run is refused when it would
+    write over or into an input; volumes that lead out of their input folder or share an output
+    with another volume fail, each with one logged line.
 
     Args:
         predictor: the model, its settings and the run's options (``options.probabilities_dir``:
@@ -149,21 +207,31 @@ def predict_files(
         out_dir: the output folder.
         output_paths: each input's mask (default: :func:`lsmseg.io.output_path_for` in ``out_dir``).
         output_format: ``"same"`` (the input's container) or ``"zarr"`` (OME-Zarr).
+        input_folders: the folders the inputs were listed from (the command line's folder
+            arguments, folder mode's input folder; files among them are ignored): no output may lie
+            inside one, and a volume listed from one must not lead out of it.
     """
     options = predictor.options
     out_dir = Path(out_dir)
-    outputs = list(output_paths) if output_paths else [output_path_for(p, out_dir, output_format) for p in inputs]
-    refuse_overwriting_inputs(zip(inputs, outputs))  # before any work: never replace an input
-    for folder in {Path(o).parent for o in outputs}:
-        sweep_partials(folder)
+    outputs = ([Path(o) for o in output_paths] if output_paths
+               else [output_path_for(p, out_dir, output_format) for p in inputs])
     probability_dir = Path(options.probabilities_dir) if options.probabilities_dir else None
+    probabilities = [probability_dir / o.name if probability_dir else None for o in outputs]
+    refused = check_targets(inputs, outputs, probabilities, input_folders)  # before any work
+    for error in dict.fromkeys(refused.values()):  # one line per problem, even when it names two volumes
+        logger.error("%s", error)
+    for folder in {o.parent for o in outputs} | {p.parent for p in probabilities if p is not None}:
+        sweep_partials(folder)
     results = []
-    for input_path, output in tqdm(
-        list(zip(inputs, outputs)), desc="volumes", unit="vol", disable=not options.progress or len(inputs) < 2,
-    ):
-        probabilities = probability_dir / Path(output).name if probability_dir else None
+    for index, (input_path, output, probability) in enumerate(tqdm(
+        list(zip(inputs, outputs, probabilities)), desc="volumes", unit="vol",
+        disable=not options.progress or len(inputs) < 2,
+    )):
+        if index in refused:
+            results.append(VolumeResult.failed(input_path, output, str(refused[index])))
+            continue
         results.append(guarded(
-            lambda: predict_file(predictor, input_path, output, probabilities_path=probabilities), input_path, output,
+            lambda: predict_file(predictor, input_path, output, probabilities_path=probability), input_path, output,
         ))
     return results
 
@@ -184,9 +252,9 @@ def guarded(predict: Callable[[], VolumeResult], input_path, output_path) -> Vol
         logger.error("%s", exc)
         return VolumeResult.failed(input_path, output_path, str(exc))
     except MemoryError:
-        message = f"{input_path}: out of memory while predicting"
+        message = one_line(input_path, "out of memory while predicting")
     except Exception as exc:  # a bug, an unforeseen file or a dead dask worker: report it, keep going
-        message = f"{input_path}: unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        message = one_line(input_path, f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
         logger.debug("traceback", exc_info=True)
     logger.error("%s", message)
     return VolumeResult.failed(input_path, output_path, message)
@@ -197,7 +265,7 @@ def _resampled_mask_blocks(predictor: Predictor, volume: Volume, name: str, on_l
     array = volume.load()
     everything = tuple(slice(0, s) for s in volume.shape)
     if array.dtype.kind in "uif" and is_constant(array):
-        logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", name)
+        logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", printable(name))
         if on_logits is not None:
             on_logits(everything, np.full(array.shape, -np.inf, dtype=np.float32))
         return BlockStats.start(predictor.plan(array.shape), None), [(everything, np.zeros(array.shape, np.uint8))]

@@ -20,9 +20,13 @@ and renames it into place when complete; ``volume`` holds what the formats share
 :class:`Volume`, the size checks made before any pixel is read); ``paths`` names and places.
 """
 
-from .atomic import PARTIAL_PREFIX, atomic_output, partial_path, remove_path, sweep_partials, write_json, write_text
+from .atomic import (
+    PARTIAL_PREFIX, atomic_output, partial_path, refuse_replacing_another_kind, remove_path, sweep_partials, write_json,
+    write_text,
+)
 from .paths import (
-    KNOWN_SUFFIXES, list_volumes, natural_sorted, output_path_for, refuse_overwriting_inputs, same_file, volume_name,
+    KNOWN_SUFFIXES, colliding_outputs, list_volumes, natural_sorted, output_key, output_path_for, outside_folder,
+    refuse_overwriting_inputs, same_file, volume_name,
 )
 from .registry import (
     FORMATS, detect_format, expand_inputs, mask_format_for, read_volume, write_mask, write_mask_blocks, write_volume,
@@ -35,8 +39,9 @@ from .zarr import create_zarr_mask
 
 __all__ = [
     "DEFAULT_MAX_VOXELS", "ENV_MAX_VOXELS", "FORMATS", "KNOWN_SUFFIXES", "PARTIAL_PREFIX", "Spacing", "Volume",
-    "VolumeFormat", "atomic_output", "check_declared_size", "check_output_space", "create_zarr_mask",
-    "default_max_voxels", "detect_format", "expand_inputs", "list_volumes", "mask_format_for", "natural_sorted",
-    "output_path_for", "partial_path", "read_volume", "refuse_overwriting_inputs", "remove_path", "same_file",
-    "sweep_partials", "volume_name", "write_json", "write_mask", "write_mask_blocks", "write_text", "write_volume",
+    "VolumeFormat", "atomic_output", "check_declared_size", "check_output_space", "colliding_outputs",
+    "create_zarr_mask", "default_max_voxels", "detect_format", "expand_inputs", "list_volumes", "mask_format_for",
+    "natural_sorted", "output_key", "output_path_for", "outside_folder", "partial_path", "read_volume",
+    "refuse_overwriting_inputs", "refuse_replacing_another_kind", "remove_path", "same_file", "sweep_partials",
+    "volume_name", "write_json", "write_mask", "write_mask_blocks", "write_text", "write_volume",
 ]

@@ -43,19 +43,44 @@ def remove_path(path: Path) -> None:
             path.unlink()
 
 
+def refuse_replacing_another_kind(path: str | Path, folder: bool) -> None:
+    """Raise :class:`OutputError` when ``path`` exists as a folder and a file is to be written there,
+    or the other way round: what the user keeps there is never deleted to make room.
+
+    A link counts as a file: it is replaced, never followed.
+
+    Args:
+        path: the target.
+        folder: whether the output is a folder (plane folders, zarr stores).
+    """
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    existing_folder = path.is_dir() and not path.is_symlink()
+    if existing_folder != folder:
+        found, wanted = ("a folder", "a file") if existing_folder else ("a file", "a folder")
+        raise OutputError(path, f"already exists as {found}, but the output is {wanted}; refusing to replace it "
+                                "(move it away or choose another output folder)")
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, folder: bool | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
 
     The temporary name keeps the target's suffix (writers choose the format by suffix) and starts
     with ``.partial-`` so that a crash leaves only an obviously unfinished hidden file, which is
     removed on any exception. An ``OSError`` (disk full, no permission) becomes an
-    :class:`OutputError` naming ``path``.
+    :class:`OutputError` naming ``path``. A previous output of the same kind (file or folder) is
+    replaced; one of the other kind is refused (:func:`refuse_replacing_another_kind`).
 
     Args:
         path: the file or folder to write.
+        folder: whether the output will be a folder, if known: then a target of the other kind is
+            refused before the block runs (before any work), not only when renaming.
     """
     path = Path(path)
+    if folder is not None:
+        refuse_replacing_another_kind(path, folder)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -65,7 +90,8 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     tmp = partial_path(path)
     try:
         yield tmp
-        if path.exists():
+        refuse_replacing_another_kind(path, tmp.is_dir() and not tmp.is_symlink())
+        if path.exists() or path.is_symlink():
             remove_path(path)
         os.replace(tmp, path)
     except BaseException as exc:
@@ -76,9 +102,9 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
 
 def write_text(text: str, path: str | Path) -> Path:
-    """Write ``text`` to ``path`` atomically."""
+    """Write ``text`` to ``path`` atomically, as UTF-8."""
     with atomic_output(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import InputError, OutputError
+from ..errors import InputError, OutputError, printable
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
@@ -60,7 +60,8 @@ def list_volumes(folder: str | Path) -> list[Path]:
     """Every candidate volume in ``folder``, naturally sorted (hidden and partial files skipped).
 
     Files of unknown type are listed too, so that the caller reports them as bad input instead of
-    silently ignoring them; sidecar files (provenance JSON, notes) are skipped.
+    silently ignoring them; sidecar files (provenance JSON, notes) are skipped. Links that lead out
+    of ``folder`` are listed as well, for the caller to refuse as bad input (:func:`outside_folder`).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -86,19 +87,56 @@ def same_file(a: str | Path, b: str | Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def refuse_overwriting_inputs(pairs) -> None:
+def _inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` resolves (links followed) to somewhere below ``folder``."""
+    return os.path.realpath(path).startswith(os.path.realpath(folder).rstrip(os.sep) + os.sep)
+
+
+def outside_folder(path: str | Path, folder: str | Path) -> Path | None:
+    """Where ``path``, an entry listed from ``folder``, really leads when that is outside ``folder``
+    (a link to elsewhere), else None. Nothing outside an input folder is read."""
+    return None if _inside(path, folder) else Path(os.path.realpath(path))
+
+
+def output_key(path: str | Path) -> str:
+    """What names an output on disk: its resolved path, case-folded, because some file systems
+    (macOS, Windows, SMB shares) take ``X.tif`` and ``x.tif`` for one file."""
+    return os.path.realpath(path).casefold()
+
+
+def colliding_outputs(targets) -> dict[str, list]:
+    """Outputs that more than one target would write to (by :func:`output_key`).
+
+    Args:
+        targets: ``[(owner, output), ...]``: each output with what writes it (e.g. its input).
+
+    Returns:
+        ``{output: [owner, ...]}`` for every output written more than once, owners in order.
+    """
+    by_key: dict[str, tuple[str, list]] = {}
+    for owner, output in targets:
+        by_key.setdefault(output_key(output), (str(output), []))[1].append(owner)
+    return {output: owners for output, owners in by_key.values() if len(owners) > 1}
+
+
+def refuse_overwriting_inputs(pairs, input_folders=()) -> None:
     """Raise :class:`OutputError` when an output would replace (or sit inside) one of the inputs.
 
     Args:
         pairs: ``[(input, output), ...]``; every output is checked against every input, so that
             ``predict d/a.tif -o d`` and folder mode with the same input and output folder are
             refused before any work.
+        input_folders: the folders the inputs were listed from (``predict d -o d/masks``, folder
+            mode's input folder): no output may be one or lie inside one. Files among them are
+            ignored, so that a file's neighbours (``predict d/a.tif -o d/masks``) stay allowed.
     """
     pairs = [(Path(i), Path(o)) for i, o in pairs]
-    inputs = [i for i, _ in pairs]
+    inputs = [i for i, _ in pairs] + [Path(f) for f in input_folders if Path(f).is_dir()]
     for _, output in pairs:
         for input_path in inputs:
             if same_file(input_path, output):
-                raise OutputError(output, f"output would overwrite the input {input_path}; choose another output folder")
-            if input_path.is_dir() and os.path.realpath(output).startswith(os.path.realpath(input_path) + os.sep):
-                raise OutputError(output, f"output would be written inside the input {input_path}; choose another output folder")
+                raise OutputError(output, f"output would overwrite the input {printable(input_path)}; "
+                                          "choose another output folder")
+            if input_path.is_dir() and _inside(output, input_path):
+                raise OutputError(output, f"output would be written inside the input {printable(input_path)}; "
+                                          "choose another output folder")

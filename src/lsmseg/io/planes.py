@@ -100,6 +100,7 @@ class PlanesFormat(VolumeFormat):
     """A folder of 2-D TIFF planes."""
 
     name = "planes"
+    writes_folder = True
 
     def read(self, path: Path, *, lazy: bool = False, max_voxels: int | None = None) -> Volume:
         import tifffile

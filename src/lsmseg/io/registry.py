@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import InputError
 from .atomic import atomic_output
-from .paths import KNOWN_SUFFIXES, SITK_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, list_volumes
+from .paths import SITK_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, list_volumes
 from .planes import PlanesFormat, is_plane_folder
 from .sitk import SitkFormat
 from .tiff import TiffFormat
@@ -22,28 +22,39 @@ from .zarr import ZarrFormat
 FORMATS: dict[str, VolumeFormat] = {fmt.name: fmt for fmt in (TiffFormat(), PlanesFormat(), SitkFormat(), ZarrFormat())}
 
 
-def detect_format(path: str | Path) -> str:
-    """The registry key for ``path``, by suffix (files) or content (folders)."""
-    path = Path(path)
+def _format_by_suffix(path: Path) -> str | None:
+    """The registry key that ``path``'s name implies, or None for a name without a volume suffix."""
     lower = path.name.lower()
-    if lower.endswith(ZARR_SUFFIXES) or (path.is_dir() and any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup"))):
+    if lower.endswith(ZARR_SUFFIXES):
         return ZarrFormat.name
-    if path.is_dir():
-        return PlanesFormat.name
     if lower.endswith(TIFF_SUFFIXES):
         return TiffFormat.name
     if lower.endswith(SITK_SUFFIXES):
         return SitkFormat.name
+    return None
+
+
+def detect_format(path: str | Path) -> str:
+    """The registry key for reading ``path``, by suffix (files) or content (folders)."""
+    path = Path(path)
+    by_suffix = _format_by_suffix(path)
+    if by_suffix == ZarrFormat.name or (path.is_dir() and any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup"))):
+        return ZarrFormat.name
+    if path.is_dir():
+        return PlanesFormat.name
+    if by_suffix is not None:
+        return by_suffix
     supported = ", ".join(sorted({*TIFF_SUFFIXES, *SITK_SUFFIXES, *ZARR_SUFFIXES})) + ", or a folder of TIFF planes"
     raise InputError(path, f"not a supported volume format (supported: {supported})")
 
 
 def mask_format_for(path: str | Path, like: Volume | None = None) -> str:
-    """The writer for an output path: by suffix; a name without a volume suffix is the input's
-    container when that was zarr (a zarr folder needs no suffix), else a plane folder."""
-    path = Path(path)
-    if path.name.lower().endswith(KNOWN_SUFFIXES):
-        return detect_format(path)
+    """The writer for an output path: by its suffix alone, never by what is already there (a folder
+    named ``x.tif`` does not turn a TIFF mask into planes); a name without a volume suffix is the
+    input's container when that was zarr (a zarr folder needs no suffix), else a plane folder."""
+    by_suffix = _format_by_suffix(Path(path))
+    if by_suffix is not None:
+        return by_suffix
     return ZarrFormat.name if like is not None and like.fmt == ZarrFormat.name else PlanesFormat.name
 
 
@@ -76,7 +87,7 @@ def _write_atomically(path: str | Path, like: Volume | None, spacing: Spacing | 
     if spacing is None and like is not None:
         spacing = like.spacing
     fmt = FORMATS[mask_format_for(path, like)]
-    with atomic_output(path) as tmp:
+    with atomic_output(path, folder=fmt.writes_folder) as tmp:
         write(fmt, tmp, spacing)
     return path
 

@@ -21,6 +21,21 @@ from .volume import Volume, VolumeFormat, check_array_shape, check_declared_size
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
 
 
+def _nifti_layout(header: bytes) -> tuple[str, int, int] | None:
+    """Byte order, datatype code and offset of the voxels of a NIfTI-1/-2 header (None: neither)."""
+    if len(header) < 348:
+        return None
+    for endian in ("<", ">"):
+        size = struct.unpack(endian + "i", header[:4])[0]
+        if size == 348:  # NIfTI-1
+            datatype = struct.unpack(endian + "h", header[70:72])[0]
+            return endian, datatype, int(struct.unpack(endian + "f", header[108:112])[0])
+        if size == 540 and len(header) >= 540:  # NIfTI-2
+            datatype = struct.unpack(endian + "h", header[12:14])[0]
+            return endian, datatype, struct.unpack(endian + "q", header[168:176])[0]
+    return None
+
+
 def _nifti_nonfinite(path: Path, shape: tuple) -> np.ndarray | None:
     """Where a float NIfTI file holds NaN/Inf, read from its raw data (None: none, or not float).
 
@@ -29,19 +44,10 @@ def _nifti_nonfinite(path: Path, shape: tuple) -> np.ndarray | None:
     """
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as handle:
-        header = handle.read(540)
-        for endian in ("<", ">"):
-            size = struct.unpack(endian + "i", header[:4])[0]
-            if size == 348:  # NIfTI-1
-                datatype = struct.unpack(endian + "h", header[70:72])[0]
-                offset = int(struct.unpack(endian + "f", header[108:112])[0])
-                break
-            if size == 540:  # NIfTI-2
-                datatype = struct.unpack(endian + "h", header[12:14])[0]
-                offset = struct.unpack(endian + "q", header[168:176])[0]
-                break
-        else:
+        layout = _nifti_layout(handle.read(540))
+        if layout is None:
             return None
+        endian, datatype, offset = layout
         if datatype not in _NIFTI_FLOAT_TYPES:
             return None
         handle.seek(offset)
@@ -70,6 +76,22 @@ def _metaimage_fields(path: Path) -> dict[str, str]:
         if key == "elementdatafile":
             break
     return fields
+
+
+def _local_pixel_offset(path: Path) -> int:
+    """Where the pixels of a file holding its own start: after a MetaImage header's ElementDataFile
+    line, or at a NIfTI header's vox_offset (0 when neither can be read; ITK then reports it)."""
+    if path.name.lower().endswith((".mha", ".mhd")):
+        offset = 0
+        # latin-1: one character per byte, so lengths are byte offsets.
+        for line in _header_text(path).splitlines(keepends=True):
+            offset += len(line)
+            if line.partition("=")[0].strip().lower() == "elementdatafile":
+                return offset
+        return 0
+    with open(path, "rb") as handle:
+        layout = _nifti_layout(handle.read(540))
+    return max(layout[2], 0) if layout else 0
 
 
 def _nrrd_fields(path: Path) -> dict[str, str]:
@@ -157,7 +179,9 @@ def _check_sitk_size(path: Path, max_voxels: int | None) -> None:
     if compressed:
         check_declared_size(path, (*size, components), itemsize, max_voxels, deflate_bytes=data_bytes)
     elif source != path or path.name.lower().endswith((".mha", ".nii")):
-        check_declared_size(path, (*size, components), itemsize, max_voxels, stored_bytes=data_bytes)
+        # Only the pixels count: a file holding its own also holds its header.
+        pixel_bytes = data_bytes - _local_pixel_offset(path) if source == path else data_bytes
+        check_declared_size(path, (*size, components), itemsize, max_voxels, stored_bytes=max(pixel_bytes, 0))
 
 
 def _first_error_line(exc: Exception) -> str:

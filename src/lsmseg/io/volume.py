@@ -62,6 +62,7 @@ class VolumeFormat:
     """
 
     name: str = ""
+    writes_folder: bool = False  # a mask in this format is a folder (planes, zarr), not a file
 
     def read(self, path: Path, *, lazy: bool = False, max_voxels: int | None = None) -> Volume:
         """The volume at ``path``.

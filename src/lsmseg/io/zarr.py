@@ -93,6 +93,7 @@ class ZarrFormat(VolumeFormat):
     """A zarr array, or an OME-Zarr group (its first resolution level)."""
 
     name = "zarr"
+    writes_folder = True
 
     def read(self, path: Path, *, lazy: bool = False, max_voxels: int | None = None) -> Volume:
         try:
