@@ -6,14 +6,16 @@ to the window grid or not, with the window cache of each size (no network runs: 
 A window straddling block borders runs once per block it touches without the cache. The cache
 (:class:`lsmseg.inference.blocks.WindowCache`) keeps its output for the later blocks up to its cap;
 this replays the predictor's order (blocks z-major, windows in scan order, get / put / release as
-``accumulate_block`` and ``Predictor.iter_block_logits`` call them) with placeholder entries of one
-32x64x64 float32 window each (512 KiB), and reports the windows run and the cache's peak size.
+``accumulate_block`` and ``Predictor.iter_block_logits`` call them) with placeholder entries the size
+of the part of a 32x64x64 float32 window the cache keeps (``BlockPlan.part_beyond``; 512 KiB for a
+whole window), and reports the windows run and the cache's peak size.
 Skipped dark windows are left out (none here): they run in no block.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -25,9 +27,10 @@ OVERLAP = 0.5
 
 
 class Placeholder:
-    """Stands for one window's weighted logits in the cache: its size, nothing else."""
+    """Stands for the part of a window's weighted logits the cache keeps: its size, nothing else."""
 
-    nbytes = 4 * ROI[0] * ROI[1] * ROI[2]
+    def __init__(self, part):
+        self.nbytes = 4 * math.prod(s.stop - s.start for s in part)
 
     def clone(self):
         return self
@@ -42,10 +45,11 @@ def replay(shape, block, cap_bytes: int) -> dict:
     runs = peak = 0
     for b in plan.blocks:
         ids = plan.window_ids(b)
-        for i in ids:
+        for i, corner in zip(ids, plan.window_corners(b)):
             if cache.get(i) is None:
                 runs += 1
-                cache.put(i, Placeholder())
+                if cache.wants(i):
+                    cache.put(i, Placeholder(plan.part_beyond(b, corner)))
         peak = max(peak, cache.bytes)
         cache.release(ids)
     return {"blocks": len(plan.blocks), "windows": plan.n_windows, "runs": runs, "peak": peak}

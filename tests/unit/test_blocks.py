@@ -113,6 +113,18 @@ def test_a_small_or_no_window_cache_runs_border_windows_again_with_the_same_resu
         assert 0 < stats_split.windows_reused and stats_whole.window_runs < stats_split.window_runs < per_block
 
 
+def test_blocks_larger_than_a_window_reuse_the_kept_parts_of_border_windows(conv_model, tiny_model_config):
+    # Blocks of one window or more: windows on a single cut are kept cropped to their part beyond it.
+    volume = np.random.default_rng(4).integers(100, 4000, (64, 130, 150)).astype(np.uint16)
+    whole = make_predictor(conv_model, tiny_model_config, skip_background=False)
+    split = make_predictor(conv_model, tiny_model_config, skip_background=False, block_size=(32, 64, 64))
+    logits_whole, stats_whole = whole.logits_with_stats(volume)
+    logits_split, stats_split = split.logits_with_stats(volume)
+    assert stats_split.window_runs == stats_whole.window_runs and stats_split.windows_reused > 0
+    # Batched differently (see above): equal up to the stand-in's batch-of-one kernel.
+    np.testing.assert_allclose(logits_split, logits_whole, rtol=0, atol=1e-6)
+
+
 def test_window_cache_keeps_only_what_later_blocks_need():
     plan = plan_blocks((40, 100, 200), ROI, 0.5, (20, 50, 70))
     cache = WindowCache(plan)
@@ -138,6 +150,29 @@ def test_window_cache_keeps_only_what_later_blocks_need():
     assert cache.reused == sum(n - 1 for n in counts.values())
     with pytest.raises(ValueError, match="max_bytes"):
         WindowCache(plan, -1)
+
+
+# Blocks smaller than a window: every window reaches past several cuts and is kept whole.
+@pytest.mark.parametrize("shape, block, some_cropped", [((40, 100, 200), (20, 50, 70), False),
+                                                        ((10, 40, 200), (7, 40, 64), True),
+                                                        ((64, 130, 64), (32, 64, 64), True),
+                                                        ((96, 256, 256), (48, 128, 128), True)])
+def test_the_part_kept_for_later_blocks_holds_all_they_take(shape, block, some_cropped):
+    plan = plan_blocks(shape, ROI, 0.5, block)
+    cropped = 0
+    for b in plan.blocks:
+        for corner in plan.window_corners(b):
+            part = plan.part_beyond(b, corner)
+            cropped += part != tuple(slice(0, r) for r in ROI)
+            for later in plan.blocks[b.index + 1:]:
+                if corner not in plan.window_corners(later):
+                    continue
+                for axis, out in enumerate(later.out):  # the later block's voxels of this window
+                    lo = out.start + plan.pad[axis][0] - corner[axis]
+                    hi = out.stop + plan.pad[axis][0] - corner[axis]
+                    lo, hi = max(lo, 0), min(hi, ROI[axis])
+                    assert part[axis].start <= lo and hi <= part[axis].stop
+    assert (cropped > 0) == some_cropped  # windows on one cut keep only their part beyond it
 
 
 def test_lazy_file_prediction_equals_in_memory(conv_model, tiny_model_config, tmp_path):

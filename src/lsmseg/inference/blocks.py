@@ -113,6 +113,33 @@ class BlockPlan:
         (z0, z1), (y0, y1), (x0, x1) = block.window_ranges
         return [(z * counts[1] + y) * counts[2] + x for z in range(z0, z1) for y in range(y0, y1) for x in range(x0, x1)]
 
+    def part_beyond(self, block: Block, corner: Sequence[int]) -> Slices:
+        """The box of a window (at ``corner``, padded coordinates; window-relative slices) that holds
+        every voxel of it another block owns: what a later block may take from the window cache.
+
+        A block owns its output voxels and, where it meets the volume's edge, the padding beyond it.
+        A window reaching past its block along one axis only is needed beyond that cut alone (a
+        window on a z cut: its part in the next z block, about half of it); one reaching past along
+        two or more axes, or past both ends of one, keeps its whole box.
+        """
+        beyond = []
+        for axis, out in enumerate(block.out):
+            low = out.start + self.pad[axis][0] if out.start > 0 else -math.inf
+            high = out.stop + self.pad[axis][0] if out.stop < self.shape[axis] else math.inf
+            start, stop = corner[axis], corner[axis] + self.roi[axis]
+            beyond.append((start < low, stop > high, int(low) - start if start < low else 0,
+                           int(high) - start if stop > high else self.roi[axis]))
+        whole = tuple(slice(0, r) for r in self.roi)
+        reaching = [axis for axis, (below, above, _, _) in enumerate(beyond) if below or above]
+        if len(reaching) != 1:
+            return whole
+        axis = reaching[0]
+        below, above, low_end, high_start = beyond[axis]
+        if below and above:
+            return whole
+        part = slice(0, low_end) if below else slice(high_start, self.roi[axis])
+        return tuple(part if a == axis else whole[a] for a in range(3))  # type: ignore[return-value]
+
     def output_in_region(self, block: Block) -> Slices:
         """Where the block's output voxels lie in its region (:meth:`read_region`'s array)."""
         return tuple(slice(out.start + self.pad[axis][0] - part.start, out.stop + self.pad[axis][0] - part.start)
@@ -239,8 +266,10 @@ def accumulation_device(
     return device if accumulator_bytes(shape) <= DEVICE_MEMORY_SHARE * free else None
 
 
-# What a volume's window cache may hold (:class:`WindowCache`): 1 GiB is 2048 windows of 32x64x64,
-# more than the windows straddling the cuts of a z-row of 256^3 blocks across a 2000^2 plane.
+# What a volume's window cache may hold (:class:`WindowCache`): 1 GiB is 2048 whole windows of
+# 32x64x64, or about twice as many kept parts. A 1000x2000x2000 volume in 256^3 blocks then runs
+# 1.03x its distinct windows (1.57 GB would make it 1.00x; 1.30x without a cache:
+# benchmarks/window_reuse.py).
 DEFAULT_WINDOW_CACHE_BYTES = 1 << 30
 
 
@@ -248,8 +277,9 @@ class WindowCache:
     """Weighted window logits shared between the blocks of one volume, so that a window straddling
     block borders runs once.
 
-    The first block that runs a window :meth:`put`-s its weighted logits if a later block needs the
-    window too and the cache has room (else that block runs it again); later blocks :meth:`get` it.
+    The first block that runs a window :meth:`put`-s its weighted logits (the part other blocks own,
+    :meth:`BlockPlan.part_beyond`) if a later block needs the window too and the cache has room
+    (else that block runs it again); later blocks :meth:`get` it.
     :meth:`release` after each block drops the entries no later block needs, so the cache holds
     only windows on the cuts not yet passed (z-major blocks: the current z-row's y and x cuts and
     the next z cut).
@@ -271,19 +301,26 @@ class WindowCache:
         self.reused = 0  # windows taken from the cache instead of run, over the volume
 
     def get(self, window_id: int):
-        """The stored weighted logits of a window, or None; counts a reuse when found."""
+        """``(part, offset)`` stored for a window, or None; counts a reuse when found. ``part`` holds
+        the window's weighted logits from ``offset`` (per axis, window-relative) on."""
         value = self.entries.get(window_id)
         self.reused += value is not None
         return value
 
-    def put(self, window_id: int, weighted) -> None:
-        """Keep a window's weighted logits (NumPy array or tensor) if a later block needs them and they fit."""
-        if self.remaining.get(window_id, 0) <= 1 or window_id in self.entries:
+    def wants(self, window_id: int) -> bool:
+        """Whether a later block needs this window and it is not stored yet."""
+        return self.remaining.get(window_id, 0) > 1 and window_id not in self.entries
+
+    def put(self, window_id: int, part, offset: Sequence[int] = (0, 0, 0)) -> None:
+        """Keep ``part`` of a window's weighted logits (NumPy array or tensor, starting at ``offset``
+        in the window) if a later block needs it and it fits."""
+        if not self.wants(window_id):
             return
-        size = int(weighted.nbytes)
+        size = int(part.nbytes)
         if self.bytes + size <= self.max_bytes:
-            # A copy: a row of the batch's array would keep the whole batch alive.
-            self.entries[window_id] = weighted.copy() if isinstance(weighted, np.ndarray) else weighted.clone()
+            # A copy: a view would keep the whole batch's array alive.
+            stored = part.copy() if isinstance(part, np.ndarray) else part.clone()
+            self.entries[window_id] = (stored, tuple(int(o) for o in offset))
             self.bytes += size
 
     def release(self, window_ids: Iterable[int]) -> None:
@@ -296,7 +333,7 @@ class WindowCache:
                 del self.remaining[i]
                 value = self.entries.pop(i, None)
                 if value is not None:
-                    self.bytes -= int(value.nbytes)
+                    self.bytes -= int(value[0].nbytes)
             else:
                 self.remaining[i] = left - 1
 
@@ -375,27 +412,34 @@ def accumulate_block(
         return tuple(window_part), tuple(block_part)
 
     def as_stored(value):
-        """A cached entry where this block blends (an earlier block may have blended elsewhere)."""
+        """A cached part where this block blends (an earlier block may have blended elsewhere)."""
         if on_host:
             return value.cpu().numpy() if isinstance(value, torch.Tensor) else value
         return value if isinstance(value, torch.Tensor) else torch.from_numpy(value).to(compute)
 
     def flush(chunk: list[int], cached: dict) -> None:
         run = [i for i in chunk if not skip[i] and i not in cached]
-        logits = {i: as_stored(value) for i, value in cached.items()}
+        logits = {i: (as_stored(part), offset) for i, (part, offset) in cached.items()}
         if run:
             # Stacked straight into pinned memory for a GPU, so that the upload does not block.
             windows = torch.empty((len(run), *roi), dtype=torch.float32, pin_memory=pinned)
             torch.stack([source[tuple(slice(c - o, c - o + r) for c, o, r in zip(corners[i], origin, roi))]
                          for i in run], out=windows)
             weighted = stored(run_windows(windows[:, None])[:, 0].to(compute) * weights)
-            logits.update(zip(run, weighted))
+            logits.update((i, (value, (0, 0, 0))) for i, value in zip(run, weighted))
             if cache is not None:
                 for i, value in zip(run, weighted):
-                    cache.put(ids[i], value)
+                    if cache.wants(ids[i]):
+                        part = plan.part_beyond(block, corners[i])
+                        cache.put(ids[i], value[part], [s.start for s in part])
         for i in chunk:  # in scan order, so that sums are bit-identical to a one-block pass
             window_part, block_part = target(corners[i])
-            accumulated[block_part] += (logits[i] if i in logits else background_weighted)[window_part]
+            if i in logits:
+                value, offset = logits[i]
+                accumulated[block_part] += value[tuple(slice(s.start - o, s.stop - o)
+                                                       for s, o in zip(window_part, offset))]
+            else:
+                accumulated[block_part] += background_weighted[window_part]
             weight_sum[block_part] += weights_stored[window_part]
 
     chunk: list[int] = []

@@ -462,7 +462,7 @@ class Predictor:
         if target is None:
             return self._normalised_logits(normalised, desc=name, settings=settings)
         shape = normalised.shape
-        new_shape = [max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target)]
+        new_shape = resampled_shape(shape, spacing, target)
         logger.info("%s: resampling %s at %s um to %s at %s um", name, shape, tuple(spacing), tuple(new_shape), target)
         logits, stats = self._normalised_logits(_resize(normalised, new_shape), desc=name, settings=settings)
         return _resize(logits, shape), stats
@@ -633,6 +633,11 @@ class Predictor:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> list[int]:
+    """The shape of a volume of ``shape`` at ``spacing`` resampled to ``target`` spacing (each axis at least 1)."""
+    return [max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target)]
 
 
 def refuse_non_finite(array: np.ndarray, name, where: str = "") -> None:

@@ -26,7 +26,7 @@ from ..io import (
 )
 from ..normalise import is_constant
 from ..structures import structure_from_name
-from .predictor import Predictor
+from .predictor import Predictor, resampled_shape
 from .probabilities import ProbabilityWriter
 from .results import BlockStats, VolumeResult, provenance_path_for, provenance_record
 
@@ -88,7 +88,7 @@ def predict_file(
     check_output_space(output_path, volume.shape)
     target = predictor.resample_target(volume.spacing)
     if target is not None:  # resampling builds the volume at the model's spacing, in memory
-        new_shape = [max(1, round(n * s / t)) for n, s, t in zip(volume.shape, volume.spacing, target)]
+        new_shape = resampled_shape(volume.shape, volume.spacing, target)
         check_declared_size(input_path, new_shape, 4, options.max_voxels, what="resampled volume")
     probabilities = None
     if probabilities_path is not None:
