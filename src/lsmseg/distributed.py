@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import LsmsegError, OutputError
+from .errors import LsmsegError, OutputError, printable
 from .inference import BlockStats, Predictor, VolumeResult
 from .inference.run import check_targets, guarded, predict_file, write_provenance
 from .io import (
@@ -185,7 +185,8 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
         foreground=sum(o.foreground for o in outcomes), timings={"read_s": read_s, "predict_s": predict_s},
     )
     logger.info("%s -> %s (%.1f s on %d dask worker(s); %d of %d windows skipped as background)",
-                input_path, output_path, read_s + predict_s, stats.workers, stats.windows_skipped, stats.windows)
+                printable(input_path), printable(output_path), read_s + predict_s, stats.workers,
+                stats.windows_skipped, stats.windows)
     return VolumeResult.written(record)
 
 

@@ -127,8 +127,9 @@ def predict_file(
         foreground=counter.foreground, timings=timings, postprocess=postprocess,
         probabilities=probabilities.describe() if probabilities is not None else None,
     )
-    logger.info("%s -> %s (%.1f s; %d of %d windows skipped as background)", printable(input_path),
-                printable(output_path), sum(timings.values()), stats.windows_skipped, stats.windows)
+    reused = f"; {stats.windows_reused} taken from the window cache" if stats.windows_reused else ""
+    logger.info("%s -> %s (%.1f s; %d of %d windows skipped as background%s)", printable(input_path),
+                printable(output_path), sum(timings.values()), stats.windows_skipped, stats.windows, reused)
     return VolumeResult.written(record)
 
 
