@@ -6,7 +6,7 @@ to the window grid or not, with the window cache of each size (no network runs: 
 A window straddling block borders runs once per block it touches without the cache. The cache
 (:class:`lsmseg.inference.blocks.WindowCache`) keeps its output for the later blocks up to its cap;
 this replays the predictor's order (blocks z-major, windows in scan order, get / put / release as
-``accumulate_block`` and ``Predictor.iter_block_logits`` call them) with placeholder entries the size
+``accumulate_block`` calls them) with placeholder entries the size
 of the part of a 32x64x64 float32 window the cache keeps (``BlockPlan.part_beyond``; 512 KiB for a
 whole window), and reports the windows run and the cache's peak size.
 Skipped dark windows are left out (none here): they run in no block.

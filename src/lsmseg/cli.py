@@ -114,6 +114,8 @@ def add_predict_command(subparsers) -> None:
 
 def _check_combinations(args) -> None:
     """Refuse options that mean nothing without another, rather than silently ignore them."""
+    from .io import output_key
+
     if args.probabilities_dir and args.scheduler == "dask":
         raise UsageError("--save-probabilities is not supported with --scheduler dask")
     if args.probability_dtype and not args.probabilities_dir:
@@ -121,7 +123,8 @@ def _check_combinations(args) -> None:
     for flag, value in (("--address", args.address), ("--workers", args.workers)):
         if value is not None and args.scheduler != "dask":
             raise UsageError(f"{flag} needs --scheduler dask")
-    if args.probabilities_dir and Path(args.probabilities_dir).resolve() == Path(args.output).resolve():
+    # check_targets refuses it too, later; here it is a usage error, before the weights load.
+    if args.probabilities_dir and output_key(args.probabilities_dir) == output_key(args.output):
         raise UsageError("--save-probabilities must name another folder than -o: each map would replace its mask")
 
 

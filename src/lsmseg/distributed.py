@@ -237,8 +237,6 @@ def predict_files_dask(
     """
     outputs = [output_path_for(p, out_dir, output_format) for p in inputs]
     refused = check_targets(inputs, outputs, None, input_folders)  # before any work, as predict_files
-    for error in dict.fromkeys(refused.values()):
-        logger.error("%s", error)
     for folder in {Path(o).parent for o in outputs}:
         sweep_partials(folder)
     results = []

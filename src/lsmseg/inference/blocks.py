@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..normalise import normalise
-from .windows import axis_starts, pad_widths
+from .windows import axis_starts, grid_step, pad_widths
 
 Slices = tuple[slice, slice, slice]
 
@@ -65,7 +65,7 @@ def default_block_shape(shape: Sequence[int], budget: int = DEFAULT_BLOCK_VOXELS
 
 def grid_stride(roi: Sequence[int], overlap: float) -> tuple[int, int, int]:
     """The window grid's step per axis inside a volume longer than the window (MONAI's interval)."""
-    return tuple(max(int(r * (1.0 - overlap)), 1) for r in roi)  # type: ignore[return-value]
+    return tuple(grid_step(r, overlap) for r in roi)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -122,22 +122,19 @@ class BlockPlan:
         window on a z cut: its part in the next z block, about half of it); one reaching past along
         two or more axes, or past both ends of one, keeps its whole box.
         """
-        beyond = []
+        whole = tuple(slice(0, r) for r in self.roi)
+        reaching = []  # (axis, past the low end, past the high end, the cut there)
         for axis, out in enumerate(block.out):
             low = out.start + self.pad[axis][0] if out.start > 0 else -math.inf
             high = out.stop + self.pad[axis][0] if out.stop < self.shape[axis] else math.inf
-            start, stop = corner[axis], corner[axis] + self.roi[axis]
-            beyond.append((start < low, stop > high, int(low) - start if start < low else 0,
-                           int(high) - start if stop > high else self.roi[axis]))
-        whole = tuple(slice(0, r) for r in self.roi)
-        reaching = [axis for axis, (below, above, _, _) in enumerate(beyond) if below or above]
-        if len(reaching) != 1:
+            below, above = corner[axis] < low, corner[axis] + self.roi[axis] > high
+            if below or above:
+                reaching.append((axis, below, above, low if below else high))
+        if len(reaching) != 1 or (reaching[0][1] and reaching[0][2]):
             return whole
-        axis = reaching[0]
-        below, above, low_end, high_start = beyond[axis]
-        if below and above:
-            return whole
-        part = slice(0, low_end) if below else slice(high_start, self.roi[axis])
+        axis, below, _, cut = reaching[0]
+        cut = int(cut) - corner[axis]
+        part = slice(0, cut) if below else slice(cut, self.roi[axis])
         return tuple(part if a == axis else whole[a] for a in range(3))  # type: ignore[return-value]
 
     def output_in_region(self, block: Block) -> Slices:
@@ -372,9 +369,9 @@ def accumulate_block(
         skip: per window of the block (in :meth:`BlockPlan.window_corners` order), whether it is dark.
         background_logits: what a skipped window contributes (needed when any is skipped).
         device: where the accumulators live; None: on the host (:func:`accumulation_device` chooses).
-        cache: the volume's :class:`WindowCache`: windows found there are not run, and windows run
-            here that later blocks need are stored there (the caller :meth:`WindowCache.release`-s
-            the block's windows afterwards); None: every window runs.
+        cache: the volume's :class:`WindowCache`: windows found there are not run, windows run
+            here that later blocks need are stored there, and the block's windows are released
+            from it at the end; None: every window runs.
     """
     on_host = device is None
     compute = torch.device("cpu") if on_host else torch.device(device)  # where window products are taken
@@ -458,6 +455,8 @@ def accumulate_block(
             chunk, cached, pending = [], {}, 0
     if chunk:
         flush(chunk, cached)
+    if cache is not None:
+        cache.release(ids)
     accumulated /= weight_sum
     if on_host:
         return accumulated

@@ -395,7 +395,6 @@ class Predictor:
                 logits = self.block_logits(plan, block, region, skip, background, on_windows=bar.update,
                                            settings=settings, cache=cache)
                 if cache is not None:
-                    cache.release(plan.window_ids(block))
                     reused = cache.reused - reused
                 bar.update(reused + (sum(skip) if skip is not None else 0))
                 stats.count(plan, block, skip, reused=reused)

@@ -147,7 +147,7 @@ def check_targets(inputs, outputs, probabilities=None, input_folders=()) -> dict
         elsewhere: nothing outside the input is read), and volumes whose mask or probability map
         would be another's (or whose mask and map would be one file; names compared case-folded,
         as case-insensitive file systems do): none of them is written, rather than one silently
-        replacing the other. Volumes sharing a path share one error.
+        replacing the other. Volumes sharing a path share one error. Each error is logged once.
 
     Raises:
         OutputError: the whole run is refused: a mask or probability map would replace (or sit
@@ -159,8 +159,7 @@ def check_targets(inputs, outputs, probabilities=None, input_folders=()) -> dict
     targets = [(i, o) for i, o in enumerate(outputs)] + [(i, p) for i, p in enumerate(probabilities) if p is not None]
     refuse_overwriting_inputs([(inputs[i], target) for i, target in targets], input_folders)
     for probability, output in zip(probabilities, outputs):
-        if probability is not None and (same_file(probability.parent, output.parent)
-                                        or output_key(probability.parent) == output_key(output.parent)):
+        if probability is not None and output_key(probability.parent) == output_key(output.parent):
             raise OutputError(probability.parent, "probability maps would go into the masks' folder and replace the "
                                                   "masks (same names); choose another folder for them")
     refused: dict[int, LsmsegError] = {}
@@ -183,6 +182,8 @@ def check_targets(inputs, outputs, probabilities=None, input_folders=()) -> dict
         error = OutputError(output, reason)
         for index in owners:
             refused.setdefault(index, error)
+    for error in dict.fromkeys(refused.values()):  # one line per problem, even when it names two volumes
+        logger.error("%s", error)
     return refused
 
 
@@ -219,8 +220,6 @@ def predict_files(
     probability_dir = Path(options.probabilities_dir) if options.probabilities_dir else None
     probabilities = [probability_dir / o.name if probability_dir else None for o in outputs]
     refused = check_targets(inputs, outputs, probabilities, input_folders)  # before any work
-    for error in dict.fromkeys(refused.values()):  # one line per problem, even when it names two volumes
-        logger.error("%s", error)
     for folder in {o.parent for o in outputs} | {p.parent for p in probabilities if p is not None}:
         sweep_partials(folder)
     results = []

@@ -26,6 +26,16 @@ def scan_interval(size: int, roi: int, overlap: float) -> int:
     """
     if roi == size:
         return roi
+    return grid_step(roi, overlap)
+
+
+def grid_step(roi: int, overlap: float) -> int:
+    """Step between window starts along an axis longer than the window (MONAI's rule).
+
+    Args:
+        roi: the window's length along the axis.
+        overlap: the overlap of neighbouring windows as a fraction of ``roi``, in [0, 1).
+    """
     return max(int(roi * (1.0 - overlap)), 1)
 
 
