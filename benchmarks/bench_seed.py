@@ -40,6 +40,9 @@ LSMSEG_VARIANTS = {
     # OpenVINO on a machine's first run: no compiled model cached yet, so the run compiles (0.6 s here idle, 2-3 s under load).
     # Every other OpenVINO variant imports the compiled model, cached outside the timing.
     "lsmseg-openvino-cold": {"engine": "openvino", "cold": True},
+    # OpenVINO on one stream of all threads, as lsmseg ran before 2026-12-03 (now two streams from two
+    # threads on, each running half of every batch: engines.openvino_streams).
+    "lsmseg-openvino-1stream": {"engine": "openvino", "streams": 1},
     # Test-time mirroring on every axis for every volume (the manifest mirrors by structure name,
     # and these inputs' names name none): what the 8 passes cost and give here.
     "lsmseg-mirrored": {"mirror_axes": (0, 1, 2)},
@@ -87,6 +90,11 @@ def child(spec: dict) -> dict:
         overrides = dict(spec["overrides"])
         engine = overrides.pop("engine", "auto")
         cold = overrides.pop("cold", False)
+        if "streams" in overrides:
+            from lsmseg.inference import engines
+
+            streams = overrides.pop("streams")
+            engines.openvino_streams = lambda threads: streams
         if cold:  # an empty cache of this process's own; the export below fills its ONNX part only
             os.environ["LSMSEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="lsmseg-cold-", dir=spec["out"])
         settings = dataclasses.replace(settings, **overrides)

@@ -57,6 +57,24 @@ def test_openvino_engine_pickles_and_runs_from_threads(tiny_model, tiny_model_co
             np.testing.assert_array_equal(got, first)
 
 
+def test_openvino_two_streams_split_the_batch_and_keep_the_logits(tiny_model, tiny_model_config, tmp_path,
+                                                                 monkeypatch):
+    """From two threads on, a batch runs as two halves side by side (two infer requests, two
+    compiled streams), with the logits of one stream running it whole: odd, even and single batches."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("LSMSEG_CACHE_DIR", str(tmp_path))
+    key = engines.model_key(tiny_model)
+    one, two = engines.OpenVinoEngine(tiny_model, key, threads=1), engines.OpenVinoEngine(tiny_model, key, threads=2)
+    assert (one.config()["NUM_STREAMS"], two.config()["NUM_STREAMS"]) == (1, 2)
+    rng = np.random.default_rng(4)
+    for n in (3, 4, 1):
+        windows = torch.from_numpy(rng.random((n, 1, *tiny_model_config.roi), dtype=np.float32))
+        np.testing.assert_array_equal(two(windows).numpy(), one(windows).numpy())
+    window = tuple(tiny_model_config.roi)
+    assert two.session(window).get_property("NUM_STREAMS") == 2 and len(two._requests[window]) == 2
+    assert not one._requests, "one stream runs the batch whole"
+
+
 def test_openvino_unreadable_compiled_model_is_compiled_again(tiny_model, tiny_model_config, tmp_path, monkeypatch,
                                                               caplog):
     """A cached compiled model OpenVINO cannot import (truncated, another build's) costs one warning and
