@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only these cases (file name, e.g. patchvolume_1008_0, or case name, e.g. "
                              "cfos_neuron_patchvolume_1008_0)")
     parser.add_argument("--split", type=Path, metavar="FILE",
-                        help="YAML/JSON mapping set name -> list of case names (or a text file, one name per "
-                             "line); with --set, only that set's cases are scored")
+                        help="YAML/JSON mapping set name -> list of case names, a fine-tuning config (its "
+                             "data.<set> include lists), a run's run.json (its splits), or a text file, one name "
+                             "per line; with --set, only that set's cases are scored")
     parser.add_argument("--set", dest="split_set", default="test", help="which set of --split (default: test)")
     parser.add_argument("--baseline", action="store_true",
                         help="also score a smoothed-Otsu baseline (Gaussian sigma 1 voxel, Otsu threshold)")

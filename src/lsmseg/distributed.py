@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .errors import LsmsegError, OutputError, printable
 from .inference import BlockStats, Predictor, VolumeResult
+from .inference.predictor import warn_constant
 from .inference.run import check_targets, guarded, predict_file, write_provenance
 from .io import (
     atomic_output, check_output_space, create_zarr_mask, mask_format_for, output_path_for, partial_path, read_volume,
@@ -167,7 +168,7 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
         except OSError as exc:
             raise OutputError(output_path, f"cannot write output: {exc.strerror or exc}") from exc
         if prepared.constant:
-            logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", input_path)
+            warn_constant(input_path)
             outcomes = []
         else:
             outcomes = _run_blocks(predictor, client, str(input_path), state, str(store), len(plan.blocks), volume.name)

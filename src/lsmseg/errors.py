@@ -30,22 +30,22 @@ class LsmsegError(Exception):
     """Base class: anything the user can fix (bad input, bad config, bad weights)."""
 
 
-class InputError(LsmsegError):
-    """An input volume cannot be used; ``str()`` is ``"<path>: <reason>"``."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = Path(path)
-        self.reason = " ".join(str(reason).split())  # keep it on one line
-        super().__init__(one_line(self.path, self.reason))
-
-
-class OutputError(LsmsegError):
-    """An output cannot be written (unwritable folder, full disk, ...)."""
+class FileError(LsmsegError):
+    """A file cannot be read or written; ``str()`` is ``"<path>: <reason>"`` (:func:`one_line`), and
+    ``reason`` is kept on one line for front ends that print it apart."""
 
     def __init__(self, path: str | Path, reason: str):
         self.path = Path(path)
         self.reason = " ".join(str(reason).split())
         super().__init__(one_line(self.path, self.reason))
+
+
+class InputError(FileError):
+    """An input volume cannot be used."""
+
+
+class OutputError(FileError):
+    """An output cannot be written (unwritable folder, full disk, ...)."""
 
 
 class ProvenanceError(OutputError):

@@ -60,7 +60,9 @@ def _sigterm_unwinds():
 
 def run(mode: str | None, settings: ChallengeSettings, predictor=None) -> int:
     """Run one mode. Exit codes: 0 every volume segmented (or none found), 1 any failure
-    (bad volume, unwritable output, missing or tampered weights), 2 bad arguments."""
+    (bad volume, unwritable output, missing or tampered weights), 2 bad arguments, 143 stopped by
+    SIGTERM in folder and exec modes (unfinished outputs removed; invoke mode's server exits 0).
+    Ctrl-C is not caught here: KeyboardInterrupt reaches the caller (``lsmseg`` exits 130)."""
     mode = mode or auto_mode(settings.input_dir)
     if mode not in RUNNERS:
         logger.error("unknown mode '%s' (expected one of %s)", mode, ", ".join(MODES))
@@ -156,7 +158,8 @@ def add_challenge_commands(subparsers) -> None:
         description="Segment /input into /output the way the container does: folder mode (every volume, same "
         "name and format), exec mode (Grand Challenge: INPUT/images/<input-slug>/ -> "
         "OUTPUT/images/<output-slug>/output.mha) or invoke mode (HTTP server: GET /health, POST /invoke). "
-        "Exit code 0: all segmented or nothing to do; 1: any failure; 2: bad arguments.",
+        "Exit code 0: all segmented or nothing to do; 1: any failure; 2: bad arguments; 143: stopped by "
+        "SIGTERM, 130: by Ctrl-C (folder and exec modes; the unfinished output is removed).",
     )
     _add_options(p, with_mode=True)
     s = subparsers.add_parser(

@@ -503,7 +503,7 @@ class Predictor:
             image = image.load()
         array = np.asarray(image)
         if array.dtype.kind in "uif" and is_constant(array):
-            logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", printable(name))
+            warn_constant(name)
             return np.zeros(array.shape, dtype=np.uint8)
         logits, _, intensity = self.logits_with_intensity(array, spacing, name)
         return self.binary_mask(logits, settings=self.settings_for(name), intensity=intensity)
@@ -601,7 +601,7 @@ class Predictor:
         """
         volume, plan = prepared.volume, prepared.plan
         if prepared.constant:
-            logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", printable(volume.path))
+            warn_constant(volume.path)
             for block in plan.blocks:
                 if on_logits is not None:
                     on_logits(block.out, np.full(block.shape, -np.inf, dtype=np.float32))
@@ -645,6 +645,11 @@ def refuse_non_finite(array: np.ndarray, name, where: str = "") -> None:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = int(array.size - np.isfinite(array).sum())
         raise InputError(name, f"volume contains {bad} NaN/Inf voxel(s){where}; refusing to guess their values")
+
+
+def warn_constant(name) -> None:
+    """The one warning for a volume of one intensity throughout (every front end writes it an empty mask)."""
+    logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", printable(name))
 
 
 def mirror_flips(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:

@@ -26,7 +26,7 @@ from ..io import (
 )
 from ..normalise import is_constant
 from ..structures import structure_from_name
-from .predictor import Predictor, resampled_shape
+from .predictor import Predictor, resampled_shape, warn_constant
 from .probabilities import ProbabilityWriter
 from .results import BlockStats, VolumeResult, provenance_path_for, provenance_record
 
@@ -265,7 +265,7 @@ def _resampled_mask_blocks(predictor: Predictor, volume: Volume, name: str, on_l
     array = volume.load()
     everything = tuple(slice(0, s) for s in volume.shape)
     if array.dtype.kind in "uif" and is_constant(array):
-        logger.warning("%s: constant intensity, nothing to segment; writing an empty mask", printable(name))
+        warn_constant(name)
         if on_logits is not None:
             on_logits(everything, np.full(array.shape, -np.inf, dtype=np.float32))
         return BlockStats.start(predictor.plan(array.shape), None), [(everything, np.zeros(array.shape, np.uint8))]
