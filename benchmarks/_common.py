@@ -128,11 +128,12 @@ def machine() -> str:
     import torch
 
     try:
-        cpuinfo = open("/proc/cpuinfo").read().splitlines()
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
         # The vector extensions set how fast OpenVINO's kernels run; machines named alike differ in them.
         flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []))
-        cpu += f" ({'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'})"
+        vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+        cpu += f" ({vector})" if vector else ""
     except (OSError, StopIteration):
         cpu = platform.processor()
     gpu = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})" if torch.cuda.is_available() else "no GPU"

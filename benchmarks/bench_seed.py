@@ -94,7 +94,7 @@ def child(spec: dict) -> dict:
             from lsmseg.inference import engines
 
             streams = overrides.pop("streams")
-            engines.openvino_streams = lambda threads: streams
+            engines.openvino_streams = lambda threads, batch_size=4: streams
         if cold:  # an empty cache of this process's own; the export below fills its ONNX part only
             os.environ["LSMSEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="lsmseg-cold-", dir=spec["out"])
         settings = dataclasses.replace(settings, **overrides)

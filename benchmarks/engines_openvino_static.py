@@ -4,7 +4,9 @@ model costs to make or to import.
     python benchmarks/engines_openvino_static.py weights [--reps 15] [--threads 2] [--volume TIF]
 
 The shipped network's ONNX export (``python -m lsmseg.inference weights`` caches it) compiled four
-ways in one process: as exported (batch dimension dynamic, what ``OpenVinoEngine`` runs), reshaped
+ways in one process, each on one stream of all threads (``OpenVinoEngine`` before 2026-12-03; it now
+splits batches across two streams: engines_openvino_streams.py): as exported (batch dimension
+dynamic, what ``OpenVinoEngine`` runs), reshaped
 to a static batch of 4 windows (``sw_batch_size``), and each of those with OpenVINO's
 ``CPU_DENORMALS_OPTIMIZATION`` (denormals flushed to zero). Per batch of 4 training-size windows:
 the time of each, interleaved, median of ``--reps``, and the largest logit difference from the
@@ -36,7 +38,8 @@ def compiled_models(onnx: Path, window: tuple[int, ...], threads: int) -> dict:
 
     core, compiled = openvino_core(), {}
     for denormals in (False, True):
-        config = {**openvino_config(threads), **({"CPU_DENORMALS_OPTIMIZATION": True} if denormals else {})}
+        config = {**openvino_config(threads), "NUM_STREAMS": 1,
+                  **({"CPU_DENORMALS_OPTIMIZATION": True} if denormals else {})}
         for static in (False, True):
             model = core.read_model(str(onnx))
             if static:
@@ -65,7 +68,7 @@ def child(spec: dict) -> dict:
     """Compile (``blob`` absent) or import (``blob`` present) one kind in this fresh process."""
     from lsmseg.inference.engines import openvino_config, openvino_core
 
-    core, config = openvino_core(), openvino_config(spec["threads"])
+    core, config = openvino_core(), {**openvino_config(spec["threads"]), "NUM_STREAMS": 1}
     blob = Path(spec["blob"])
     start = time.perf_counter()
     if blob.is_file():

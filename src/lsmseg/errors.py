@@ -39,6 +39,18 @@ class FileError(LsmsegError):
         self.reason = " ".join(str(reason).split())
         super().__init__(one_line(self.path, self.reason))
 
+    def __reduce__(self):
+        # An exception pickles as type(*args), and args here is the message, not (path, reason):
+        # rebuilt from its args and attributes instead (process pools, plain pickle).
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls, args, state):
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class InputError(FileError):
     """An input volume cannot be used."""

@@ -36,18 +36,19 @@ def test_exported_engine_logits_equal_pytorch(exported, tiny_model, tiny_model_c
     np.testing.assert_array_equal(again.sliding_window_logits(image), got)
 
 
-def test_openvino_engine_pickles_and_runs_from_threads(tiny_model, tiny_model_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])  # one stream; two, each batch split across two infer requests
+def test_openvino_engine_pickles_and_runs_from_threads(threads, tiny_model, tiny_model_config, tmp_path, monkeypatch):
     """A dask worker gets a pickled engine (no compiled model in it); threads share one engine."""
     import pickle
     from concurrent.futures import ThreadPoolExecutor
 
     pytest.importorskip("openvino")
     monkeypatch.setenv("LSMSEG_CACHE_DIR", str(tmp_path))
-    engine = engines.OpenVinoEngine(tiny_model, engines.model_key(tiny_model), threads=1)
+    engine = engines.OpenVinoEngine(tiny_model, engines.model_key(tiny_model), threads=threads)
     windows = torch.from_numpy(np.random.default_rng(2).random((3, 1, *tiny_model_config.roi), dtype=np.float32))
     first = engine(windows).numpy()
     copy = pickle.loads(pickle.dumps(engine))
-    assert copy._sessions == {} and engine._sessions, "compiled models stay with their process"
+    assert copy._sessions == {} and copy._requests == {} and engine._sessions, "compiled models stay with their process"
     with torch.inference_mode():
         expected = tiny_model(windows).numpy()
     np.testing.assert_allclose(first, expected, rtol=1e-3, atol=1e-4)
@@ -72,7 +73,37 @@ def test_openvino_two_streams_split_the_batch_and_keep_the_logits(tiny_model, ti
         np.testing.assert_array_equal(two(windows).numpy(), one(windows).numpy())
     window = tuple(tiny_model_config.roi)
     assert two.session(window).get_property("NUM_STREAMS") == 2 and len(two._requests[window]) == 2
-    assert not one._requests, "one stream runs the batch whole"
+    assert one._requests == {window: []}, "one stream runs the batch whole"
+    requests = list(two._requests[window])
+    two(windows)
+    assert two._requests[window] == requests, "the infer requests are made once, not per call"
+    # Batches of one window keep all the threads on one stream; so does one thread.
+    assert engines.OpenVinoEngine(tiny_model, key, threads=2, batch_size=1).config()["NUM_STREAMS"] == 1
+    # A second engine imports the cached two-stream model: still two streams, same logits.
+    again = engines.OpenVinoEngine(tiny_model, key, threads=2)
+    np.testing.assert_array_equal(again(windows).numpy(), one(windows).numpy())
+    assert again.describe()[0]["imported"] is True and len(again._requests[window]) == 2
+
+
+def test_run_split_waits_for_every_started_request():
+    """A request failing to start leaves none of the started ones busy (the next call reuses them)."""
+
+    class Request:
+        def __init__(self, fail=False):
+            self.fail, self.running = fail, False
+
+        def start_async(self, inputs):
+            if self.fail:
+                raise RuntimeError("cannot start")
+            self.running = True
+
+        def wait(self):
+            self.running = False
+
+    good, bad = Request(), Request(fail=True)
+    with pytest.raises(RuntimeError, match="cannot start"):
+        engines.run_split([good, bad], np.zeros((4, 1, 2, 2, 2), dtype=np.float32))
+    assert not good.running
 
 
 def test_openvino_unreadable_compiled_model_is_compiled_again(tiny_model, tiny_model_config, tmp_path, monkeypatch,

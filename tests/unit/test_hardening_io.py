@@ -337,6 +337,21 @@ def test_control_characters_in_a_file_name_stay_on_one_line(tmp_path):
     assert error.path.name == "bad\nERROR: fake.tif"  # the path itself is kept as it is
 
 
+def test_file_errors_survive_pickling(tmp_path):
+    """A process pool returns a worker's error pickled: path, reason, record and class are kept
+    (an exception pickles as type(*args), and these take (path, reason), not the message)."""
+    import pickle
+
+    from lsmseg.errors import ProvenanceError
+
+    error = pickle.loads(pickle.dumps(InputError(tmp_path / "a.tif", "cannot read  TIFF")))
+    assert type(error) is InputError and error.path == tmp_path / "a.tif" and error.reason == "cannot read TIFF"
+    assert str(error) == str(InputError(tmp_path / "a.tif", "cannot read TIFF"))
+    late = ProvenanceError(OutputError(tmp_path / "m.json", "disk full"), tmp_path / "m.tif", {"volume": "m"})
+    again = pickle.loads(pickle.dumps(late))
+    assert isinstance(again, OutputError) and again.record == {"volume": "m"} and str(again) == str(late)
+
+
 def test_truncated_tiff_is_one_error_line_on_the_command_line(tmp_path, capsys, tiny_weights):
     from lsmseg.cli import main
 

@@ -81,7 +81,8 @@ def resolve_engine(engine: str, device: torch.device, precision: str, compile: b
     return engine
 
 
-def exported_engine(engine: str, model: torch.nn.Module, sha256: str | None = None, threads: int | None = None):
+def exported_engine(engine: str, model: torch.nn.Module, sha256: str | None = None, threads: int | None = None,
+                    batch_size: int = 4):
     """The engine object that runs ``model``'s ONNX export for ``engine``; None for PyTorch.
 
     Args:
@@ -90,11 +91,14 @@ def exported_engine(engine: str, model: torch.nn.Module, sha256: str | None = No
         sha256: its checkpoint's SHA-256, if known; the export's cache key (:func:`model_key`,
             which otherwise hashes the weights, so only for an exported engine).
         threads: intra-op threads (default: torch's).
+        batch_size: windows per call (``InferenceSettings.sw_batch_size``); OpenVINO splits
+            batches of two or more across its streams (:func:`openvino_streams`).
     """
     if engine not in EXPORTED_ENGINES:
         return None
-    engine_class = OpenVinoEngine if engine == "openvino" else OnnxEngine
-    return engine_class(model, model_key(model, sha256), threads)
+    if engine == "openvino":
+        return OpenVinoEngine(model, model_key(model, sha256), threads, batch_size)
+    return OnnxEngine(model, model_key(model, sha256), threads)
 
 
 def model_key(model: torch.nn.Module, sha256: str | None = None) -> str:
@@ -231,47 +235,57 @@ def openvino_core():
         return _openvino_core
 
 
-def openvino_streams(threads: int) -> int:
+def openvino_streams(threads: int, batch_size: int = 4) -> int:
     """How many OpenVINO CPU streams (infer requests running side by side, each on a share of the
-    threads) an engine of ``threads`` threads uses: two from two threads on, else one.
+    threads) an engine of ``threads`` threads uses for batches of ``batch_size`` windows: two from
+    two threads and two windows on, else one.
 
-    A batch of windows split across two streams ran 1.10x faster than the whole batch on one stream
-    of both threads, on 2 cores, with identical logits (benchmarks/engines_openvino_streams.py);
-    more than two streams was not measured on more cores, so it is not used.
+    A batch of windows split across two streams ran 1.03-1.19x faster end to end than the whole
+    batch on one stream of both threads, on 2 cores, with identical logits
+    (benchmarks/README.md, "OpenVINO on two streams"); more than two streams was not measured on
+    more cores, so it is not used. A stream runs on its share of the threads only, so batches of
+    one window stay on one stream of them all.
     """
-    return 2 if threads >= 2 else 1
+    return 2 if threads >= 2 and batch_size >= 2 else 1
 
 
-def openvino_config(threads: int) -> dict:
+def openvino_config(threads: int, batch_size: int = 4) -> dict:
     """OpenVINO's CPU settings for lsmseg: fp32 pinned (its default is bf16 on CPUs with AMX or
     AVX-512 BF16, which would make masks depend on the machine), latency-bound streams
     (:func:`openvino_streams`) sharing ``threads``."""
     return {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": openvino_streams(int(threads))}
+            "NUM_STREAMS": openvino_streams(int(threads), int(batch_size))}
 
 
 def run_split(requests: Sequence, batch: np.ndarray) -> np.ndarray:
     """``batch`` split into as many parts as there are OpenVINO infer ``requests`` (at most one
-    window each), run side by side, their logits joined in order (a new array)."""
+    window each), run side by side, their logits joined in order (a new array). Every request
+    started is waited for, also when another fails, so none is left busy for the next call."""
     parts = np.array_split(batch, min(len(requests), len(batch)))
-    for request, part in zip(requests, parts):
-        request.start_async({0: part})
-    for request in requests[:len(parts)]:
-        request.wait()
-    return np.concatenate([request.get_output_tensor(0).data for request in requests[:len(parts)]])
+    started = []
+    try:
+        for request, part in zip(requests, parts):
+            request.start_async({0: part})
+            started.append(request)
+    finally:
+        for request in started:
+            request.wait()
+    return np.concatenate([request.get_output_tensor(0).data for request in started])
 
 
 class OpenVinoEngine(OnnxEngine):
     """Runs the same ONNX export through OpenVINO's CPU plugin, one compiled model per window shape.
 
-    Precision is pinned to fp32 (:func:`openvino_config`). With two streams (:func:`openvino_streams`)
-    each batch is split in two halves that run side by side, one infer request each; a window's
-    logits do not depend on the batch it runs in. Calls are serialised (the infer requests are
-    reused), so one engine may be shared by threads.
+    Precision is pinned to fp32 (:func:`openvino_config`). With two streams (:func:`openvino_streams`,
+    for ``batch_size`` windows per call) each batch is split in two halves that run side by side,
+    one infer request each; a window's logits do not depend on the batch it runs in. A lone window
+    (the background level's, a block's last batch of one) runs on one stream's threads. Calls are
+    serialised (the infer requests are reused), so one engine may be shared by threads.
     """
 
-    def __init__(self, model: torch.nn.Module, key: str, threads: int | None = None):
+    def __init__(self, model: torch.nn.Module, key: str, threads: int | None = None, batch_size: int = 4):
         super().__init__(model, key, threads)
+        self.batch_size = int(batch_size)
         self._lock = threading.Lock()
         self._requests: dict[tuple[int, ...], list] = {}  # per window shape, one infer request per stream
 
@@ -286,7 +300,7 @@ class OpenVinoEngine(OnnxEngine):
         self._lock = threading.Lock()
 
     def config(self) -> dict:
-        return openvino_config(self.threads or torch.get_num_threads())
+        return openvino_config(self.threads or torch.get_num_threads(), self.batch_size)
 
     def blob_path(self, window: Sequence[int]) -> Path:
         """Where the compiled model for ``window`` is cached: one file per weights, window, OpenVINO
@@ -303,7 +317,11 @@ class OpenVinoEngine(OnnxEngine):
     def session(self, window: Sequence[int]):
         window = tuple(int(w) for w in window)
         if window not in self._sessions:
-            self._sessions[window] = self._compile(window, self.blob_path(window))
+            compiled = self._compile(window, self.blob_path(window))
+            # One infer request per stream the model was compiled (or imported) with; none for one.
+            streams = int(compiled.get_property("NUM_STREAMS"))
+            self._requests[window] = [compiled.create_infer_request() for _ in range(streams)] if streams > 1 else []
+            self._sessions[window] = compiled
         return self._sessions[window]
 
     def cache_compiled(self, window: Sequence[int]) -> Path | None:
@@ -343,11 +361,9 @@ class OpenVinoEngine(OnnxEngine):
         batch = np.ascontiguousarray(windows.detach().cpu().numpy(), dtype=np.float32)
         window = tuple(int(w) for w in batch.shape[2:])
         with self._lock:
-            compiled = self.session(window)
-            streams = self.config()["NUM_STREAMS"]
-            if min(streams, len(batch)) < 2:
+            compiled, requests = self.session(window), self._requests[window]
+            if min(len(requests), len(batch)) < 2:
                 logits = compiled(batch, share_outputs=False)[0]
             else:
-                requests = self._requests.setdefault(window, [compiled.create_infer_request() for _ in range(streams)])
                 logits = run_split(requests, batch)
         return torch.from_numpy(np.asarray(logits, dtype=np.float32))

@@ -169,7 +169,8 @@ class Predictor:
         # OpenVINO or ONNX Runtime on CPU where installed (3-4x PyTorch's speed and more, same logits
         # within float tolerance); see .engines. Both run the network's ONNX export.
         self.engine = resolve_engine(engine, self.device, precision, compile)
-        self._onnx = exported_engine(self.engine, self.model, self.weights_info.get("sha256"))
+        self._onnx = exported_engine(self.engine, self.model, self.weights_info.get("sha256"),
+                                     batch_size=self.settings.sw_batch_size)
         self._background_cache: dict[tuple, torch.Tensor] = {}
         # Voxels in the subsample that percentiles and the background level come from.
         self.sample_voxels = DEFAULT_MAX_SAMPLES
