@@ -85,6 +85,19 @@ def test_openvino_two_streams_split_the_batch_and_keep_the_logits(tiny_model, ti
     assert again.describe()[0]["imported"] is True and len(again._requests[window]) == 2
 
 
+def test_predictor_gives_openvino_its_batch_size(tiny_model, tiny_model_config, tmp_path, monkeypatch):
+    """The predictor's ``sw_batch_size`` reaches the engine: batches of one window keep one stream."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("LSMSEG_CACHE_DIR", str(tmp_path))
+    streams = {}
+    for batch in (1, 4):
+        predictor = Predictor(tiny_model, tiny_model_config, InferenceSettings(sw_batch_size=batch), device="cpu",
+                              engine="openvino", options=RunOptions(progress=False))
+        predictor._onnx.threads = 2  # as on a 2-core machine
+        streams[batch] = predictor._onnx.config()["NUM_STREAMS"]
+    assert streams == {1: 1, 4: 2}
+
+
 def test_run_split_waits_for_every_started_request():
     """A request failing to start leaves none of the started ones busy (the next call reuses them)."""
 
