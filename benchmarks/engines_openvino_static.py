@@ -49,8 +49,8 @@ def compiled_models(onnx: Path, window: tuple[int, ...], threads: int) -> dict:
     return compiled
 
 
-def real_windows(predictor, path: Path, window: tuple[int, ...]) -> np.ndarray:
-    """The first ``BATCH`` windows of the volume at ``path`` (scan order, stride half a window),
+def real_windows(predictor, path: Path, window: tuple[int, ...], count: int = BATCH) -> np.ndarray:
+    """The first ``count`` windows of the volume at ``path`` (scan order, stride half a window),
     normalised as lsmseg normalises it, edge-padded where the volume is thinner than a window."""
     from lsmseg import io
 
@@ -58,9 +58,9 @@ def real_windows(predictor, path: Path, window: tuple[int, ...]) -> np.ndarray:
     normalised = np.pad(normalised, [(0, max(0, w - s)) for w, s in zip(window, normalised.shape)], mode="edge")
     corners = [(z, y, x) for z in range(0, normalised.shape[0] - window[0] + 1, window[0] // 2)
                for y in range(0, normalised.shape[1] - window[1] + 1, window[1] // 2)
-               for x in range(0, normalised.shape[2] - window[2] + 1, window[2] // 2)][:BATCH]
-    if len(corners) < BATCH:
-        raise SystemExit(f"{path}: fewer than {BATCH} windows of {window}")
+               for x in range(0, normalised.shape[2] - window[2] + 1, window[2] // 2)][:count]
+    if len(corners) < count:
+        raise SystemExit(f"{path}: fewer than {count} windows of {window}")
     return np.stack([normalised[z:z + window[0], y:y + window[1], x:x + window[2]] for z, y, x in corners])[:, None]
 
 

@@ -52,8 +52,8 @@ def main(argv=None) -> int:
                                         options=RunOptions(progress=False))
     window = tuple(predictor.roi)
     onnx = predictor.export_engine()
-    engines_openvino_static.BATCH = WINDOWS
-    windows = np.ascontiguousarray(engines_openvino_static.real_windows(predictor, volume, window), dtype=np.float32)
+    windows = np.ascontiguousarray(engines_openvino_static.real_windows(predictor, volume, window, WINDOWS),
+                                   dtype=np.float32)
     batches = [windows[i:i + BATCH] for i in range(0, WINDOWS, BATCH)]
     core, requests = openvino_core(), {}
     for n in counts:

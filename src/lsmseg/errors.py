@@ -46,8 +46,7 @@ class FileError(LsmsegError):
 
 
 def _restore(cls, args, state):
-    error = cls.__new__(cls, *args)
-    error.args = args
+    error = cls.__new__(cls, *args)  # BaseException.__new__ sets args
     error.__dict__.update(state)
     return error
 
