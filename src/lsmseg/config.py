@@ -17,7 +17,7 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, single_line
 from .normalise import UPPER_TAILS
 
 T = TypeVar("T")
@@ -142,7 +142,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+        raise ConfigError(f"{path}: not valid YAML ({single_line(exc)})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

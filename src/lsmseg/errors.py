@@ -21,9 +21,14 @@ def printable(text) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
 
 
+def single_line(text) -> str:
+    """``text`` with every run of whitespace (newlines included) made one space."""
+    return " ".join(str(text).split())
+
+
 def one_line(path: str | Path, reason: str) -> str:
     """The message of every file error: ``"<path>: <reason>"``, on one line whatever the file is named."""
-    return f"{printable(path)}: {printable(' '.join(str(reason).split()))}"
+    return f"{printable(path)}: {printable(single_line(reason))}"
 
 
 class LsmsegError(Exception):
@@ -36,8 +41,8 @@ class FileError(LsmsegError):
 
     def __init__(self, path: str | Path, reason: str):
         self.path = Path(path)
-        self.reason = " ".join(str(reason).split())
-        super().__init__(one_line(self.path, self.reason))
+        self.reason = single_line(reason)
+        super().__init__(f"{printable(self.path)}: {printable(self.reason)}")  # one_line, flattened once
 
     def __reduce__(self):
         # An exception pickles as type(*args), and args here is the message, not (path, reason):

@@ -34,14 +34,14 @@ def select_device(device: str | None = None) -> torch.device:
     Raises :class:`~lsmseg.errors.ConfigError` (one line) for an unknown device or a CUDA device
     that is not there, instead of torch's assertion deep inside the first forward pass.
     """
-    from .errors import ConfigError
+    from .errors import ConfigError, single_line
 
     if not device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         chosen = torch.device(device)
     except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"--device {device}: not a torch device ({' '.join(str(exc).split())[:120]})") from exc
+        raise ConfigError(f"--device {device}: not a torch device ({single_line(exc)[:120]})") from exc
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA GPU is visible (use --device cpu, or run with a GPU)")

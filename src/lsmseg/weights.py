@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from .config import InferenceSettings, ModelConfig, from_dict, to_dict
-from .errors import ConfigError, WeightsError
+from .errors import ConfigError, WeightsError, single_line
 from .io import atomic_output, natural_sorted, write_text
 from .model import build_model
 
@@ -128,7 +128,7 @@ def load_manifest(path: str | Path) -> Manifest:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise WeightsError(f"{path}: manifest is not valid YAML ({' '.join(str(exc).split())})") from exc
+        raise WeightsError(f"{path}: manifest is not valid YAML ({single_line(exc)})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict) or not data["models"]:
         raise WeightsError(f"{path}: manifest lists no models")
     try:
@@ -283,7 +283,7 @@ def extract_model_tarball(tarball: Path, scratch_dir: Path | None = None) -> Pat
     except BaseException as exc:
         shutil.rmtree(target, ignore_errors=True)  # no half-extracted model left in scratch space
         if isinstance(exc, (tarfile.TarError, OSError, EOFError)):
-            raise WeightsError(f"{tarball}: cannot extract model tarball ({' '.join(str(exc).split())})") from exc
+            raise WeightsError(f"{tarball}: cannot extract model tarball ({single_line(exc)})") from exc
         raise
     logger.info("extracted model tarball %s to %s", tarball, target)
     return manifest
@@ -346,7 +346,7 @@ def load_model(manifest: Manifest, entry: WeightsEntry, device: torch.device | s
     try:
         model = build_model(entry.model)
     except Exception as exc:  # e.g. num_heads 0 passes the type checks but not MONAI's constructor
-        message = " ".join(str(exc).split())[:200] or type(exc).__name__
+        message = single_line(exc)[:200] or type(exc).__name__
         raise WeightsError(f"{manifest.path}: the manifest's model config cannot be built ({message})") from exc
     try:
         model.load_state_dict(state, strict=True)

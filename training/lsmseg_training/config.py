@@ -297,7 +297,7 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str], where: str = "c
 
     import yaml
 
-    from lsmseg.errors import ConfigError
+    from lsmseg.errors import ConfigError, single_line
 
     data = copy.deepcopy(data)
     for text in overrides:
@@ -313,7 +313,7 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str], where: str = "c
         try:
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: --set {text!r}: value is not YAML ({' '.join(str(exc).split())})") from exc
+            raise ConfigError(f"{where}: --set {text!r}: value is not YAML ({single_line(exc)})") from exc
     return data
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import InputError, LsmsegError, OutputError, ProvenanceError, one_line, printable
+from ..errors import InputError, LsmsegError, OutputError, ProvenanceError, one_line, printable, single_line
 from ..io import (
     Volume, check_declared_size, check_output_space, colliding_outputs, output_key, output_path_for, outside_folder,
     read_volume, refuse_overwriting_inputs, same_file, sweep_partials, write_json, write_mask_blocks,
@@ -254,7 +254,7 @@ def guarded(predict: Callable[[], VolumeResult], input_path, output_path) -> Vol
     except MemoryError:
         message = one_line(input_path, "out of memory while predicting")
     except Exception as exc:  # a bug, an unforeseen file or a dead dask worker: report it, keep going
-        message = one_line(input_path, f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+        message = one_line(input_path, f"unexpected {type(exc).__name__}: {single_line(exc)[:300]}")
         logger.debug("traceback", exc_info=True)
     logger.error("%s", message)
     return VolumeResult.failed(input_path, output_path, message)
