@@ -26,7 +26,7 @@ import csv
 import re
 from pathlib import Path
 
-from lsmseg.errors import ConfigError
+from lsmseg.errors import ConfigError, single_line
 
 CATEGORIES = ("isolated-sparse", "isolated-dense", "contiguous-sparse", "contiguous-dense")
 UNKNOWN = "unknown"
@@ -116,7 +116,7 @@ def load_mapping(path: str | Path) -> dict[str, dict[str, str]]:
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from exc
+            raise ConfigError(f"{path}: not valid YAML ({single_line(exc)[:200]})") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of volume name to structure")
         entries = {str(k): (v if isinstance(v, dict) else {"structure": v}) for k, v in raw.items()}

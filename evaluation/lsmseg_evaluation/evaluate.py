@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from lsmseg.errors import InputError, LsmsegError
+from lsmseg.errors import InputError, LsmsegError, single_line
 from lsmseg.io import atomic_output, read_volume
 from lsmseg.io.atomic import write_text
 from tqdm import tqdm
@@ -181,10 +181,11 @@ def evaluate_pair(pair: Pair, settings: EvaluationSettings) -> tuple[dict, bytes
     except LsmsegError as exc:
         row.update(status="error", error=str(exc))
     except MemoryError:
-        row.update(status="error", error=f"{pair.pred}: out of memory while scoring")
+        row.update(status="error", error=f"{pair.pred or pair.label}: out of memory while scoring")
     except Exception as exc:  # an unforeseen file or a bug: one row, the other volumes still scored
         logger.debug("traceback", exc_info=True)
-        row.update(status="error", error=f"{pair.pred}: unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+        where = pair.pred or pair.label  # a missing prediction is scored as an empty one: name the label
+        row.update(status="error", error=f"{where}: unexpected {type(exc).__name__}: {single_line(exc)[:300]}")
     return row, None
 
 

@@ -43,9 +43,16 @@ def _format_values(values: list, limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(values) > limit else ''}]"
 
 
+def _refuse_non_finite(array: np.ndarray, path: str | Path, what: str) -> None:
+    """NaN/Inf is no mask value: ``!= 0`` would silently make every NaN voxel foreground."""
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        raise InputError(path, f"{what} contains NaN/Inf values")
+
+
 def prediction_mask(array: np.ndarray, path: str | Path) -> np.ndarray:
-    """A prediction must be a binary mask (0 and one other value, e.g. 0/1 or 0/255)."""
+    """A prediction must be a binary mask (0 and one other finite value, e.g. 0/1 or 0/255)."""
     array = np.asarray(array)
+    _refuse_non_finite(array, path, "prediction")
     values = distinct_values(array)
     nonzero = [v for v in values if v != 0]
     if len(nonzero) > 1:
@@ -63,9 +70,9 @@ def label_masks(
     if sparse_edge not in SPARSE_EDGE_MODES:
         raise ValueError(f"sparse_edge must be one of {SPARSE_EDGE_MODES}, got {sparse_edge!r}")
     array = np.asarray(array)
+    if scheme != "sparse":  # sparse labels refuse NaN/Inf below, as values outside 0-4
+        _refuse_non_finite(array, path, "label")
     if scheme == "nonzero":
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise InputError(path, "label contains NaN/Inf values")
         return array != 0, None
     values = distinct_values(array)
     if scheme == "binary":

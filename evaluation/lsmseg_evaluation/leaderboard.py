@@ -5,7 +5,8 @@ Mirrors the organisers' evaluators (public repositories, read for this module):
 * ``selma3d-2026``: YingChen7/SELMA3D2026_evaluation ``evaluate.py`` (pins ``panoptica==2.1.7``).
   Prediction and label binarised at > 0. Dice = 2|P∩L| / (|P| + |L|), 1 when both are empty.
   Contiguous cases: + ``cldice`` = ``panoptica.metrics.cldice._compute_centerline_dice_coefficient
-  (label, prediction)`` (no smoothing: NaN when either mask is empty or the two do not overlap).
+  (label, prediction)`` (no smoothing: NaN when either
+  mask or either skeleton is empty, or the two do not overlap).
   Isolated cases: + ``panoptic_quality`` = ``pq_dsc`` of the "ungrouped" result of
   ``Panoptica_Evaluator(expected_input=SEMANTIC, instance_approximator=ConnectedComponents
   InstanceApproximator(cca_backend=None), instance_matcher=NaiveThresholdMatching(matching_threshold
@@ -15,9 +16,10 @@ Mirrors the organisers' evaluators (public repositories, read for this module):
 * ``selma3d-2024``: YingChen7/SELMA3D_challenge-evaluation ``evaluate.py`` and its metric modules.
   cfos cases: ``dice``, ``betti_matching_error_0``; microglia cases: ``dice``,
   ``betti_matching_error_0``, ``betti_matching_error_1``, ``centerline_dice`` (skimage 3-D
-  skeletons, no tolerance, (2 tprec tsens + 1e-6) / (tprec + tsens + 1e-6): 1 when either
-  skeleton is empty). Betti numbers of the zero-padded mask (26-connected foreground, Euler
-  number with connectivity 3, 6-connected background), errors 0 when both masks are empty.
+  skeletons, no tolerance, (2 tprec tsens + 1e-6) / (tprec + tsens + 1e-6), a score being 0 for
+  an empty skeleton: 1 when both scores are 0, e.g. an empty mask or disjoint masks; near 0 when
+  only one is). Betti numbers of the zero-padded mask (26-connected foreground, Euler number
+  with connectivity 3, 6-connected background), errors 0 when both masks are empty.
   Aggregates (``statistics.mean``): ``cfos_dice``, ``cfos_betti_error_0``, ``micro_dice``,
   ``micro_betti_error_0``, ``micro_betti_error_1``, ``micro_cldice``.
 

@@ -289,3 +289,53 @@ def test_structure_and_category_from_name_or_mapping():
     assert classify("burgess2014_tgMouse", structure="vessels") == ("blood_vessel", "contiguous-dense", False)
     mapping = {"patch1": {"structure": "microglia", "category": "isolated-sparse"}}
     assert classify("patch1", mapping, structure="vessels") == ("microglia", "isolated-sparse", False)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_prediction_or_label_is_refused(bad):
+    """A NaN/Inf volume is not a mask: {0, NaN} has one non-zero value but must not score NaN as foreground."""
+    array = np.zeros((2, 3, 3), np.float32)
+    array[1] = bad
+    with pytest.raises(InputError, match="p.tif: prediction contains NaN/Inf"):
+        prediction_mask(array, "p.tif")
+    with pytest.raises(InputError, match="l.tif: label contains NaN/Inf"):
+        label_masks(array, "l.tif")
+    with pytest.raises(InputError, match="l.tif: sparse label has values"):
+        label_masks(array, "l.tif", "sparse")
+    assert prediction_mask(np.array([0.0, 0.5], np.float32), "p.tif").tolist() == [False, True]  # finite: fine
+
+
+def test_failure_scoring_a_missing_prediction_names_the_label(tmp_path, monkeypatch):
+    from lsmseg.io import write_volume
+    from lsmseg_evaluation import evaluate
+    from lsmseg_evaluation.pairing import Pair
+
+    label = np.zeros((5, 6, 6), np.uint8)
+    label[1:3, 1:3, 1:3] = 1
+    path = tmp_path / "cells_1.tif"
+    write_volume(label, path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(evaluate, "score_volume", broken)
+    settings = evaluate.EvaluationSettings(figures=False, progress=False)
+    row, _ = evaluate.evaluate_pair(Pair("cells_1", pred=None, label=path), settings)
+    assert row["status"] == "error"
+    assert row["error"] == f"{path}: unexpected RuntimeError: boom"
+
+
+def test_2024_cldice_with_one_empty_skeleton_is_not_one():
+    """The 2024 formula (2ab + 1e-6) / (a + b + 1e-6) gives 1 only when both cl-scores are 0 (e.g. an
+    empty mask); an empty label skeleton with a prediction skeleton inside the label gives ~0."""
+    from skimage.morphology import skeletonize
+
+    from lsmseg_evaluation.leaderboard import cldice_2024
+
+    label = np.zeros((10, 10, 40), bool)
+    label[3:7, 3:7, 2:38] = True  # 4 x 4 tube: empty scikit-image skeleton
+    pred = np.zeros_like(label)
+    pred[4:7, 4:7, 2:38] = True  # 3 x 3 tube inside it
+    assert not skeletonize(label).any() and skeletonize(pred).any()
+    assert cldice_2024(pred, label) == pytest.approx(1e-6 / (1 + 1e-6))
+    assert cldice_2024(np.zeros_like(label), label) == 1.0  # empty prediction: both scores 0
