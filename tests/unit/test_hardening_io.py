@@ -362,3 +362,164 @@ def test_truncated_tiff_is_one_error_line_on_the_command_line(tmp_path, capsys, 
     assert main(["predict", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights)]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and "t.tif" in errors[0] and "truncated" in errors[0]
+
+
+# ------------------------------------------------------------------------------ hostile files, round 2
+
+
+def _pages(path, planes):
+    with tifffile.TiffWriter(path) as tif:
+        for plane in planes:
+            tif.write(plane, metadata=None, photometric="minisblack")
+    return path
+
+
+def test_tiff_whose_pages_differ_is_refused_not_read_with_planes_dropped(tmp_path):
+    plane = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    # tifffile groups the three 8 x 8 pages into one series and leaves the odd one out: the
+    # volume would be 3 planes of 4, the 4th page taking the 3rd's place.
+    shapes = _pages(tmp_path / "shapes.tif", [plane, plane, plane[:4, :4], plane])
+    types = _pages(tmp_path / "types.tif", [plane, plane, plane.astype(np.uint8)])
+    for path in (shapes, types):
+        for lazy in (False, True):
+            with pytest.raises(InputError, match="pages differ in shape or type"):
+                io.read_volume(path, lazy=lazy)
+    two = tmp_path / "two.ome.tif"
+    with tifffile.TiffWriter(two, ome=True) as tif:
+        for _ in range(2):
+            tif.write(np.zeros((3, 8, 8), np.uint16), metadata={"axes": "ZYX"}, photometric="minisblack")
+    with pytest.raises(InputError, match="holds 2 images"):
+        io.read_volume(two)
+    # A reduced-resolution page (a thumbnail) is not a second image.
+    thumb = tmp_path / "thumb.tif"
+    with tifffile.TiffWriter(thumb) as tif:
+        tif.write(np.zeros((3, 8, 8), np.uint16), metadata={"axes": "ZYX"}, photometric="minisblack")
+        tif.write(np.zeros((4, 4), np.uint16), subfiletype=1, metadata=None)
+    assert io.read_volume(thumb).shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_truncated_nii_gz_is_refused_not_zero_filled(tmp_path, dtype):
+    import gzip
+
+    array = np.random.default_rng(0).integers(1, 1000, (10, 30, 30)).astype(dtype)
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "full.nii.gz"))
+    raw = (tmp_path / "full.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(raw[: len(raw) * 2 // 3])  # ITK read it, the rest as zeros
+    with pytest.raises(InputError, match="truncated"):
+        io.read_volume(tmp_path / "cut.nii.gz")
+    # Complete streams are read, also as two gzip members or with zero padding after the stream.
+    plain = gzip.decompress(raw)
+    (tmp_path / "two.nii.gz").write_bytes(gzip.compress(plain[:1000]) + gzip.compress(plain[1000:]))
+    (tmp_path / "pad.nii.gz").write_bytes(raw + b"\0" * 8)
+    for name in ("full.nii.gz", "two.nii.gz", "pad.nii.gz"):
+        np.testing.assert_array_equal(io.read_volume(tmp_path / name).load(), array)
+
+
+def test_nifti_with_scl_slope_is_read_and_a_forged_vox_offset_refused(tmp_path):
+    import struct
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((5, 40, 40), 10, np.uint16)), str(tmp_path / "base.nii"))
+    raw = bytearray((tmp_path / "base.nii").read_bytes())
+    scaled = bytearray(raw)
+    scaled[112:120] = struct.pack("<ff", 2.5, 1.0)  # scl_slope, scl_inter: ITK returns float32
+    (tmp_path / "scaled.nii").write_bytes(bytes(scaled))
+    volume = io.read_volume(tmp_path / "scaled.nii")  # was refused: "declares 32,000 bytes, holds 16,000"
+    assert volume.dtype == np.float32 and np.all(volume.load() == 26.0)
+    for value in (-5.0, 100.0, float("nan")):  # ITK read shifted voxels (or raised ValueError here)
+        forged = bytearray(raw)
+        forged[108:112] = struct.pack("<f", value)
+        (tmp_path / "forged.nii").write_bytes(bytes(forged))
+        with pytest.raises(InputError, match="vox_offset"):
+            io.read_volume(tmp_path / "forged.nii")
+
+
+@pytest.mark.parametrize("multiscales", [
+    [{"version": "0.4", "datasets": []}],
+    "not a list",
+    [{"datasets": [{"path": "../elsewhere"}]}],
+    [{"datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": 5}]}]}],
+])
+def test_malformed_ome_zarr_metadata_is_a_one_line_input_error(tmp_path, multiscales):
+    root = zarr.open_group(str(tmp_path / "v.ome.zarr"), mode="w")
+    root.create_array("0", shape=(3, 8, 8), dtype="uint8")
+    root.attrs["multiscales"] = multiscales
+    with pytest.raises(InputError, match="malformed OME-Zarr metadata"):
+        io.read_volume(tmp_path / "v.ome.zarr")
+
+
+def test_zarr_group_whose_0_is_a_group_is_refused(tmp_path):
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_group("0")
+    with pytest.raises(InputError, match="no array '0'"):
+        io.read_volume(tmp_path / "g.zarr")
+
+
+def test_links_out_of_a_plane_folder_or_a_zarr_store_are_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tifffile.imwrite(outside / "secret.tif", np.full((8, 8), 7, np.uint16))
+    zarr.open_array(str(outside / "arr"), mode="w", shape=(3, 8, 8), dtype="uint16")[...] = 9
+    planes = tmp_path / "in" / "planes"
+    planes.mkdir(parents=True)
+    for z in range(3):
+        tifffile.imwrite(planes / f"z{z}.tif", np.zeros((8, 8), np.uint16))
+    os.symlink(outside / "secret.tif", planes / "z3.tif")
+    with pytest.raises(InputError, match="z3.tif links to .*outside the folder"):
+        io.read_volume(planes)
+    store = tmp_path / "in" / "link.zarr"
+    zarr.open_group(str(store), mode="w")
+    os.symlink(outside / "arr", store / "0")
+    with pytest.raises(InputError, match="'0' links to .*outside the zarr store"):
+        io.read_volume(store, lazy=True)
+    chunked = tmp_path / "in" / "chunk.zarr"
+    zarr.open_array(str(chunked), mode="w", shape=(3, 8, 8), chunks=(3, 8, 8), dtype="uint16")[...] = 1
+    chunk = next(p for p in chunked.rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.unlink()
+    os.symlink(next(p for p in (outside / "arr").rglob("*") if p.is_file() and p.name != "zarr.json"), chunk)
+    with pytest.raises(InputError, match="outside the zarr store"):
+        io.read_volume(chunked)
+    # Links that stay inside are fine, and so is a store that is itself a link (the user named it).
+    os.unlink(planes / "z3.tif")
+    os.symlink(planes / "z0.tif", planes / "z3.tif")
+    assert io.read_volume(planes).shape == (4, 8, 8)
+    os.symlink(outside / "arr", tmp_path / "named.zarr")
+    assert io.read_volume(tmp_path / "named.zarr").load().max() == 9
+
+
+def test_hostile_files_are_one_error_line_each_and_good_volumes_still_run(tmp_path, capsys, tiny_weights):
+    from lsmseg.cli import main
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    plane = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    _pages(inputs / "pages.tif", [plane, plane, plane[:4, :4], plane])
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(6000, dtype=np.float32).reshape(6, 20, 50)),
+                    str(tmp_path / "f.nii.gz"))
+    (inputs / "cut.nii.gz").write_bytes((tmp_path / "f.nii.gz").read_bytes()[:2000])
+    root = zarr.open_group(str(inputs / "meta.ome.zarr"), mode="w")
+    root.create_array("0", shape=(3, 8, 8), dtype="uint8")
+    root.attrs["multiscales"] = "not a list"
+    tifffile.imwrite(inputs / "good.tif", np.random.default_rng(0).integers(0, 999, (6, 16, 16), dtype=np.uint16))
+    assert main(["predict", str(inputs), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights), "-q"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 3, errors
+    for name in ("pages.tif", "cut.nii.gz", "meta.ome.zarr"):
+        [line] = [e for e in errors if name in e]
+        assert "unexpected" not in line
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.tif", "good.tif.provenance.json"]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int64])
+def test_ome_tiff_of_a_type_ome_xml_cannot_name_is_written_with_its_spacing(tmp_path, dtype):
+    # --probability-dtype float16 on an .ome.tif input failed with "unexpected OmeXmlError".
+    array = np.arange(3 * 8 * 8).reshape(3, 8, 8).astype(dtype)
+    for writer in ("whole", "blocks"):
+        out = tmp_path / writer / "p.ome.tif"
+        if writer == "whole":
+            io.write_volume(array, out, spacing=(2.0, 0.5, 0.25))
+        else:
+            io.write_mask_blocks([(tuple(slice(0, s) for s in array.shape), array)], out, array.shape,
+                                 spacing=(2.0, 0.5, 0.25), dtype=dtype)
+        volume = io.read_volume(out)
+        assert volume.dtype == dtype and volume.spacing == pytest.approx((2.0, 0.5, 0.25))
+        np.testing.assert_array_equal(volume.load(), array)

@@ -9,8 +9,10 @@ replaces NaN with 0; the raw voxels are read back so that a damaged volume is re
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,10 @@ from ..errors import InputError
 from .volume import Volume, VolumeFormat, check_array_shape, check_declared_size, check_dtype
 
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+# Bytes per voxel as stored, by NIfTI datatype code. ITK reports the pixel type it returns, which
+# differs when the header's scl_slope/scl_inter rescale the voxels (uint8 on disk, float32 read).
+_NIFTI_STORED_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
+                       1536: 16, 1792: 16, 2048: 32, 2304: 4}
 
 
 def _nifti_layout(header: bytes) -> tuple[str, int, int] | None:
@@ -29,11 +35,49 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int] | None:
         size = struct.unpack(endian + "i", header[:4])[0]
         if size == 348:  # NIfTI-1
             datatype = struct.unpack(endian + "h", header[70:72])[0]
-            return endian, datatype, int(struct.unpack(endian + "f", header[108:112])[0])
+            offset = struct.unpack(endian + "f", header[108:112])[0]
+            return endian, datatype, int(offset) if math.isfinite(offset) else -1
         if size == 540 and len(header) >= 540:  # NIfTI-2
             datatype = struct.unpack(endian + "h", header[12:14])[0]
             return endian, datatype, struct.unpack(endian + "q", header[168:176])[0]
     return None
+
+
+def _nifti_header(path: Path) -> bytes:
+    """The first 540 bytes of a NIfTI file, decompressed for ``.nii.gz`` (b"" when unreadable)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            return handle.read(540)
+    except (OSError, EOFError, zlib.error):
+        return b""
+
+
+def _check_gzip_complete(path: Path, expected: int) -> None:
+    """Refuse a ``.nii.gz`` whose gzip stream ends early: ITK's reader fills the missing voxels
+    with zeros and reports no error. The gzip trailer's size (mod 2^32) decides in one read; only
+    when it disagrees is the stream inflated (block by block) to see whether it is complete."""
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        if struct.unpack("<I", fh.read(4))[0] == expected % 2**32:
+            return
+        fh.seek(0)
+        inflater, total = zlib.decompressobj(31), 0
+        try:
+            while chunk := fh.read(1 << 20):
+                while chunk:
+                    total += len(inflater.decompress(chunk, 1 << 24))
+                    chunk = inflater.unconsumed_tail
+                    if inflater.eof and inflater.unused_data.lstrip(b"\0"):  # another gzip member
+                        chunk, inflater = inflater.unused_data + chunk, zlib.decompressobj(31)
+                    elif inflater.eof:
+                        break
+        except zlib.error as exc:
+            raise InputError(path, f"corrupt gzip data ({exc})") from exc
+    if not inflater.eof:
+        raise InputError(path, "gzip data ends early (truncated or corrupt file)")
+    if total < expected:
+        raise InputError(path, f"gzip data holds {total:,} of the {expected:,} bytes the header declares (truncated file)")
 
 
 def _nifti_nonfinite(path: Path, shape: tuple) -> np.ndarray | None:
@@ -175,13 +219,23 @@ def _check_sitk_size(path: Path, max_voxels: int | None) -> None:
     except RuntimeError as exc:
         raise InputError(path, f"unsupported pixel type ({reader.GetPixelIDTypeAsString()})") from exc
     check_declared_size(path, (*size, components), itemsize, max_voxels)
+    shape = (*size, components)
+    header = _nifti_header(path) if path.name.lower().endswith((".nii", ".nii.gz")) else b""
+    nifti = _nifti_layout(header)
+    if nifti is not None and nifti[2] < struct.unpack(nifti[0] + "i", header[:4])[0]:  # sizeof_hdr: 348 or 540
+        # ITK would read the voxels from the wrong place (shifted data, no error).
+        raise InputError(path, "NIfTI vox_offset is not a position after the header (forged or corrupt header)")
+    if nifti is not None and nifti[1] in _NIFTI_STORED_BYTES:  # the stored size, not the rescaled one
+        shape, itemsize = size, _NIFTI_STORED_BYTES[nifti[1]]
     data_bytes = os.path.getsize(source)
     if compressed:
-        check_declared_size(path, (*size, components), itemsize, max_voxels, deflate_bytes=data_bytes)
+        check_declared_size(path, shape, itemsize, max_voxels, deflate_bytes=data_bytes)
+        if nifti is not None and nifti[1] in _NIFTI_STORED_BYTES:
+            _check_gzip_complete(path, max(nifti[2], 0) + math.prod(size) * itemsize)
     elif source != path or path.name.lower().endswith((".mha", ".nii")):
         # Only the pixels count: a file holding its own also holds its header.
         pixel_bytes = data_bytes - _local_pixel_offset(path) if source == path else data_bytes
-        check_declared_size(path, (*size, components), itemsize, max_voxels, stored_bytes=max(pixel_bytes, 0))
+        check_declared_size(path, shape, itemsize, max_voxels, stored_bytes=max(pixel_bytes, 0))
 
 
 def _first_error_line(exc: Exception) -> str:

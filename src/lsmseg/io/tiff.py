@@ -37,6 +37,9 @@ logging.getLogger("tifffile").addFilter(_tifffile_to_debug)
 
 MAX_TIFF_PAGES = 100_000  # more IFDs than any real z-stack; counted without parsing them
 IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)
+# Pixel types OME-XML can name; others (float16 probability maps, 64-bit integers) are written
+# with tifffile's own metadata (spacing kept) even under an .ome.tif name.
+OME_DTYPES = (np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.float32, np.float64)
 _TIFF_DEFLATE = (8, 32946)  # ADOBE_DEFLATE, DEFLATE
 
 
@@ -191,6 +194,22 @@ def _check_tiff_size(path: Path, tif, shape: tuple, dtype: np.dtype, max_voxels:
         check_declared_size(path, shape, dtype.itemsize, max_voxels, deflate_bytes=stored, what="TIFF")
 
 
+def _refuse_several_images(path: Path, tif) -> None:
+    """Refuse a file that holds more than one image (series): pages that differ in shape or type
+    (tifffile groups the equal ones and would silently drop the others, shifting the planes), or
+    several OME images. Reduced-resolution pages (thumbnails, pyramid levels) do not count."""
+    images = [s for s in tif.series if not all(getattr(p, "is_reduced", False) for p in s.pages if p is not None)]
+    if len(images) < 2:
+        return
+    shown = ", ".join(f"{' x '.join(map(str, s.shape))} {s.dtype}" for s in images[:3]) + (" ..." if len(images) > 3 else "")
+    if all(s.kind in ("generic", "shaped", "uniform") and len(s.shape) <= 3 for s in images):
+        reason = f"pages differ in shape or type ({len(images)} groups: {shown}); expected a stack of equal planes"
+    else:
+        reason = (f"holds {len(images)} images ({shown}); expected one 3-D volume per file: "
+                  "save each image as a file of its own")
+    raise InputError(path, reason)
+
+
 class TiffFormat(VolumeFormat):
     """A 3-D stack in one TIFF file (``.tif``, ``.tiff``, ``.ome.tif``)."""
 
@@ -213,6 +232,7 @@ class TiffFormat(VolumeFormat):
                 check_declared_size(path, (pages, *first.shape), itemsize, max_voxels, what="TIFF")
                 if not tif.series:
                     raise InputError(path, "cannot read TIFF: no readable image (corrupt or truncated file)")
+                _refuse_several_images(path, tif)
                 series = tif.series[0]
                 shape, axes = tuple(series.shape), series.axes
                 spacing, extra = tiff_metadata(tif)
@@ -243,7 +263,7 @@ class TiffFormat(VolumeFormat):
         """A multi-page TIFF written plane by plane as z-slabs complete (tifffile pulls the planes)."""
         import tifffile
 
-        ome = path.name.lower().endswith(OME_TIFF_SUFFIXES)
+        ome = path.name.lower().endswith(OME_TIFF_SUFFIXES) and np.dtype(dtype) in [np.dtype(d) for d in OME_DTYPES]
         kwargs = tiff_write_kwargs(spacing, dtype, like, ome=ome)
         imagej = kwargs.pop("imagej")
         kwargs.pop("ome", None)
