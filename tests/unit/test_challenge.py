@@ -132,6 +132,14 @@ def test_missing_input_folder_is_an_error(tmp_path, predictor, caplog):
     assert "input folder does not exist" in error_records(caplog)[0].getMessage()
 
 
+def test_an_input_that_is_a_file_is_not_called_missing(tmp_path, predictor, caplog):
+    io.write_volume(volume(), tmp_path / "x.tif")
+    assert run("folder", settings_for(tmp_path, input_dir=tmp_path / "x.tif"), predictor=predictor) == EXIT_FAILED
+    [record] = error_records(caplog)
+    assert record.getMessage().startswith(str(tmp_path / "x.tif")) and "not a folder" in record.getMessage()
+    assert not (tmp_path / "out").exists()
+
+
 def test_unwritable_output_is_one_clear_line(tmp_path, predictor, caplog):
     (tmp_path / "in").mkdir()
     io.write_volume(volume(), tmp_path / "in" / "x.tif")
@@ -379,3 +387,49 @@ def test_cli_bad_mode_or_port_is_a_usage_error(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LSMSEG_MODE", "batch")
     assert main(["challenge", "--input", str(tmp_path)]) == EXIT_USAGE
     assert main(["serve", "--port", "http"]) == EXIT_USAGE
+
+
+# ------------------------------------------------------------------------------ links out of the input
+
+
+@pytest.mark.parametrize("link", ["image", "socket folder"])
+def test_exec_mode_refuses_a_case_image_that_links_outside_the_input(tmp_path, predictor, caplog, link):
+    """Nothing outside /input is read: a case image (or socket folder) linking elsewhere is bad input."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    io.write_volume(volume(), elsewhere / "secret.tif")
+    images = tmp_path / "in" / "images"
+    images.mkdir(parents=True)
+    if link == "image":
+        (images / DEFAULT_INPUT_SLUG).mkdir()
+        (images / DEFAULT_INPUT_SLUG / "case.tif").symlink_to(elsewhere / "secret.tif")
+    else:
+        (images / DEFAULT_INPUT_SLUG).symlink_to(elsewhere)
+    assert run("exec", settings_for(tmp_path), predictor=predictor) == EXIT_FAILED
+    [record] = error_records(caplog)
+    assert "outside the input folder" in record.getMessage() and "\n" not in record.getMessage()
+    assert not list((tmp_path / "out").rglob("*.mha"))
+
+
+def test_exec_mode_accepts_a_link_that_stays_inside_the_input(tmp_path, predictor):
+    exec_input(tmp_path, name="stored.tif", slug="store")
+    folder = tmp_path / "in" / "images" / DEFAULT_INPUT_SLUG
+    folder.mkdir()
+    (folder / "case.tif").symlink_to(tmp_path / "in" / "images" / "store" / "stored.tif")
+    assert run("exec", settings_for(tmp_path), predictor=predictor) == EXIT_OK
+    read_output_mha(tmp_path)
+
+
+def test_folder_mode_a_link_to_a_folder_holding_the_output_fails_alone(tmp_path, predictor, caplog):
+    """`in/up -> ..` holds the output folder: that entry is refused as a link out of the input (one
+    line), not taken for an input folder the output would be written into (the whole run refused)."""
+    (tmp_path / "in").mkdir()
+    io.write_volume(volume(), tmp_path / "in" / "x.tif")
+    (tmp_path / "in" / "up").symlink_to("..")
+    (tmp_path / "in" / "self").symlink_to(".")
+    assert run("folder", settings_for(tmp_path), predictor=predictor) == EXIT_FAILED
+    assert (tmp_path / "out" / "x.tif").is_file()
+    itself_first = sorted((r.getMessage() for r in error_records(caplog)), key=lambda m: "/in/up:" in m)
+    itself, up = itself_first
+    assert up.startswith(str(tmp_path / "in" / "up")) and "outside the input folder" in up
+    assert itself.startswith(str(tmp_path / "in" / "self")) and "back to the input folder itself" in itself

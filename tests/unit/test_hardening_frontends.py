@@ -559,3 +559,19 @@ def test_inference_module_has_a_parser_and_one_line_errors(tmp_path, capsys):
     assert export_main([str(tmp_path / "missing")]) == EXIT_FAILED
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ERROR: ") and "missing" in err[0]
+
+
+def test_check_targets_refuses_a_link_out_alone_even_one_holding_the_output(tmp_path):
+    """`predict in -o out` with `in/up -> ..` (which holds `out`): that entry fails alone as a link out
+    of the input, instead of the whole run being refused as writing inside an input."""
+    from lsmseg.errors import InputError
+    from lsmseg.inference.run import check_targets
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.tif").write_bytes(b"")
+    (tmp_path / "in" / "up").symlink_to("..")
+    (tmp_path / "in" / "self").symlink_to(".")
+    inputs = [tmp_path / "in" / name for name in ("x.tif", "up", "self")]
+    refused = check_targets(inputs, [tmp_path / "out" / p.name for p in inputs], input_folders=[tmp_path / "in"])
+    assert sorted(refused) == [1, 2] and all(isinstance(e, InputError) for e in refused.values())
+    assert "outside the input folder" in str(refused[1]) and "back to the input folder itself" in str(refused[2])

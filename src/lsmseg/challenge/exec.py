@@ -12,9 +12,9 @@ import logging
 import tempfile
 from pathlib import Path
 
-from ..errors import EXIT_OK, InputError, OutputError, ProvenanceError
+from ..errors import EXIT_OK, InputError, OutputError, ProvenanceError, printable
 from ..inference import VolumeResult, predict_file
-from ..io import natural_sorted, refuse_overwriting_inputs, sweep_partials
+from ..io import natural_sorted, outside_folder, refuse_overwriting_inputs, sweep_partials
 from .settings import DEFAULT_INPUT_SLUG, DEFAULT_OUTPUT_SLUG, ChallengeSettings, ensure_writable, load_predictor
 
 logger = logging.getLogger(__name__)
@@ -94,9 +94,17 @@ def locate_case(settings: ChallengeSettings, relative_path: str | None = None,
 
     Returns:
         ``(image, output)``: the case image and ``images/<output-slug>/output.mha``.
+
+    Raises:
+        InputError: no single case image, or one (or its socket folder) linking outside the input.
+        OutputError: the output would replace the input, or the output folder is not writable.
     """
     input_slug, output_slug = case_slugs(settings)
     image = find_case_image(settings.input_dir / (relative_path or f"images/{input_slug}"), image_name)
+    target = outside_folder(image, settings.input_dir)  # nothing outside the input is read
+    if target is not None:
+        raise InputError(image, f"links to {printable(target)}, outside the input folder "
+                                f"{printable(settings.input_dir)}; refusing to read it")
     output = settings.output_dir / "images" / output_slug / CASE_OUTPUT_NAME
     refuse_overwriting_inputs([(image, output)])
     ensure_writable(settings.output_dir)

@@ -157,20 +157,23 @@ def check_targets(inputs, outputs, probabilities=None, input_folders=()) -> dict
     inputs, outputs = [Path(p) for p in inputs], [Path(o) for o in outputs]
     probabilities = [Path(p) if p is not None else None for p in (probabilities or [None] * len(inputs))]
     targets = [(i, o) for i, o in enumerate(outputs)] + [(i, p) for i, p in enumerate(probabilities) if p is not None]
-    refuse_overwriting_inputs([(inputs[i], target) for i, target in targets], input_folders)
-    for probability, output in zip(probabilities, outputs):
-        if probability is not None and output_key(probability.parent) == output_key(output.parent):
-            raise OutputError(probability.parent, "probability maps would go into the masks' folder and replace the "
-                                                  "masks (same names); choose another folder for them")
+    # Entries leading out of their input folder are refused first, alone: a link to a folder that
+    # holds the output (in/up -> ..) must not pass for an input the output would land in.
     refused: dict[int, LsmsegError] = {}
     folders = [Path(f) for f in input_folders if Path(f).is_dir()]
     for index, input_path in enumerate(inputs):
         folder = next((f for f in folders if same_file(input_path.parent, f)), None)
         target = outside_folder(input_path, folder) if folder is not None else None
         if target is not None:
-            refused[index] = InputError(input_path, f"links to {printable(target)}, outside the input folder "
-                                                    f"{printable(folder)}; refusing to read it")
+            where = ("back to the input folder itself" if same_file(target, folder)
+                     else f"outside the input folder {printable(folder)}")
+            refused[index] = InputError(input_path, f"links to {printable(target)}, {where}; refusing to read it")
     targets = [(i, target) for i, target in targets if i not in refused]
+    refuse_overwriting_inputs([(inputs[i], target) for i, target in targets], input_folders)
+    for probability, output in zip(probabilities, outputs):
+        if probability is not None and output_key(probability.parent) == output_key(output.parent):
+            raise OutputError(probability.parent, "probability maps would go into the masks' folder and replace the "
+                                                  "masks (same names); choose another folder for them")
     for output, owners in colliding_outputs(targets).items():
         owners = list(dict.fromkeys(owners))
         if len(owners) == 1:
