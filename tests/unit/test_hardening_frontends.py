@@ -9,6 +9,7 @@ import shutil
 import signal
 import stat
 import tarfile
+from pathlib import Path
 
 import pytest
 import tifffile
@@ -575,3 +576,40 @@ def test_check_targets_refuses_a_link_out_alone_even_one_holding_the_output(tmp_
     refused = check_targets(inputs, [tmp_path / "out" / p.name for p in inputs], input_folders=[tmp_path / "in"])
     assert sorted(refused) == [1, 2] and all(isinstance(e, InputError) for e in refused.values())
     assert "outside the input folder" in str(refused[1]) and "back to the input folder itself" in str(refused[2])
+
+
+def test_a_probability_map_failing_at_its_end_leaves_no_mask(tmp_path, predictor, monkeypatch):
+    """The map is completed before the mask is renamed into place: when it fails at the end (a full disk
+    at its last plane or rename), the volume fails with neither file, not with a mask and no provenance."""
+    from lsmseg.inference import probabilities as probability_module
+
+    real = probability_module.write_mask_blocks
+
+    def fails_at_the_end(blocks, path, *args, **kwargs):
+        real(blocks, path, *args, **kwargs)
+        path.unlink()
+        raise OutputError(path, "disk full")
+
+    monkeypatch.setattr(probability_module, "write_mask_blocks", fails_at_the_end)
+    good = io.write_volume(volume((6, 24, 24)), tmp_path / "in" / "a.tif")
+    [result] = predict_files(with_probabilities(predictor, tmp_path / "p"), [good], tmp_path / "out")
+    assert not result.ok and "disk full" in result.error
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == []
+
+
+def test_a_mask_failing_after_its_probability_map_removes_the_map(tmp_path, predictor, monkeypatch):
+    from lsmseg.inference import run as run_module
+
+    real = run_module.write_mask_blocks
+
+    def mask_fails_at_the_end(blocks, path, *args, **kwargs):
+        real(blocks, path, *args, **kwargs)
+        Path(path).unlink()
+        raise OutputError(path, "cannot rename")
+
+    monkeypatch.setattr(run_module, "write_mask_blocks", mask_fails_at_the_end)
+    good = io.write_volume(volume((6, 24, 24)), tmp_path / "in" / "a.tif")
+    [result] = predict_files(with_probabilities(predictor, tmp_path / "p"), [good], tmp_path / "out")
+    assert not result.ok and "cannot rename" in result.error
+    assert list((tmp_path / "p").iterdir()) == []

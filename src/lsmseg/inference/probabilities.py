@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import Volume, mask_format_for, write_mask_blocks
+from ..io import Volume, mask_format_for, remove_path, write_mask_blocks
 
 PROBABILITY_DTYPES = ("uint8", "float16")
 
@@ -57,6 +57,7 @@ class ProbabilityWriter:
         self.dtype = "float32" if dtype == "float16" and mask_format_for(path) == "sitk" else dtype
         self.queue: "queue.Queue" = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
+        self.finished = False  # renamed into place
         self.thread = threading.Thread(target=self._write, args=(volume,), daemon=True)
         self.thread.start()
 
@@ -96,13 +97,17 @@ class ProbabilityWriter:
         self.thread.join()
         if self.error is not None:
             raise self.error
+        self.finished = True
 
     def abort(self) -> None:
-        """The mask failed: remove the partial probability map."""
+        """The mask failed: remove the probability map, partial or (when the mask failed after
+        :meth:`finish`) complete, so that a failed volume leaves neither file."""
         if self.thread.is_alive():
             with contextlib.suppress(BaseException):
                 self._hand_over(self._ABORT)
             self.thread.join()
+        if self.finished:
+            remove_path(self.path)
 
     def describe(self) -> dict:
         scale = "p = value / 255" if self.dtype == "uint8" else "p = value"

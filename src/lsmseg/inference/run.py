@@ -106,13 +106,18 @@ def predict_file(
     predicted_before_writing = counter.seconds
     timings["read_s"] = time.perf_counter() - start - predicted_before_writing
     start = time.perf_counter()
+    def then_probabilities(blocks):
+        yield from blocks
+        if probabilities is not None:  # complete before the mask is renamed into place: a failed
+            probabilities.finish()     # map fails the volume with no mask left behind
+
     try:
-        write_mask_blocks(counter.timed(blocks), output_path, volume.shape, like=volume)
+        write_mask_blocks(counter.timed(then_probabilities(blocks)), output_path, volume.shape, like=volume)
     except BaseException:
         if probabilities is not None:
             probabilities.abort()
         raise
-    if probabilities is not None:
+    if probabilities is not None and not probabilities.finished:  # a writer that stopped pulling early
         probabilities.finish()
     timings["predict_s"] = counter.seconds
     # Blocks are computed while the writer pulls them: that time is prediction, not writing.
