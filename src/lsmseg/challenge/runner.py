@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import argtypes
 from ..config import parse_mirror_axes
-from ..errors import EXIT_FAILED, EXIT_TERMINATED, EXIT_USAGE, LsmsegError
+from ..errors import EXIT_FAILED, EXIT_TERMINATED, EXIT_USAGE, LsmsegError, single_line
 from ..inference.engines import ENGINES
 from .exec import run_exec
 from .folder import run_folder
@@ -83,7 +83,7 @@ def run(mode: str | None, settings: ChallengeSettings, predictor=None) -> int:
         logger.error("%s: out of memory", settings.input_dir)
         return EXIT_FAILED
     except Exception as exc:  # a bug or an unforeseen file: still one line, never a traceback
-        logger.error("unexpected %s: %s", type(exc).__name__, " ".join(str(exc).split())[:300])
+        logger.error("unexpected %s: %s", type(exc).__name__, single_line(exc)[:300])
         logger.debug("traceback", exc_info=True)
         return EXIT_FAILED
 

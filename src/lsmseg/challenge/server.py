@@ -34,7 +34,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from ..errors import EXIT_FAILED, EXIT_OK, InputError, LsmsegError, printable
+from ..errors import EXIT_FAILED, EXIT_OK, InputError, LsmsegError, printable, single_line
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class InvokeService:
             logger.error("%s", exc)
             return False
         except Exception as exc:  # a bad manifest can fail deep inside torch/MONAI: still one line
-            self.load_error = f"cannot load the model: unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            self.load_error = f"cannot load the model: unexpected {type(exc).__name__}: {single_line(exc)[:300]}"
             logger.error("%s", self.load_error)
             logger.debug("traceback", exc_info=True)
             return False
@@ -113,7 +113,7 @@ class InvokeService:
             logger.error("%s", exc)
             return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(exc)}
         except Exception as exc:  # a bug must not take the server down with it
-            message = f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            message = f"unexpected {type(exc).__name__}: {single_line(exc)[:300]}"
             logger.error("%s", message)
             logger.debug("traceback", exc_info=True)
             return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": message}
