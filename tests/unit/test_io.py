@@ -171,3 +171,105 @@ def test_list_volumes_sorted_and_skips_sidecars(tmp_path):
     for name in ("b10.tif", "b2.tif", "b2.provenance.json", ".hidden.tif"):
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in io.list_volumes(tmp_path)] == ["b2.tif", "b10.tif"]
+
+
+# ------------------------------------------------------------- detached headers and upper-case suffixes
+
+SITK_NAMES = ["v.mha", "v.mhd", "v.nrrd", "v.nhdr", "v.nii", "v.nii.gz",
+              "V.MHA", "V.MHD", "V.NRRD", "V.NHDR", "V.NII", "V.NII.GZ", "my case.mhd", "my case.nhdr"]
+DATA_FILES = {".mhd": ".zraw", ".nhdr": ".raw.gz"}  # what ITK's compressed writers name the data file
+
+
+@pytest.mark.parametrize("name", SITK_NAMES)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_sitk_round_trip_leaves_only_final_files(tmp_path, volume, name, dtype):
+    array = volume.astype(dtype)
+    path = io.write_volume(array, tmp_path / name, spacing=SPACING)
+    stem, suffix = name.split(".", 1)
+    data = DATA_FILES.get("." + suffix.lower())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name] + ([stem + data] if data else []))
+    if data:  # the header names the data file by its final name
+        assert f"{stem}{data}" in path.read_text(encoding="latin-1").splitlines()[-1]
+    io.sweep_partials(tmp_path)  # a later run's sweep leaves a complete output alone
+    vol = io.read_volume(path)
+    assert vol.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(vol.load(), array)
+    np.testing.assert_allclose(vol.spacing, SPACING, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["u.MHA", "u.MHD", "u.Nrrd", "u.NII", "u.NII.GZ"])
+def test_upper_case_suffixes_written_by_simpleitk_read(tmp_path, volume, name):
+    import SimpleITK as sitk
+
+    lower = tmp_path / name.lower()
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(lower))
+    (tmp_path / name).write_bytes(lower.read_bytes())  # the data file of u.mhd is u.raw, for both
+    np.testing.assert_array_equal(io.read_volume(tmp_path / name).load(), volume)
+
+
+def test_failed_detached_write_leaves_neither_file(tmp_path, volume):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="later step"):
+        with io.atomic_output(out / "m.mhd") as tmp:
+            io.FORMATS["sitk"].write(volume, tmp)
+            assert any(p.name.endswith("m.zraw") for p in out.iterdir())
+            raise RuntimeError("later step failed")
+    assert list(out.iterdir()) == []
+
+
+def test_detached_data_lands_before_its_header_and_goes_when_the_header_fails(tmp_path, volume, monkeypatch):
+    import os
+
+    real_replace, moved = os.replace, []
+
+    def replace(src, dst):
+        moved.append(os.path.basename(dst))
+        if os.path.basename(dst) == "m.mhd" and fail:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    fail = False
+    io.write_volume(volume, tmp_path / "m.mhd")
+    assert moved[-2:] == ["m.zraw", "m.mhd"]
+    fail = True
+    with pytest.raises(OutputError, match="No space left"):
+        io.write_volume(volume, tmp_path / "m.mhd")
+    # the new data file is removed with the failed header: no header is left naming other data
+    assert moved[-2:] == ["m.zraw", "m.mhd"] and list(tmp_path.iterdir()) == []
+
+
+def test_killed_detached_write_is_swept(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import os, sys, numpy as np; from lsmseg import io\n"
+            "with io.atomic_output(sys.argv[1]) as tmp:\n"
+            "    io.FORMATS['sitk'].write(np.ones((2, 3, 4), np.uint8), tmp)\n"
+            "    os._exit(9)  # killed before the rename")
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.nhdr")], check=False).returncode == 9
+    left = [p.name for p in tmp_path.iterdir()]
+    assert all(name.startswith(io.PARTIAL_PREFIX) for name in left)
+    assert sorted(name.split("-", 3)[3] for name in left) == ["m.nhdr", "m.raw.gz"]
+    io.sweep_partials(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_list_volumes_skips_data_files_of_headers(tmp_path, volume):
+    import os
+
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(volume)
+    sitk.WriteImage(image, str(tmp_path / "m.mhd"), useCompression=True)  # m.zraw
+    sitk.WriteImage(image, str(tmp_path / "n.mhd"))  # n.raw
+    sitk.WriteImage(image, str(tmp_path / "h.nhdr"))  # h.raw
+    (tmp_path / "stray.raw").write_bytes(b"x")  # named by no header: still reported
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "o.mhd").write_text("NDims = 3\nElementDataFile = stray.raw\n")
+    os.symlink(outside / "o.mhd", tmp_path / "o.mhd")  # a header outside the folder is not read
+    names = [p.name for p in io.list_volumes(tmp_path)]
+    assert names == ["h.nhdr", "m.mhd", "n.mhd", "o.mhd", "stray.raw"]
+    for name in ("h.nhdr", "m.mhd", "n.mhd"):
+        np.testing.assert_array_equal(io.read_volume(tmp_path / name).load(), volume)

@@ -1,6 +1,8 @@
 """The one atomic writer: every file lsmseg writes (masks, provenance, manifests, checkpoints, run
 records, ONNX exports) is written under a hidden temporary name beside its target and renamed into
-place only when complete, so that a crash or a full disk never leaves a half-written file."""
+place only when complete, so that a crash or a full disk never leaves a half-written file. An output
+made of two files (a ``.mhd``/``.nhdr`` header and its data file) registers the second one with
+:func:`companion_output`: it is renamed into place first, the header last."""
 
 from __future__ import annotations
 
@@ -32,6 +34,45 @@ def partial_path(path: str | Path, suffix: str = "") -> Path:
     """
     path = Path(path)
     return path.parent / f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}{suffix}"
+
+
+def partial_target(path: str | Path) -> Path:
+    """The target a :func:`partial_path` name stands for (``.partial-<pid>-<id>-x.mhd`` -> ``x.mhd``
+    in the same folder); any other path is its own target."""
+    path = Path(path)
+    match = _PARTIAL_PID.match(path.name)
+    return path.parent / path.name[match.end():] if match and len(path.name) > match.end() else path
+
+
+# Companion files of the atomic outputs being written, by temporary path: [(temporary, final), ...].
+_companions: dict[Path, list[tuple[Path, Path]]] = {}
+
+
+def companion_output(tmp: str | Path, name: str) -> Path:
+    """A temporary path for a second file of the output being written at ``tmp``, named ``name``
+    beside the target once in place (a detached header's data file).
+
+    Within an :func:`atomic_output` block, the companion is renamed to ``name`` when the block
+    succeeds, before the output itself (so that a reader never sees a header without its data),
+    and removed with it when the block fails. Outside such a block, ``tmp`` is the target itself
+    and the companion is written in place.
+
+    Args:
+        tmp: the path :func:`atomic_output` yielded.
+        name: the companion's final file name, a plain name (no folder) in the target's folder.
+    """
+    tmp = Path(tmp)
+    if not name or name in (".", "..") or Path(name).name != name:
+        raise ValueError(f"a companion file needs a plain file name, got {name!r}")
+    final = tmp.parent / name
+    companions = _companions.get(tmp)
+    if companions is None:
+        return final
+    if any(done == final for _, done in companions) or final == partial_target(tmp):
+        raise ValueError(f"companion file {name!r} is already part of this output")
+    part = partial_path(final)
+    companions.append((part, final))
+    return part
 
 
 def remove_path(path: Path) -> None:
@@ -72,6 +113,9 @@ def atomic_output(path: str | Path, folder: bool | None = None) -> Iterator[Path
     removed on any exception. An ``OSError`` (disk full, no permission) becomes an
     :class:`OutputError` naming ``path``. A previous output of the same kind (file or folder) is
     replaced; one of the other kind is refused (:func:`refuse_replacing_another_kind`).
+    Companion files that the block registered (:func:`companion_output`) are renamed into place
+    before ``path``; when anything fails, those already renamed are removed again with the
+    temporary files, so no half of a two-file output is left.
 
     Args:
         path: the file or folder to write.
@@ -88,17 +132,27 @@ def atomic_output(path: str | Path, folder: bool | None = None) -> Iterator[Path
     if not os.access(path.parent, os.W_OK):
         raise OutputError(path.parent, "output folder is not writable")
     tmp = partial_path(path)
+    companions = _companions[tmp] = []
+    placed: list[Path] = []
     try:
         yield tmp
         refuse_replacing_another_kind(path, tmp.is_dir() and not tmp.is_symlink())
+        for _, final in companions:
+            refuse_replacing_another_kind(final, folder=False)
+        for part, final in companions:  # the data first, so that the header never names a missing file
+            os.replace(part, final)
+            placed.append(final)
         if path.exists() or path.is_symlink():
             remove_path(path)
         os.replace(tmp, path)
     except BaseException as exc:
-        remove_path(tmp)
+        for leftover in (tmp, *(part for part, _ in companions), *placed):
+            remove_path(leftover)
         if isinstance(exc, OSError) and not isinstance(exc, (InputError, OutputError)):
             raise OutputError(path, f"cannot write output: {exc.strerror or exc}") from exc
         raise
+    finally:
+        _companions.pop(tmp, None)
 
 
 def write_text(text: str, path: str | Path) -> Path:

@@ -60,9 +60,14 @@ def list_volumes(folder: str | Path) -> list[Path]:
     """Every candidate volume in ``folder``, naturally sorted (hidden and partial files skipped).
 
     Files of unknown type are listed too, so that the caller reports them as bad input instead of
-    silently ignoring them; sidecar files (provenance JSON, notes) are skipped. Links that lead out
-    of ``folder`` are listed as well, for the caller to refuse as bad input (:func:`outside_folder`).
+    silently ignoring them; sidecar files (provenance JSON, notes) are skipped, and so are the data
+    files of ``.mhd``/``.nhdr`` headers in ``folder`` (``m.zraw`` of ``m.mhd``, named by the
+    header's text; a name with a volume suffix stays listed). Links that lead out of ``folder``
+    are listed as well, for the caller to refuse as bad input (:func:`outside_folder`); the headers
+    read here are only those inside it.
     """
+    from .sitk import detached_data_name  # here: .sitk imports this module (through .volume)
+
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "input folder does not exist")
@@ -73,6 +78,12 @@ def list_volumes(folder: str | Path) -> list[Path]:
         if entry.is_file() and entry.name.endswith((".json", ".md", ".txt")):
             continue
         entries.append(entry)
+    data_files = {
+        name for entry in entries
+        if entry.name.lower().endswith((".mhd", ".nhdr", ".nrrd")) and entry.is_file() and _inside(entry, folder)
+        and (name := detached_data_name(entry)) is not None
+    }
+    entries = [entry for entry in entries if entry.name not in data_files or entry.name.lower().endswith(KNOWN_SUFFIXES)]
     return natural_sorted(entries)
 
 

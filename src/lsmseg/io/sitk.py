@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, OutputError
+from .atomic import companion_output, partial_path, partial_target, remove_path
 from .volume import Volume, VolumeFormat, check_array_shape, check_declared_size, check_dtype
 
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
@@ -102,6 +103,22 @@ def _nifti_nonfinite(path: Path, shape: tuple) -> np.ndarray | None:
 
 _HEADER_LIMIT = 1 << 16  # header text read before handing a file to ITK
 
+# ITK's ImageIO for each suffix: ITK picks one by the suffix's exact case (``x.MHA`` was "Unable to
+# determine ImageIO reader"), so it is named here from the lower-cased suffix, for reading and writing.
+_IMAGE_IO = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO",
+             ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO"}
+
+
+def _suffix(path: Path) -> str:
+    """The lower-cased SimpleITK suffix of ``path`` ("" for none)."""
+    lower = path.name.lower()
+    return next((s for s in _IMAGE_IO if lower.endswith(s)), "")
+
+
+def _image_io(path: Path) -> str:
+    """The ITK ImageIO for ``path`` by its lower-cased suffix ("": let ITK choose)."""
+    return _IMAGE_IO.get(_suffix(path), "")
+
 
 def _header_text(path: Path) -> str:
     with open(path, "rb") as fh:
@@ -156,8 +173,11 @@ def _nrrd_fields(path: Path) -> dict[str, str]:
 
 
 def _confined_data_file(path: Path, name: str) -> Path:
-    """A detached data file named by a header: one plain name that resolves inside the header's folder."""
-    if not name or name.upper().startswith("LIST") or "%" in name or len(name.split()) > 1:
+    """A detached data file named by a header: one plain name that resolves inside the header's folder.
+
+    MetaIO and teem take a value as a list (``LIST``) or a pattern (a ``%`` format, then numbers)
+    only so; any other value is one file name, spaces included (``my case.zraw``)."""
+    if not name or name.upper().startswith("LIST") or "%" in name:
         raise InputError(path, f"data file '{name[:80]}' is a list or pattern of files; only one data file is supported")
     folder = os.path.realpath(path.parent)
     target = os.path.realpath(os.path.join(folder, name))
@@ -166,6 +186,28 @@ def _confined_data_file(path: Path, name: str) -> Path:
     if not os.path.isfile(target):
         raise InputError(path, f"data file '{name[:80]}' is missing or not a regular file")
     return Path(target)
+
+
+def detached_data_name(path: Path) -> str | None:
+    """The name of the data file that the ``.mhd``/``.nhdr``/``.nrrd`` header ``path`` names in its
+    own folder, from the header's text only (its first 64 KiB); None for any other file, a header
+    holding its own pixels, a list or pattern of files, a name in another folder, or an unreadable
+    header (reading it reports that)."""
+    lower = path.name.lower()
+    try:
+        if lower.endswith(".mhd"):
+            name = _metaimage_fields(path).get("elementdatafile")
+        elif lower.endswith((".nrrd", ".nhdr")):
+            fields = _nrrd_fields(path)
+            name = fields.get("data file", fields.get("datafile"))
+        else:
+            return None
+    except (OSError, InputError):
+        return None
+    if not name or name.upper() == "LOCAL" or name.upper().startswith("LIST") or "%" in name:
+        return None
+    name = os.path.normpath(name)
+    return None if "/" in name or os.sep in name or name in (".", "..") else name
 
 
 def _sitk_data_source(path: Path) -> tuple[Path, bool]:
@@ -206,6 +248,7 @@ def _check_sitk_size(path: Path, max_voxels: int | None) -> None:
     source, compressed = _sitk_data_source(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    reader.SetImageIO(_image_io(path))
     try:
         reader.ReadImageInformation()
     except Exception as exc:
@@ -244,6 +287,39 @@ def _first_error_line(exc: Exception) -> str:
     return next((line for line in text.splitlines() if "ERROR" in line or "error" in line), text).strip()[:200]
 
 
+def _write_image(image, path: Path) -> None:
+    """Write ``image`` at ``path``, which may be an :func:`lsmseg.io.atomic.atomic_output` temporary name.
+
+    ITK writes into a hidden scratch folder beside the target, under the target's own name with a
+    lower-cased suffix (ITK's writers accept only those), so that a ``.mhd``/``.nhdr`` header names
+    its data file by its final name (not a temporary one). The data file becomes a companion of the
+    output (:func:`lsmseg.io.atomic.companion_output`), renamed into place before the header; the
+    scratch folder is removed whatever happens (and swept as a ``.partial-`` leftover after a kill).
+    """
+    import SimpleITK as sitk
+
+    target = partial_target(path)
+    suffix = _suffix(target)
+    scratch = partial_path(target, ".d")
+    try:
+        scratch.mkdir()
+        inner = scratch / (target.name[: len(target.name) - len(suffix)] + suffix)
+        writer = sitk.ImageFileWriter()
+        writer.SetFileName(str(inner))
+        writer.SetImageIO(_image_io(target))
+        writer.SetUseCompression(True)
+        try:
+            writer.Execute(image)
+        except RuntimeError as exc:  # ITK's errors (disk full, no permission) are RuntimeErrors
+            raise OutputError(target, f"cannot write output ({_first_error_line(exc)})") from exc
+        for written in sorted(scratch.iterdir()):  # the data file of a detached header
+            if written != inner:
+                os.replace(written, companion_output(path, written.name))
+        os.replace(inner, path)
+    finally:
+        remove_path(scratch)
+
+
 class SitkFormat(VolumeFormat):
     """``.nii.gz``, ``.nii``, ``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr`` (read whole: ITK has no lazy reads)."""
 
@@ -254,7 +330,7 @@ class SitkFormat(VolumeFormat):
 
         _check_sitk_size(path, max_voxels)
         try:
-            image = sitk.ReadImage(str(path))
+            image = sitk.ReadImage(str(path), imageIO=_image_io(path))
         except Exception as exc:
             raise InputError(path, f"cannot read image ({_first_error_line(exc)})") from exc
         if image.GetNumberOfComponentsPerPixel() > 1:
@@ -285,7 +361,7 @@ class SitkFormat(VolumeFormat):
         if like is not None and like.fmt == self.name and like.shape == array.shape:
             image.SetOrigin(like.meta["origin"])
             image.SetDirection(like.meta["direction"])
-        sitk.WriteImage(image, str(path), useCompression=True)
+        _write_image(image, Path(path))
 
     def write_blocks(self, blocks, path: Path, *, shape, dtype, like=None, spacing=None) -> None:
         """ITK's writers need the whole image: the blocks are assembled first (its readers hold it anyway)."""
