@@ -454,34 +454,47 @@ def test_zarr_group_whose_0_is_a_group_is_refused(tmp_path):
         io.read_volume(tmp_path / "g.zarr")
 
 
-def test_links_out_of_a_plane_folder_or_a_zarr_store_are_refused(tmp_path):
+def test_links_out_of_a_plane_folder_or_a_zarr_store_listed_from_an_input_folder_are_refused(tmp_path):
+    """Volumes listed from an input folder read nothing outside it, links inside a plane folder or a
+    zarr store included (check_targets, before any work); a path the user names is the user's choice."""
+    from lsmseg.inference.run import check_targets
+
     outside = tmp_path / "outside"
     outside.mkdir()
     tifffile.imwrite(outside / "secret.tif", np.full((8, 8), 7, np.uint16))
     zarr.open_array(str(outside / "arr"), mode="w", shape=(3, 8, 8), dtype="uint16")[...] = 9
-    planes = tmp_path / "in" / "planes"
+    inputs = tmp_path / "in"
+    planes = inputs / "planes"
     planes.mkdir(parents=True)
     for z in range(3):
         tifffile.imwrite(planes / f"z{z}.tif", np.zeros((8, 8), np.uint16))
     os.symlink(outside / "secret.tif", planes / "z3.tif")
-    with pytest.raises(InputError, match="z3.tif links to .*outside the folder"):
-        io.read_volume(planes)
-    store = tmp_path / "in" / "link.zarr"
+    store = inputs / "link.zarr"
     zarr.open_group(str(store), mode="w")
     os.symlink(outside / "arr", store / "0")
-    with pytest.raises(InputError, match="'0' links to .*outside the zarr store"):
-        io.read_volume(store, lazy=True)
-    chunked = tmp_path / "in" / "chunk.zarr"
+    chunked = inputs / "chunk.zarr"
     zarr.open_array(str(chunked), mode="w", shape=(3, 8, 8), chunks=(3, 8, 8), dtype="uint16")[...] = 1
     chunk = next(p for p in chunked.rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk.unlink()
     os.symlink(next(p for p in (outside / "arr").rglob("*") if p.is_file() and p.name != "zarr.json"), chunk)
-    with pytest.raises(InputError, match="outside the zarr store"):
-        io.read_volume(chunked)
-    # Links that stay inside are fine, and so is a store that is itself a link (the user named it).
-    os.unlink(planes / "z3.tif")
-    os.symlink(planes / "z0.tif", planes / "z3.tif")
+    # Links that stay inside the input folder are fine (a subset of planes linking to ../raw).
+    raw = inputs / "raw"
+    raw.mkdir()
+    tifffile.imwrite(raw / "z0.tif", np.zeros((8, 8), np.uint16))
+    subset = inputs / "subset"
+    subset.mkdir()
+    for z in range(2):
+        os.symlink(raw / "z0.tif", subset / f"z{z}.tif")
+    volumes = [planes, store, chunked, subset]
+    refused = check_targets(volumes, [tmp_path / "out" / v.name for v in volumes], input_folders=[inputs])
+    assert sorted(refused) == [0, 1, 2]
+    assert "holds z3.tif, a link to" in str(refused[0]) and "outside the input folder" in str(refused[0])
+    assert "holds 0, a link to" in str(refused[1])
+    assert "outside the input folder" in str(refused[2])
+    # Named by the user: read as they are.
     assert io.read_volume(planes).shape == (4, 8, 8)
+    assert io.read_volume(subset).shape == (2, 8, 8) and io.expand_inputs([subset]) == [subset]
+    assert io.read_volume(store, lazy=True).load().max() == 9
     os.symlink(outside / "arr", tmp_path / "named.zarr")
     assert io.read_volume(tmp_path / "named.zarr").load().max() == 9
 

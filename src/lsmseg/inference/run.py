@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError, LsmsegError, OutputError, ProvenanceError, one_line, printable, single_line
 from ..io import (
-    Volume, check_declared_size, check_output_space, colliding_outputs, output_key, output_path_for, outside_folder,
+    Volume, check_declared_size, check_output_space, colliding_outputs, link_out_inside, output_key, output_path_for, outside_folder,
     read_volume, refuse_overwriting_inputs, same_file, sweep_partials, write_json, write_mask_blocks,
 )
 from ..normalise import is_constant
@@ -173,6 +173,17 @@ def check_targets(inputs, outputs, probabilities=None, input_folders=()) -> dict
             where = ("back to the input folder itself" if same_file(target, folder)
                      else f"outside the input folder {printable(folder)}")
             refused[index] = InputError(input_path, f"links to {printable(target)}, {where}; refusing to read it")
+        elif folder is not None and input_path.is_dir():  # a plane folder or zarr store: links inside it too
+            try:
+                found = link_out_inside(input_path, folder)
+            except OSError as exc:
+                refused[index] = InputError(input_path, f"cannot list the folder ({exc.strerror or exc})")
+                continue
+            if found is not None:
+                link, target = found
+                refused[index] = InputError(input_path, f"holds {printable(link.relative_to(input_path))}, a link to "
+                                                        f"{printable(target)}, outside the input folder "
+                                                        f"{printable(folder)}; refusing to read it")
     targets = [(i, target) for i, target in targets if i not in refused]
     refuse_overwriting_inputs([(inputs[i], target) for i, target in targets], input_folders)
     for probability, output in zip(probabilities, outputs):

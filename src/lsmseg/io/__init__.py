@@ -25,7 +25,7 @@ from .atomic import (
     write_text,
 )
 from .paths import (
-    KNOWN_SUFFIXES, colliding_outputs, list_volumes, natural_sorted, output_key, output_path_for, outside_folder,
+    KNOWN_SUFFIXES, colliding_outputs, link_out_inside, list_volumes, natural_sorted, output_key, output_path_for, outside_folder,
     refuse_overwriting_inputs, same_file, volume_name,
 )
 from .registry import (
@@ -41,7 +41,7 @@ __all__ = [
     "DEFAULT_MAX_VOXELS", "ENV_MAX_VOXELS", "FORMATS", "KNOWN_SUFFIXES", "PARTIAL_PREFIX", "Spacing", "Volume",
     "VolumeFormat", "atomic_output", "check_declared_size", "check_output_space", "colliding_outputs",
     "create_zarr_mask", "default_max_voxels", "detect_format", "expand_inputs", "list_volumes", "mask_format_for",
-    "natural_sorted", "output_key", "output_path_for", "outside_folder", "partial_path", "read_volume",
+    "link_out_inside", "natural_sorted", "output_key", "output_path_for", "outside_folder", "partial_path", "read_volume",
     "refuse_overwriting_inputs", "refuse_replacing_another_kind", "remove_path", "same_file", "sweep_partials",
     "volume_name", "write_json", "write_mask", "write_mask_blocks", "write_text", "write_volume",
 ]

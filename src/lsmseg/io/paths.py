@@ -109,6 +109,31 @@ def outside_folder(path: str | Path, folder: str | Path) -> Path | None:
     return None if _inside(path, folder) else Path(os.path.realpath(path))
 
 
+def link_out_inside(tree: str | Path, folder: str | Path) -> tuple[Path, Path] | None:
+    """The first link below the folder ``tree`` (a plane folder, a zarr store) that leads outside
+    ``folder``, as ``(link, where it leads)``; None if there is none.
+
+    Links are found by listing (``os.scandir``, never following them), so nothing outside is
+    opened. Input folders use it on the volume folders they list: nothing outside the input is
+    read. A path the user names is the user's choice and is not checked.
+
+    Args:
+        tree: the folder to search.
+        folder: the boundary, usually the input folder ``tree`` was listed from.
+    """
+    pending = [os.fspath(tree)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    target = outside_folder(entry.path, folder)
+                    if target is not None:
+                        return Path(entry.path), target
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+    return None
+
+
 def output_key(path: str | Path) -> str:
     """What names an output on disk: its resolved path, case-folded, because some file systems
     (macOS, Windows, SMB shares) take ``X.tif`` and ``x.tif`` for one file."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, OutputError
-from .paths import TIFF_SUFFIXES, natural_sorted, outside_folder
+from .paths import TIFF_SUFFIXES, natural_sorted
 from .tiff import count_tiff_pages, tiff_metadata, tiff_write_kwargs
 from .volume import LazyArray, Volume, VolumeFormat, check_declared_size, check_dtype, iter_slabs
 
@@ -89,11 +89,8 @@ def is_plane_folder(folder: Path) -> bool:
     planes = [p for p in entries if p.suffix.lower() in PLANE_SUFFIXES]
     if not planes or len(planes) != len(entries):
         return False
-    inside = [p for p in natural_sorted(planes) if outside_folder(p, folder) is None]  # links out: never opened
-    if not inside:
-        return False
     try:
-        with tifffile.TiffFile(inside[0]) as tif:
+        with tifffile.TiffFile(natural_sorted(planes)[0]) as tif:
             return len(tif.series[0].shape) == 2
     except Exception:
         return False
@@ -113,10 +110,6 @@ class PlanesFormat(VolumeFormat):
         if not planes:
             raise InputError(path, "folder contains no .tif/.tiff planes")
         _check_plane_sequence(path, planes)
-        for plane in planes:  # nothing outside the input is read
-            target = outside_folder(plane, path)
-            if target is not None:
-                raise InputError(path, f"plane {plane.name} links to {target}, outside the folder; refusing to read it")
         headers = {plane.name: _plane_header(path, plane) for plane in planes}
         first = planes[0].name
         shape, dtype = headers[first]

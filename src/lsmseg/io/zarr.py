@@ -7,13 +7,11 @@ are regions of the array, so any writer (one process, or dask workers) writes wh
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
-from .paths import outside_folder
 from .volume import (
     LazyArray, Spacing, Volume, VolumeFormat, check_array_shape, check_declared_size, check_dtype, to_um,
 )
@@ -91,27 +89,6 @@ def create_zarr_mask(path: Path, shape, dtype, chunks, spacing: Spacing | None, 
     return array
 
 
-def _refuse_links_out(path: Path) -> None:
-    """Refuse a store holding a link (to a chunk, an array, metadata) that resolves outside the
-    store: nothing outside the input is read. Links are found by listing the folders, not by
-    following them; the store itself may be a link (the user named it)."""
-    root = os.path.realpath(path)
-    folders = [root]
-    while folders:
-        try:
-            with os.scandir(folders.pop()) as entries:
-                for entry in entries:
-                    if entry.is_symlink():
-                        target = outside_folder(entry.path, root)
-                        if target is not None:
-                            raise InputError(path, f"'{os.path.relpath(entry.path, root)[:80]}' links to {str(target)[:120]}, "
-                                                   "outside the zarr store; refusing to read it")
-                    elif entry.is_dir(follow_symlinks=False):
-                        folders.append(entry.path)
-        except OSError as exc:
-            raise InputError(path, f"cannot list the zarr store ({exc.strerror or exc})") from exc
-
-
 class ZarrFormat(VolumeFormat):
     """A zarr array, or an OME-Zarr group (its first resolution level)."""
 
@@ -124,7 +101,6 @@ class ZarrFormat(VolumeFormat):
         except ImportError as exc:
             raise InputError(path, "reading zarr needs the 'zarr' package, a core dependency of lsmseg: "
                                    "pip install 'zarr>=3'") from exc
-        _refuse_links_out(path)
         try:
             node = zarr.open(str(path), mode="r")
         except Exception as exc:
