@@ -598,7 +598,9 @@ def test_a_probability_map_failing_at_its_end_leaves_no_mask(tmp_path, predictor
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == []
 
 
-def test_a_mask_failing_after_its_probability_map_removes_the_map(tmp_path, predictor, monkeypatch):
+@pytest.mark.parametrize("name", ["a.tif", "a.mhd"])
+def test_a_mask_failing_after_its_probability_map_removes_the_map(tmp_path, predictor, monkeypatch, name):
+    """...with a detached header's data file too (a.zraw of a.mhd)."""
     from lsmseg.inference import run as run_module
 
     real = run_module.write_mask_blocks
@@ -609,7 +611,7 @@ def test_a_mask_failing_after_its_probability_map_removes_the_map(tmp_path, pred
         raise OutputError(path, "cannot rename")
 
     monkeypatch.setattr(run_module, "write_mask_blocks", mask_fails_at_the_end)
-    good = io.write_volume(volume((6, 24, 24)), tmp_path / "in" / "a.tif")
+    good = io.write_volume(volume((6, 24, 24)), tmp_path / "in" / name)
     [result] = predict_files(with_probabilities(predictor, tmp_path / "p"), [good], tmp_path / "out")
     assert not result.ok and "cannot rename" in result.error
     assert list((tmp_path / "p").iterdir()) == []

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import Volume, mask_format_for, remove_path, write_mask_blocks
+from ..io import Volume, mask_format_for, remove_output, write_mask_blocks
 
 PROBABILITY_DTYPES = ("uint8", "float16")
 
@@ -107,7 +107,7 @@ class ProbabilityWriter:
                 self._hand_over(self._ABORT)
             self.thread.join()
         if self.finished:
-            remove_path(self.path)
+            remove_output(self.path)
 
     def describe(self) -> dict:
         scale = "p = value / 255" if self.dtype == "uint8" else "p = value"

@@ -29,7 +29,7 @@ from .paths import (
     refuse_overwriting_inputs, same_file, volume_name,
 )
 from .registry import (
-    FORMATS, detect_format, expand_inputs, mask_format_for, read_volume, write_mask, write_mask_blocks, write_volume,
+    FORMATS, detect_format, expand_inputs, mask_format_for, read_volume, remove_output, write_mask, write_mask_blocks, write_volume,
 )
 from .volume import (
     DEFAULT_MAX_VOXELS, ENV_MAX_VOXELS, Spacing, Volume, VolumeFormat, check_declared_size, check_output_space,
@@ -42,6 +42,6 @@ __all__ = [
     "VolumeFormat", "atomic_output", "check_declared_size", "check_output_space", "colliding_outputs",
     "create_zarr_mask", "default_max_voxels", "detect_format", "expand_inputs", "list_volumes", "mask_format_for",
     "link_out_inside", "natural_sorted", "output_key", "output_path_for", "outside_folder", "partial_path", "read_volume",
-    "refuse_overwriting_inputs", "refuse_replacing_another_kind", "remove_path", "same_file", "sweep_partials",
+    "refuse_overwriting_inputs", "refuse_replacing_another_kind", "remove_output", "remove_path", "same_file", "sweep_partials",
     "volume_name", "write_json", "write_mask", "write_mask_blocks", "write_text", "write_volume",
 ]

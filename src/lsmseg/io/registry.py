@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .atomic import atomic_output
+from .atomic import atomic_output, remove_path
 from .paths import SITK_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, list_volumes
 from .planes import PlanesFormat, is_plane_folder
-from .sitk import SitkFormat
+from .sitk import SitkFormat, detached_data_name
 from .tiff import TiffFormat
 from .volume import Spacing, Volume, VolumeFormat
 from .zarr import ZarrFormat
@@ -127,6 +127,16 @@ def write_mask(mask: np.ndarray, path: str | Path, like: Volume | None = None, s
     mask = np.ascontiguousarray(mask)
     return _write_atomically(path, like, spacing,
                              lambda fmt, tmp, spacing_: fmt.write(mask, tmp, like=like, spacing=spacing_))
+
+
+def remove_output(path: str | Path) -> None:
+    """Remove an output this run wrote: the file or folder, and a detached header's data file
+    (``m.zraw`` of ``m.mhd``, as the header names it in its own folder)."""
+    path = Path(path)
+    data = detached_data_name(path) if path.is_file() else None
+    remove_path(path)
+    if data is not None:
+        remove_path(path.parent / data)
 
 
 def write_volume(array: np.ndarray, path: str | Path, spacing: Spacing | None = None) -> Path:
