@@ -536,3 +536,23 @@ def test_ome_tiff_of_a_type_ome_xml_cannot_name_is_written_with_its_spacing(tmp_
         volume = io.read_volume(out)
         assert volume.dtype == dtype and volume.spacing == pytest.approx((2.0, 0.5, 0.25))
         np.testing.assert_array_equal(volume.load(), array)
+
+
+def test_planes_appended_one_by_one_read_as_a_stack_and_a_trailing_thumbnail_is_ignored(tmp_path):
+    """tifffile's append=True makes each plane its own series: the pages are the stack. A smaller
+    2-D page after the whole stack is a thumbnail (not marked reduced); one inside the stack is not."""
+    appended = tmp_path / "appended.tif"
+    for z in range(4):
+        tifffile.imwrite(appended, np.full((16, 16), z, np.uint8), append=True)
+    for lazy in (False, True):
+        volume = io.read_volume(appended, lazy=lazy)
+        assert volume.shape == (4, 16, 16) and np.asarray(volume.data[:, 0, 0]).tolist() == [0, 1, 2, 3]
+    thumbnail = tmp_path / "thumbnail.tif"
+    with tifffile.TiffWriter(thumbnail) as writer:
+        writer.write(np.arange(5 * 32 * 32, dtype=np.uint16).reshape(5, 32, 32), metadata=None, contiguous=False)
+        writer.write(np.zeros((8, 8), np.uint8), metadata=None)
+    assert io.read_volume(thumbnail).shape == (5, 32, 32)
+    plane = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    _pages(tmp_path / "inside.tif", [plane, plane, plane[:4, :4], plane])
+    with pytest.raises(InputError, match="pages differ in shape or type"):
+        io.read_volume(tmp_path / "inside.tif")

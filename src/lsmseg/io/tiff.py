@@ -194,11 +194,33 @@ def _check_tiff_size(path: Path, tif, shape: tuple, dtype: np.dtype, max_voxels:
         check_declared_size(path, shape, dtype.itemsize, max_voxels, deflate_bytes=stored, what="TIFF")
 
 
+def _planes_appended_one_by_one(tif) -> bool:
+    """Whether every image of the file is one 2-D page of one shape and type, as tifffile writes a
+    stack appended plane by plane (``imwrite(..., append=True)``): then the pages are the stack."""
+    series = tif.series
+    return len(series) > 1 and all(
+        s.kind == "shaped" and len(s.pages) == 1 and s.shape == series[0].shape and len(s.shape) == 2
+        and s.dtype == series[0].dtype for s in series)
+
+
 def _refuse_several_images(path: Path, tif) -> None:
     """Refuse a file that holds more than one image (series): pages that differ in shape or type
     (tifffile groups the equal ones and would silently drop the others, shifting the planes), or
-    several OME images. Reduced-resolution pages (thumbnails, pyramid levels) do not count."""
+    several OME images. Reduced-resolution pages (thumbnails, pyramid levels) do not count, nor
+    single smaller 2-D pages after the whole stack (thumbnails not marked as such)."""
     images = [s for s in tif.series if not all(getattr(p, "is_reduced", False) for p in s.pages if p is not None)]
+    if len(images) < 2:
+        return
+    main = images[0]
+    last = max((p.index for p in main.pages if p is not None), default=-1)
+    plane = main.shape[-2:]
+
+    def thumbnail(s) -> bool:
+        pages = [p for p in s.pages if p is not None]
+        return (len(pages) == 1 and len(s.shape) == 2 and pages[0].index > last
+                and all(t < m for t, m in zip(s.shape, plane)))
+
+    images = [main] + [s for s in images[1:] if not thumbnail(s)]
     if len(images) < 2:
         return
     shown = ", ".join(f"{' x '.join(map(str, s.shape))} {s.dtype}" for s in images[:3]) + (" ..." if len(images) > 3 else "")
@@ -224,7 +246,11 @@ class TiffFormat(VolumeFormat):
                 raise InputError(path, f"TIFF has more than {MAX_TIFF_PAGES:,} pages; refusing to parse it")
             if pages == 0:
                 raise InputError(path, "cannot read TIFF: no readable image (corrupt or truncated file)")
+            flags: dict = {}
             with tifffile.TiffFile(path) as tif:
+                if _planes_appended_one_by_one(tif):
+                    flags = {"is_shaped": False}  # read as one stack of its equal pages
+            with tifffile.TiffFile(path, **flags) as tif:
                 first = tif.pages.first
                 itemsize = np.dtype(first.dtype or np.uint8).itemsize
                 # One page's size first: a forged page of 10^10 pixels must not reach the allocator.
@@ -251,10 +277,10 @@ class TiffFormat(VolumeFormat):
                 import zarr
 
                 # tifffile's zarr view of the series: strips and tiles are read when a slice needs them.
-                store = tifffile.imread(path, aszarr=True, series=0)
+                store = tifffile.imread(path, aszarr=True, series=0, **flags)
                 data = LazyArray(zarr.open(store, mode="r"), path, "TIFF pixel data", index)
             else:
-                data = tifffile.imread(path, series=0)[index]
+                data = tifffile.imread(path, series=0, **flags)[index]
         except Exception as exc:
             raise InputError(path, f"cannot read TIFF pixel data ({type(exc).__name__}: {exc})") from exc
         return Volume(data=data, spacing=spacing, path=path, fmt=self.name, meta=meta)
