@@ -11,7 +11,9 @@ CPU cores); ``--swin`` uses the shipped architecture instead.
     python benchmarks/bench_scaling.py --base 32,128,128 --swin
 
 ``lsmseg-no-cache`` is lsmseg with the window cache off (``window_cache_mb=0``): windows on block
-borders then run once per block they touch.
+borders then run once per block they touch. lsmseg variants fix glibc's mmap threshold as
+``lsmseg predict`` does (:mod:`lsmseg.allocator`; the stand-in, too, runs in OpenVINO by default);
+``lsmseg-glibc`` (``--glibc-at``) leaves malloc as it comes.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def stand_in(roi):
 
 
 def child(spec: dict) -> dict:
+    mapped = None  # glibc's malloc as it comes (MONAI, lsmseg-glibc)
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -74,11 +77,16 @@ def child(spec: dict) -> dict:
         options = RunOptions(progress=False, block_size=spec["block"], prefetch=spec["variant"] == "lsmseg-prefetch",
                              window_cache_mb=0 if spec["variant"] == "lsmseg-no-cache" else RunOptions.window_cache_mb)
         predictor = Predictor(model, config, settings, device="cpu", options=options)
+        if spec["variant"] != "lsmseg-glibc":  # as `lsmseg predict` does once the model is loaded
+            from lsmseg.allocator import map_large_buffers_for
+
+            mapped = map_large_buffers_for(predictor)
         with Timer() as timer:
             blocks = predict_file(predictor, spec["input"], Path(spec["out"]) / "mask.tif").record["blocks"]
-        return {"seconds": timer.seconds, "cpu_seconds": timer.cpu, "peak_rss_mb": peak_rss_mb(),
+        return {"seconds": timer.seconds, "cpu_seconds": timer.cpu, "peak_rss_mb": peak_rss_mb(), "large_buffers_mapped": mapped,
                 "baseline_rss_mb": baseline, "window_runs": blocks["window_runs"], "windows": blocks["windows"]}
-    return {"seconds": timer.seconds, "cpu_seconds": timer.cpu, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}
+    return {"seconds": timer.seconds, "cpu_seconds": timer.cpu, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline,
+            "large_buffers_mapped": mapped}
 
 
 def main() -> None:
@@ -94,6 +102,8 @@ def main() -> None:
                         help="which of the sizes 1,4,16 to run")
     parser.add_argument("--no-cache-at", default="1,4,16", type=lambda text: [int(v) for v in text.split(",") if v],
                         help="sizes (1,4,16) also run without the window cache ('' none)")
+    parser.add_argument("--glibc-at", default="", type=lambda text: [int(v) for v in text.split(",") if v],
+                        help="sizes (1,4,16) also run with glibc's default malloc settings, not lsmseg.allocator's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=1, help="runs of each variant per size (order rotated; medians)")
     parser.add_argument("--json", type=Path)
@@ -126,6 +136,8 @@ def main() -> None:
             variants += ["lsmseg-prefetch"] if factor == 4 and not args.no_prefetch else []  # does reading in a thread pay on CPU?
             # What the window cache (each border window run once) saves in time and costs in memory.
             variants += ["lsmseg-no-cache"] if factor in args.no_cache_at else []
+            # glibc's malloc as it comes (lsmseg before 2026-12-03): large buffers from a growing heap.
+            variants += ["lsmseg-glibc"] if factor in args.glibc_at else []
             runs: dict[str, list[dict]] = {variant: [] for variant in variants}
             for rep in range(args.reps):
                 for variant in variants[rep % len(variants):] + variants[:rep % len(variants)]:  # rotate the order

@@ -19,6 +19,7 @@ from . import __version__, argtypes
 from .argtypes import zyx  # noqa: F401 (lsmseg.synth and lsmseg_evaluation import it from here)
 from .challenge.runner import add_challenge_commands
 from .config import parse_mirror_axes
+from .allocator import map_large_buffers_for
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LsmsegError, one_line, single_line
 from .inference.blocks import DEFAULT_WINDOW_CACHE_BYTES
 from .inference.engines import ENGINES
@@ -165,6 +166,7 @@ def run_predict(args) -> int:
         )
     except ValueError as exc:
         raise UsageError(single_line(exc)) from None
+    map_large_buffers_for(predictor)  # memory freed between blocks goes back to the system
     inputs = expand_inputs([path for path in args.inputs if path not in missing])
     if not inputs:
         logger.warning("no volumes found in %s", ", ".join(map(str, args.inputs)))

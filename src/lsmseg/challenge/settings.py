@@ -57,12 +57,15 @@ def resolve_weights(settings: ChallengeSettings) -> Path:
 
 def load_predictor(settings: ChallengeSettings):
     """Load verified weights once (the slow part of start-up)."""
+    from ..allocator import map_large_buffers_for
     from ..inference import Predictor, RunOptions
 
     options = RunOptions(structure=settings.structure, progress=settings.progress, mask_value=settings.mask_value,
                          max_voxels=settings.max_voxels)
-    return Predictor.from_manifest(resolve_weights(settings), device=settings.device, engine=settings.engine,
-                                   options=options, mirror_axes=settings.mirror_axes)
+    predictor = Predictor.from_manifest(resolve_weights(settings), device=settings.device, engine=settings.engine,
+                                        options=options, mirror_axes=settings.mirror_axes)
+    map_large_buffers_for(predictor)  # memory freed between blocks goes back to the system
+    return predictor
 
 
 def ensure_writable(folder: Path) -> None:

@@ -25,11 +25,12 @@ from .atomic import (
     write_text,
 )
 from .paths import (
-    KNOWN_SUFFIXES, colliding_outputs, link_out_inside, list_volumes, natural_sorted, output_key, output_path_for, outside_folder,
+    KNOWN_SUFFIXES, colliding_outputs, link_out_inside, natural_sorted, output_key, output_path_for, outside_folder,
     refuse_overwriting_inputs, same_file, volume_name,
 )
 from .registry import (
-    FORMATS, detect_format, expand_inputs, mask_format_for, read_volume, remove_output, write_mask, write_mask_blocks, write_volume,
+    FORMATS, detect_format, expand_inputs, list_volumes, mask_format_for, read_volume, remove_output, write_mask,
+    write_mask_blocks, write_volume,
 )
 from .volume import (
     DEFAULT_MAX_VOXELS, ENV_MAX_VOXELS, Spacing, Volume, VolumeFormat, check_declared_size, check_output_space,

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import InputError, OutputError, printable
+from ..errors import OutputError, printable
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
@@ -54,37 +54,6 @@ def output_path_for(input_path: str | Path, out_dir: str | Path, output_format: 
     if output_format != "same":
         raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
     return Path(out_dir) / Path(input_path).name
-
-
-def list_volumes(folder: str | Path) -> list[Path]:
-    """Every candidate volume in ``folder``, naturally sorted (hidden and partial files skipped).
-
-    Files of unknown type are listed too, so that the caller reports them as bad input instead of
-    silently ignoring them; sidecar files (provenance JSON, notes) are skipped, and so are the data
-    files of ``.mhd``/``.nhdr`` headers in ``folder`` (``m.zraw`` of ``m.mhd``, named by the
-    header's text; a name with a volume suffix stays listed). Links that lead out of ``folder``
-    are listed as well, for the caller to refuse as bad input (:func:`outside_folder`); the headers
-    read here are only those inside it.
-    """
-    from .sitk import detached_data_name  # here: .sitk imports this module (through .volume)
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(folder, "input folder does not exist")
-    entries = []
-    for entry in folder.iterdir():
-        if entry.name.startswith("."):
-            continue
-        if entry.is_file() and entry.name.endswith((".json", ".md", ".txt")):
-            continue
-        entries.append(entry)
-    data_files = {
-        name for entry in entries
-        if entry.name.lower().endswith((".mhd", ".nhdr", ".nrrd")) and entry.is_file() and _inside(entry, folder)
-        and (name := detached_data_name(entry)) is not None
-    }
-    entries = [entry for entry in entries if entry.name not in data_files or entry.name.lower().endswith(KNOWN_SUFFIXES)]
-    return natural_sorted(entries)
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import InputError
 from .atomic import atomic_output, remove_path
-from .paths import SITK_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, list_volumes
+from .paths import KNOWN_SUFFIXES, SITK_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, natural_sorted, outside_folder
 from .planes import PlanesFormat, is_plane_folder
 from .sitk import SitkFormat, detached_data_name
 from .tiff import TiffFormat
@@ -142,6 +142,35 @@ def remove_output(path: str | Path) -> None:
 def write_volume(array: np.ndarray, path: str | Path, spacing: Spacing | None = None) -> Path:
     """Write any 3-D array (image or label) in the format ``path`` implies; used by phantoms and tests."""
     return write_mask(array, path, like=None, spacing=spacing)
+
+
+def list_volumes(folder: str | Path) -> list[Path]:
+    """Every candidate volume in ``folder``, naturally sorted (hidden and partial files skipped).
+
+    Files of unknown type are listed too, so that the caller reports them as bad input instead of
+    silently ignoring them; sidecar files (provenance JSON, notes) are skipped, and so are the data
+    files of ``.mhd``/``.nhdr`` headers in ``folder`` (``m.zraw`` of ``m.mhd``, named by the
+    header's text; a name with a volume suffix stays listed). Links that lead out of ``folder``
+    are listed as well, for the caller to refuse as bad input (:func:`outside_folder`); the headers
+    read here are only those inside it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "input folder does not exist")
+    entries = []
+    for entry in folder.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.name.endswith((".json", ".md", ".txt")):
+            continue
+        entries.append(entry)
+    data_files = {
+        name for entry in entries
+        if entry.name.lower().endswith((".mhd", ".nhdr", ".nrrd")) and entry.is_file() and outside_folder(entry, folder) is None
+        and (name := detached_data_name(entry)) is not None
+    }
+    entries = [entry for entry in entries if entry.name not in data_files or entry.name.lower().endswith(KNOWN_SUFFIXES)]
+    return natural_sorted(entries)
 
 
 def expand_inputs(paths) -> list[Path]:
