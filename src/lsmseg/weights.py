@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import shutil
 import tarfile
 import tempfile
@@ -325,7 +326,13 @@ def load_state_dict(path: str | Path, sha256: str | None) -> dict[str, torch.Ten
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"{path}: cannot load weights ({type(exc).__name__}: {exc})") from exc
+        # One line: torch's refusals run to several paragraphs (weights_only's advice about pickles).
+        detail = single_line(exc)
+        if isinstance(exc, pickle.UnpicklingError):
+            detail = "not safetensors nor a checkpoint of plain tensors; torch.load(weights_only=True) refused it"
+        elif len(detail) > 200:
+            detail = detail[:200] + "..."
+        raise WeightsError(f"{path}: cannot load weights ({type(exc).__name__}: {detail})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

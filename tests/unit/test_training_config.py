@@ -84,3 +84,47 @@ def test_set_overrides_are_checked_like_the_file():
                          ("average_decay=1.0", "average_decay")):
         with pytest.raises(ConfigError, match=message):
             load_run_config(FinetuneConfig, path, overrides=[bad])
+
+
+@pytest.mark.parametrize("bad, message", [("threads=-3", "threads -3 must be positive"),
+                                          ("threads=0", "threads 0 must be positive"),
+                                          ("max_seconds=.nan", "max_seconds must be positive"),
+                                          ("max_seconds=0", "max_seconds must be positive"),
+                                          ("optim.lr=-1", r"optim: lr -1.0 must be >= 0"),
+                                          ("optim.grad_clip=-1", "grad_clip must be >= 0"),
+                                          ("optim.min_lr_ratio=2", r"min_lr_ratio in \[0, 1\]"),
+                                          ("data.lower_percentile=99.9", "0 <= lower_percentile < upper_percentile")])
+def test_numbers_out_of_range_are_refused_when_loaded(bad, message):
+    # threads -3 reached torch.set_num_threads (a traceback); 0 was taken as "torch's default"; a NaN
+    # budget passed `<= 0` and silently meant no budget; a negative lr or inverted percentiles were
+    # tracebacks from torch / the normaliser, a negative grad_clip silently meant no clipping.
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(PretrainConfig, CONFIGS / "smoke_pretrain.yaml", overrides=[bad])
+
+
+@pytest.mark.parametrize("kind, extra, other", [("pretrain", {}, "finetune"), (None, {}, "finetune"),
+                                                ("finetune", {"history": [], "best": {}}, "pretrain"),
+                                                (None, {"history": [], "best": {}}, "pretrain")])
+def test_resume_refuses_another_stage_checkpoint_and_a_finished_run(tmp_path, kind, extra, other):
+    # Fine-tuning resumed a pretraining checkpoint (same architecture) and validated the reconstruction
+    # network as a segmenter; a checkpoint at or past the config's steps trained nothing and reported
+    # an encoder or best checkpoint it had not written. Checkpoints without a kind are judged by their extra.
+    import torch
+
+    from lsmseg.errors import WeightsError
+    from lsmseg.model import build_model
+    from lsmseg_training.config import OptimConfig
+    from lsmseg_training.engine import CHECKPOINT_NAME, make_optimiser, make_scaler, resume_state, save_checkpoint
+
+    config = load_run_config(PretrainConfig, CONFIGS / "smoke_pretrain.yaml").model
+    model = build_model(config)
+    optimiser, scheduler = make_optimiser(model, OptimConfig(), 10)
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, model, optimiser, scheduler, make_scaler(torch.device("cpu"), False),
+                    4, config, extra=extra, kind=kind)
+    mine = {"pretrain": "finetune", "finetune": "pretrain"}[other]
+    assert resume_state(tmp_path, config, True, kind=mine, total_steps=5)["step"] == 4
+    with pytest.raises(WeightsError, match=f"{CHECKPOINT_NAME}: checkpoint is from a {mine} run, not {other}"):
+        resume_state(tmp_path, config, True, kind=other, total_steps=5)
+    with pytest.raises(WeightsError, match="checkpoint is at step 4, the config's run is 4 steps"):
+        resume_state(tmp_path, config, True, kind=mine, total_steps=4)
+    assert resume_state(tmp_path / "none", config, True, kind=other, total_steps=4) is None

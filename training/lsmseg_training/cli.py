@@ -7,6 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from lsmseg import argtypes
 from lsmseg.errors import EXIT_OK
 
 logger = logging.getLogger(__name__)
@@ -44,17 +45,28 @@ def add_commands(subparsers) -> None:
     p.add_argument("run", type=Path, help="output folder of a finished `lsmseg finetune` run")
     p.add_argument("-o", "--weights-dir", type=Path, metavar="DIR",
                    help="weights folder (default: RUN/export); use with `lsmseg predict --weights DIR`")
-    p.add_argument("--name", default="general", help="model name in the manifest (default: general)")
+    p.add_argument("--name", type=model_name, default="general",
+                   help="model name in the manifest and of NAME.safetensors: letters, digits, . _ - (default: general)")
     p.add_argument("--force", action="store_true", help="replace an existing entry or file named NAME")
     p.add_argument("--checkpoint", choices=["best", "final"], default="best", help="which checkpoint (default: best)")
-    p.add_argument("--structures", nargs="*", help="structures it segments (default: the run config's)")
+    p.add_argument("--structures", nargs="*", type=argtypes.structure, help="structures it segments (default: the run config's)")
     p.add_argument("--default", dest="make_default", action="store_true",
                    help="make it the manifest's default model")
-    p.add_argument("--threshold", type=float, help="override the tuned threshold")
-    p.add_argument("--min-component-voxels", type=int, metavar="N",
+    p.add_argument("--threshold", type=argtypes.probability, help="override the tuned threshold (in (0, 1))")
+    p.add_argument("--min-component-voxels", type=argtypes.non_negative_int, metavar="N",
                    help="inference removes connected components smaller than N voxels "
                    "(default: the shipped weights' value; 0 keeps all)")
     p.set_defaults(func=run_export)
+
+
+def model_name(text: str) -> str:
+    """An argparse type: a model name that is also a plain file name (:func:`lsmseg_training.export.check_name`)."""
+    from .export import check_name
+
+    try:
+        return check_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_pretrain(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ checkout (:mod:`lsmseg.realdata`).
 
 from __future__ import annotations
 
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,9 @@ class DataConfig:
             raise ValueError(f"downscale {self.downscale} must be in (0, 1]")
         if not 0.0 <= self.foreground_ratio <= 1.0:
             raise ValueError(f"foreground_ratio {self.foreground_ratio} must be in [0, 1]")
+        if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= lower_percentile < upper_percentile <= 100, got "
+                             f"{self.lower_percentile}, {self.upper_percentile}")
         if self.workers < 0:
             raise ValueError("workers must be >= 0")
         if self.target_spacing is not None and min(self.target_spacing) <= 0:
@@ -125,6 +129,14 @@ class OptimConfig:
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     # autocast dtype with amp: "auto" = bf16 where the GPU has it natively (Ampere on), else fp16 (with a GradScaler)
     amp_dtype: typing.Literal["auto", "bf16", "fp16"] = "auto"
+
+    def __post_init__(self):
+        if not 0 <= self.lr < math.inf:  # 0 keeps the starting weights (a check that a run changes nothing)
+            raise ValueError(f"lr {self.lr} must be >= 0")
+        if not (0 <= self.weight_decay < math.inf and 0 <= self.grad_clip < math.inf):
+            raise ValueError("weight_decay and grad_clip must be >= 0 (grad_clip 0: no clipping)")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
 
 
 @dataclass
@@ -221,8 +233,10 @@ class RunConfig:
             raise ValueError("batch_size, epochs and steps_per_epoch must be positive")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be positive")
-        if self.max_seconds is not None and self.max_seconds <= 0:
+        if self.max_seconds is not None and not 0 < self.max_seconds < float("inf"):  # also refuses NaN
             raise ValueError("max_seconds must be positive (or null: no budget)")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads {self.threads} must be positive (or null: torch's default)")
 
 
 @dataclass

@@ -223,8 +223,10 @@ def backward_step(loss, model, optimiser, scheduler, scaler, grad_clip: float) -
 
 
 def save_checkpoint(path: Path, model, optimiser, scheduler, scaler, step: int, model_config: ModelConfig,
-                    extra: dict | None = None, averaged: torch.nn.Module | None = None) -> None:
+                    extra: dict | None = None, averaged: torch.nn.Module | None = None,
+                    kind: str | None = None) -> None:
     state = {
+        **({"kind": kind} if kind else {}),
         "model": unwrap(model).state_dict(),
         **({"averaged": averaged.state_dict()} if averaged is not None else {}),
         "optimiser": optimiser.state_dict(),
@@ -346,7 +348,13 @@ def read_record(folder: Path) -> dict:
     path = Path(folder) / RUN_RECORD
     if not path.is_file():
         raise WeightsError(f"{path}: no run record; is {folder} the output folder of a finished run?")
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise WeightsError(f"{path}: cannot read the run record ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(record, dict):
+        raise WeightsError(f"{path}: the run record is not a JSON object")
+    return record
 
 
 def versions() -> dict:
@@ -368,10 +376,27 @@ class Timer:
 # The loop
 
 
-def resume_state(output: Path, model_config: ModelConfig, resume: bool) -> dict | None:
-    """The run's last checkpoint when resuming and one exists (checked for the architecture), else None."""
+def resume_state(output: Path, model_config: ModelConfig, resume: bool, *, kind: str | None = None,
+                 total_steps: int | None = None) -> dict | None:
+    """The run's last checkpoint when resuming and one exists, else None.
+
+    Checked for the architecture, for the stage (``kind``: a pretraining checkpoint does not continue
+    a fine-tuning run, nor the reverse) and for steps left to train (``total_steps``).
+    """
     path = Path(output) / CHECKPOINT_NAME
-    return load_checkpoint(path, model_config) if resume and path.is_file() else None
+    if not (resume and path.is_file()):
+        return None
+    state = load_checkpoint(path, model_config)
+    # Checkpoints from before the stage was recorded: fine-tuning's always keep its validation history.
+    found = state.get("kind") or ("finetune" if "best" in (state.get("extra") or {}) else "pretrain")
+    if kind is not None and found != kind:
+        raise WeightsError(f"{path}: checkpoint is from a {found} run, not {kind}; resume it with `lsmseg {found}` "
+                           "or choose another output folder")
+    step = int(state.get("step", 0))
+    if total_steps is not None and step >= total_steps:
+        raise WeightsError(f"{path}: checkpoint is at step {step}, the config's run is {total_steps} steps "
+                           "(epochs x steps_per_epoch): nothing left to train; raise epochs to continue")
+    return state
 
 
 @dataclass
@@ -495,7 +520,7 @@ def train_loop(
         if processes.main and (loop.step % config.checkpoint_every == 0 or last):
             checkpoint_extra = on_checkpoint(loop) if on_checkpoint is not None else {}
             save_checkpoint(output / CHECKPOINT_NAME, wrapped, optimiser, scheduler, scaler, loop.step, config.model,
-                            extra=checkpoint_extra, averaged=loop.averaged)
+                            extra=checkpoint_extra, averaged=loop.averaged, kind=kind)
             record.update(steps=loop.step, seconds=round(loop.timer.elapsed(), 1))
             write_record(output, record)
             plot_training(output, record.get("history"))

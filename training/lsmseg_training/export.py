@@ -13,12 +13,15 @@ training data and the package and library versions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from lsmseg.config import InferenceSettings, ModelConfig, from_dict
-from lsmseg.errors import WeightsError
+from lsmseg.errors import ConfigError, WeightsError, single_line
+from lsmseg.model import build_model
 from lsmseg.weights import (
     MANIFEST_NAME,
     Manifest,
@@ -60,6 +63,10 @@ def export_run(
         force: replace an existing entry or checkpoint file named ``name``.
     """
     run = Path(run)
+    try:
+        check_name(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     weights_dir = Path(weights_dir) if weights_dir is not None else run / "export"
     file_name = f"{name}.safetensors"
     manifest_path = weights_dir / MANIFEST_NAME
@@ -72,25 +79,66 @@ def export_run(
         raise WeightsError(f"{run}: not a fine-tuning run (kind {record.get('kind')!r}); export fine-tuned weights")
     if checkpoint not in ("best", "final") or checkpoint not in record:
         raise WeightsError(f"{run}: no '{checkpoint}' checkpoint recorded (has the run finished?)")
-    chosen = record[checkpoint]
-    source = run / chosen["file"]
-    state = load_state_dict(source, chosen["sha256"])
-    config = record["config"]
-    model_config = from_dict(ModelConfig, config["model"], f"{run}/run.json:config.model")
-    evaluation = chosen.get("evaluation")
-    if evaluation is None:  # no final sweep (validation.final_overlap null): the in-training one at that step
-        evaluation = next((h for h in record.get("history", []) if h.get("step") == chosen.get("step")), None)
-    if threshold is None:
-        threshold = evaluation["best_threshold"] if evaluation else config["validation"]["threshold"]
-    data = config["data"]
-    settings = InferenceSettings(
-        threshold=float(threshold),
-        min_component_voxels=int(min_component_voxels),
-        lower_percentile=data["lower_percentile"],
-        upper_percentile=data["upper_percentile"],
-        upper_tail=data.get("upper_tail", "clip"),  # runs before the option clipped
-        spacing=training_spacing(data, record.get("data") or {}),
-    )
+    try:
+        chosen = record[checkpoint]
+        source = run / chosen["file"]
+        sha256 = chosen["sha256"]
+        config = record["config"]
+        model_config = from_dict(ModelConfig, config["model"], f"{run}/run.json:config.model")
+        evaluation = chosen.get("evaluation")
+        if evaluation is None:  # no final sweep (validation.final_overlap null): the in-training one at that step
+            evaluation = next((h for h in record.get("history", []) if h.get("step") == chosen.get("step")), None)
+        if threshold is None:
+            threshold = evaluation["best_threshold"] if evaluation else config["validation"]["threshold"]
+        data = config["data"]
+        lower, upper = data["lower_percentile"], data["upper_percentile"]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise WeightsError(f"{run}/run.json: incomplete run record ({type(exc).__name__}: {exc}); "
+                           "export a run that `lsmseg finetune` finished") from exc
+    state = load_state_dict(source, sha256)
+    try:
+        settings = InferenceSettings(
+            threshold=float(threshold),
+            min_component_voxels=int(min_component_voxels),
+            lower_percentile=lower,
+            upper_percentile=upper,
+            upper_tail=data.get("upper_tail", "clip"),  # runs before the option clipped
+            spacing=training_spacing(data, record.get("data") or {}),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{run}: cannot export with these inference settings ({single_line(exc)})") from exc
+    # The weights must fit the recorded model before anything is written (no half-made export).
+    try:
+        build_model(model_config).load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{source}: weights do not fit the run's model config ({str(exc).splitlines()[0]})") from exc
+    # The folder's manifest is read before anything is written: an unreadable one refuses the export.
+    existing = load_manifest(manifest_path) if manifest_path.is_file() else None
+    target = weights_dir / file_name
+    replaced, created = target.exists(), not weights_dir.exists()
+    manifest_text = manifest_path.read_bytes() if existing is not None else None
+    try:
+        return _write_export(run, weights_dir, name, checkpoint, structures, make_default, state, chosen, config,
+                             model_config, evaluation, settings, record, existing)
+    except BaseException:
+        # No half-made export: a new checkpoint file goes, the manifest is put back as it was.
+        if not replaced:
+            target.unlink(missing_ok=True)
+        if manifest_text is not None:
+            manifest_path.write_bytes(manifest_text)
+        elif manifest_path.is_file():
+            manifest_path.unlink()
+        if created:
+            with contextlib.suppress(OSError):  # only if nothing else went in
+                weights_dir.rmdir()
+        raise
+
+
+def _write_export(run, weights_dir, name, checkpoint, structures, make_default, state, chosen, config, model_config,
+                  evaluation, settings, record, manifest) -> Path:
+    """The writing half of :func:`export_run` (arguments checked and read there)."""
+    file_name = f"{name}.safetensors"
+    manifest_path = weights_dir / MANIFEST_NAME
     sha = save_weights(state, weights_dir / file_name)
     validation = {"checkpoint": checkpoint, "step": chosen.get("step")}
     if evaluation:
@@ -128,8 +176,7 @@ def export_run(
         validation=validation,
         provenance=provenance,
     )
-    if manifest_path.is_file():
-        manifest = load_manifest(manifest_path)
+    if manifest is not None:
         manifest.models[name] = entry
         if make_default:
             manifest.default = name
@@ -142,6 +189,18 @@ def export_run(
     logger.info("exported %s (%s checkpoint, step %s) -> %s, sha256 %s..., threshold %.2f",
                 run, checkpoint, chosen.get("step"), weights_dir / file_name, sha[:12], settings.threshold)
     return manifest_path
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can name a manifest entry and its ``NAME.safetensors`` in the weights folder
+    (letters, digits, ``.``, ``_``, ``-``; no path), else ValueError."""
+    if not NAME_PATTERN.fullmatch(name or ""):
+        raise ValueError(f"model name {name!r} must be letters, digits, '.', '_' or '-' (not starting with "
+                         "'.', '_' or '-'), e.g. general or vessels")
+    return name
 
 
 def splits_by_source(splits: dict) -> dict:

@@ -171,7 +171,7 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
             if not Path(config.pretrained).is_file():
                 raise WeightsError(f"{where}: pretrained: {config.pretrained}: no such file")
             pretrained = load_pretrained_encoder(model, Path(config.pretrained), config.min_matched_fraction)
-        resume_from = resume_state(output, config.model, resume)
+        resume_from = resume_state(output, config.model, resume, kind="finetune", total_steps=config.total_steps)
         resumed = resume_from["extra"] if resume_from else {}
         history = resumed.get("history", [])
         best = resumed.get("best", {"dice": -1.0, "step": None})

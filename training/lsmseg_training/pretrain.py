@@ -53,7 +53,7 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
         records = main_first(processes, lambda: prepare_volumes(config.data, "train", need_labels=False,
                                                                  where=where, seed=config.seed))
         records = [dataclasses.replace(r, label=None, foreground=None) for r in records]
-        resume_from = resume_state(output, config.model, resume)
+        resume_from = resume_state(output, config.model, resume, kind="pretrain", total_steps=config.total_steps)
         torch.manual_seed(config.seed)
         model = build_model(config.model)
         initialised = load_full_model(model, Path(config.init), config.model) if config.init is not None else None

@@ -196,12 +196,30 @@ def phantom_threshold(manifest_path: Path, thresholds=THRESHOLDS, kinds=PHANTOM_
     }
 
 
+def writable_manifest(weights: Path) -> Path:
+    """The manifest ``weights`` names, refused when it is a model tarball's extracted copy (choices
+    written there would be lost with the scratch folder)."""
+    import os
+
+    from lsmseg.errors import WeightsError
+    from lsmseg.weights import resolve_manifest
+
+    weights = Path(weights)
+    path = resolve_manifest(weights)
+    inside = os.path.realpath(path) == os.path.realpath(weights) or (
+        weights.is_dir() and os.path.realpath(path).startswith(os.path.realpath(weights) + os.sep))
+    if not inside:
+        raise WeightsError(f"{weights}: a model tarball cannot take the choices (they would go to its extracted "
+                           "copy in scratch space); extract it and pass the folder")
+    return path
+
+
 def write_choices(manifest_path: Path, result: dict) -> Path:
     """Store the chosen per-structure settings and their validation scores in the manifest entry;
     structures not tuned in ``result`` keep what the manifest holds."""
-    from lsmseg.weights import load_manifest, resolve_manifest, write_manifest
+    from lsmseg.weights import load_manifest, write_manifest
 
-    path = resolve_manifest(manifest_path)
+    path = writable_manifest(manifest_path)
     manifest = load_manifest(path)
     name, entry = manifest.entry_for(None)
     entry.inference.per_structure = {**entry.inference.per_structure, **result["per_structure"]}
@@ -241,6 +259,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_run_config(FinetuneConfig, args.config)
+    if args.write:
+        writable_manifest(args.weights)  # before the grid (~30 min), not after it
     result = tune(config, args.weights, mirrors=((), MIRROR_ALL) if args.mirror else ((),),
                   structures=args.structures, floors=tuple(args.floors))
     if args.default_threshold:
