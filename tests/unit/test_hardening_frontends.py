@@ -9,6 +9,7 @@ import shutil
 import signal
 import stat
 import tarfile
+import types
 from pathlib import Path
 
 import pytest
@@ -540,7 +541,7 @@ def test_predict_draws_progress_bars_only_on_a_terminal(terminal, setting, quiet
 
     def from_manifest(manifest, **kwargs):
         seen["progress"] = kwargs["options"].progress
-        return object()
+        return types.SimpleNamespace(engine="torch", device=torch.device("cpu"))  # what the CLI reads of it
 
     monkeypatch.setattr(lsmseg.inference.Predictor, "from_manifest", from_manifest)
     monkeypatch.setattr(lsmseg.inference, "predict_files", lambda *args, **kwargs: [])
