@@ -172,12 +172,18 @@ def _nrrd_fields(path: Path) -> dict[str, str]:
     return fields
 
 
+def _names_several_files(name: str) -> bool:
+    """Whether a header's data-file value is a list (``LIST``) or a pattern (a ``%`` format), as
+    MetaIO and teem read it; any other value is one file name, spaces included."""
+    return name.upper().startswith("LIST") or "%" in name
+
+
 def _confined_data_file(path: Path, name: str) -> Path:
     """A detached data file named by a header: one plain name that resolves inside the header's folder.
 
     MetaIO and teem take a value as a list (``LIST``) or a pattern (a ``%`` format, then numbers)
     only so; any other value is one file name, spaces included (``my case.zraw``)."""
-    if not name or name.upper().startswith("LIST") or "%" in name:
+    if not name or _names_several_files(name):
         raise InputError(path, f"data file '{name[:80]}' is a list or pattern of files; only one data file is supported")
     folder = os.path.realpath(path.parent)
     target = os.path.realpath(os.path.join(folder, name))
@@ -204,7 +210,7 @@ def detached_data_name(path: Path) -> str | None:
             return None
     except (OSError, InputError):
         return None
-    if not name or name.upper() == "LOCAL" or name.upper().startswith("LIST") or "%" in name:
+    if not name or name.upper() == "LOCAL" or _names_several_files(name):
         return None
     name = os.path.normpath(name)
     return None if "/" in name or os.sep in name or name in (".", "..") else name
