@@ -27,6 +27,7 @@ source tree's ``weights/``.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -262,14 +263,24 @@ def _data_only(member: tarfile.TarInfo) -> tarfile.TarInfo:
     return member
 
 
+def _remove_at_exit(folder: Path, owner_pid: int) -> None:
+    """Remove a scratch folder at exit, in the process that made it only (not in a forked child)."""
+    if os.getpid() == owner_pid:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def extract_model_tarball(tarball: Path, scratch_dir: Path | None = None) -> Path:
     """Extract a model tarball into a fresh scratch folder; return the manifest it holds.
+
+    The folder is removed when the process exits (every front end that takes a tarball would
+    otherwise leave a copy of the model in the temporary folder on every run).
 
     Args:
         tarball: a ``.tar.gz``, ``.tgz`` or ``.tar`` holding ``manifest.yaml`` and its checkpoints.
         scratch_dir: where the scratch folder is made (default: the temporary folder).
     """
     target = Path(tempfile.mkdtemp(prefix="lsmseg-model-", dir=scratch_dir))
+    atexit.register(_remove_at_exit, target, os.getpid())
     try:
         with tarfile.open(tarball) as tar:
             members = _safe_members(tar, tarball)

@@ -56,6 +56,25 @@ def test_tampered_weights_refuse_to_run(tmp_path, weights):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_tarball_leaves_no_copy_in_the_temporary_folder(tmp_path, weights):
+    """`--weights model.tar.gz` extracts the model into scratch space; the run removes it at exit."""
+    import tarfile
+
+    tarball = tmp_path / "model.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for item in weights.parent.iterdir():
+            tar.add(item, arcname=f"model/{item.name}")
+    made = lsmseg("phantom", tmp_path / "data", "--kind", "cells", "--shape", "16,48,48", "--seed", "1")
+    assert made.returncode == 0, made.stderr
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    result = lsmseg("predict", tmp_path / "data" / "images", "-o", tmp_path / "out", "--weights", tarball, "-q",
+                    env={"TMPDIR": str(scratch)})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "cells_1.tif").is_file()  # the extracted model ran
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("lsmseg-model-")] == []
+
+
 def _config_and_model(manifest_path):
     from lsmseg.weights import load_manifest, load_model
 
