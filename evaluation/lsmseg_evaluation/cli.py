@@ -59,7 +59,8 @@ def add_commands(subparsers) -> None:
         "errors) per case, and write metrics.csv, metrics.json (the organisers' results + aggregates), "
         "summary.json and report.html (with figures) to OUT. A case's structure comes from its name's "
         "SELMA3D prefix (blood_vessel_..., cfos_neuron_..., microglia_...). Exit code 1 if any pair failed "
-        "or any label had no prediction (scored as an empty prediction).",
+        "or any label had no prediction (scored as an empty prediction), and, with no report written, if "
+        "a folder is missing or the label folder holds no volume.",
     )
     parser.add_argument("--pred", type=Path, required=True, metavar="DIR", help="folder of predicted masks")
     parser.add_argument("--labels", type=Path, required=True, metavar="DIR", help="folder of label volumes")

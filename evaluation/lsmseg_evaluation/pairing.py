@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lsmseg.errors import InputError
 from lsmseg.io import list_volumes, natural_sorted, volume_name
 
 
@@ -43,9 +44,16 @@ def _by_name(folder: Path, what: str) -> tuple[dict[str, Path], dict[str, str]]:
 
 
 def pair_volumes(pred_dir: str | Path, label_dir: str | Path, image_dir: str | Path | None = None) -> list[Pair]:
-    """One :class:`Pair` per base name found in either folder, naturally sorted by name."""
+    """One :class:`Pair` per base name found in either folder, naturally sorted by name.
+
+    Raises:
+        InputError: a folder is missing, or the label folder holds no volume (nothing could be
+            scored; an empty report and exit 0 would read as a pass).
+    """
     preds, pred_clashes = _by_name(Path(pred_dir), "prediction")
     labels, label_clashes = _by_name(Path(label_dir), "label")
+    if not labels and not label_clashes:
+        raise InputError(Path(label_dir), "label folder holds no volume to score against")
     images, image_clashes = _by_name(Path(image_dir), "image") if image_dir is not None else ({}, {})
     names = {*preds, *labels, *pred_clashes, *label_clashes}
     pairs = []

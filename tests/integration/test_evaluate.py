@@ -141,6 +141,15 @@ def test_same_base_name_twice_is_reported(tmp_path):
     assert row["status"] == "error" and "2 prediction files share the base name 'twin'" in row["error"]
 
 
+def test_an_empty_label_folder_is_one_error_and_no_report(tmp_path, capsys):
+    (tmp_path / "labels").mkdir()
+    write_volume(tubes(seed=3), tmp_path / "pred" / "lonely.tif")
+    assert evaluate(tmp_path, "--no-figures") == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"ERROR: {tmp_path / 'labels'}: label folder holds no volume to score against"]
+    assert not (tmp_path / "report").exists()
+
+
 def test_sparse_labels_mapping_and_undefined_values(tmp_path):
     # A sparse label annotating two planes, and an empty prediction for a fully labelled volume.
     label = tubes(seed=3)
