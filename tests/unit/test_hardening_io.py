@@ -200,6 +200,14 @@ def test_imagej_xy_resolution_survives_without_z_spacing(tmp_path):
             assert tif.imagej_metadata.get("unit") == "um"
 
 
+@pytest.mark.parametrize("unit, scale", [("inch", 25400.0), ("mm", 1000.0), ("micrometre", 1.0)])
+def test_imagej_spacing_in_other_length_units_is_read_in_micrometres(tmp_path, unit, scale):
+    path = tmp_path / "v.tif"
+    tifffile.imwrite(path, np.zeros((3, 8, 10), np.uint16), imagej=True, resolution=(1 / 0.3, 1 / 0.4),
+                     metadata={"axes": "ZYX", "unit": unit, "spacing": 2.0})
+    np.testing.assert_allclose(io.read_volume(path).spacing, (2.0 * scale, 0.4 * scale, 0.3 * scale))
+
+
 @pytest.mark.parametrize("zarr_format, version", [(2, "0.4"), (3, "0.5")])
 def test_ome_zarr_keeps_units_translation_and_writes_ngff_for_its_zarr_version(tmp_path, zarr_format, version):
     path = tmp_path / "in.ome.zarr"

@@ -270,6 +270,9 @@ _UNIT_TO_UM = {
     "micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "\u03bcm": 1.0, "\\u00b5m": 1.0, "micrometer": 1.0,
     "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4,
     "m": 1e6, "meter": 1e6, "å": 1e-4, "angstrom": 1e-4, "pixel": 1.0,
+    "pm": 1e-6, "dm": 1e5, "micrometre": 1.0, "nanometre": 1e-3, "millimetre": 1e3, "centimetre": 1e4, "metre": 1e6,
+    # ImageJ writes "inch" for images calibrated in inches (its default for scanned pictures); OME says "in".
+    "in": 25400.0, "inch": 25400.0, "inches": 25400.0, "thou": 25.4,
 }
 
 
