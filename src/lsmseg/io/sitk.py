@@ -194,20 +194,25 @@ def _confined_data_file(path: Path, name: str) -> Path:
     return Path(target)
 
 
+def _header_fields(path: Path) -> tuple[str | None, dict[str, str]]:
+    """A MetaImage (``.mha``/``.mhd``) or NRRD (``.nrrd``/``.nhdr``) header's data-file value (None
+    when it names none) and all its fields, lower-cased keys."""
+    if path.name.lower().endswith((".mha", ".mhd")):
+        fields = _metaimage_fields(path)
+        return fields.get("elementdatafile"), fields
+    fields = _nrrd_fields(path)
+    return fields.get("data file", fields.get("datafile")), fields
+
+
 def detached_data_name(path: Path) -> str | None:
     """The name of the data file that the ``.mhd``/``.nhdr``/``.nrrd`` header ``path`` names in its
     own folder, from the header's text only (its first 64 KiB); None for any other file, a header
     holding its own pixels, a list or pattern of files, a name in another folder, or an unreadable
     header (reading it reports that)."""
-    lower = path.name.lower()
+    if not path.name.lower().endswith((".mhd", ".nrrd", ".nhdr")):
+        return None
     try:
-        if lower.endswith(".mhd"):
-            name = _metaimage_fields(path).get("elementdatafile")
-        elif lower.endswith((".nrrd", ".nhdr")):
-            fields = _nrrd_fields(path)
-            name = fields.get("data file", fields.get("datafile"))
-        else:
-            return None
+        name, _ = _header_fields(path)
     except (OSError, InputError):
         return None
     if not name or name.upper() == "LOCAL" or _names_several_files(name):
@@ -225,8 +230,7 @@ def _sitk_data_source(path: Path) -> tuple[Path, bool]:
     """
     lower = path.name.lower()
     if lower.endswith((".mha", ".mhd")):
-        fields = _metaimage_fields(path)
-        data_file = fields.get("elementdatafile")
+        data_file, fields = _header_fields(path)
         if data_file is None:
             raise InputError(path, "cannot read image (MetaImage header has no ElementDataFile)")
         compressed = fields.get("compresseddata", "false").lower() == "true"
@@ -236,8 +240,7 @@ def _sitk_data_source(path: Path) -> tuple[Path, bool]:
             raise InputError(path, f"an .mha file must hold its own pixels (ElementDataFile = LOCAL), not '{data_file[:80]}'")
         return _confined_data_file(path, data_file), compressed
     if lower.endswith((".nrrd", ".nhdr")):
-        fields = _nrrd_fields(path)
-        data_file = fields.get("data file", fields.get("datafile"))
+        data_file, fields = _header_fields(path)
         compressed = fields.get("encoding", "raw").lower() in ("gzip", "gz")
         if data_file is None:
             if lower.endswith(".nhdr"):
