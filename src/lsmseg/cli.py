@@ -86,6 +86,9 @@ def add_predict_command(subparsers) -> None:
     # No default here, so that a --probability-dtype without --save-probabilities can be refused.
     p.add_argument("--probability-dtype", choices=["uint8", "float16"],
                    help="with --save-probabilities: uint8: p = value/255 (default); float16 (float32 in NIfTI/MHA/NRRD)")
+    p.add_argument("--preview", action="store_true",
+                   help="also write a picture of each mask beside it, <mask name>.preview.png: the input's "
+                   "maximum projection along z in grey, the mask's in magenta over it")
     scale = p.add_argument_group("large volumes and throughput")
     scale.add_argument("--output-format", choices=["same", "zarr"], default="same",
                        help="same: the input's container (TIFF written plane by plane); zarr: OME-Zarr <name>.ome.zarr "
@@ -117,8 +120,9 @@ def _check_combinations(args) -> None:
     """Refuse options that mean nothing without another, rather than silently ignore them."""
     from .io import output_key
 
-    if args.probabilities_dir and args.scheduler == "dask":
-        raise UsageError("--save-probabilities is not supported with --scheduler dask")
+    for flag, value in (("--save-probabilities", args.probabilities_dir), ("--preview", args.preview)):
+        if value and args.scheduler == "dask":
+            raise UsageError(f"{flag} is not supported with --scheduler dask")
     if args.probability_dtype and not args.probabilities_dir:
         raise UsageError("--probability-dtype needs --save-probabilities")
     for flag, value in (("--address", args.address), ("--workers", args.workers)):
@@ -155,7 +159,7 @@ def run_predict(args) -> int:
             window_cache_mb=args.window_cache_mb,
             resample=args.resample, mask_value=args.mask_value, max_voxels=args.max_voxels,
             probabilities_dir=args.probabilities_dir,
-            probability_dtype=args.probability_dtype or RunOptions.probability_dtype,
+            probability_dtype=args.probability_dtype or RunOptions.probability_dtype, preview=args.preview,
             progress=argtypes.progress_wanted(args.quiet),
         )
         predictor = Predictor.from_manifest(

@@ -82,6 +82,8 @@ class RunOptions:
         probabilities_dir: :func:`.run.predict_files` also writes probability maps here (same names
             and formats as the masks).
         probability_dtype: ``"uint8"`` (p = value / 255) or ``"float16"``.
+        preview: :func:`.run.predict_file` also writes a picture of each mask beside it
+            (``<mask name>.preview.png``: the input's z-projection with the mask over it; :mod:`.preview`).
         progress: show progress bars.
     """
 
@@ -96,6 +98,7 @@ class RunOptions:
     max_voxels: int | None = None
     probabilities_dir: Path | None = None
     probability_dtype: str = "uint8"
+    preview: bool = False
     progress: bool = True
 
     def __post_init__(self):

@@ -105,7 +105,7 @@ class VolumeResult:
 def provenance_record(
     input_path, output_path, volume: Volume, *, parameters: dict, weights: dict, stats: BlockStats,
     foreground: int, timings: dict, resampled_to: Sequence[float] | None = None, postprocess: dict | None = None,
-    probabilities: dict | None = None,
+    probabilities: dict | None = None, preview: str | None = None,
 ) -> dict:
     """The provenance JSON of one mask: input, parameters, block counts, weights, versions, timings.
 
@@ -121,6 +121,7 @@ def provenance_record(
         resampled_to: the spacing the volume was resampled to, if it was.
         postprocess: the post-processing applied (structure, threshold, clean-up).
         probabilities: where the probability map went, if one was written.
+        preview: where the preview picture went, if one was written.
     """
     record = {
         "input": str(input_path),
@@ -141,6 +142,8 @@ def provenance_record(
     }
     if probabilities is not None:
         record["probabilities"] = probabilities
+    if preview is not None:
+        record["preview"] = preview
     return record
 
 

@@ -27,6 +27,7 @@ from ..io import (
 from ..normalise import is_constant
 from ..structures import structure_from_name
 from .predictor import Predictor, resampled_shape, warn_constant
+from .preview import PreviewRecorder, preview_path_for
 from .probabilities import ProbabilityWriter
 from .results import BlockStats, VolumeResult, provenance_path_for, provenance_record
 
@@ -94,6 +95,7 @@ def predict_file(
     if probabilities_path is not None:
         probabilities = ProbabilityWriter(Path(probabilities_path), volume, options.probability_dtype)
     on_logits = probabilities.put if probabilities is not None else None
+    preview = PreviewRecorder(volume, preview_path_for(output_path)) if options.preview else None
     counter = _BlockCounter()
     if target is None:
         prepared = predictor.prepare(volume, case_name=case_name)
@@ -107,7 +109,10 @@ def predict_file(
     timings["read_s"] = time.perf_counter() - start - predicted_before_writing
     start = time.perf_counter()
     def then_probabilities(blocks):
-        yield from blocks
+        for index, block in blocks:
+            if preview is not None:
+                preview.put(index, block)
+            yield index, block
         if probabilities is not None:  # complete before the mask is renamed into place: a failed
             probabilities.finish()     # map fails the volume with no mask left behind
 
@@ -122,6 +127,8 @@ def predict_file(
     timings["predict_s"] = counter.seconds
     # Blocks are computed while the writer pulls them: that time is prediction, not writing.
     timings["write_s"] = max(time.perf_counter() - start - (counter.seconds - predicted_before_writing), 0.0)
+    # After the mask is in place: a run that fails leaves no picture of a mask that is not there.
+    preview_written = preview.finish() if preview is not None else None
     effective = predictor.settings_for(case_name or volume.name)
     postprocess = {"structure": options.structure or structure_from_name(case_name or volume.name),
                    "threshold": effective.threshold, "split_touching": effective.split_touching,
@@ -130,7 +137,7 @@ def predict_file(
     record = write_provenance(
         predictor, input_path, output_path, volume, provenance_path, stats=stats, resampled_to=target,
         foreground=counter.foreground, timings=timings, postprocess=postprocess,
-        probabilities=probabilities.describe() if probabilities is not None else None,
+        probabilities=probabilities.describe() if probabilities is not None else None, preview=preview_written,
     )
     reused = f"; {stats.windows_reused} taken from the window cache" if stats.windows_reused else ""
     logger.info("%s -> %s (%.1f s; %d of %d windows skipped as background%s)", printable(input_path),

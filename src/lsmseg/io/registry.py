@@ -148,7 +148,7 @@ def list_volumes(folder: str | Path) -> list[Path]:
     """Every candidate volume in ``folder``, naturally sorted (hidden and partial files skipped).
 
     Files of unknown type are listed too, so that the caller reports them as bad input instead of
-    silently ignoring them; sidecar files (provenance JSON, notes) are skipped, and so are the data
+    silently ignoring them; sidecar files (provenance JSON, preview pictures, notes) are skipped, and so are the data
     files of ``.mhd``/``.nhdr`` headers in ``folder`` (``m.zraw`` of ``m.mhd``, named by the
     header's text; a name with a volume suffix stays listed). Links that lead out of ``folder``
     are listed as well, for the caller to refuse as bad input (:func:`outside_folder`); the headers
@@ -161,7 +161,7 @@ def list_volumes(folder: str | Path) -> list[Path]:
     for entry in folder.iterdir():
         if entry.name.startswith("."):
             continue
-        if entry.is_file() and entry.name.endswith((".json", ".md", ".txt")):
+        if entry.is_file() and entry.name.endswith((".json", ".md", ".txt", ".preview.png")):
             continue
         entries.append(entry)
     data_files = {

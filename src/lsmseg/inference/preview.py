@@ -1,0 +1,143 @@
+"""A picture of each mask for a quick look: the input's maximum-intensity projection along z with
+the mask's projection drawn over it, one PNG beside the mask (``lsmseg predict --preview``).
+
+Built from the mask's blocks as they are written, so that its memory is the picture's, not the
+volume's: each block's projection is max-pooled to the picture's scale before it is kept. The
+input block is read a second time for it (the predictor's copy is normalised and gone by then).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import printable, single_line
+from ..io import Volume, atomic_output
+
+logger = logging.getLogger(__name__)
+
+PREVIEW_SUFFIX = ".preview.png"
+MAX_SIDE = 1024  # the picture's longest side, in pixels; larger planes are max-pooled down
+MASK_COLOUR = np.array([255, 40, 160], np.float32)  # magenta: apart from the grey input in every colour map
+MASK_OPACITY = 0.45  # inside the mask; its outline is drawn opaque
+
+
+def preview_path_for(output_path: str | Path) -> Path:
+    """``<mask file name>.preview.png`` beside the mask (as its provenance JSON)."""
+    output_path = Path(output_path)
+    return output_path.parent / f"{output_path.name}{PREVIEW_SUFFIX}"
+
+
+class ProjectionPreview:
+    """Maximum projections along z of a volume and of its mask, accumulated block by block.
+
+    Args:
+        volume: the input whose mask is being written (read again, block by block).
+        max_side: the picture's longest side in pixels; the factor that pools the plane down is
+            the same along y and x, so that the picture keeps the plane's proportions.
+    """
+
+    def __init__(self, volume: Volume, *, max_side: int = MAX_SIDE):
+        if max_side < 1:
+            raise ValueError(f"max_side must be >= 1, got {max_side}")
+        _, height, width = volume.shape
+        self.volume = volume
+        self.factor = max(1, math.ceil(max(height, width) / max_side))
+        shape = (math.ceil(height / self.factor), math.ceil(width / self.factor))
+        self.image = np.full(shape, np.nan, np.float32)  # NaN: no block seen there yet
+        self.mask = np.zeros(shape, bool)
+
+    def put(self, index: tuple[slice, slice, slice], mask_block: np.ndarray) -> None:
+        """Add one mask block (any non-zero voxel is foreground) and the input block under it."""
+        image_block = np.asarray(self.volume.data[index])
+        if image_block.dtype == bool:
+            image_block = image_block.view(np.uint8)
+        # fmax skips NaN voxels of a float input instead of spreading them over the projection.
+        self._pool_into(self.image, np.fmax.reduce(image_block, axis=0).astype(np.float32), index)
+        self._pool_into(self.mask, np.any(mask_block, axis=0), index)
+
+    def _pool_into(self, target: np.ndarray, plane: np.ndarray, index: tuple[slice, ...]) -> None:
+        """Max-pool ``plane`` (rows and columns from ``index``) onto ``target``'s grid and keep the maximum."""
+        f = self.factor
+        y0, x0 = index[1].start or 0, index[2].start or 0
+        # Pad so the plane starts and ends on the picture's grid: a cell cut by a block border is
+        # completed by the next block, through the running maximum.
+        top, left = y0 % f, x0 % f
+        bottom, right = -(top + plane.shape[0]) % f, -(left + plane.shape[1]) % f
+        fill = False if plane.dtype == bool else np.nan
+        padded = np.pad(plane, ((top, bottom), (left, right)), constant_values=fill)
+        cells = padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f)
+        rows = slice(y0 // f, y0 // f + cells.shape[0])
+        cols = slice(x0 // f, x0 // f + cells.shape[2])
+        if plane.dtype == bool:
+            target[rows, cols] |= cells.any(axis=(1, 3))
+        else:
+            target[rows, cols] = np.fmax(target[rows, cols], np.fmax.reduce(np.fmax.reduce(cells, axis=3), axis=1))
+
+    def picture(self) -> np.ndarray:
+        """The picture as ``(rows, columns, 3)`` uint8: the projection in grey (1st to 99.5th
+        percentile), the mask tinted and outlined over it."""
+        image = self.image
+        seen = image[np.isfinite(image)]
+        low, high = np.percentile(seen, [1.0, 99.5]) if seen.size else (0.0, 1.0)
+        grey = np.clip((np.nan_to_num(image, nan=low) - low) / max(high - low, 1e-12), 0.0, 1.0) * 255.0
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+        rgb[self.mask] = (1.0 - MASK_OPACITY) * rgb[self.mask] + MASK_OPACITY * MASK_COLOUR
+        rgb[self._outline()] = MASK_COLOUR
+        return np.rint(rgb).astype(np.uint8)
+
+    def _outline(self) -> np.ndarray:
+        """Mask pixels with a 4-neighbour outside the mask (or on the picture's edge)."""
+        padded = np.pad(self.mask, 1, constant_values=False)
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        return self.mask & ~inner
+
+    def write(self, path: str | Path) -> Path:
+        """Write the picture to ``path`` (PNG) atomically; return the path."""
+        import SimpleITK as sitk
+
+        path = Path(path)
+        with atomic_output(path) as tmp:
+            sitk.WriteImage(sitk.GetImageFromArray(self.picture(), isVector=True), str(tmp))
+        return path
+
+
+class PreviewRecorder:
+    """A :class:`ProjectionPreview` that never costs the mask: a failure while collecting or
+    writing it is one warning, and the mask is written without its picture.
+
+    Args:
+        volume: the input.
+        path: where the picture goes.
+    """
+
+    def __init__(self, volume: Volume, path: str | Path):
+        self.path = Path(path)
+        self.error: str | None = None
+        self._preview: ProjectionPreview | None = ProjectionPreview(volume)
+
+    def put(self, index, mask_block) -> None:
+        if self._preview is None:
+            return
+        try:
+            self._preview.put(index, mask_block)
+        except Exception as exc:  # noqa: BLE001 - a picture must never cost the mask
+            self._give_up(exc)
+
+    def finish(self) -> str | None:
+        """Write the picture; return its path as text, or None when it could not be made."""
+        if self._preview is None:
+            return None
+        try:
+            return str(self._preview.write(self.path))
+        except Exception as exc:  # noqa: BLE001
+            self._give_up(exc)
+            return None
+
+    def _give_up(self, exc: Exception) -> None:
+        self.error = single_line(exc)
+        self._preview = None
+        logger.warning("%s: no preview picture (%s)", printable(self.path), self.error)
