@@ -128,6 +128,22 @@ def part(text: str) -> tuple[int, int]:
     return k, n
 
 
+def dask_address(text: str) -> str:
+    """A dask scheduler's address (``tcp://host:8786``, ``host:8786``), checked by distributed's own
+    parser where it is installed (without it, ``--scheduler dask`` reports the missing package)."""
+    try:
+        from distributed.comm.addressing import parse_address, parse_host_port
+    except ImportError:
+        return text
+    try:
+        scheme, location = parse_address(text)
+        if scheme in ("tcp", "tls"):
+            parse_host_port(location)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"not a dask scheduler address ({exc}); expected e.g. tcp://host:8786") from None
+    return text
+
+
 def structure(text: str) -> str:
     """An argparse type: a structure name as :func:`lsmseg.structures.is_structure_name` takes it
     (kept as given: a manifest entry may list an alias). A typo would silently lose the structure's

@@ -105,7 +105,7 @@ def add_predict_command(subparsers) -> None:
                        help=f"network runtime; {argtypes.ENGINE_HELP} (default: %(default)s)")
     scale.add_argument("--scheduler", choices=["local", "dask"], default="local",
                        help="dask: spread each volume's blocks over dask.distributed workers (default: %(default)s)")
-    scale.add_argument("--address", metavar="tcp://HOST:PORT",
+    scale.add_argument("--address", type=argtypes.dask_address, metavar="tcp://HOST:PORT",
                        help="with --scheduler dask: the dask scheduler to use (default: a LocalCluster, one worker "
                        "per GPU)")
     scale.add_argument("--workers", type=argtypes.positive_int, metavar="N",
@@ -128,6 +128,8 @@ def _check_combinations(args) -> None:
     for flag, value in (("--address", args.address), ("--workers", args.workers)):
         if value is not None and args.scheduler != "dask":
             raise UsageError(f"{flag} needs --scheduler dask")
+    if args.address is not None and args.workers is not None:
+        raise UsageError("--workers sets up a local cluster; with --address the cluster's own workers run")
     # check_targets refuses it too, later; here it is a usage error, before the weights load.
     if args.probabilities_dir and output_key(args.probabilities_dir) == output_key(args.output):
         raise UsageError("--save-probabilities must name another folder than -o: each map would replace its mask")

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +27,13 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import LsmsegError, OutputError, printable
+from .errors import InputError, LsmsegError, OutputError, printable
 from .inference import BlockStats, Predictor, VolumeResult
 from .inference.predictor import warn_constant
-from .inference.run import check_targets, guarded, predict_file, write_provenance
+from .inference.run import check_targets, guarded, postprocess_record, predict_file, write_provenance
 from .io import (
-    atomic_output, check_output_space, create_zarr_mask, mask_format_for, output_path_for, partial_path, read_volume,
-    remove_path, sweep_partials, write_mask_blocks,
+    FORMATS, atomic_output, check_output_space, create_zarr_mask, mask_format_for, output_path_for, partial_path,
+    read_volume, refuse_replacing_another_kind, remove_path, sweep_partials, write_mask_blocks,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,17 +67,42 @@ class BlockOutcome:
     skip: list[bool] | None
 
 
+@dataclass(frozen=True)
+class BlockFailure:
+    """What a worker reports for a block that failed: the exception, and its traceback as text."""
+
+    index: int
+    error: BaseException
+    traceback: str
+
+
 def run_block(predictor: Predictor, input_path: str, prepared_state: dict, block_index: int,
-              zarr_path: str) -> BlockOutcome:
+              zarr_path: str) -> BlockOutcome | BlockFailure:
     """Worker task: predict one block and write it into the zarr.
+
+    A failure is returned, not raised: a task that raises has distributed log its traceback on the
+    worker ("Compute Failed", many lines), beside the one ERROR line the driver logs for the volume.
 
     Args:
         predictor: the driver's predictor (scattered to every worker once).
-        input_path: the volume, opened lazily on the worker.
+        input_path: the volume (an absolute path: a worker may run in another folder), opened lazily.
         prepared_state: the volume's ``plan``, ``lo``, ``hi``, ``background`` and ``settings``.
         block_index: which block of the plan.
-        zarr_path: the mask's zarr store (chunks are the plan's blocks).
+        zarr_path: the mask's zarr store (chunks are the plan's blocks; absolute too).
     """
+    try:
+        return _run_block(predictor, input_path, prepared_state, block_index, zarr_path)
+    except Exception as exc:  # noqa: BLE001 - any failure goes back to the driver, which reports it
+        error = exc
+        try:
+            pickle.dumps(error)  # it travels back to the driver
+        except Exception:  # noqa: BLE001 - an exception that cannot travel: its type and message can
+            error = RuntimeError(f"{type(exc).__name__}: {exc}")
+        return BlockFailure(block_index, error, traceback.format_exc())
+
+
+def _run_block(predictor: Predictor, input_path: str, prepared_state: dict, block_index: int,
+               zarr_path: str) -> BlockOutcome:
     import zarr
 
     _place_on_worker_device(predictor)
@@ -105,6 +132,9 @@ def dask_client(address: str | None = None, n_workers: int | None = None, proces
     if address:
         try:
             client = Client(address, timeout="30s")
+        except (ValueError, TypeError) as exc:  # distributed's parser: no port, a port that is no number, ...
+            raise LsmsegError(f"{printable(address)}: not a dask scheduler address ({printable(exc)}); "
+                              "expected e.g. tcp://host:8786") from None
         except OSError as exc:
             raise LsmsegError(f"{address}: cannot reach the dask scheduler ({exc})") from exc
         with client:
@@ -144,6 +174,9 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
     start = time.perf_counter()
     volume = read_volume(input_path, lazy=True, max_voxels=predictor.options.max_voxels)
     check_output_space(output_path, volume.shape)
+    mask_format = mask_format_for(output_path, volume)
+    # A folder where a file goes (or the reverse) is refused now, not after every block has run.
+    refuse_replacing_another_kind(output_path, FORMATS[mask_format].writes_folder)
     if predictor.resample_target(volume.spacing) is not None:
         logger.info("%s: needs resampling, predicted in this process", input_path)
         return predict_file(predictor, input_path, output_path, provenance_path=provenance_path)
@@ -154,11 +187,11 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
              "settings": prepared.settings}
     stats = BlockStats.start(plan, prepared.background, scheduler="dask",
                              workers=len(client.scheduler_info().get("workers", {})))
-    as_zarr = mask_format_for(output_path, volume) == "zarr"
+    as_zarr = mask_format == "zarr"
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if as_zarr:
-            store = stack.enter_context(atomic_output(output_path))
+            store = stack.enter_context(atomic_output(output_path, folder=True))
         else:  # a scratch zarr beside the output, streamed into the output's format at the end
             store = partial_path(output_path, suffix=".zarr")
             stack.callback(remove_path, store)
@@ -171,7 +204,7 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
             warn_constant(input_path)
             outcomes = []
         else:
-            outcomes = _run_blocks(predictor, client, str(input_path), state, str(store), len(plan.blocks), volume.name)
+            outcomes = _run_blocks(predictor, client, input_path, state, Path(store), len(plan.blocks), volume.name)
         if not as_zarr:
             import zarr
 
@@ -184,6 +217,7 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
     record = write_provenance(
         predictor, input_path, output_path, volume, provenance_path, stats=stats,
         foreground=sum(o.foreground for o in outcomes), timings={"read_s": read_s, "predict_s": predict_s},
+        postprocess=postprocess_record(predictor, volume.name),
     )
     logger.info("%s -> %s (%.1f s on %d dask worker(s); %d of %d windows skipped as background)",
                 printable(input_path), printable(output_path), read_s + predict_s, stats.workers,
@@ -191,20 +225,30 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
     return VolumeResult.written(record)
 
 
-def _run_blocks(predictor: Predictor, client, input_path: str, state: dict, store: str, n_blocks: int,
+def _run_blocks(predictor: Predictor, client, input_path: Path, state: dict, store: Path, n_blocks: int,
                 name: str) -> list[BlockOutcome]:
     from distributed import as_completed
 
     shared = client.scatter(predictor, broadcast=True)
+    # Absolute paths: the workers of an existing cluster (--address) need not run in this folder.
+    on_worker = input_path.absolute()
     futures = [
-        client.submit(run_block, shared, input_path, state, index, store, pure=False, key=f"lsmseg-block-{uuid.uuid4().hex}")
+        client.submit(run_block, shared, str(on_worker), state, index, str(store.absolute()), pure=False,
+                      key=f"lsmseg-block-{uuid.uuid4().hex}")
         for index in range(n_blocks)
     ]
     results = []
     bar = tqdm(total=n_blocks, desc=name, unit="block", leave=False, disable=not predictor.options.progress)
     try:
         for future in as_completed(futures):
-            results.append(future.result())  # re-raises the worker's exception (InputError, ...)
+            outcome = future.result()  # raises what failed around the task (a worker that died, ...)
+            if isinstance(outcome, BlockFailure):
+                logger.debug("block %d of %s failed on its worker:\n%s", outcome.index, input_path, outcome.traceback)
+                error = outcome.error
+                if type(error) in (InputError, OutputError) and error.path == on_worker:
+                    error = type(error)(input_path, error.reason)  # the input named as it was given
+                raise error
+            results.append(outcome)
             bar.update(1)
     except BaseException:
         client.cancel(futures)
@@ -235,7 +279,14 @@ def predict_files_dask(
         n_workers: the LocalCluster's workers (default: one per GPU, or 1).
         processes: LocalCluster workers in processes (False: threads, for tests).
         input_folders: the folders the inputs were listed from (as for ``predict_files``).
+
+    Raises:
+        ValueError: the predictor's options ask for probability maps or preview pictures, which
+            the workers do not write.
     """
+    for wanted, what in ((predictor.options.probabilities_dir, "probability maps"), (predictor.options.preview, "preview pictures")):
+        if wanted:
+            raise ValueError(f"{what} are not written with dask; run predict_files for them")
     outputs = [output_path_for(p, out_dir, output_format) for p in inputs]
     refused = check_targets(inputs, outputs, None, input_folders)  # before any work, as predict_files
     for folder in {Path(o).parent for o in outputs}:

@@ -1,6 +1,8 @@
 """Blocks spread over a 2-worker dask LocalCluster give the single-process mask."""
 
 import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 
 from lsmseg import io
 from lsmseg.config import InferenceSettings
+from lsmseg.errors import LsmsegError
 from lsmseg.inference import Predictor, RunOptions, predict_files
 
 distributed = pytest.importorskip("distributed")
@@ -55,3 +58,130 @@ def test_two_worker_cluster_matches_single_process(conv_model, tiny_model_config
     results = predict_files_dask(predictor, inputs[1:], tmp_path / "zarr", output_format="zarr", n_workers=2,
                                  processes=False)
     np.testing.assert_array_equal(io.read_volume(tmp_path / "zarr" / "v.ome.zarr").load(), expected)
+    # The provenance records the post-processing that decided the mask, as the single-process one does.
+    assert provenance["postprocess"] == single[0].record["postprocess"] is not None
+
+
+def _predictor(model, config, **inference):
+    # PyTorch: OpenVINO run from the threads of an in-process cluster crashed pytest (SIGSEGV) 4 times in 5.
+    return Predictor(model, config, InferenceSettings(overlap=0.5, threshold=0.45, **inference), device="cpu",
+                     engine="torch", options=RunOptions(progress=False, block_size=(16, 48, 64)))
+
+
+def test_block_failing_on_a_worker_is_one_error_line_and_leaves_nothing(conv_model, tiny_model_config, tmp_path,
+                                                                         caplog):
+    from lsmseg.distributed import predict_files_dask
+
+    rng = np.random.default_rng(1)
+    good = rng.integers(100, 3000, (24, 64, 80)).astype(np.uint16)
+    bad = good.astype(np.float32)
+    bad[20, 60, 70] = np.nan  # percentiles ignore it: only the worker reading that block finds it
+    io.write_volume(bad, tmp_path / "in" / "a.tif")
+    io.write_volume(good, tmp_path / "in" / "b.tif")
+    inputs = [tmp_path / "in" / "a.tif", tmp_path / "in" / "b.tif"]
+    predictor = _predictor(conv_model, tiny_model_config)
+    for output_format, written in (("same", "b.tif"), ("zarr", "b.ome.zarr")):
+        caplog.clear()
+        out = tmp_path / output_format
+        results = predict_files_dask(predictor, inputs, out, output_format, n_workers=2, processes=False)
+        assert [r.ok for r in results] == [False, True]
+        assert results[0].error.startswith(f"{inputs[0]}: ") and "NaN" in results[0].error
+        # One ERROR line, ours: the worker does not log the task's traceback as well ("Compute Failed").
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [results[0].error]
+        assert sorted(p.name for p in out.iterdir()) == [written, f"{written}.provenance.json"]
+
+
+def test_output_of_the_other_kind_is_refused_before_any_block_runs(conv_model, tiny_model_config, tmp_path,
+                                                                     monkeypatch):
+    from lsmseg import distributed as spread
+
+    io.write_volume(np.random.default_rng(2).integers(100, 3000, (24, 64, 80)).astype(np.uint16),
+                    tmp_path / "in" / "v.tif")
+    (tmp_path / "out" / "v.tif").mkdir(parents=True)  # the user's folder, where the TIFF mask would go
+
+    def no_block(*args):
+        raise AssertionError("a block ran for an output that is refused")
+
+    monkeypatch.setattr(spread, "run_block", no_block)
+    [result] = spread.predict_files_dask(_predictor(conv_model, tiny_model_config), [tmp_path / "in" / "v.tif"],
+                                         tmp_path / "out", n_workers=1, processes=False)
+    assert not result.ok and "already exists as a folder" in result.error
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["v.tif"]
+
+
+def test_malformed_address_is_one_line(conv_model, tiny_model_config, tmp_path):
+    from lsmseg.distributed import predict_files_dask
+
+    with pytest.raises(LsmsegError, match="^notanaddress: not a dask scheduler address"):
+        predict_files_dask(_predictor(conv_model, tiny_model_config), [tmp_path / "v.tif"], tmp_path / "out",
+                           address="notanaddress")
+
+
+def test_interrupt_closes_the_cluster_and_leaves_no_partial(conv_model, tiny_model_config, tmp_path, monkeypatch):
+    from lsmseg import distributed as spread
+
+    io.write_volume(np.random.default_rng(3).integers(100, 3000, (24, 64, 80)).astype(np.uint16),
+                    tmp_path / "in" / "v.tif")
+    clusters = []
+
+    class Recorded(distributed.LocalCluster):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            clusters.append(self)
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the mask is streamed from the scratch zarr
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "LocalCluster", Recorded)
+    monkeypatch.setattr(spread, "write_mask_blocks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        spread.predict_files_dask(_predictor(conv_model, tiny_model_config), [tmp_path / "in" / "v.tif"],
+                                  tmp_path / "out", n_workers=1, processes=False)
+    assert [c.status.name for c in clusters] == ["closed"]
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_relative_paths_with_workers_in_another_folder(conv_model, tiny_model_config, tmp_path, monkeypatch):
+    """Workers of an existing cluster (--address) run in their own folder: they get absolute paths."""
+    from lsmseg.distributed import predict_files_dask
+
+    io.write_volume(np.random.default_rng(4).integers(100, 3000, (24, 64, 80)).astype(np.uint16),
+                    tmp_path / "in" / "v.tif")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # worker processes start here
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        monkeypatch.chdir(tmp_path)
+        predictor = _predictor(conv_model, tiny_model_config)
+        [result] = predict_files_dask(predictor, [Path("in/v.tif")], Path("out"), address=cluster.scheduler_address)
+    assert result.ok, result.error
+    expected = predict_files(predictor, [Path("in/v.tif")], Path("single"))[0]
+    np.testing.assert_array_equal(io.read_volume("out/v.tif").load(), io.read_volume("single/v.tif").load())
+    assert expected.ok and not (tmp_path / "elsewhere").joinpath("out").exists()
+
+
+def test_options_the_workers_do_not_write_are_refused(conv_model, tiny_model_config, tmp_path):
+    from lsmseg.distributed import predict_files_dask
+
+    for options in (RunOptions(progress=False, preview=True), RunOptions(progress=False, probabilities_dir=tmp_path / "p")):
+        predictor = Predictor(conv_model, tiny_model_config, InferenceSettings(), device="cpu", engine="torch",
+                              options=options)
+        with pytest.raises(ValueError, match="not written with dask"):
+            predict_files_dask(predictor, [tmp_path / "v.tif"], tmp_path / "out", processes=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--address", "notanaddress"], "argument --address: not a dask scheduler address"),
+    (["--address", "tcp://host:notaport"], "argument --address: not a dask scheduler address"),
+    (["--address", "tcp://host:8786", "--workers", "2"], "--workers sets up a local cluster"),
+])
+def test_scheduler_options_that_cannot_work_are_usage_errors(tmp_path, capsys, extra, message):
+    from lsmseg.cli import main
+
+    try:
+        code = main(["predict", str(tmp_path), "-o", str(tmp_path / "out"), "--scheduler", "dask", *extra])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -56,6 +56,15 @@ def write_provenance(predictor: Predictor, input_path, output_path, volume: Volu
     return built
 
 
+def postprocess_record(predictor: Predictor, name: str) -> dict:
+    """The post-processing that decided the mask of the case ``name``, as its provenance records it."""
+    effective = predictor.settings_for(name)
+    return {"structure": predictor.options.structure or structure_from_name(name),
+            "threshold": effective.threshold, "split_touching": effective.split_touching,
+            "min_component_voxels": effective.min_component_voxels,
+            "mirror_axes": list(effective.mirror_axes), "intensity_floor": effective.intensity_floor}
+
+
 def predict_file(
     predictor: Predictor, input_path: str | Path, output_path: str | Path, *,
     provenance_path: str | Path | None = None, case_name: str | None = None,
@@ -129,14 +138,9 @@ def predict_file(
     timings["write_s"] = max(time.perf_counter() - start - (counter.seconds - predicted_before_writing), 0.0)
     # After the mask is in place: a run that fails leaves no picture of a mask that is not there.
     preview_written = preview.finish() if preview is not None else None
-    effective = predictor.settings_for(case_name or volume.name)
-    postprocess = {"structure": options.structure or structure_from_name(case_name or volume.name),
-                   "threshold": effective.threshold, "split_touching": effective.split_touching,
-                   "min_component_voxels": effective.min_component_voxels,
-                   "mirror_axes": list(effective.mirror_axes), "intensity_floor": effective.intensity_floor}
     record = write_provenance(
         predictor, input_path, output_path, volume, provenance_path, stats=stats, resampled_to=target,
-        foreground=counter.foreground, timings=timings, postprocess=postprocess,
+        foreground=counter.foreground, timings=timings, postprocess=postprocess_record(predictor, case_name or volume.name),
         probabilities=probabilities.describe() if probabilities is not None else None, preview=preview_written,
     )
     reused = f"; {stats.windows_reused} taken from the window cache" if stats.windows_reused else ""
