@@ -101,6 +101,15 @@ def test_a_failing_picture_is_one_warning_and_the_mask_is_still_written(tmp_path
     assert "preview" not in json.loads((tmp_path / "out" / "x.tif.provenance.json").read_text())
 
 
+def test_a_mask_written_again_without_a_picture_leaves_no_stale_one(tmp_path, previewing, tiny_model, tiny_model_config):
+    image = io.write_volume(volume((6, 40, 56)), tmp_path / "in" / "x.tif")
+    predict_files(previewing, [image], tmp_path / "out")
+    assert (tmp_path / "out" / "x.tif.preview.png").is_file()
+    plain = Predictor(tiny_model, tiny_model_config, InferenceSettings(), device="cpu", options=RunOptions(progress=False))
+    [result] = predict_files(plain, [image], tmp_path / "out")
+    assert result.ok and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.tif", "x.tif.provenance.json"]
+
+
 def test_no_picture_when_the_mask_fails(tmp_path, previewing):
     bad = tmp_path / "in" / "bad.tif"
     bad.parent.mkdir()

@@ -31,6 +31,14 @@ def preview_path_for(output_path: str | Path) -> Path:
     return output_path.parent / f"{output_path.name}{PREVIEW_SUFFIX}"
 
 
+def remove_stale_preview(output_path: str | Path) -> None:
+    """Remove the picture of the mask that a new ``output_path`` replaced, when no new picture was
+    made (a run without ``--preview``, or one whose picture failed): it would show another mask."""
+    path = preview_path_for(output_path)
+    if path.is_symlink() or path.is_file():  # a link is removed, never followed; a folder is kept
+        path.unlink(missing_ok=True)
+
+
 class ProjectionPreview:
     """Maximum projections along z of a volume and of its mask, accumulated block by block.
 

@@ -27,7 +27,7 @@ from ..io import (
 from ..normalise import is_constant
 from ..structures import structure_from_name
 from .predictor import Predictor, resampled_shape, warn_constant
-from .preview import PreviewRecorder, preview_path_for
+from .preview import PreviewRecorder, preview_path_for, remove_stale_preview
 from .probabilities import ProbabilityWriter
 from .results import BlockStats, VolumeResult, provenance_path_for, provenance_record
 
@@ -138,6 +138,8 @@ def predict_file(
     timings["write_s"] = max(time.perf_counter() - start - (counter.seconds - predicted_before_writing), 0.0)
     # After the mask is in place: a run that fails leaves no picture of a mask that is not there.
     preview_written = preview.finish() if preview is not None else None
+    if preview_written is None:
+        remove_stale_preview(output_path)
     record = write_provenance(
         predictor, input_path, output_path, volume, provenance_path, stats=stats, resampled_to=target,
         foreground=counter.foreground, timings=timings, postprocess=postprocess_record(predictor, case_name or volume.name),
