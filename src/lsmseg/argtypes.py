@@ -135,10 +135,14 @@ def dask_address(text: str) -> str:
         from distributed.comm.addressing import parse_address, parse_host_port
     except ImportError:
         return text
+    from distributed.comm.registry import backends
+
     try:
         scheme, location = parse_address(text)
-        if scheme in ("tcp", "tls"):
-            parse_host_port(location)
+        if scheme not in backends:
+            raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(sorted(backends))}")
+        if scheme in ("tcp", "tls") and not 0 < parse_host_port(location)[1] < 65536:
+            raise ValueError("the port must be 1-65535")
     except (ValueError, TypeError) as exc:
         raise argparse.ArgumentTypeError(f"not a dask scheduler address ({exc}); expected e.g. tcp://host:8786") from None
     return text

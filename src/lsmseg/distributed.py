@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .errors import InputError, LsmsegError, OutputError, printable
 from .inference import BlockStats, Predictor, VolumeResult
 from .inference.predictor import warn_constant
+from .inference.preview import remove_stale_preview
 from .inference.run import check_targets, guarded, postprocess_record, predict_file, write_provenance
 from .io import (
     FORMATS, atomic_output, check_output_space, create_zarr_mask, mask_format_for, output_path_for, partial_path,
@@ -95,7 +96,7 @@ def run_block(predictor: Predictor, input_path: str, prepared_state: dict, block
     except Exception as exc:  # noqa: BLE001 - any failure goes back to the driver, which reports it
         error = exc
         try:
-            pickle.dumps(error)  # it travels back to the driver
+            pickle.loads(pickle.dumps(error))  # it travels back to the driver, and is rebuilt there
         except Exception:  # noqa: BLE001 - an exception that cannot travel: its type and message can
             error = RuntimeError(f"{type(exc).__name__}: {exc}")
         return BlockFailure(block_index, error, traceback.format_exc())
@@ -214,6 +215,7 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
     predict_s = time.perf_counter() - start
     for outcome in outcomes:
         stats.count(plan, plan.blocks[outcome.index], outcome.skip)
+    remove_stale_preview(output_path)  # the workers draw no picture: the old one showed the replaced mask
     record = write_provenance(
         predictor, input_path, output_path, volume, provenance_path, stats=stats,
         foreground=sum(o.foreground for o in outcomes), timings={"read_s": read_s, "predict_s": predict_s},

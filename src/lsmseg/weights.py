@@ -263,6 +263,15 @@ def _data_only(member: tarfile.TarInfo) -> tarfile.TarInfo:
     return member
 
 
+_extracted_from: dict[Path, Path] = {}  # a scratch manifest -> the model tarball it came from
+
+
+def tarball_of(manifest: str | Path) -> Path | None:
+    """The model tarball a manifest was extracted from by :func:`extract_model_tarball` in this
+    process (its scratch copy is gone after the run, so records name the tarball), else None."""
+    return _extracted_from.get(Path(manifest))
+
+
 def _remove_at_exit(folder: Path, owner_pid: int) -> None:
     """Remove a scratch folder at exit, in the process that made it only (not in a forked child)."""
     if os.getpid() == owner_pid:
@@ -298,6 +307,7 @@ def extract_model_tarball(tarball: Path, scratch_dir: Path | None = None) -> Pat
             raise WeightsError(f"{tarball}: cannot extract model tarball ({single_line(exc)})") from exc
         raise
     logger.info("extracted model tarball %s to %s", tarball, target)
+    _extracted_from[manifest] = Path(tarball).absolute()
     return manifest
 
 

@@ -72,6 +72,9 @@ def test_a_model_tarball_leaves_no_copy_in_the_temporary_folder(tmp_path, weight
                     env={"TMPDIR": str(scratch)})
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "cells_1.tif").is_file()  # the extracted model ran
+    # The provenance names the tarball: the scratch manifest it also names is gone after the run.
+    provenance = json.loads((tmp_path / "out" / "cells_1.tif.provenance.json").read_text())
+    assert provenance["weights"]["tarball"] == str(tarball)
     assert [p.name for p in scratch.iterdir() if p.name.startswith("lsmseg-model-")] == []
 
 

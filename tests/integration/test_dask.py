@@ -174,6 +174,8 @@ def test_options_the_workers_do_not_write_are_refused(conv_model, tiny_model_con
 @pytest.mark.parametrize("extra, message", [
     (["--address", "notanaddress"], "argument --address: not a dask scheduler address"),
     (["--address", "tcp://host:notaport"], "argument --address: not a dask scheduler address"),
+    (["--address", "foo://bar"], "unknown scheme 'foo'"),
+    (["--address", "tcp://host:99999"], "the port must be 1-65535"),
     (["--address", "tcp://host:8786", "--workers", "2"], "--workers sets up a local cluster"),
 ])
 def test_scheduler_options_that_cannot_work_are_usage_errors(tmp_path, capsys, extra, message):
@@ -185,3 +187,17 @@ def test_scheduler_options_that_cannot_work_are_usage_errors(tmp_path, capsys, e
         code = exc.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_mask_rewritten_by_dask_takes_the_old_picture_away(conv_model, tiny_model_config, tmp_path):
+    from lsmseg.distributed import predict_files_dask
+
+    image = io.write_volume(np.random.default_rng(5).integers(100, 3000, (8, 40, 48)).astype(np.uint16),
+                            tmp_path / "in" / "v.tif")
+    drawing = Predictor(conv_model, tiny_model_config, InferenceSettings(), device="cpu", engine="torch",
+                        options=RunOptions(progress=False, preview=True))
+    predict_files(drawing, [image], tmp_path / "out")
+    assert (tmp_path / "out" / "v.tif.preview.png").is_file()
+    [result] = predict_files_dask(_predictor(conv_model, tiny_model_config), [image], tmp_path / "out", n_workers=1,
+                                  processes=False)
+    assert result.ok and not (tmp_path / "out" / "v.tif.preview.png").exists()

@@ -110,6 +110,29 @@ def test_a_mask_written_again_without_a_picture_leaves_no_stale_one(tmp_path, pr
     assert result.ok and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.tif", "x.tif.provenance.json"]
 
 
+def test_an_old_picture_that_cannot_be_removed_is_a_warning_not_a_failed_volume(tmp_path, previewing, tiny_model,
+                                                                                 tiny_model_config, monkeypatch, caplog):
+    from pathlib import Path
+
+    image = io.write_volume(volume((6, 40, 56)), tmp_path / "in" / "x.tif")
+    predict_files(previewing, [image], tmp_path / "out")
+    real_unlink = Path.unlink
+
+    def refused(self, missing_ok=False):
+        if self.name.endswith(".preview.png"):
+            raise PermissionError(1, "Operation not permitted")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    plain = Predictor(tiny_model, tiny_model_config, InferenceSettings(), device="cpu", options=RunOptions(progress=False))
+    with caplog.at_level(logging.WARNING):
+        [result] = predict_files(plain, [image], tmp_path / "out")
+    assert result.ok and "preview" not in json.loads((tmp_path / "out" / "x.tif.provenance.json").read_text())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{tmp_path / 'out' / 'x.tif.preview.png'}: cannot remove the picture of the replaced mask "
+                        "(Operation not permitted)"]
+
+
 def test_no_picture_when_the_mask_fails(tmp_path, previewing):
     bad = tmp_path / "in" / "bad.tif"
     bad.parent.mkdir()

@@ -201,7 +201,7 @@ class Predictor:
                 (``threshold=0.4``); None values are ignored. An explicit value wins over every
                 structure's ``per_structure`` value.
         """
-        from ..weights import load_manifest, load_model, resolve_manifest
+        from ..weights import load_manifest, load_model, resolve_manifest, tarball_of
 
         options = options or RunOptions()
         loaded = load_manifest(resolve_manifest(manifest))
@@ -217,6 +217,8 @@ class Predictor:
         model = load_model(loaded, entry, target)
         info = {"manifest": str(loaded.path), "model": name, "file": entry.file, "sha256": entry.sha256,
                 "structures": list(entry.structures)}
+        if tarball_of(loaded.path) is not None:  # the manifest is a scratch copy, removed at exit
+            info["tarball"] = str(tarball_of(loaded.path))
         logger.info("loaded weights '%s' (%s, sha256 %s...) on %s", name, entry.file, entry.sha256[:12], target)
         return cls(model, entry.model, chosen, device=target, precision=precision, engine=engine, compile=compile,
                    weights_info=info, options=options)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import printable, single_line
 from ..io import Volume, atomic_output
+from ..normalise import normalise, percentiles
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,12 @@ def remove_stale_preview(output_path: str | Path) -> None:
     """Remove the picture of the mask that a new ``output_path`` replaced, when no new picture was
     made (a run without ``--preview``, or one whose picture failed): it would show another mask."""
     path = preview_path_for(output_path)
-    if path.is_symlink() or path.is_file():  # a link is removed, never followed; a folder is kept
-        path.unlink(missing_ok=True)
+    try:
+        if path.is_symlink() or path.is_file():  # a link is removed, never followed; a folder is kept
+            path.unlink(missing_ok=True)
+    except OSError as exc:  # the new mask is in place: an old picture must not fail it
+        logger.warning("%s: cannot remove the picture of the replaced mask (%s)", printable(path),
+                       single_line(exc.strerror or exc))
 
 
 class ProjectionPreview:
@@ -88,10 +93,8 @@ class ProjectionPreview:
     def picture(self) -> np.ndarray:
         """The picture as ``(rows, columns, 3)`` uint8: the projection in grey (1st to 99.5th
         percentile), the mask tinted and outlined over it."""
-        image = self.image
-        seen = image[np.isfinite(image)]
-        low, high = np.percentile(seen, [1.0, 99.5]) if seen.size else (0.0, 1.0)
-        grey = np.clip((np.nan_to_num(image, nan=low) - low) / max(high - low, 1e-12), 0.0, 1.0) * 255.0
+        low, high = percentiles(self.image[None], 1.0, 99.5)  # the package's normaliser; NaN ignored
+        grey = normalise(np.nan_to_num(self.image, nan=low), low, high) * 255.0
         rgb = np.repeat(grey[..., None], 3, axis=2)
         rgb[self.mask] = (1.0 - MASK_OPACITY) * rgb[self.mask] + MASK_OPACITY * MASK_COLOUR
         rgb[self._outline()] = MASK_COLOUR
