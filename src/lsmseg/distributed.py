@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
+import re
 import time
 import traceback
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -40,12 +42,19 @@ from .io import (
 logger = logging.getLogger(__name__)
 
 
+def worker_number(name) -> int:
+    """A worker's number from its name: a LocalCluster's ``0``, ``1``, ...; the trailing number of
+    ``gpu-worker-3``; else a checksum of the name, the same in every process (``hash()`` of a
+    string is not: two workers could take one GPU)."""
+    match = re.search(r"(\d+)$", str(name))
+    return int(match.group(1)) if match else zlib.crc32(str(name).encode())
+
+
 def _worker_index() -> int:
     try:
         from distributed import get_worker
 
-        name = get_worker().name
-        return int(name) if str(name).isdigit() else abs(hash(name))
+        return worker_number(get_worker().name)
     except (ImportError, ValueError):
         return 0
 

@@ -201,3 +201,17 @@ def test_a_mask_rewritten_by_dask_takes_the_old_picture_away(conv_model, tiny_mo
     [result] = predict_files_dask(_predictor(conv_model, tiny_model_config), [image], tmp_path / "out", n_workers=1,
                                   processes=False)
     assert result.ok and not (tmp_path / "out" / "v.tif.preview.png").exists()
+
+
+def test_worker_numbers_are_the_same_in_every_process():
+    import subprocess
+    import sys
+
+    from lsmseg.distributed import worker_number
+
+    assert [worker_number(n) for n in (0, "1", "gpu-worker-3", "node7-gpu12")] == [0, 1, 3, 12]
+    # hash() of a string differs between processes: the number of a name without digits must not.
+    code = "from lsmseg.distributed import worker_number; print(worker_number('alpha'))"
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert runs == {f"{worker_number('alpha')}\n"}
