@@ -115,10 +115,26 @@ def check_eval_dependencies() -> None:
                           "pip install 'lsmseg[eval]', or from a clone: pip install -e '.[eval]'")
 
 
+def check_report_folder(out: Path, *inputs: Path | None) -> None:
+    """Refuse ``--out`` before any volume is scored when it is a file, or is or lies inside an input
+    folder: the report must never overwrite inputs, and its figures/ folder would be read as a
+    volume (a folder of planes) by the next run."""
+    from lsmseg.errors import OutputError
+    from lsmseg.io import refuse_overwriting_inputs
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "exists and is not a folder; choose a report folder")
+    folders = [folder for folder in inputs if folder is not None]
+    refuse_overwriting_inputs([(folder, out) for folder in folders], input_folders=folders)
+
+
 def run_evaluate(args) -> int:
     check_eval_dependencies()
+    from lsmseg.errors import printable
+
     from .evaluate import evaluate_folders, write_report
 
+    check_report_folder(args.out, args.pred, args.labels, args.images)
     settings = settings_from_args(args)
     result = evaluate_folders(args.pred, args.labels, args.images, settings)
     paths = write_report(result, args.out, title=args.title)
@@ -127,9 +143,9 @@ def run_evaluate(args) -> int:
     missing = result.summary["missing_predictions"]
     if missing:
         logger.error("%d label(s) had no prediction and were scored as empty predictions: %s",
-                     len(missing), ", ".join(missing))
-    for name in result.summary["leaderboard"]["unrouted"]:
-        logger.warning("%s: name matches no %s rule; scored with Dice only", name, args.preset)
+                     len(missing), ", ".join(map(printable, missing)))
+    for name in result.summary["leaderboard"]["unrouted"]:  # names are untrusted: one line each
+        logger.warning("%s: name matches no %s rule; scored with Dice only", printable(name), args.preset)
     if result.failed:
         logger.error("%d of %d volume(s) could not be scored (see %s)", len(result.failed), len(result.rows), paths["metrics"])
     return EXIT_FAILED if result.failed or missing else EXIT_OK

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from lsmseg.errors import InputError, LsmsegError, single_line
+from lsmseg.errors import InputError, LsmsegError, one_line, printable, single_line
 from lsmseg.io import atomic_output, read_volume
 from lsmseg.io.atomic import write_text
 from tqdm import tqdm
@@ -185,7 +185,7 @@ def evaluate_pair(pair: Pair, settings: EvaluationSettings) -> tuple[dict, bytes
     except Exception as exc:  # an unforeseen file or a bug: one row, the other volumes still scored
         logger.debug("traceback", exc_info=True)
         where = pair.pred or pair.label  # a missing prediction is scored as an empty one: name the label
-        row.update(status="error", error=f"{where}: unexpected {type(exc).__name__}: {single_line(exc)[:300]}")
+        row.update(status="error", error=one_line(where, f"unexpected {type(exc).__name__}: {single_line(exc)[:300]}"))
     return row, None
 
 
@@ -205,7 +205,7 @@ def _figure(pair: Pair, row: dict, pred, label, valid, spacing) -> bytes | None:
     try:
         return volume_figure(row["name"], image, pred, label, valid, row, spacing)
     except Exception as exc:  # a figure must never cost the metrics
-        logger.warning("%s: figure failed (%s: %s)", row["name"], type(exc).__name__, exc)
+        logger.warning("%s: figure failed (%s: %s)", printable(row["name"]), type(exc).__name__, single_line(exc))
         _note(row, f"figure failed: {type(exc).__name__}")
         return None
 
@@ -223,8 +223,8 @@ def evaluate_folders(
     for pair, (row, figure) in zip(pairs, _score_pairs(pairs, settings)):
         if row["status"] != "ok":
             logger.error("%s", row["error"])
-        else:
-            logger.info("%s: Dice %.4f%s", row["name"], row["dice"],
+        else:  # names are untrusted: one named "x\nERROR: y" must not print a second line
+            logger.info("%s: Dice %.4f%s", printable(row["name"]), row["dice"],
                         f", clDice {row['cldice']:.4f}" if row["cldice"] is not None else "")
         rows.append(row)
         if figure is not None:
@@ -247,11 +247,36 @@ def _score_pairs(pairs: list[Pair], settings: EvaluationSettings):
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn: torch (MONAI's HD95) and OpenMP do not survive fork reliably.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(settings.jobs, len(pairs)), mp_context=context) as pool:
-        yield from tqdm(pool.map(evaluate_pair, pairs, [settings] * len(pairs)), **progress)
+        futures = [pool.submit(evaluate_pair, pair, settings) for pair in pairs]
+        try:
+            for pair, future in tqdm(zip(pairs, futures), **progress):
+                try:
+                    yield future.result()
+                except BrokenProcessPool:  # a worker died (OOM killer?): which case killed it is unknown
+                    yield _score_alone(pair, settings, context)
+        finally:  # Ctrl-C: the cases not started yet are dropped, not scored before exiting
+            for future in futures:
+                future.cancel()
+
+
+def _score_alone(pair: Pair, settings: EvaluationSettings, context) -> tuple[dict, bytes | None]:
+    """Score ``pair`` in a process of its own, after a worker died: the case that kills this one
+    too becomes an error row, and every other case is still scored."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            return pool.submit(evaluate_pair, pair, settings).result()
+    except BrokenProcessPool:
+        row = _row(pair, settings)
+        row.update(status="error", error=one_line(pair.pred or pair.label, "the scoring process died (out of memory?)"))
+        return row, None
 
 
 # ------------------------------------------------------------------------------------- summary

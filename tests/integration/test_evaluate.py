@@ -263,3 +263,70 @@ def test_validate_shipped_scores_each_structure_with_the_leaderboard_metrics(tmp
                        "--cases", "vol1", "--no-figures"])
     assert status == 1
     assert "PREDICTION FAILED for 1 of 1 case(s)" in (tmp_path / "o4" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("out", ["file.txt", "pred", "labels", "images", "labels/report", "pred/sub/report"])
+def test_out_over_or_inside_an_input_is_refused_before_scoring(tmp_path, capsys, monkeypatch, out):
+    import lsmseg_evaluation.evaluate as evaluate_module
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before refusing --out")
+
+    monkeypatch.setattr(evaluate_module, "evaluate_folders", no_scoring)
+    label = tubes(seed=4)
+    write_volume(label, tmp_path / "labels" / "vessels_01.tif")
+    write_volume(label, tmp_path / "pred" / "vessels_01.tif")
+    write_volume(image_for(label), tmp_path / "images" / "vessels_01.tif")
+    (tmp_path / "file.txt").write_text("keep me")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    argv = ["--quiet", "evaluate", "--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"),
+            "--images", str(tmp_path / "images"), "--out", str(tmp_path / out)]
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ERROR: {tmp_path / out}: "), lines  # before any volume
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+
+
+class _KillsItsWorker(str):
+    """A case name that ends the worker process unpickling it (as the OOM killer would)."""
+
+    def __reduce__(self):
+        import os
+
+        return os._exit, (3,)
+
+
+def test_a_worker_that_dies_is_one_error_row(tmp_path, monkeypatch):
+    import lsmseg_evaluation.evaluate as evaluate_module
+    from lsmseg_evaluation.evaluate import EvaluationSettings, evaluate_folders
+
+    for i in range(3):
+        label = tubes(seed=i)
+        write_volume(label, tmp_path / "labels" / f"vessels_{i}.tif")
+        write_volume(label, tmp_path / "pred" / f"vessels_{i}.tif")
+    pair_volumes = evaluate_module.pair_volumes
+
+    def pairs_with_a_killer(*args):
+        pairs = pair_volumes(*args)
+        pairs[1].name = _KillsItsWorker(pairs[1].name)
+        return pairs
+
+    monkeypatch.setattr(evaluate_module, "pair_volumes", pairs_with_a_killer)
+    settings = EvaluationSettings(jobs=2, figures=False, topology=False, progress=False)
+    result = evaluate_folders(tmp_path / "pred", tmp_path / "labels", settings=settings)
+    assert [(row["name"], row["status"]) for row in result.rows] == [
+        ("vessels_0", "ok"), ("vessels_1", "error"), ("vessels_2", "ok")]
+    assert result.rows[1]["error"] == f"{tmp_path / 'pred' / 'vessels_1.tif'}: the scoring process died (out of memory?)"
+    assert float(result.rows[2]["dice"]) == 1.0
+
+
+def test_names_cannot_forge_log_lines(tmp_path, capsys):
+    label = tubes(seed=5)
+    write_volume(label, tmp_path / "labels" / "x\nERROR: forged.tif")
+    write_volume(label, tmp_path / "pred" / "x\nERROR: forged.tif")
+    write_volume(label, tmp_path / "labels" / "y\nERROR: forged too.tif")
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"),
+                 "--out", str(tmp_path / "report"), "--no-figures"]) == 1
+    err = capsys.readouterr().err
+    assert "\nERROR: forged" not in err and "x\\nERROR: forged" in err
