@@ -380,5 +380,12 @@ def write_report(result: EvaluationResult, out_dir: str | Path, title: str = "ls
     if distributions is not None:
         with atomic_output(figures_dir / "distributions.png") as tmp:
             tmp.write_bytes(distributions)
+    # Figures of an earlier report into this folder (cases no longer here, --no-figures now)
+    # would pass for this run's: the folder is the report's own, so only its PNGs are kept.
+    written = {f"{name}.png" for name in result.figures} | ({"distributions.png"} if distributions is not None else set())
+    if figures_dir.is_dir():
+        for stale in figures_dir.glob("*.png"):
+            if stale.name not in written and (stale.is_file() or stale.is_symlink()):
+                stale.unlink(missing_ok=True)
     write_text(render_html(result, distributions, title=title), paths["report"])
     return paths

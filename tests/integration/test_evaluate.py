@@ -330,3 +330,17 @@ def test_names_cannot_forge_log_lines(tmp_path, capsys):
                  "--out", str(tmp_path / "report"), "--no-figures"]) == 1
     err = capsys.readouterr().err
     assert "\nERROR: forged" not in err and "x\\nERROR: forged" in err
+
+
+def test_a_report_written_again_keeps_only_its_own_figures(tmp_path):
+    for name, seed in (("alpha", 0), ("beta", 1)):
+        label = tubes(seed=seed)
+        write_volume(label, tmp_path / "labels" / f"{name}.tif")
+        write_volume(np.roll(label, 1, axis=2), tmp_path / "pred" / f"{name}.tif")
+    assert evaluate(tmp_path) == 0
+    figures = tmp_path / "report" / "figures"
+    assert {"alpha.png", "beta.png", "distributions.png"} <= {p.name for p in figures.iterdir()}
+    (tmp_path / "pred" / "beta.tif").unlink()
+    (tmp_path / "labels" / "beta.tif").unlink()
+    assert evaluate(tmp_path, "--no-figures") == 0
+    assert sorted(p.name for p in figures.iterdir()) == ["distributions.png"]
