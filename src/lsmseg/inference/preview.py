@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 PREVIEW_SUFFIX = ".preview.png"
 MAX_SIDE = 1024  # the picture's longest side, in pixels; larger planes are max-pooled down
-MASK_COLOUR = np.array([255, 40, 160], np.float32)  # magenta: apart from the grey input in every colour map
+MASK_COLOUR = np.array([255, 40, 160], np.float32)  # magenta: stands out against the grey input
 MASK_OPACITY = 0.45  # inside the mask; its outline is drawn opaque
 
 
