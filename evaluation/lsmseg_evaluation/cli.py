@@ -36,9 +36,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-scheme", choices=LABEL_SCHEMES, default="binary",
                         help="binary: 0 and one foreground value (0/1, 0/255); nonzero: any non-zero is "
                              "foreground; sparse: 0 unlabelled, 1 background, 2 foreground (default: binary)")
-    parser.add_argument("--sparse-edge", choices=SPARSE_EDGE_MODES, default="ignore",
-                        help="sparse labels: score TRAILMAP edge voxels (value 4) as background or ignore them "
-                             "(default: %(default)s)")
+    # No default here, so that a --sparse-edge without --label-scheme sparse can be refused.
+    parser.add_argument("--sparse-edge", choices=SPARSE_EDGE_MODES,
+                        help="with --label-scheme sparse: score TRAILMAP edge voxels (value 4) as background or "
+                             f"ignore them (default: {SPARSE_EDGE_MODES[0]})")
     parser.add_argument("--spacing", type=zyx(float), metavar="Z,Y,X",
                         help="voxel size in um for every volume, overriding the files (HD95 and volumes in um)")
     parser.add_argument("--structure", help="structure of every volume not in --mapping (e.g. vessels)")
@@ -75,12 +76,17 @@ add_evaluate_command = add_commands  # the name the architecture brief uses
 
 
 def settings_from_args(args):
+    from lsmseg.cli import UsageError
+
     from .categories import load_mapping
+    from .labels import SPARSE_EDGE_MODES
     from .evaluate import EvaluationSettings
 
+    if args.sparse_edge is not None and args.label_scheme != "sparse":
+        raise UsageError("--sparse-edge needs --label-scheme sparse")
     return EvaluationSettings(
         label_scheme=args.label_scheme,
-        sparse_edge=args.sparse_edge,
+        sparse_edge=args.sparse_edge or SPARSE_EDGE_MODES[0],
         spacing=args.spacing,
         structure=args.structure,
         mapping=load_mapping(args.mapping) if args.mapping else {},
@@ -134,8 +140,8 @@ def run_evaluate(args) -> int:
 
     from .evaluate import evaluate_folders, write_report
 
+    settings = settings_from_args(args)  # usage errors first
     check_report_folder(args.out, args.pred, args.labels, args.images)
-    settings = settings_from_args(args)
     result = evaluate_folders(args.pred, args.labels, args.images, settings)
     paths = write_report(result, args.out, title=args.title)
     print_summary(result)

@@ -344,3 +344,11 @@ def test_a_report_written_again_keeps_only_its_own_figures(tmp_path):
     (tmp_path / "labels" / "beta.tif").unlink()
     assert evaluate(tmp_path, "--no-figures") == 0
     assert sorted(p.name for p in figures.iterdir()) == ["distributions.png"]
+
+
+def test_sparse_edge_without_the_sparse_scheme_is_a_usage_error(tmp_path, capsys):
+    write_volume(tubes(seed=4), tmp_path / "labels" / "a.tif")
+    write_volume(tubes(seed=4), tmp_path / "pred" / "a.tif")
+    assert evaluate(tmp_path, "--sparse-edge", "background") == 2
+    assert capsys.readouterr().err.strip() == "ERROR: --sparse-edge needs --label-scheme sparse"
+    assert not (tmp_path / "report").exists()
