@@ -217,8 +217,9 @@ class Predictor:
         model = load_model(loaded, entry, target)
         info = {"manifest": str(loaded.path), "model": name, "file": entry.file, "sha256": entry.sha256,
                 "structures": list(entry.structures)}
-        if tarball_of(loaded.path) is not None:  # the manifest is a scratch copy, removed at exit
-            info["tarball"] = str(tarball_of(loaded.path))
+        tarball = tarball_of(loaded.path)
+        if tarball is not None:  # the manifest is a scratch copy, removed at exit
+            info["tarball"] = str(tarball)
         logger.info("loaded weights '%s' (%s, sha256 %s...) on %s", name, entry.file, entry.sha256[:12], target)
         return cls(model, entry.model, chosen, device=target, precision=precision, engine=engine, compile=compile,
                    weights_info=info, options=options)

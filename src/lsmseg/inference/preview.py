@@ -127,7 +127,6 @@ class PreviewRecorder:
 
     def __init__(self, volume: Volume, path: str | Path):
         self.path = Path(path)
-        self.error: str | None = None
         self._preview: ProjectionPreview | None = ProjectionPreview(volume)
 
     def put(self, index, mask_block) -> None:
@@ -149,6 +148,5 @@ class PreviewRecorder:
             return None
 
     def _give_up(self, exc: Exception) -> None:
-        self.error = single_line(exc)
         self._preview = None
-        logger.warning("%s: no preview picture (%s)", printable(self.path), self.error)
+        logger.warning("%s: no preview picture (%s)", printable(self.path), single_line(exc))
