@@ -273,3 +273,53 @@ def test_list_volumes_skips_data_files_of_headers(tmp_path, volume):
     assert names == ["h.nhdr", "m.mhd", "n.mhd", "o.mhd", "stray.raw"]
     for name in ("h.nhdr", "m.mhd", "n.mhd"):
         np.testing.assert_array_equal(io.read_volume(tmp_path / name).load(), volume)
+
+
+THIN_SHAPES = [(1, 6, 7), (5, 1, 7), (5, 6, 1), (1, 1, 1), (5, 1, 1), (1, 6, 1)]
+THIN_NAMES = ["v.tif", "v.ome.tif", "v.nii", "v.nii.gz", "v.mha", "v.mhd", "v.nrrd", "v.nhdr", "v.ome.zarr",
+              "v_planes"]
+
+
+@pytest.mark.parametrize("shape", THIN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", THIN_NAMES)
+def test_volumes_with_a_length_1_axis_round_trip(tmp_path, name, shape):
+    """One plane, one row or one column is still a 3-D volume: written whole and block by block,
+    with and without spacing, it reads back (lazily too) with its shape, voxels and spacing."""
+    array = (np.arange(np.prod(shape)).reshape(shape) % 250 + 1).astype(np.uint8)
+    for spacing in (SPACING, None):
+        whole = io.write_volume(array, tmp_path / "whole" / str(spacing is None) / name, spacing=spacing)
+        blocks = [((slice(z, z + 1), slice(0, shape[1]), slice(0, shape[2])), array[z:z + 1]) for z in range(shape[0])]
+        by_blocks = io.write_mask_blocks(blocks, tmp_path / "blocks" / str(spacing is None) / name, shape,
+                                         spacing=spacing)
+        for path in (whole, by_blocks):
+            for lazy in (False, True):
+                vol = io.read_volume(path, lazy=lazy)
+                assert vol.shape == shape
+                np.testing.assert_array_equal(vol.load(), array)
+                if spacing is not None:
+                    np.testing.assert_allclose(vol.spacing, spacing, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.int32])
+@pytest.mark.parametrize("shape", [(1, 6, 7), (5, 6, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_thin_tiff_round_trip_of_other_dtypes(tmp_path, shape, dtype):
+    array = np.arange(np.prod(shape)).reshape(shape).astype(dtype)
+    vol = io.read_volume(io.write_volume(array, tmp_path / "x.tif", spacing=SPACING))
+    assert vol.shape == shape and vol.dtype == array.dtype
+    np.testing.assert_array_equal(vol.load(), array)
+    np.testing.assert_allclose(vol.spacing, SPACING, rtol=1e-5)
+
+
+def test_mask_of_a_tiff_stack_of_one_pixel_wide_planes(tmp_path):
+    """A stack of 6 x 1 planes from another program reads as (z, 6, 1); its mask is written in the
+    same container."""
+    stack = np.arange(30, dtype=np.uint16).reshape(5, 6, 1)
+    for plane in stack:
+        tifffile.imwrite(tmp_path / "in.tif", plane, append=True, photometric="minisblack", metadata=None)
+    vol = io.read_volume(tmp_path / "in.tif")
+    assert vol.shape == stack.shape
+    np.testing.assert_array_equal(vol.load(), stack)
+    io.write_mask((vol.load() > 10).astype(np.uint8), tmp_path / "out.tif", like=vol, spacing=SPACING)
+    back = io.read_volume(tmp_path / "out.tif")
+    np.testing.assert_array_equal(back.load(), (stack > 10).astype(np.uint8))
+    np.testing.assert_allclose(back.spacing, SPACING, rtol=1e-5)

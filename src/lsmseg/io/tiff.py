@@ -1,9 +1,11 @@
 """Multi-page TIFF stacks (ImageJ hyperstacks, OME-TIFF, plain multi-page), through tifffile.
 
 Spacing comes from OME-XML, else from ImageJ metadata and the resolution tags; a mask keeps it
-(OME-XML for ``.ome.tif``, ImageJ metadata otherwise). Lazy reads go through tifffile's own zarr
-view of the file. Before tifffile parses anything, the IFD chain is counted and the declared size
-is checked against the voxel cap and against what the file can hold.
+(OME-XML for ``.ome.tif``, ImageJ metadata otherwise; tifffile's own metadata for a stack of one
+plane, which neither tells from a 2-D image, and for planes one voxel wide, which ImageJ's writer
+cannot store). Lazy reads go through tifffile's own zarr view of the file. Before tifffile parses
+anything, the IFD chain is counted and the declared size is checked against the voxel cap and
+against what the file can hold.
 """
 
 from __future__ import annotations
@@ -289,11 +291,20 @@ class TiffFormat(VolumeFormat):
         """A multi-page TIFF written plane by plane as z-slabs complete (tifffile pulls the planes)."""
         import tifffile
 
-        ome = path.name.lower().endswith(OME_TIFF_SUFFIXES) and np.dtype(dtype) in [np.dtype(d) for d in OME_DTYPES]
+        shape = tuple(int(s) for s in shape)
+        # One plane: OME-XML and ImageJ metadata cannot tell it from a 2-D image, which the reader
+        # refuses; tifffile's own metadata keeps the shape (1, y, x). tifffile's ImageJ writer
+        # fails on planes one voxel wide.
+        ome = (path.name.lower().endswith(OME_TIFF_SUFFIXES) and np.dtype(dtype) in [np.dtype(d) for d in OME_DTYPES]
+               and shape[0] > 1)
         kwargs = tiff_write_kwargs(spacing, dtype, like, ome=ome)
-        imagej = kwargs.pop("imagej")
+        imagej = kwargs.pop("imagej") and shape[0] > 1 and shape[2] > 1
         kwargs.pop("ome", None)
         bigtiff = math.prod(shape) * np.dtype(dtype).itemsize > 2**32 - 2**25
         planes = (plane for _, slab in iter_slabs(blocks, shape, dtype) for plane in slab)
+        if shape[2] == 1 and not ome:
+            # tifffile's writer drops a trailing length-1 axis and stores the z x y voxels as one
+            # page (its metadata keeps the shape), so it takes them whole: the size of one plane.
+            planes = np.stack(list(planes)).reshape(shape)
         with tifffile.TiffWriter(path, imagej=imagej and not bigtiff, bigtiff=bigtiff, ome=ome) as tif:
-            tif.write(planes, shape=tuple(shape), dtype=dtype, **kwargs)
+            tif.write(planes, shape=shape, dtype=dtype, **kwargs)
