@@ -16,8 +16,10 @@ Sources of each mapping:
   organisers' prefix matches; such cases are scored as their structure but flagged, because the
   organisers' evaluator would refuse the name.
 
-A case's structure comes from, in order: an organisers' prefix of its name, the mapping file
-(by base name), ``--structure``, the leading word of its name, else ``unknown``.
+A case's structure comes from, in order: the chosen edition's organisers' rule (2024: ``cfos`` /
+``microglia`` in the name, then a 2026 prefix; 2026: a prefix), the mapping file (by base name),
+``--structure``, the leading word of its name, else ``unknown``. ``--structure`` and the mapping
+file take only names :func:`known_structure` resolves (a typo would score every case as nothing).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ SELMA3D_2026_CONTIGUOUS = ("axonalmarker", "blood_vessel", "gutnerve", "lymphati
 SELMA3D_2026_ISOLATED = ("AD_plaques", "cell_nuclei", "cfos_neuron", "microglia", "protein")
 # YingChen7/SELMA3D_challenge-evaluation evaluate.py, process ('x' in name, in this order).
 SELMA3D_2024 = ("cfos", "microglia")
+# Their 2024 groups as the 2026 structure names.
+STRUCTURES_2024 = {"cfos": "cfos_neuron", "microglia": "microglia"}
 
 DEFAULT_CATEGORIES = {
     # contiguous (organisers); sparse/dense is our reading
@@ -101,6 +105,19 @@ def structure_from_name(name: str) -> str | None:
     return ALIASES.get(match.group(0)) if match else None
 
 
+def known_structure(name: str) -> str | None:
+    """The structure ``name`` stands for as ``--structure`` or a mapping gives it (an organisers'
+    structure, ``cells`` or one of :data:`ALIASES`, any case), or None: a typo, refused up front."""
+    found = _canonical(name.strip())
+    return found if found in DEFAULT_CATEGORIES else None
+
+
+def known_structure_names() -> str:
+    """The names :func:`known_structure` takes, for one error line."""
+    aliases = sorted(a for a in ALIASES if a not in {s.lower() for s in DEFAULT_CATEGORIES})
+    return f"{', '.join(DEFAULT_CATEGORIES)}, or an alias: {', '.join(aliases)}"
+
+
 def load_mapping(path: str | Path) -> dict[str, dict[str, str]]:
     """name -> {"structure": ..., "category": ...} from a CSV or YAML file.
 
@@ -133,6 +150,9 @@ def load_mapping(path: str | Path) -> dict[str, dict[str, str]]:
         if unknown and path.suffix.lower() in (".yaml", ".yml"):
             raise ConfigError(f"{path}: {name}: unknown key(s) {sorted(unknown)}")
         structure = str(entry.get("structure") or "").strip() or None
+        if structure is not None and known_structure(structure) is None:
+            raise ConfigError(f"{path}: {name}: structure {structure!r} is not a known structure "
+                              f"(expected {known_structure_names()})")
         category = str(entry.get("category") or "").strip().lower() or None
         if category is not None and category not in CATEGORIES:
             raise ConfigError(f"{path}: {name}: category {category!r} is not one of {', '.join(CATEGORIES)}")
@@ -144,14 +164,19 @@ def _canonical(structure: str) -> str:
     return structure if structure in DEFAULT_CATEGORIES else ALIASES.get(structure.lower(), structure.lower())
 
 
-def classify(name: str, mapping: dict | None = None, structure: str | None = None) -> tuple[str, str, bool]:
+def classify(name: str, mapping: dict | None = None, structure: str | None = None,
+             preset: str = "selma3d-2026") -> tuple[str, str, bool]:
     """(structure, category, by_prefix) for the case called ``name``.
 
-    ``by_prefix`` is True when an organisers' 2026 prefix decided (the leaderboard would route it
-    the same way); False when our mapping, ``structure`` or an alias did, or nothing did.
+    ``by_prefix`` is True when an organisers' rule decided: with ``preset`` ``selma3d-2024`` first
+    theirs of 2024 (``cfos`` / ``microglia`` anywhere in the name, as ``leaderboard.route`` scores
+    it), then a 2026 prefix; False when our mapping, ``structure`` or an alias did, or nothing did.
     """
     entry = (mapping or {}).get(name, {})
-    prefix = organisers_prefix_2026(name)
+    prefix = None
+    if preset == "selma3d-2024":  # else x_microglia_h would be scored as microglia but listed as unknown
+        prefix = STRUCTURES_2024.get(organisers_structure_2024(name))
+    prefix = prefix or organisers_prefix_2026(name)
     if prefix is not None:
         return prefix, entry.get("category") or DEFAULT_CATEGORIES[prefix], True
     found = entry.get("structure") or structure or structure_from_name(name)

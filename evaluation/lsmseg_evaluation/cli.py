@@ -42,7 +42,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                              f"ignore them (default: {SPARSE_EDGE_MODES[0]})")
     parser.add_argument("--spacing", type=zyx(float), metavar="Z,Y,X",
                         help="voxel size in um for every volume, overriding the files (HD95 and volumes in um)")
-    parser.add_argument("--structure", help="structure of every volume not in --mapping (e.g. vessels)")
+    parser.add_argument("--structure", help="structure of every volume not in --mapping: a SELMA3D 2026 structure or "
+                                               "alias (e.g. vessels); another name is a usage error")
     parser.add_argument("--mapping", type=Path, metavar="FILE",
                         help="CSV (name,structure,category) or YAML mapping volume names to structure/category")
     parser.add_argument("--no-topology", dest="topology", action="store_false",
@@ -59,9 +60,10 @@ def add_commands(subparsers) -> None:
         "leaderboard's own metrics (--preset) and ours (Dice, clDice, precision, recall, HD95, PQ, Betti-number "
         "errors) per case, and write metrics.csv, metrics.json (the organisers' results + aggregates), "
         "summary.json and report.html (with figures) to OUT. A case's structure comes from its name's "
-        "SELMA3D prefix (blood_vessel_..., cfos_neuron_..., microglia_...). Exit code 1 if any pair failed "
+        "SELMA3D prefix (blood_vessel_..., cfos_neuron_..., microglia_...; with --preset selma3d-2024, "
+        "'cfos' or 'microglia' anywhere in it). Exit code 1 if any pair failed "
         "or any label had no prediction (scored as an empty prediction), and, with no report written, if "
-        "a folder is missing or the label folder holds no volume.",
+        "a folder is missing or the label folder holds no volume; 2 for a bad option.",
     )
     parser.add_argument("--pred", type=Path, required=True, metavar="DIR", help="folder of predicted masks")
     parser.add_argument("--labels", type=Path, required=True, metavar="DIR", help="folder of label volumes")
@@ -78,12 +80,15 @@ add_evaluate_command = add_commands  # the name the architecture brief uses
 def settings_from_args(args):
     from lsmseg.cli import UsageError
 
-    from .categories import load_mapping
+    from .categories import known_structure, known_structure_names, load_mapping
     from .labels import SPARSE_EDGE_MODES
     from .evaluate import EvaluationSettings
 
     if args.sparse_edge is not None and args.label_scheme != "sparse":
         raise UsageError("--sparse-edge needs --label-scheme sparse")
+    # A typo would score every case as no structure (Dice only) and still exit 0.
+    if args.structure is not None and known_structure(args.structure) is None:
+        raise UsageError(f"--structure {args.structure!r} is not a known structure (expected {known_structure_names()})")
     return EvaluationSettings(
         label_scheme=args.label_scheme,
         sparse_edge=args.sparse_edge or SPARSE_EDGE_MODES[0],

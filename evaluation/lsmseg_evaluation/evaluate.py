@@ -30,7 +30,7 @@ from lsmseg.io import atomic_output, read_volume
 from lsmseg.io.atomic import write_text
 from tqdm import tqdm
 
-from .categories import classify
+from .categories import UNKNOWN, classify
 from .labels import label_masks, prediction_mask
 from .leaderboard import DEFAULT_PRESET, LB_PREFIX, check_preset, lb_columns, leaderboard_summary, route, score_case
 from .metrics import CONVENTIONS, METRIC_COLUMNS, score_volume
@@ -104,7 +104,7 @@ class EvaluationResult:
 
 
 def _row(pair: Pair, settings: EvaluationSettings) -> dict:
-    structure, category, _ = classify(pair.name, settings.mapping, settings.structure)
+    structure, category, _ = classify(pair.name, settings.mapping, settings.structure, settings.preset)
     group, by_rule = route(pair.name, structure, category, settings.preset)
     row = {column: None for column in row_columns(settings.preset)}
     row.update(
@@ -173,7 +173,10 @@ def evaluate_pair(pair: Pair, settings: EvaluationSettings) -> tuple[dict, bytes
             if row["lb_group"] == "unknown":
                 _note(row, f"name matches no {settings.preset} rule: leaderboard Dice only")
             elif not row["lb_by_rule"]:
-                _note(row, f"routed as {row['structure']} by our alias; the organisers' evaluator would refuse the name")
+                # No structure: only a mapping's category can have routed it.
+                how = (f"as {row['structure']} by our alias" if row["structure"] != UNKNOWN
+                       else f"as {row['lb_group']} by the mapping's category")
+                _note(row, f"routed {how}; the organisers' evaluator would refuse the name")
         row.update(score_volume(pred, label, spacing=spacing, valid=valid, topology=settings.topology, known_pq=known_pq))
         row["seconds"] = round(time.perf_counter() - start, 3)
         figure = _figure(pair, row, pred, label, valid, spacing) if settings.figures else None

@@ -329,7 +329,8 @@ def _weights_note(provenance_files: list[Path], seconds: float, n_predicted: int
 
 def main(argv: list[str] | None = None) -> int:
     from lsmseg import cli as lsmseg_cli
-    from lsmseg.errors import LsmsegError
+    from lsmseg.argtypes import structure as structure_argument
+    from lsmseg.errors import EXIT_USAGE, LsmsegError
     from lsmseg.inference.results import provenance_path_for
     from lsmseg.io.atomic import write_text
 
@@ -340,13 +341,18 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or default_data()
     if args.reuse_predictions and args.predictions is None:
         logger.error("--reuse-predictions needs --predictions DIR")
-        return 1
+        return EXIT_USAGE
     predict_as = {d.structure: d.predict_as for d in DATASETS}
     for item in args.predict_as:
         key, _, value = item.partition("=")
         if key not in predict_as or not value:
             logger.error("--predict-as %s: expected STRUCTURE=NAME with STRUCTURE one of %s", item, ", ".join(predict_as))
-            return 1
+            return EXIT_USAGE
+        try:  # checked here, not by lsmseg predict after the images are staged
+            structure_argument(value)
+        except argparse.ArgumentTypeError as exc:
+            logger.error("--predict-as %s: %s", item, exc)
+            return EXIT_USAGE
         predict_as[key] = value
     try:
         wanted = set(args.cases) if args.cases else None

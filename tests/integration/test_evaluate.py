@@ -352,3 +352,27 @@ def test_sparse_edge_without_the_sparse_scheme_is_a_usage_error(tmp_path, capsys
     assert evaluate(tmp_path, "--sparse-edge", "background") == 2
     assert capsys.readouterr().err.strip() == "ERROR: --sparse-edge needs --label-scheme sparse"
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("preset", ["selma3d-2026", "selma3d-2024"])
+def test_an_unknown_structure_is_a_usage_error_before_scoring(tmp_path, capsys, preset):
+    # A typo used to score every case as structure 'blood_vesel' (Dice only) and exit 0.
+    write_volume(tubes(seed=4), tmp_path / "labels" / "a.tif")
+    write_volume(tubes(seed=4), tmp_path / "pred" / "a.tif")
+    assert evaluate(tmp_path, "--preset", preset, "--structure", "blood_vesel") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("ERROR: --structure 'blood_vesel' is not a known structure")
+    assert "blood_vessel" in err and "microglia" in err and "vessels" in err  # the known names and aliases
+    assert not (tmp_path / "report").exists()
+
+
+def test_an_unknown_structure_in_the_mapping_is_refused_before_scoring(tmp_path, capsys):
+    write_volume(tubes(seed=4), tmp_path / "labels" / "a.tif")
+    write_volume(tubes(seed=4), tmp_path / "pred" / "a.tif")
+    mapping = tmp_path / "mapping.csv"
+    mapping.write_text("name,structure\na,microgila\n")
+    assert evaluate(tmp_path, "--mapping", str(mapping)) == 1  # a bad file, as a bad category in it
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"ERROR: {mapping}: a: structure 'microgila' is not a known structure")
+    assert "microglia" in err
+    assert not (tmp_path / "report").exists()

@@ -366,3 +366,44 @@ def test_unknown_prefix_is_scored_with_dice_only_and_flagged(tmp_path):
     html = (tmp_path / "report" / "report.html").read_text()
     assert "match no selma3d-2026 name rule" in html and "burgess2014_tgMouse" in html
     assert "without a prediction" in html and "microglia_missing" in html
+
+
+def test_2024_case_names_get_the_structure_they_are_scored_as(tmp_path):
+    # The 2024 evaluator routes by 'cfos' / 'microglia' anywhere in the name ('cfos' first); the
+    # structure column (and summary.json's by_structure) used to say 'unknown' for such names.
+    pred, label = cells_case(4)
+    for name in ("x_microglia_h", "brain_cfos_3", "microglia_cfos_4", "vol9"):
+        write_case(tmp_path, name, pred, label)
+    assert run_evaluate(tmp_path, "--preset", "selma3d-2024") == 0
+    rows = read_csv(tmp_path / "report" / "metrics.csv")
+    got = {name: (row["structure"], row["category"], row["lb_group"], row["lb_by_rule"]) for name, row in rows.items()}
+    assert got == {
+        "x_microglia_h": ("microglia", "isolated-sparse", "microglia", "True"),
+        "brain_cfos_3": ("cfos_neuron", "isolated-sparse", "cfos", "True"),
+        "microglia_cfos_4": ("cfos_neuron", "isolated-sparse", "cfos", "True"),
+        "vol9": ("unknown", "unknown", "unknown", "False"),  # matches no rule: said so, Dice only
+    }
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert {k: v["n_volumes"] for k, v in summary["by_structure"].items()} == {
+        "cfos_neuron": 2, "microglia": 1, "unknown": 1}
+    assert summary["leaderboard"]["unrouted"] == ["vol9"] and "leaderboard Dice only" in rows["vol9"]["notes"]
+
+    assert run_evaluate(tmp_path) == 0  # the 2026 preset: its prefixes only, as before
+    rows = read_csv(tmp_path / "report" / "metrics.csv")
+    assert rows["x_microglia_h"]["structure"] == "unknown" and rows["x_microglia_h"]["lb_group"] == "unknown"
+    assert rows["microglia_cfos_4"]["structure"] == "microglia" and rows["microglia_cfos_4"]["lb_group"] == "isolated"
+
+
+def test_a_case_routed_by_the_mappings_category_says_so(tmp_path):
+    # Its note used to read "routed as unknown by our alias" although the mapping's category routed it.
+    pred, label = cells_case(5)
+    write_case(tmp_path, "patch7", pred, label)
+    write_case(tmp_path, "vessels_1", pred, label)
+    mapping = tmp_path / "mapping.csv"
+    mapping.write_text("name,structure,category\npatch7,,isolated-dense\n")
+    assert run_evaluate(tmp_path, "--mapping", str(mapping)) == 0
+    rows = read_csv(tmp_path / "report" / "metrics.csv")
+    row = rows["patch7"]
+    assert (row["structure"], row["lb_group"], row["lb_by_rule"]) == ("unknown", "isolated", "False")
+    assert row["notes"].startswith("routed as isolated by the mapping's category;")
+    assert rows["vessels_1"]["notes"].startswith("routed as blood_vessel by our alias;")  # unchanged
