@@ -222,6 +222,11 @@ def evaluate_folders(
     """Pair, score and summarise; nothing is written (see :func:`write_report`)."""
     settings = settings or EvaluationSettings()
     pairs = pair_volumes(pred_dir, label_dir, image_dir)
+    # A mapping entry that names no case is a typo that would silently leave its case unmapped.
+    unmatched = sorted(set(settings.mapping) - {pair.name for pair in pairs})
+    if unmatched:
+        logger.warning("--mapping names %d case(s) not among the volumes, ignored: %s", len(unmatched),
+                       ", ".join(printable(name) for name in unmatched[:10]) + (", ..." if len(unmatched) > 10 else ""))
     rows, figures = [], {}
     for pair, (row, figure) in zip(pairs, _score_pairs(pairs, settings)):
         if row["status"] != "ok":

@@ -376,3 +376,14 @@ def test_an_unknown_structure_in_the_mapping_is_refused_before_scoring(tmp_path,
     assert "\n" not in err and err.startswith(f"ERROR: {mapping}: a: structure 'microgila' is not a known structure")
     assert "microglia" in err
     assert not (tmp_path / "report").exists()
+
+
+def test_a_mapping_entry_that_names_no_case_is_a_warning(tmp_path, capsys):
+    write_volume(tubes(seed=4), tmp_path / "labels" / "vol1.tif")
+    write_volume(tubes(seed=4), tmp_path / "pred" / "vol1.tif")
+    mapping = tmp_path / "mapping.csv"
+    mapping.write_text("name,structure\nvol_typo,vessels\nvol1,vessels\n")
+    assert evaluate(tmp_path, "--mapping", str(mapping), "--no-figures") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING")]
+    assert warnings == ["WARNING: --mapping names 1 case(s) not among the volumes, ignored: vol_typo"], warnings
+    assert read_rows(tmp_path / "report" / "metrics.csv")["vol1"]["structure"] == "blood_vessel"
