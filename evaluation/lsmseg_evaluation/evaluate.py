@@ -30,8 +30,8 @@ from lsmseg.io import atomic_output, read_volume
 from lsmseg.io.atomic import write_text
 from tqdm import tqdm
 
-from .categories import UNKNOWN, classify
-from .labels import label_masks, prediction_mask
+from .categories import UNKNOWN, classify, known_structure, known_structure_names
+from .labels import LABEL_SCHEMES, SPARSE_EDGE_MODES, label_masks, prediction_mask
 from .leaderboard import DEFAULT_PRESET, LB_PREFIX, check_preset, lb_columns, leaderboard_summary, route, score_case
 from .metrics import CONVENTIONS, METRIC_COLUMNS, score_volume
 from .pairing import Pair, pair_volumes
@@ -84,6 +84,12 @@ class EvaluationSettings:
 
     def __post_init__(self):
         check_preset(self.preset)
+        if self.label_scheme not in LABEL_SCHEMES:
+            raise ValueError(f"label_scheme {self.label_scheme!r} is not one of {', '.join(LABEL_SCHEMES)}")
+        if self.sparse_edge not in SPARSE_EDGE_MODES:
+            raise ValueError(f"sparse_edge {self.sparse_edge!r} is not one of {', '.join(SPARSE_EDGE_MODES)}")
+        if self.structure is not None and known_structure(self.structure) is None:
+            raise ValueError(f"structure {self.structure!r} is not a known structure (expected {known_structure_names()})")
         if self.jobs < 1:
             raise ValueError(f"jobs must be at least 1, got {self.jobs}")
 

@@ -51,3 +51,13 @@ def test_validate_shipped_reuse_without_predictions_is_a_usage_error(tmp_path, c
 
     assert validate_shipped.main(["--reuse-predictions", "--data", str(tmp_path), "-q"]) == 2  # was 1
     assert capsys.readouterr().err.strip() == "ERROR: --reuse-predictions needs --predictions DIR"
+
+
+@pytest.mark.parametrize("field, value", [("structure", "blood_vesel"), ("label_scheme", "binry"),
+                                          ("sparse_edge", "edge"), ("jobs", 0)])
+def test_evaluation_settings_refuse_unknown_values(field, value):
+    from lsmseg_evaluation.evaluate import EvaluationSettings
+
+    with pytest.raises(ValueError, match=field):
+        EvaluationSettings(**{field: value})
+    EvaluationSettings(structure="Vessels", label_scheme="sparse", sparse_edge="background")  # aliases, any case
