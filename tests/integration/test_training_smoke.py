@@ -253,3 +253,38 @@ def _encoder_of_tiny_model(path):
     torch.manual_seed(0)
     config = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), roi=(32, 64, 64))
     save_weights(encoder_state(build_model(config)), path)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_bad_data_is_one_line_before_training(tmp_path, stage):
+    # NaN in an image: pretraining stopped at step 1 with a traceback blaming the learning rate
+    # ("loss became nan ...; lower optim.lr"); fine-tuning trained on it silently.
+    image = np.random.default_rng(0).random((32, 64, 64)).astype(np.float32)
+    image[5, 6, 7] = np.nan
+    io.write_volume(image, tmp_path / "images" / "a.tif")
+    io.write_mask((image > 0.9).astype(np.uint8), tmp_path / "labels" / "a.tif")
+    train = [{"images": "images", "labels": "labels"}]
+    path = _config(tmp_path, f"smoke_{stage}", data_changes={"train": train, "train_phantoms": None, "validation_phantoms": None},
+                   **({"pretrained": None, "validation": {"every": 0}} if stage == "finetune" else {}))
+    result = lsmseg(stage, "-c", path, "--set", "threads=1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "ERROR: images/a.tif: volume contains 1 NaN/Inf voxel(s) (first at z 5); refusing to guess their values"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pretraining_refuses_a_validation_set_sharing_a_source_with_training(tmp_path):
+    # Pretraining never checked the splits: a validation scan could be pretrained on unnoticed.
+    rng = np.random.default_rng(0)
+    for name in ("scan1_0", "scan1_1"):
+        io.write_volume(rng.random((32, 64, 64)).astype(np.float32), tmp_path / "images" / f"{name}.tif")
+    source = r"^(scan\d+)_"
+    data = {"train": [{"images": "images", "include": ["scan1_0"], "source": source}],
+            "validation": [{"images": "images", "include": ["scan1_1"], "source": source}],
+            "train_phantoms": None, "validation_phantoms": None}
+    path = _config(tmp_path, "smoke_pretrain", data_changes=data)
+    result = lsmseg("pretrain", "-c", path, "--set", "threads=1", cwd=tmp_path)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("ERROR: ") and "source 'scan1' of images is in both data.train and data.validation" in line
+    assert not (tmp_path / "runs").exists()

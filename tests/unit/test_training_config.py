@@ -93,11 +93,22 @@ def test_set_overrides_are_checked_like_the_file():
                                           ("optim.lr=-1", r"optim: lr -1.0 must be >= 0"),
                                           ("optim.grad_clip=-1", "grad_clip must be >= 0"),
                                           ("optim.min_lr_ratio=2", r"min_lr_ratio in \[0, 1\]"),
-                                          ("data.lower_percentile=99.9", "0 <= lower_percentile < upper_percentile")])
+                                          ("data.lower_percentile=99.9", "0 <= lower_percentile < upper_percentile"),
+                                          ("data.target_spacing=[.nan, 1, 1]", "target_spacing .* must be positive"),
+                                          ("data.target_spacing=[.inf, 1, 1]", "target_spacing .* must be positive"),
+                                          ("data.train=[{images: x, spacing: [.nan, 1, 1]}]", "spacing .* must be positive"),
+                                          ("data.train=[{images: x, spacing: [1, -1, 1]}]", "spacing .* must be positive"),
+                                          ("data.train=[{images: x, weight: .nan}]", "weight nan must be positive"),
+                                          ("data.train=[{images: x, weight: .inf}]", "weight inf must be positive"),
+                                          ("data.train_phantoms={folder: x, spacing: [0, 1, 1]}", "spacing .* must be positive"),
+                                          ("data.train_phantoms={folder: x, spacing: [-3, 1, 1]}", "spacing .* must be positive"),
+                                          ("data.train_phantoms={folder: x, weight: .nan}", "must be positive")])
 def test_numbers_out_of_range_are_refused_when_loaded(bad, message):
     # threads -3 reached torch.set_num_threads (a traceback); 0 was taken as "torch's default"; a NaN
     # budget passed `<= 0` and silently meant no budget; a negative lr or inverted percentiles were
-    # tracebacks from torch / the normaliser, a negative grad_clip silently meant no clipping.
+    # tracebacks from torch / the normaliser, a negative grad_clip silently meant no clipping. A NaN or
+    # infinite spacing or set weight passed `<= 0` (a traceback in the sampler, or NaN recorded as the
+    # training spacing); a phantom spacing was not checked until the phantoms were written.
     with pytest.raises(ConfigError, match=message):
         load_run_config(PretrainConfig, CONFIGS / "smoke_pretrain.yaml", overrides=[bad])
 

@@ -203,3 +203,59 @@ def test_patches_from_every_container_format(tmp_path, suffix):
     z = np.flatnonzero(np.abs(patch).reshape(32, -1).max(axis=1) > 0)
     expected = (image[:, 3:67, 1:65] > 900).astype(np.float32)
     np.testing.assert_array_equal(patch_label[z[0] : z[0] + 12], expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad data refused before training (one line naming the file or the config key)
+
+
+def test_source_pattern_must_match_every_volume(data_dir):
+    # A pattern that matched no name made each volume its own source: the split check passed silently.
+    from lsmseg_training.data import check_splits
+
+    data = _data(data_dir, source=r"^scan(\d+)_")
+    with pytest.raises(ConfigError, match=r"cfg: data\.train\[0\]\.source: '\^scan\(\\d\+\)_' does not match volume 'a'"):
+        check_splits(data, "cfg")
+    with pytest.raises(ConfigError, match=r"data\.train\[0\]\.source: .* does not match volume 'a'"):
+        prepare_volumes(data, "train", need_labels=True, where="cfg")
+
+
+def test_empty_images_folder_is_refused_naming_it(data_dir, tmp_path_factory):
+    # An empty folder beside a full one was silently skipped (alone: "data.train selects no volumes").
+    from lsmseg_training.data import check_splits
+
+    empty = tmp_path_factory.mktemp("empty")
+    data = DataConfig(train=[VolumeSet(images=empty), VolumeSet(images=data_dir / "images")])
+    with pytest.raises(ConfigError, match=rf"cfg: data\.train\[0\]\.images: {empty}: no volumes in this folder"):
+        prepare_volumes(data, "train", need_labels=False, where="cfg")
+    with pytest.raises(ConfigError, match=r"data\.train\[0\]\.images: .*: no volumes in this folder"):
+        check_splits(data, "cfg")
+
+
+def test_a_set_that_selects_nothing_is_refused(data_dir):
+    data = DataConfig(train=[VolumeSet(images=data_dir / "images", exclude=["a", "b"]),
+                             VolumeSet(images=data_dir / "images")])
+    with pytest.raises(ConfigError, match=r"cfg: data\.train\[0\]: include/exclude leave no volume of"):
+        prepare_volumes(data, "train", need_labels=False, where="cfg")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_image_is_refused(data_dir, bad):
+    # NaN reached the patches: pretraining stopped with "loss became nan ...; lower optim.lr" (a
+    # traceback blaming the learning rate); inference refuses such a volume, so training does too.
+    image = np.random.default_rng(0).random((20, 80, 90)).astype(np.float32)
+    image[3, 4, 5] = bad
+    io.write_volume(image, data_dir / "images" / "a.tif")
+    with pytest.raises(InputError, match=r"images/a\.tif: volume contains 1 NaN/Inf voxel\(s\) \(first at z 3\)"):
+        prepare_volumes(_data(data_dir), "train", need_labels=False, where="cfg")
+
+
+def test_empty_labels_warn_but_no_foreground_anywhere_is_refused(data_dir, caplog):
+    # One empty dense label is a background-only example (real sets have them): kept, with a warning.
+    io.write_mask(np.zeros((20, 80, 90), np.uint8), data_dir / "labels" / "a.tif")
+    records = prepare_volumes(_data(data_dir), "train", need_labels=True, where="cfg")
+    assert records[0].foreground_fraction == 0 and "a.tif: label has no foreground voxels" in caplog.text
+    # Every training label empty: nothing to learn, most likely the wrong labels folder.
+    io.write_mask(np.zeros((40, 70, 70), np.uint8), data_dir / "labels" / "b.tif")
+    with pytest.raises(ConfigError, match=r"cfg: data\.train: no label has a foreground voxel"):
+        prepare_volumes(_data(data_dir), "train", need_labels=True, where="cfg")

@@ -46,7 +46,7 @@ class VolumeSet:
     structure: str | None = None
 
     def __post_init__(self):
-        if self.weight <= 0:
+        if not 0 < self.weight < math.inf:  # also refuses NaN, which passes `<= 0`
             raise ValueError(f"weight {self.weight} must be positive")
         if self.structure is not None:
             from lsmseg.structures import STRUCTURES
@@ -60,8 +60,13 @@ class VolumeSet:
                 raise ValueError(f"source {self.source!r} is not a regular expression ({exc})") from exc
             if pattern.groups < 1:
                 raise ValueError(f"source {self.source!r} needs one group (...) that captures the source")
-        if self.spacing is not None and min(self.spacing) <= 0:
+        if self.spacing is not None and not _positive(self.spacing):
             raise ValueError(f"spacing {self.spacing} must be positive")
+
+
+def _positive(values) -> bool:
+    """Whether every value is a positive finite number (NaN passes a plain ``<= 0`` test)."""
+    return all(0 < v < math.inf for v in values)
 
 
 @dataclass
@@ -80,8 +85,10 @@ class PhantomSet:
         unknown = [k for k in self.kinds if k not in PHANTOM_KINDS]
         if unknown:
             raise ValueError(f"unknown phantom kind {unknown[0]!r} (choose from {', '.join(PHANTOM_KINDS)})")
-        if self.per_kind < 1 or min(self.shape) < 1 or self.weight <= 0:
+        if self.per_kind < 1 or min(self.shape) < 1 or not 0 < self.weight < math.inf:
             raise ValueError("per_kind, shape and weight must be positive")
+        if not _positive(self.spacing):  # checked here, not when the phantoms are first written
+            raise ValueError(f"spacing {self.spacing} must be positive")
 
 
 @dataclass
@@ -115,8 +122,8 @@ class DataConfig:
                              f"{self.lower_percentile}, {self.upper_percentile}")
         if self.workers < 0:
             raise ValueError("workers must be >= 0")
-        if self.target_spacing is not None and min(self.target_spacing) <= 0:
-            raise ValueError("target_spacing must be positive")
+        if self.target_spacing is not None and not _positive(self.target_spacing):
+            raise ValueError(f"target_spacing {self.target_spacing} must be positive")
 
 
 @dataclass

@@ -6,8 +6,10 @@ touches; nothing is converted or loaded whole (the paper's TIFF -> PNG step is n
 volumes (below ``cache_mb``) are held in memory once per worker because re-decoding them for every
 patch would cost more than keeping them.
 
-Before any training starts, :func:`prepare_volumes` checks every volume (path exists, readable,
-label present with the same shape, label values binary) and computes, once per volume, the
+Before any training starts, :func:`prepare_volumes` checks every set (images path exists and holds
+volumes, include/exclude names exist and leave some, the ``source`` pattern matches every name) and
+every volume (readable, no NaN/Inf voxel, label present with the same shape, label values binary;
+some training label with foreground) and computes, once per volume, the
 intensity percentiles (:func:`lsmseg.normalise.percentiles`, the same numbers inference uses) and a
 sample of foreground positions for foreground/background balanced sampling.
 """
@@ -119,11 +121,19 @@ def resolve_sets(data: DataConfig, split: str) -> list[tuple[str, VolumeSet]]:
 
 
 def source_of(volume_set: VolumeSet, name: str) -> str:
-    """The source of volume ``name`` by the set's ``source`` pattern (the name itself without one)."""
+    """The source of volume ``name`` by the set's ``source`` pattern (the name itself without one).
+
+    Raises:
+        ValueError: the pattern does not match ``name``; falling back to the name would make each
+            such volume its own source and let the split check pass unnoticed.
+    """
     if volume_set.source is None:
         return name
     match = re.search(volume_set.source, name)
-    return match.group(1) if match else name
+    if match is None or match.group(1) is None:
+        raise ValueError(f"'{volume_set.source}' does not match volume {name!r}, so its source is unknown; "
+                         "fix the pattern (its first group is the source)")
+    return match.group(1)
 
 
 def check_splits(data: DataConfig, where: str) -> dict[str, dict[str, list[str]]]:
@@ -138,14 +148,10 @@ def check_splits(data: DataConfig, where: str) -> dict[str, dict[str, list[str]]
     for split in ("train", "validation", "test"):
         splits[split] = {}
         for i, volume_set in enumerate(getattr(data, split)):
+            selected = selected_volumes(volume_set, f"data.{split}[{i}]", where)
             images = Path(volume_set.images)
-            if not images.exists():
-                raise ConfigError(f"{where}: data.{split}[{i}].images: {images}: no such file or folder")
             folder = str(images.resolve())
-            for path in expand_inputs([images]):
-                name = volume_name(path)
-                if not selects(volume_set, name):
-                    continue
+            for _, name in selected:
                 source = source_of(volume_set, name)
                 key = (folder, source)
                 if seen.get(key, split) != split:
@@ -163,6 +169,35 @@ def check_splits(data: DataConfig, where: str) -> dict[str, dict[str, list[str]]
 def selects(volume_set: VolumeSet, name: str) -> bool:
     """Whether a set's ``include``/``exclude`` lists keep the volume ``name``."""
     return (not volume_set.include or name in volume_set.include) and name not in volume_set.exclude
+
+
+def selected_volumes(volume_set: VolumeSet, key: str, where: str) -> list[tuple[Path, str]]:
+    """``(path, name)`` of every volume a set selects, refusing a set that cannot be what was meant.
+
+    Refused, naming the config and ``key``: a missing images path, a folder with no volumes, an
+    ``include``/``exclude`` name that is no volume, lists that leave nothing, a ``source`` pattern
+    that misses a selected volume.
+    """
+    images = Path(volume_set.images)
+    if not images.exists():
+        raise ConfigError(f"{where}: {key}.images: {images}: no such file or folder")
+    paths = expand_inputs([images])
+    if not paths:
+        raise ConfigError(f"{where}: {key}.images: {images}: no volumes in this folder")
+    names = [volume_name(p) for p in paths]
+    for list_key in ("include", "exclude"):
+        missing = [n for n in getattr(volume_set, list_key) if n not in names]
+        if missing:
+            raise ConfigError(f"{where}: {key}.{list_key}: no volume named {missing[0]!r} in {images}")
+    selected = [(p, n) for p, n in zip(paths, names) if selects(volume_set, n)]
+    if not selected:
+        raise ConfigError(f"{where}: {key}: include/exclude leave no volume of {images}")
+    for _, name in selected:
+        try:
+            source_of(volume_set, name)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {key}.source: {exc}") from None
+    return selected
 
 
 def set_volumes(volume_set: VolumeSet) -> list[tuple[str, Path, Path | None]]:
@@ -232,26 +267,39 @@ def prepare_volumes(
     records: list[VolumeRecord] = []
     rng = np.random.default_rng(seed)
     for set_index, (key, volume_set) in enumerate(resolve_sets(data, split)):
-        images = Path(volume_set.images)
-        if not images.exists():
-            raise ConfigError(f"{where}: {key}.images: {images}: no such file or folder")
+        selected = selected_volumes(volume_set, key, where)
         if need_labels and volume_set.labels is None:
             raise ConfigError(f"{where}: {key}.labels is required for fine-tuning and validation")
         if volume_set.labels is not None and not Path(volume_set.labels).exists():
             raise ConfigError(f"{where}: {key}.labels: {volume_set.labels}: no such file or folder")
-        paths = expand_inputs([images])
-        names = [volume_name(p) for p in paths]
-        for list_key in ("include", "exclude"):
-            missing = [n for n in getattr(volume_set, list_key) if n not in names]
-            if missing:
-                raise ConfigError(f"{where}: {key}.{list_key}: no volume named {missing[0]!r} in {images}")
-        for path, name in zip(paths, names):
-            if not selects(volume_set, name):
-                continue
+        for path, name in selected:
             records.append(_index_volume(data, volume_set, set_index, path, name, need_labels, rng))
     if not records:
         raise ConfigError(f"{where}: data.{split} selects no volumes")
+    # One empty label is a background-only example; all of them leave nothing to learn (a wrong folder?).
+    labelled = [r for r in records if r.label is not None]
+    if split == "train" and need_labels and labelled and not any(r.foreground_fraction for r in labelled):
+        raise ConfigError(f"{where}: data.{split}: no label has a foreground voxel ({len(labelled)} label(s) "
+                          "checked); nothing to learn")
     return records
+
+
+def _refuse_non_finite(path: Path, data) -> None:
+    """Refuse a float image with NaN/Inf voxels, as inference does (read once, chunk by chunk)."""
+    if np.dtype(data.dtype).kind != "f":
+        return
+    shape = tuple(int(s) for s in data.shape)
+    planes_per_chunk = max(1, SCAN_VOXELS // max(1, shape[1] * shape[2]))
+    bad, first = 0, None
+    for z0 in range(0, shape[0], planes_per_chunk):
+        finite = np.isfinite(np.asarray(data[z0 : z0 + planes_per_chunk]))
+        if not finite.all():
+            bad += int(finite.size - np.count_nonzero(finite))
+            if first is None:
+                first = z0 + int(np.argwhere(~finite)[0][0])
+    if bad:
+        raise InputError(path, f"volume contains {bad} NaN/Inf voxel(s) (first at z {first}); "
+                         "refusing to guess their values")
 
 
 def _index_volume(data: DataConfig, volume_set: VolumeSet, set_index: int, path: Path, name: str,
@@ -267,6 +315,7 @@ def _index_volume(data: DataConfig, volume_set: VolumeSet, set_index: int, path:
     factors[1] /= data.downscale
     factors[2] /= data.downscale
     grid = tuple(max(1, round(n / f)) for n, f in zip(volume.shape, factors))
+    _refuse_non_finite(path, volume.data)
     lo, hi = percentiles(volume.data, data.lower_percentile, data.upper_percentile)
     if hi <= lo:
         logger.warning("%s: constant intensity; its patches will be all zero", path)
@@ -288,7 +337,7 @@ def _index_volume(data: DataConfig, volume_set: VolumeSet, set_index: int, path:
         record.foreground, record.foreground_fraction = _scan_label(label_path, label.data, mode, rng)
         record.sparse = volume_set.label_mode == "sparse"
         if record.foreground_fraction == 0:
-            logger.warning("%s: label has no foreground voxels", label_path)
+            logger.warning("%s: label has no foreground voxels; its patches are all background", label_path)
     elif need_labels:
         raise InputError(path, "no label given for this volume")
     return record

@@ -19,7 +19,7 @@ from lsmseg.model import build_model
 from lsmseg.weights import save_weights
 
 from .config import PretrainConfig
-from .data import prepare_volumes
+from .data import check_splits, prepare_volumes
 from .engine import Loop, autocast, load_full_model, main_first, resume_state, run_processes, train_loop, unwrap
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
     output = Path(config.output)
     with run_processes(config) as processes:
         # Every check (paths, readable volumes, architecture of a resumed checkpoint) before training.
+        check_splits(config.data, where)  # a validation or test set listed here shares no source with training
         records = main_first(processes, lambda: prepare_volumes(config.data, "train", need_labels=False,
                                                                  where=where, seed=config.seed))
         records = [dataclasses.replace(r, label=None, foreground=None) for r in records]
