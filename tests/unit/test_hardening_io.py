@@ -151,6 +151,31 @@ def test_corrupt_strip_is_a_one_line_input_error_when_read_lazily(tmp_path):
         volume.data[2:3]
 
 
+def test_a_failed_lazy_read_leaves_no_chunk_read_pending(tmp_path):
+    # zarr re-raised the first bad chunk while the others were still being read; a run ending then
+    # printed hundreds of "Task was destroyed but it is pending!" lines after its one-line error.
+    import asyncio
+
+    from zarr.core import sync as zarr_sync
+
+    path = tmp_path / "c.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 4000, (40, 64, 64), dtype=np.uint16),
+                     compression="zlib", rowsperstrip=64)
+    raw = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[0].dataoffsets[0]
+    raw[offset: offset + 40] = b"\xff" * 40  # the first plane fails, 39 others are still to read
+    path.write_bytes(bytes(raw))
+
+    async def pending() -> int:
+        return len(asyncio.all_tasks()) - 1
+
+    for _ in range(5):
+        with pytest.raises(InputError, match="cannot read TIFF pixel data"):
+            io.read_volume(path, lazy=True).data[...]
+        assert zarr_sync.sync(pending()) == 0
+
+
 def test_folder_of_3d_stacks_is_not_taken_for_planes(tmp_path):
     folder = tmp_path / "stacks"
     folder.mkdir()

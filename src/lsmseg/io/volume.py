@@ -123,6 +123,7 @@ class LazyArray:
         except (MemoryError, InputError):
             raise
         except Exception as exc:
+            settle_zarr_reads()
             raise InputError(self.path, f"cannot read {self.what} ({type(exc).__name__}: {exc})") from exc
 
     def __len__(self) -> int:
@@ -131,6 +132,38 @@ class LazyArray:
     def __array__(self, dtype=None, copy=None):
         out = self[...]
         return out.astype(dtype) if dtype is not None else out
+
+
+def settle_zarr_reads(timeout: float = 30.0) -> None:
+    """Let the chunk reads still running on zarr's event loop finish after one of them failed.
+
+    zarr reads a selection's chunks concurrently and re-raises the first failure while the others
+    are still pending; if the process ends before they finish, zarr's exit handler closes its loop
+    under them and Python prints hundreds of lines of "Task was destroyed but it is pending!"
+    after the one-line error. Their own failures are collected here, not reported again.
+    """
+    import sys
+
+    if "zarr.core.sync" not in sys.modules:
+        return
+    import asyncio
+
+    from zarr.core import sync as zarr_sync
+
+    loop = zarr_sync.loop[0]
+    if loop is None or loop.is_closed():
+        return
+
+    async def others_done() -> None:
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    try:
+        zarr_sync.sync(others_done(), loop=loop, timeout=timeout + 1)
+    except Exception:  # tidying only: the read error is what gets reported
+        pass
 
 
 def iter_slabs(blocks, shape: tuple[int, ...], dtype=np.uint8) -> Iterator[tuple[int, np.ndarray]]:
