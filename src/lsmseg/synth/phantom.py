@@ -18,6 +18,8 @@ is a pure function of its arguments. Only numpy and scipy.ndimage are used.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 from . import KINDS
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,13 @@ logger = logging.getLogger(__name__)
 _KIND_IDS = {kind: i for i, kind in enumerate(KINDS)}
 
 Spacing = tuple[float, float, float]
+
+# Structures are 1-12 um across: a finer voxel makes each one thousands of voxels wide, a coarser one
+# packs many into a voxel (their number grows with the physical volume; 1e6 um asked for exabytes).
+SPACING_RANGE_UM = (0.05, 20.0)
+# Peak working memory of make_phantom per voxel: measured 74-78 bytes (tracemalloc), 82-87 (RSS
+# growth) for every kind at 32x128x128 and 64x256x256; rounded up for the writer's copy.
+BYTES_PER_VOXEL = 96
 
 
 @dataclass(frozen=True)
@@ -85,14 +94,7 @@ def make_phantom(
             kind looks the same at any spacing.
         settings: the image formation (PSF, noise, attenuation, ...); default :class:`PhantomSettings`.
     """
-    if kind not in _KIND_IDS:
-        raise ConfigError(f"unknown phantom kind {kind!r}; choose one of {', '.join(KINDS)}")
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ConfigError(f"phantom shape must be three positive integers (z, y, x), got {shape}")
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ConfigError(f"phantom spacing must be three positive numbers (z, y, x), got {spacing}")
+    shape, spacing = check_phantom_arguments(kind, shape, seed, spacing)
     settings = settings or PhantomSettings()
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _KIND_IDS[kind]]))
     space = _Space(shape, spacing)
@@ -106,6 +108,98 @@ def make_phantom(
     signal[~label] = 0.0
     image = _render(rng, space, tissue, signal, extra, settings)
     return Phantom(image=image, label=label.astype(np.uint8), spacing=spacing, kind=kind, seed=int(seed), tissue=tissue)
+
+
+def available_memory() -> int | None:
+    """Bytes a new allocation can get: Linux's ``MemAvailable``, else the physical memory, else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_phantom_arguments(kind: str, shape, seed: int, spacing) -> tuple[tuple[int, int, int], Spacing]:
+    """Refuse arguments :func:`make_phantom` cannot use, before any array is allocated.
+
+    Besides the kind and the types: a negative seed (numpy refuses it), a spacing outside
+    :data:`SPACING_RANGE_UM`, a shape above the voxel cap that lsmseg reads volumes under
+    (``LSMSEG_MAX_VOXELS``, :func:`lsmseg.io.default_max_voxels`), and a shape whose working
+    memory (:data:`BYTES_PER_VOXEL` per voxel) exceeds :func:`available_memory`.
+
+    Returns:
+        ``(shape, spacing)`` as tuples of int and float.
+
+    Raises:
+        ConfigError: one line saying which argument is wrong and why.
+    """
+    from ..io import ENV_MAX_VOXELS, default_max_voxels
+
+    if kind not in _KIND_IDS:
+        raise ConfigError(f"unknown phantom kind {kind!r}; choose one of {', '.join(KINDS)}")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"phantom shape must be three positive integers (z, y, x), got {shape}")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ConfigError(f"phantom spacing must be three positive numbers (z, y, x), got {spacing}")
+    low, high = SPACING_RANGE_UM
+    if not all(low <= s <= high for s in spacing):
+        raise ConfigError(f"phantom spacing must lie within {low:g}-{high:g} um per axis (the structures are "
+                          f"1-12 um across), got {','.join(f'{s:g}' for s in spacing)}")
+    if int(seed) < 0:
+        raise ConfigError(f"phantom seed must be a whole number >= 0, got {seed}")
+    voxels = math.prod(shape)
+    shown = ",".join(map(str, shape))
+    cap = default_max_voxels()
+    if voxels > cap:
+        raise ConfigError(f"phantom shape {shown} = {voxels:,} voxels is above the limit of {cap:,} voxels that "
+                          f"lsmseg reads volumes under ({ENV_MAX_VOXELS})")
+    need, free = voxels * BYTES_PER_VOXEL, available_memory()
+    if free is not None and need > free:
+        raise ConfigError(f"phantom shape {shown} needs about {need / 2**30:.1f} GiB of memory to build, "
+                          f"{free / 2**30:.1f} GiB is available; choose a smaller shape")
+    return shape, spacing
+
+
+def check_phantom_name(name: str) -> None:
+    """Refuse a file name :func:`write_phantom` cannot use: a folder in it, no volume format suffix
+    (any other name would become a folder of TIFF planes), or no visible base name (``.tif``,
+    ``.x.tif``: hidden files are skipped when a folder of volumes is listed)."""
+    from ..io import KNOWN_SUFFIXES, volume_name
+
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ConfigError(f"phantom file name must be a plain file name, got {name!r}")
+    if not name.lower().endswith(KNOWN_SUFFIXES):
+        raise ConfigError(f"phantom file name {name!r} has no volume format suffix "
+                          f"(one of {', '.join(sorted(KNOWN_SUFFIXES))})")
+    if not volume_name(name) or name.startswith("."):
+        raise ConfigError(f"phantom file name {name!r} needs a name before its suffix, not starting with '.' "
+                          "(hidden files are skipped when a folder of volumes is listed)")
+
+
+def _prepare_output(path: Path) -> None:
+    """Check, before any work, that ``path`` can be written: its folder exists (made here) and is
+    writable, and nothing of the other kind (a folder where a file goes, or the reverse) is there."""
+    from ..io import FORMATS, mask_format_for, refuse_replacing_another_kind
+
+    folder = path.parent
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OutputError(blocker, f"is a file, not a folder; cannot write {folder} in it")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(folder, f"cannot create output folder: {exc.strerror or exc}") from exc
+    if not os.access(folder, os.W_OK):
+        raise OutputError(folder, "output folder is not writable")
+    refuse_replacing_another_kind(path, FORMATS[mask_format_for(path)].writes_folder)
 
 
 def phantom_name(kind: str, seed: int) -> str:
@@ -126,24 +220,37 @@ def write_phantom(
     """Write a phantom as ``out_dir/images/<kind>_<seed>.<fmt>`` and ``out_dir/labels/<kind>_<seed>.<fmt>``.
 
     Image and label share one file name (the challenge convention: a mask has its volume's name).
-    Spacing is stored in the files. Writes are atomic. Returns ``(image_path, label_path)``.
+    Spacing is stored in the files. Both targets are checked before the phantom is built; the
+    pair is written atomically (each file under a temporary name, both renamed into place only
+    when both are complete), so a failure leaves neither. Returns ``(image_path, label_path)``.
 
     Args:
         out_dir: the folder holding ``images/`` and ``labels/``.
         kind, shape, seed, spacing, settings: as for :func:`make_phantom`.
         fmt: any suffix the I/O registry writes (``tif``, ``nii.gz``, ``mha``, ``nrrd``, ``zarr``).
         name: a file name with such a suffix, instead of ``<kind>_<seed>.<fmt>``.
-    """
-    from ..io import write_volume
 
-    phantom = make_phantom(kind, shape, seed, spacing=spacing, settings=settings)
+    Raises:
+        ConfigError: a bad argument (:func:`check_phantom_arguments`, :func:`check_phantom_name`).
+        OutputError: a target that cannot be written (checked before any work).
+    """
+    from ..io import FORMATS, atomic_output, mask_format_for
+
+    check_phantom_arguments(kind, shape, seed, spacing)
     name = name or f"{phantom_name(kind, seed)}.{fmt.lstrip('.')}"
+    check_phantom_name(name)
     out_dir = Path(out_dir)
     image_path, label_path = out_dir / "images" / name, out_dir / "labels" / name
-    image_path.parent.mkdir(parents=True, exist_ok=True)
-    label_path.parent.mkdir(parents=True, exist_ok=True)
-    write_volume(phantom.image, image_path, spacing=phantom.spacing)
-    write_volume(phantom.label, label_path, spacing=phantom.spacing)
+    for path in (image_path, label_path):
+        _prepare_output(path)
+    phantom = make_phantom(kind, shape, seed, spacing=spacing, settings=settings)
+    writer = FORMATS[mask_format_for(image_path)]
+    # One block for both: the label is renamed into place first, then the image; a failure in
+    # either write removes both temporaries, so no image is left without its label.
+    with (atomic_output(image_path, folder=writer.writes_folder) as image_tmp,
+          atomic_output(label_path, folder=writer.writes_folder) as label_tmp):
+        writer.write(phantom.image, image_tmp, spacing=phantom.spacing)
+        writer.write(phantom.label, label_tmp, spacing=phantom.spacing)
     logger.debug("phantom %s %s seed %d -> %s", kind, "x".join(map(str, phantom.image.shape)), seed, image_path)
     return image_path, label_path
 
@@ -456,6 +563,15 @@ def _plaques(rng, space, tissue, fraction):
             volume += 4.0 / 3.0 * np.pi * float(np.prod(semi))
             idx = tuple(np.clip(space.nearest(c), 0, np.asarray(space.shape) - 1))
             halo_seed[idx] += value * float(np.prod(semi)) / space.voxel_volume
+    if target > 0 and not (label & tissue).any():
+        # In a tiny volume every lump may fall outside it (or outside the tissue), leaving a label
+        # without foreground that training refuses: one lump at a point in the tissue (only then,
+        # so that other phantoms stay as they were).
+        c = _random_points_in(rng, space, tissue, 1)[0]
+        semi, value = 5.0 * rng.uniform(0.5, 1.0, 3), rng.uniform(4.0, 9.0)
+        _paint_blob(label, signal, space, c, semi, _random_rotation(rng), roughness, 0.35, value, texture)
+        idx = tuple(np.clip(space.nearest(c), 0, np.asarray(space.shape) - 1))
+        halo_seed[idx] += value * float(np.prod(semi)) / space.voxel_volume
     # Fibrillar halo: a wide, faint glow around each plaque, not part of the label.
     halo = ndimage.gaussian_filter(halo_seed, space.sigma_voxels(8.0), mode="constant") * 0.35
     return label, signal, halo
@@ -546,4 +662,7 @@ def _render(rng, space: _Space, tissue: np.ndarray, signal: np.ndarray, extra, s
     return np.clip(np.rint(counts), 0, np.iinfo(np.uint16).max).astype(np.uint16)
 
 
-__all__ = ["KINDS", "Phantom", "PhantomSettings", "make_phantom", "phantom_name", "write_phantom"]
+__all__ = [
+    "BYTES_PER_VOXEL", "KINDS", "SPACING_RANGE_UM", "Phantom", "PhantomSettings", "available_memory",
+    "check_phantom_arguments", "check_phantom_name", "make_phantom", "phantom_name", "write_phantom",
+]
