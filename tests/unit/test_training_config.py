@@ -102,7 +102,9 @@ def test_set_overrides_are_checked_like_the_file():
                                           ("data.train=[{images: x, weight: .inf}]", "weight inf must be positive"),
                                           ("data.train_phantoms={folder: x, spacing: [0, 1, 1]}", "spacing .* must be positive"),
                                           ("data.train_phantoms={folder: x, spacing: [-3, 1, 1]}", "spacing .* must be positive"),
-                                          ("data.train_phantoms={folder: x, weight: .nan}", "must be positive")])
+                                          ("data.train_phantoms={folder: x, weight: .nan}", "must be positive"),
+                                          ("data.train_phantoms={folder: x, seed: -1}", "seed must be a whole number >= 0"),
+                                          ("data.train_phantoms={folder: x, spacing: [50, 1, 1]}", "within 0.05-20 um")])
 def test_numbers_out_of_range_are_refused_when_loaded(bad, message):
     # threads -3 reached torch.set_num_threads (a traceback); 0 was taken as "torch's default"; a NaN
     # budget passed `<= 0` and silently meant no budget; a negative lr or inverted percentiles were

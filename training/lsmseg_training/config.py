@@ -89,6 +89,14 @@ class PhantomSet:
             raise ValueError("per_kind, shape and weight must be positive")
         if not _positive(self.spacing):  # checked here, not when the phantoms are first written
             raise ValueError(f"spacing {self.spacing} must be positive")
+        from lsmseg.errors import ConfigError
+        from lsmseg.synth.phantom import check_phantom_arguments
+
+        try:  # the generator's own checks (seed, spacing range, size), before any training starts
+            for kind in self.kinds:
+                check_phantom_arguments(kind, self.shape, self.seed, self.spacing)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
 
 @dataclass
