@@ -354,27 +354,21 @@ def test_sparse_edge_without_the_sparse_scheme_is_a_usage_error(tmp_path, capsys
     assert not (tmp_path / "report").exists()
 
 
-@pytest.mark.parametrize("preset", ["selma3d-2026", "selma3d-2024"])
-def test_an_unknown_structure_is_a_usage_error_before_scoring(tmp_path, capsys, preset):
+@pytest.mark.parametrize("preset, where", [("selma3d-2026", "option"), ("selma3d-2024", "option"),
+                                           ("selma3d-2026", "mapping")])
+def test_an_unknown_structure_is_refused_before_scoring(tmp_path, capsys, preset, where):
     # A typo used to score every case as structure 'blood_vesel' (Dice only) and exit 0.
     write_volume(tubes(seed=4), tmp_path / "labels" / "a.tif")
     write_volume(tubes(seed=4), tmp_path / "pred" / "a.tif")
-    assert evaluate(tmp_path, "--preset", preset, "--structure", "blood_vesel") == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("ERROR: --structure 'blood_vesel' is not a known structure")
-    assert "blood_vessel" in err and "microglia" in err and "vessels" in err  # the known names and aliases
-    assert not (tmp_path / "report").exists()
-
-
-def test_an_unknown_structure_in_the_mapping_is_refused_before_scoring(tmp_path, capsys):
-    write_volume(tubes(seed=4), tmp_path / "labels" / "a.tif")
-    write_volume(tubes(seed=4), tmp_path / "pred" / "a.tif")
     mapping = tmp_path / "mapping.csv"
-    mapping.write_text("name,structure\na,microgila\n")
-    assert evaluate(tmp_path, "--mapping", str(mapping)) == 1  # a bad file, as a bad category in it
+    mapping.write_text("name,structure\na,blood_vesel\n")
+    args = ["--structure", "blood_vesel"] if where == "option" else ["--mapping", str(mapping)]
+    # A bad option is a usage error; a bad mapping file is bad input, as a bad category in it.
+    assert evaluate(tmp_path, "--preset", preset, *args) == (2 if where == "option" else 1)
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith(f"ERROR: {mapping}: a: structure 'microgila' is not a known structure")
-    assert "microglia" in err
+    prefix = "ERROR: --structure" if where == "option" else f"ERROR: {mapping}: a: structure"
+    assert "\n" not in err and err.startswith(f"{prefix} 'blood_vesel' is not a known structure")
+    assert "blood_vessel" in err and "microglia" in err and "vessels" in err  # the known names and aliases
     assert not (tmp_path / "report").exists()
 
 

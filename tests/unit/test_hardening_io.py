@@ -137,15 +137,20 @@ def test_mhd_and_nhdr_data_files_must_lie_in_the_header_folder(tmp_path):
 # ------------------------------------------------------------------------------ lazy read errors
 
 
-def test_corrupt_strip_is_a_one_line_input_error_when_read_lazily(tmp_path):
-    path = tmp_path / "c.tif"
-    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 4000, (6, 64, 64), dtype=np.uint16),
+def tiff_with_a_corrupt_plane(path, planes: int, bad: int):
+    """A zlib TIFF of ``planes`` 64x64 planes, one strip each, whose plane ``bad`` no longer inflates."""
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 4000, (planes, 64, 64), dtype=np.uint16),
                      compression="zlib", rowsperstrip=64)
     raw = bytearray(path.read_bytes())
     with tifffile.TiffFile(path) as tif:
-        offset = tif.pages[2].dataoffsets[0]
-    raw[offset: offset + 40] = b"\xff" * 40  # the third plane's strip no longer inflates
+        offset = tif.pages[bad].dataoffsets[0]
+    raw[offset: offset + 40] = b"\xff" * 40
     path.write_bytes(bytes(raw))
+    return path
+
+
+def test_corrupt_strip_is_a_one_line_input_error_when_read_lazily(tmp_path):
+    path = tiff_with_a_corrupt_plane(tmp_path / "c.tif", planes=6, bad=2)
     volume = io.read_volume(path, lazy=True)
     with pytest.raises(InputError, match="cannot read TIFF pixel data"):
         volume.data[2:3]
@@ -158,14 +163,7 @@ def test_a_failed_lazy_read_leaves_no_chunk_read_pending(tmp_path):
 
     from zarr.core import sync as zarr_sync
 
-    path = tmp_path / "c.tif"
-    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 4000, (40, 64, 64), dtype=np.uint16),
-                     compression="zlib", rowsperstrip=64)
-    raw = bytearray(path.read_bytes())
-    with tifffile.TiffFile(path) as tif:
-        offset = tif.pages[0].dataoffsets[0]
-    raw[offset: offset + 40] = b"\xff" * 40  # the first plane fails, 39 others are still to read
-    path.write_bytes(bytes(raw))
+    path = tiff_with_a_corrupt_plane(tmp_path / "c.tif", planes=40, bad=0)  # 39 others still to read
 
     async def pending() -> int:
         return len(asyncio.all_tasks()) - 1
