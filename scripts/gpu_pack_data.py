@@ -49,7 +49,7 @@ from lsmseg.config import load_yaml, to_dict  # noqa: E402
 from lsmseg.io import read_volume, write_volume  # noqa: E402
 from lsmseg.normalise import normalise, percentiles  # noqa: E402
 from lsmseg_training.config import FinetuneConfig, load_run_config  # noqa: E402
-from lsmseg_training.data import set_volumes, source_of  # noqa: E402
+from lsmseg_training.data import check_splits, set_volumes, source_of  # noqa: E402
 
 SPLITS = ("train", "validation")
 DEVICE_TREE_LIMIT = 64 * 2**20  # what one device call carries: tracked + untracked files + carried paths
@@ -172,9 +172,11 @@ def pack_stand_in(config, out: Path) -> tuple[list[dict], list[dict]]:
     return packed, []
 
 
-def packed_config(config, out: Path) -> dict:
+def packed_config(config, out: Path, stand_in: bool = False) -> dict:
     """gpu_finetune_real.yaml with the packed sets as data.train / data.validation ($LSMSEG_DATA = the pack) and
-    the packed config's normalisation, which the stored images were made for."""
+    the packed config's normalisation, which the stored images were made for. Stand-in phantoms
+    (``stand_in``) keep no ``source`` pattern: their names are not the real volumes' (each packed set has
+    its own folder per split, so the split check still holds)."""
     data = load_yaml(GPU_CONFIG)
     data.setdefault("data", {}).update({key: getattr(config.data, key)
                                         for key in ("lower_percentile", "upper_percentile", "upper_tail")})
@@ -186,6 +188,8 @@ def packed_config(config, out: Path) -> dict:
                 continue
             entry = to_dict(dataclasses.replace(volume_set, include=[], exclude=[]))
             entry.update(images=f"$LSMSEG_DATA/{split}/{key}/images", labels=f"$LSMSEG_DATA/{split}/{key}/labels")
+            if stand_in:
+                entry.pop("source", None)
             sets.append({k: v for k, v in entry.items() if v not in ([], None)})
         data.setdefault("data", {})[split] = sets
     return data
@@ -203,6 +207,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     config = load_run_config(FinetuneConfig, args.config, args.data)
+    if not args.stand_in:  # the sets' own checks (a source pattern that misses a name, ...) before packing
+        check_splits(config.data, str(args.config))
     if args.out.exists():
         import shutil
 
@@ -216,7 +222,7 @@ def main(argv=None) -> int:
         packed, left_out = pack_real(config, args.out, budget)
     (args.out / "finetune.yaml").write_text(
         f"# Written by scripts/gpu_pack_data.py from {GPU_CONFIG.relative_to(REPO)} and the splits of "
-        f"{args.config.name}; $LSMSEG_DATA is this folder.\n" + yaml.safe_dump(packed_config(config, args.out),
+        f"{args.config.name}; $LSMSEG_DATA is this folder.\n" + yaml.safe_dump(packed_config(config, args.out, args.stand_in),
                                                                                    sort_keys=False))
     summary = {"config": str(args.config), "budget_bytes": budget, "bytes": folder_bytes(args.out),
                "stand_in": args.stand_in, "packed": packed, "left_out": left_out}
