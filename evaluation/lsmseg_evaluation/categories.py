@@ -150,12 +150,14 @@ def load_mapping(path: str | Path) -> dict[str, dict[str, str]]:
         if unknown and path.suffix.lower() in (".yaml", ".yml"):
             raise ConfigError(f"{path}: {name}: unknown key(s) {sorted(unknown)}")
         structure = str(entry.get("structure") or "").strip() or None
-        if structure is not None and known_structure(structure) is None:
-            raise ConfigError(f"{path}: {name}: structure {structure!r} is not a known structure "
-                              f"(expected {known_structure_names()})")
         category = str(entry.get("category") or "").strip().lower() or None
         if category is not None and category not in CATEGORIES:
             raise ConfigError(f"{path}: {name}: category {category!r} is not one of {', '.join(CATEGORIES)}")
+        # A structure of one's own is fine where the entry's category says how to score it; without
+        # one, an unknown name is a typo that would score the case Dice-only.
+        if structure is not None and category is None and known_structure(structure) is None:
+            raise ConfigError(f"{path}: {name}: structure {structure!r} is not a known structure "
+                              f"(expected {known_structure_names()}; or give the entry a category)")
         mapping[name] = {"structure": structure, "category": category}
     return mapping
 

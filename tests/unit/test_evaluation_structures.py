@@ -61,3 +61,16 @@ def test_evaluation_settings_refuse_unknown_values(field, value):
     with pytest.raises(ValueError, match=field):
         EvaluationSettings(**{field: value})
     EvaluationSettings(structure="Vessels", label_scheme="sparse", sparse_edge="background")  # aliases, any case
+
+
+def test_a_mapping_entry_with_a_category_may_name_its_own_structure(tmp_path):
+    # Only an entry without a category is refused for an unknown name: nothing says how to score it.
+    from lsmseg_evaluation.categories import load_mapping
+
+    mapping_file = tmp_path / "map.csv"
+    mapping_file.write_text("name,structure,category\nbrain3,astrocytes,isolated-sparse\n")
+    mapping = load_mapping(mapping_file)
+    assert classify("brain3", mapping) == ("astrocytes", "isolated-sparse", False)
+    mapping_file.write_text("name,structure,category\nbrain3,astrocytes,\n")
+    with pytest.raises(Exception, match="'astrocytes' is not a known structure"):
+        load_mapping(mapping_file)

@@ -124,7 +124,7 @@ def test_label_in_the_way_leaves_no_image_behind(tmp_path, capsys, no_generation
     code, _, err = run(capsys, tmp_path / "x.tif")
     assert code == EXIT_FAILED
     assert one_error_line(err).startswith(f"ERROR: {tmp_path / 'labels' / 'x.tif'}: already exists as a folder")
-    assert not (tmp_path / "images" / "x.tif").exists()
+    assert not (tmp_path / "images").exists()  # the folder the failed run made is gone too
 
 
 def test_a_failed_label_write_removes_the_image_too(tmp_path, monkeypatch):
@@ -190,3 +190,9 @@ def test_a_read_only_folder_is_one_error_line(tmp_path, capsys, monkeypatch, no_
     assert code == EXIT_FAILED
     assert one_error_line(err).startswith(f"ERROR: {folder}") and "writable" in err
     assert not any(folder.rglob("*.tif"))
+
+
+def test_a_new_folder_with_a_dot_is_named_with_a_trailing_separator(tmp_path, capsys):
+    code, _, err = run(capsys, f"{tmp_path / 'phantoms_v1.2'}{os.sep}")
+    assert code == EXIT_OK, err
+    assert (tmp_path / "phantoms_v1.2" / "images" / "vessels_0.tif").is_file()

@@ -99,7 +99,8 @@ def write_mask_blocks(
     """Write a mask that arrives as ``(slices, block)`` pairs in z-major order, atomically.
 
     The writer pulls blocks as it goes (TIFF plane by plane, zarr region by region), so the mask is
-    never whole in memory (except in the SimpleITK formats). Any error - in the writer or in
+    never whole in memory (except in the SimpleITK formats, and a TIFF one voxel wide, whose z x y
+    voxels tifffile takes at once). Any error - in the writer or in
     whatever produces the blocks - removes the partial output; an ``OSError`` (disk full) becomes
     an :class:`OutputError` naming the file.
 

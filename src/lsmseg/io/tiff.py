@@ -305,6 +305,9 @@ class TiffFormat(VolumeFormat):
         if shape[2] == 1 and not ome:
             # tifffile's writer drops a trailing length-1 axis and stores the z x y voxels as one
             # page (its metadata keeps the shape), so it takes them whole: the size of one plane.
-            planes = np.stack(list(planes)).reshape(shape)
+            whole = np.empty(shape, dtype)  # once: np.stack of a list would hold it twice
+            for z, plane in enumerate(planes):
+                whole[z] = plane
+            planes = whole
         with tifffile.TiffWriter(path, imagej=imagej and not bigtiff, bigtiff=bigtiff, ome=ome) as tif:
             tif.write(planes, shape=shape, dtype=dtype, **kwargs)

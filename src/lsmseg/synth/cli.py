@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from .. import argtypes
@@ -28,7 +29,9 @@ def add_commands(subparsers) -> None:
         "at all. Exit codes: 0 written, 1 the output cannot be written, 2 bad arguments.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("output", type=Path, metavar="OUT", help="output folder, or file name (format from its suffix)")
+    p.add_argument("output", metavar="OUT",
+                   help="output folder, or file name (format from its suffix); end it with / for a new folder "
+                        "whose name has a dot")
     p.add_argument("--kind", default="vessels", choices=KINDS, help="structure")
     p.add_argument("--shape", type=zyx(int), default="48,160,160", metavar="Z,Y,X",
                    help="volume shape in voxels (refused when it would not fit in memory, about 100 bytes a voxel)")
@@ -51,12 +54,13 @@ def run_phantom(args) -> int:
     from ..io import KNOWN_SUFFIXES
     from .phantom import check_phantom_arguments, check_phantom_name, write_phantom
 
-    out, name = args.output, None
-    if out.name.lower().endswith(KNOWN_SUFFIXES):
+    out, name = Path(args.output), None
+    folder_meant = args.output.endswith(("/", os.sep))  # Path() drops the separator that says so
+    if not folder_meant and out.name.lower().endswith(KNOWN_SUFFIXES):
         out, name = out.parent, out.name
-    elif out.suffix and not out.is_dir():  # x.png would silently become a folder named x.png
+    elif out.suffix and not folder_meant and not out.is_dir():  # x.png would silently become a folder
         raise UsageError(f"OUT {printable(args.output)}: {printable(out.suffix)} is not a volume format (use one of "
-                         f"{', '.join(sorted(KNOWN_SUFFIXES))}), and no folder of that name exists")
+                         f"{', '.join(sorted(KNOWN_SUFFIXES))}); end OUT with / for a new folder of that name")
     try:  # arguments first: a usage error, before any folder is made
         check_phantom_arguments(args.kind, args.shape, args.seed, args.spacing)
         if name is not None:

@@ -241,16 +241,27 @@ def write_phantom(
     check_phantom_name(name)
     out_dir = Path(out_dir)
     image_path, label_path = out_dir / "images" / name, out_dir / "labels" / name
-    for path in (image_path, label_path):
-        _prepare_output(path)
-    phantom = make_phantom(kind, shape, seed, spacing=spacing, settings=settings)
-    writer = FORMATS[mask_format_for(image_path)]
-    # One block for both: the label is renamed into place first, then the image; a failure in
-    # either write removes both temporaries, so no image is left without its label.
-    with (atomic_output(image_path, folder=writer.writes_folder) as image_tmp,
-          atomic_output(label_path, folder=writer.writes_folder) as label_tmp):
-        writer.write(phantom.image, image_tmp, spacing=phantom.spacing)
-        writer.write(phantom.label, label_tmp, spacing=phantom.spacing)
+    # The folders this call makes, deepest first: a failure takes them away again (left empty).
+    made = sorted({p for f in (image_path.parent, label_path.parent) for p in (f, *f.parents)
+                   if not (p.exists() or p.is_symlink())}, key=lambda p: len(p.parts), reverse=True)
+    try:
+        for path in (image_path, label_path):
+            _prepare_output(path)
+        phantom = make_phantom(kind, shape, seed, spacing=spacing, settings=settings)
+        writer = FORMATS[mask_format_for(image_path)]
+        # One block for both: the label is renamed into place first, then the image; a failure in
+        # either write removes both temporaries, so no image is left without its label.
+        with (atomic_output(image_path, folder=writer.writes_folder) as image_tmp,
+              atomic_output(label_path, folder=writer.writes_folder) as label_tmp):
+            writer.write(phantom.image, image_tmp, spacing=phantom.spacing)
+            writer.write(phantom.label, label_tmp, spacing=phantom.spacing)
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                pass
+        raise
     logger.debug("phantom %s %s seed %d -> %s", kind, "x".join(map(str, phantom.image.shape)), seed, image_path)
     return image_path, label_path
 
