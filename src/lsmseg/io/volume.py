@@ -140,7 +140,7 @@ def settle_zarr_reads(timeout: float = 5.0) -> None:
     zarr reads a selection's chunks concurrently and re-raises the first failure while the others
     are still pending; if the process ends before they finish, zarr's exit handler closes its loop
     under them and Python prints hundreds of lines of "Task was destroyed but it is pending!"
-    after the one-line error. Their own failures are collected here, not reported again. The loop
+    after the one-line error. Their own failures stay unreported (zarr's gather takes them). The loop
     is shared (other threads' reads run on it too), so the wait is bounded by ``timeout`` seconds:
     chunk reads take milliseconds.
     """
