@@ -112,10 +112,13 @@ def known_structure(name: str) -> str | None:
     return found if found in DEFAULT_CATEGORIES else None
 
 
-def known_structure_names() -> str:
-    """The names :func:`known_structure` takes, for one error line."""
+def unknown_structure(name: str) -> str | None:
+    """Why ``name`` is refused as a structure (naming the ones :func:`known_structure` takes), for
+    one error line; None when it is known."""
+    if known_structure(name) is not None:
+        return None
     aliases = sorted(a for a in ALIASES if a not in {s.lower() for s in DEFAULT_CATEGORIES})
-    return f"{', '.join(DEFAULT_CATEGORIES)}, or an alias: {', '.join(aliases)}"
+    return f"{name!r} is not a known structure (expected {', '.join(DEFAULT_CATEGORIES)}, or an alias: {', '.join(aliases)})"
 
 
 def load_mapping(path: str | Path) -> dict[str, dict[str, str]]:
@@ -155,9 +158,9 @@ def load_mapping(path: str | Path) -> dict[str, dict[str, str]]:
             raise ConfigError(f"{path}: {name}: category {category!r} is not one of {', '.join(CATEGORIES)}")
         # A structure of one's own is fine where the entry's category says how to score it; without
         # one, an unknown name is a typo that would score the case Dice-only.
-        if structure is not None and category is None and known_structure(structure) is None:
-            raise ConfigError(f"{path}: {name}: structure {structure!r} is not a known structure "
-                              f"(expected {known_structure_names()}; or give the entry a category)")
+        reason = unknown_structure(structure) if structure is not None and category is None else None
+        if reason is not None:
+            raise ConfigError(f"{path}: {name}: structure {reason}; or give the entry a category")
         mapping[name] = {"structure": structure, "category": category}
     return mapping
 

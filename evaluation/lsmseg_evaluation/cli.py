@@ -80,15 +80,16 @@ add_evaluate_command = add_commands  # the name the architecture brief uses
 def settings_from_args(args):
     from lsmseg.cli import UsageError
 
-    from .categories import known_structure, known_structure_names, load_mapping
+    from .categories import load_mapping, unknown_structure
     from .labels import SPARSE_EDGE_MODES
     from .evaluate import EvaluationSettings
 
     if args.sparse_edge is not None and args.label_scheme != "sparse":
         raise UsageError("--sparse-edge needs --label-scheme sparse")
     # A typo would score every case as no structure (Dice only) and still exit 0.
-    if args.structure is not None and known_structure(args.structure) is None:
-        raise UsageError(f"--structure {args.structure!r} is not a known structure (expected {known_structure_names()})")
+    reason = unknown_structure(args.structure) if args.structure is not None else None
+    if reason is not None:
+        raise UsageError(f"--structure {reason}")
     return EvaluationSettings(
         label_scheme=args.label_scheme,
         sparse_edge=args.sparse_edge or SPARSE_EDGE_MODES[0],

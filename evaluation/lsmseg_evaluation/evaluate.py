@@ -30,7 +30,7 @@ from lsmseg.io import atomic_output, read_volume
 from lsmseg.io.atomic import write_text
 from tqdm import tqdm
 
-from .categories import UNKNOWN, classify, known_structure, known_structure_names
+from .categories import UNKNOWN, classify, unknown_structure
 from .labels import LABEL_SCHEMES, SPARSE_EDGE_MODES, label_masks, prediction_mask
 from .leaderboard import DEFAULT_PRESET, LB_PREFIX, check_preset, lb_columns, leaderboard_summary, route, score_case
 from .metrics import CONVENTIONS, METRIC_COLUMNS, score_volume
@@ -88,8 +88,9 @@ class EvaluationSettings:
             raise ValueError(f"label_scheme {self.label_scheme!r} is not one of {', '.join(LABEL_SCHEMES)}")
         if self.sparse_edge not in SPARSE_EDGE_MODES:
             raise ValueError(f"sparse_edge {self.sparse_edge!r} is not one of {', '.join(SPARSE_EDGE_MODES)}")
-        if self.structure is not None and known_structure(self.structure) is None:
-            raise ValueError(f"structure {self.structure!r} is not a known structure (expected {known_structure_names()})")
+        reason = unknown_structure(self.structure) if self.structure is not None else None
+        if reason is not None:
+            raise ValueError(f"structure {reason}")
         if self.jobs < 1:
             raise ValueError(f"jobs must be at least 1, got {self.jobs}")
 

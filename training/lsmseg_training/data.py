@@ -23,7 +23,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -219,15 +219,25 @@ def _label_path(volume_set: VolumeSet, image: Path) -> Path:
     return labels
 
 
+def _planes_per_chunk(shape: tuple[int, ...]) -> int:
+    """How many z-planes make one chunk of a scan (about :data:`SCAN_VOXELS` voxels)."""
+    return max(1, SCAN_VOXELS // max(1, shape[1] * shape[2]))
+
+
+def _z_chunks(data) -> Iterator[tuple[int, np.ndarray]]:
+    """``(z0, chunk)`` over a (lazy) volume, a few planes at a time, so a scan never holds it whole."""
+    depth, step = int(data.shape[0]), _planes_per_chunk(tuple(int(s) for s in data.shape))
+    for z0 in range(0, depth, step):
+        yield z0, np.asarray(data[z0 : z0 + step])
+
+
 def _scan_label(label_path: Path, data, mode: str, rng: np.random.Generator) -> tuple[np.ndarray, float]:
     """Check a label's values chunk by chunk; return sampled foreground positions and the fraction."""
     shape = tuple(int(s) for s in data.shape)
-    planes_per_chunk = max(1, SCAN_VOXELS // max(1, shape[1] * shape[2]))
     values: set = set()
     positions, count, labelled = [], 0, 0
-    per_chunk = max(1, MAX_FOREGROUND_SAMPLES * planes_per_chunk // shape[0])
-    for z0 in range(0, shape[0], planes_per_chunk):
-        chunk = np.asarray(data[z0 : z0 + planes_per_chunk])
+    per_chunk = max(1, MAX_FOREGROUND_SAMPLES * _planes_per_chunk(shape) // shape[0])
+    for z0, chunk in _z_chunks(data):
         if mode == "binary" and len(values) <= 3:
             values.update(np.unique(chunk).tolist())
             if not (values <= {0, 1} or values <= {0, 255}):
@@ -288,11 +298,9 @@ def _refuse_non_finite(path: Path, data) -> None:
     """Refuse a float image with NaN/Inf voxels, as inference does (read once, chunk by chunk)."""
     if np.dtype(data.dtype).kind != "f":
         return
-    shape = tuple(int(s) for s in data.shape)
-    planes_per_chunk = max(1, SCAN_VOXELS // max(1, shape[1] * shape[2]))
     bad, first = 0, None
-    for z0 in range(0, shape[0], planes_per_chunk):
-        finite = np.isfinite(np.asarray(data[z0 : z0 + planes_per_chunk]))
+    for z0, chunk in _z_chunks(data):
+        finite = np.isfinite(chunk)
         if not finite.all():
             bad += int(finite.size - np.count_nonzero(finite))
             if first is None:

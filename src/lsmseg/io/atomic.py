@@ -104,6 +104,29 @@ def refuse_replacing_another_kind(path: str | Path, folder: bool) -> None:
                                 "(move it away or choose another output folder)")
 
 
+def prepare_output(path: str | Path, folder: bool | None = None) -> Path:
+    """Make ``path``'s folder and check that it can take ``path``, before any work is done.
+
+    Args:
+        path: the file or folder to write.
+        folder: whether the output will be a folder, if known: then a target of the other kind is
+            refused (:func:`refuse_replacing_another_kind`).
+
+    Raises:
+        OutputError: the folder cannot be made or written, or the target is of the other kind.
+    """
+    path = Path(path)
+    if folder is not None:
+        refuse_replacing_another_kind(path, folder)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(path.parent, f"cannot create output folder: {exc.strerror or exc}") from exc
+    if not os.access(path.parent, os.W_OK):
+        raise OutputError(path.parent, "output folder is not writable")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path, folder: bool | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
@@ -122,15 +145,7 @@ def atomic_output(path: str | Path, folder: bool | None = None) -> Iterator[Path
         folder: whether the output will be a folder, if known: then a target of the other kind is
             refused before the block runs (before any work), not only when renaming.
     """
-    path = Path(path)
-    if folder is not None:
-        refuse_replacing_another_kind(path, folder)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(path.parent, f"cannot create output folder: {exc.strerror or exc}") from exc
-    if not os.access(path.parent, os.W_OK):
-        raise OutputError(path.parent, "output folder is not writable")
+    path = prepare_output(path, folder)
     tmp = partial_path(path)
     companions = _companions[tmp] = []
     placed: list[Path] = []

@@ -52,7 +52,7 @@ def run_phantom(args) -> int:
         OutputError: the output cannot be written (checked before the phantom is built).
     """
     from ..io import KNOWN_SUFFIXES
-    from .phantom import check_phantom_arguments, check_phantom_name, write_phantom
+    from .phantom import write_phantom
 
     out, name = Path(args.output), None
     folder_meant = args.output.endswith(("/", os.sep))  # Path() drops the separator that says so
@@ -61,17 +61,13 @@ def run_phantom(args) -> int:
     elif out.suffix and not folder_meant and not out.is_dir():  # x.png would silently become a folder
         raise UsageError(f"OUT {printable(args.output)}: {printable(out.suffix)} is not a volume format (use one of "
                          f"{', '.join(sorted(KNOWN_SUFFIXES))}); end OUT with / for a new folder of that name")
-    try:  # arguments first: a usage error, before any folder is made
-        check_phantom_arguments(args.kind, args.shape, args.seed, args.spacing)
-        if name is not None:
-            check_phantom_name(name)
-    except ConfigError as exc:
+    try:
+        image, label = write_phantom(out, args.kind, args.shape, args.seed, spacing=args.spacing, name=name)
+    except ConfigError as exc:  # raised by its argument checks, before any folder is made: a usage error
         message = str(exc)
         option = ("--spacing" if message.startswith("phantom spacing") else "--shape"
                   if message.startswith("phantom shape") else "OUT")
         raise UsageError(f"{option}: {exc}") from None
-    try:
-        image, label = write_phantom(out, args.kind, args.shape, args.seed, spacing=args.spacing, name=name)
     except MemoryError:  # the estimate was short, or memory went to another process meanwhile
         logger.error("%s: not enough memory to build a phantom of shape %s", printable(args.output),
                      ",".join(map(str, args.shape)))

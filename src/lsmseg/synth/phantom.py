@@ -185,21 +185,16 @@ def check_phantom_name(name: str) -> None:
 
 
 def _prepare_output(path: Path) -> None:
-    """Check, before any work, that ``path`` can be written: its folder exists (made here) and is
-    writable, and nothing of the other kind (a folder where a file goes, or the reverse) is there."""
-    from ..io import FORMATS, mask_format_for, refuse_replacing_another_kind
+    """Check, before any work, that ``path`` can be written (:func:`lsmseg.io.atomic.prepare_output`,
+    which makes its folder), naming a file that stands where one of its folders should be."""
+    from ..io import FORMATS, mask_format_for
+    from ..io.atomic import prepare_output
 
     folder = path.parent
     blocker = next((p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()), None)
     if blocker is not None and not blocker.is_dir():
         raise OutputError(blocker, f"is a file, not a folder; cannot write {folder} in it")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(folder, f"cannot create output folder: {exc.strerror or exc}") from exc
-    if not os.access(folder, os.W_OK):
-        raise OutputError(folder, "output folder is not writable")
-    refuse_replacing_another_kind(path, FORMATS[mask_format_for(path)].writes_folder)
+    prepare_output(path, FORMATS[mask_format_for(path)].writes_folder)
 
 
 def phantom_name(kind: str, seed: int) -> str:
