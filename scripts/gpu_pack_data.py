@@ -123,7 +123,7 @@ def candidates(config) -> list[dict]:
     for split in SPLITS:
         for index, volume_set in enumerate(getattr(config.data, split)):
             sources: dict[str, list[dict]] = {}
-            for name, image, label in set_volumes(volume_set):
+            for name, image, label in set_volumes(volume_set, f"data.{split}[{index}]"):
                 sources.setdefault(source_of(volume_set, name), []).append(
                     {"split": split, "set": set_key(volume_set, index), "name": name, "image": image, "label": label,
                      "volume_set": volume_set})

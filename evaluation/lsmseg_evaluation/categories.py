@@ -12,9 +12,10 @@ Sources of each mapping:
 * ``DEFAULT_CATEGORIES``: the 2026 pages group structures as isolated/contiguous x sparse/dense
   but name neither the members nor the split in code; isolated/contiguous is the organisers'
   (above), sparse/dense is OUR reading of density, used only for grouping report tables.
-* ``ALIASES``: our own names (``vessels_003``, ``cFos-12``, ``nuclei12``), tried only when no
-  organisers' prefix matches; such cases are scored as their structure but flagged, because the
-  organisers' evaluator would refuse the name.
+* ``ALIASES`` (:mod:`lsmseg.structures`, the table predict reads too): our own names
+  (``vessels_003``, ``cFos-12``, ``nuclei12``), tried only when no organisers' prefix matches; such
+  cases are scored as their structure but flagged, because the organisers' evaluator would refuse
+  the name. ``cells`` (our phantoms' cell bodies) is a structure of its own, scored as isolated.
 
 A case's structure comes from, in order: the chosen edition's organisers' rule (2024: ``cfos`` /
 ``microglia`` in the name, then a 2026 prefix; 2026: a prefix), the mapping file (by base name),
@@ -25,10 +26,10 @@ file take only names :func:`known_structure` resolves (a typo would score every 
 from __future__ import annotations
 
 import csv
-import re
 from pathlib import Path
 
 from lsmseg.errors import ConfigError, single_line
+from lsmseg.structures import ALIASES, known_structure, structure_from_name, unknown_structure  # noqa: F401 (API)
 
 CATEGORIES = ("isolated-sparse", "isolated-dense", "contiguous-sparse", "contiguous-dense")
 UNKNOWN = "unknown"
@@ -58,22 +59,6 @@ DEFAULT_CATEGORIES = {
     "cells": "isolated-sparse",  # ours (phantoms): no organisers' prefix
 }
 
-# Our words for a structure at the start of a name -> the organisers' structure name.
-ALIASES = {
-    "vessel": "blood_vessel", "vessels": "blood_vessel", "vasculature": "blood_vessel", "vascular": "blood_vessel",
-    "capillaries": "blood_vessel", "artery": "blood_vessel", "arteries": "blood_vessel",
-    "lymphatic": "lymphatic_vessel",
-    "cfos": "cfos_neuron", "c-fos": "cfos_neuron", "fos": "cfos_neuron",
-    "cell": "cells", "cells": "cells",
-    "nucleus": "cell_nuclei", "nuclei": "cell_nuclei",
-    "plaque": "AD_plaques", "plaques": "AD_plaques", "amyloid": "AD_plaques",
-    "axon": "axonalmarker", "axons": "axonalmarker",
-    "nerve": "peripheral_nerve", "nerves": "peripheral_nerve",
-    "microglia": "microglia", "microglial": "microglia",
-}
-ALIASES.update({name.lower(): name for name in DEFAULT_CATEGORIES})  # blood_vessel, ad_plaques, ...
-
-
 def organisers_prefix_2026(name: str) -> str | None:
     """The 2026 organisers' structure prefix ``name`` starts with (exactly as they test it), or None."""
     for prefix in SELMA3D_2026_CONTIGUOUS + SELMA3D_2026_ISOLATED:
@@ -91,34 +76,6 @@ def category_2026(structure: str) -> str:
     """``contiguous``, ``isolated`` (the 2026 evaluator's two metric sets) or ``unknown``."""
     category = DEFAULT_CATEGORIES.get(structure, UNKNOWN)
     return category.split("-")[0] if category != UNKNOWN else UNKNOWN
-
-
-def structure_from_name(name: str) -> str | None:
-    """Our alias a name starts with, as the organisers' structure name (``Vessels_01`` -> blood_vessel)."""
-    lower = name.lower()
-    if lower.startswith("c-fos"):
-        return "cfos_neuron"
-    for known in sorted((k for k in ALIASES if "_" in k), key=len, reverse=True):
-        if lower.startswith(known):
-            return ALIASES[known]
-    match = re.match(r"[a-z]+", lower)
-    return ALIASES.get(match.group(0)) if match else None
-
-
-def known_structure(name: str) -> str | None:
-    """The structure ``name`` stands for as ``--structure`` or a mapping gives it (an organisers'
-    structure, ``cells`` or one of :data:`ALIASES`, any case), or None: a typo, refused up front."""
-    found = _canonical(name.strip())
-    return found if found in DEFAULT_CATEGORIES else None
-
-
-def unknown_structure(name: str) -> str | None:
-    """Why ``name`` is refused as a structure (naming the ones :func:`known_structure` takes), for
-    one error line; None when it is known."""
-    if known_structure(name) is not None:
-        return None
-    aliases = sorted(a for a in ALIASES if a not in {s.lower() for s in DEFAULT_CATEGORIES})
-    return f"{name!r} is not a known structure (expected {', '.join(DEFAULT_CATEGORIES)}, or an alias: {', '.join(aliases)})"
 
 
 def load_mapping(path: str | Path) -> dict[str, dict[str, str]]:
@@ -166,7 +123,7 @@ def load_mapping(path: str | Path) -> dict[str, dict[str, str]]:
 
 
 def _canonical(structure: str) -> str:
-    return structure if structure in DEFAULT_CATEGORIES else ALIASES.get(structure.lower(), structure.lower())
+    return known_structure(structure) or structure.lower()
 
 
 def classify(name: str, mapping: dict | None = None, structure: str | None = None,

@@ -96,6 +96,7 @@ def settings_from_args(args):
         spacing=args.spacing,
         structure=args.structure,
         mapping=load_mapping(args.mapping) if args.mapping else {},
+        mapping_source=str(args.mapping) if args.mapping else None,
         topology=args.topology,
         figures=args.figures,
         progress=not getattr(args, "quiet", False),

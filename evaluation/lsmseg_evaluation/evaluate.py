@@ -76,6 +76,7 @@ class EvaluationSettings:
     spacing: tuple[float, float, float] | None = None  # (z, y, x) um; overrides the files' spacing
     structure: str | None = None  # structure of every volume not in the mapping
     mapping: dict = field(default_factory=dict)  # name -> {"structure", "category"} (categories.load_mapping)
+    mapping_source: str | None = None  # the mapping's file, named in messages about its entries
     topology: bool = True  # clDice, PQ, Betti numbers
     figures: bool = True
     progress: bool = True
@@ -232,8 +233,9 @@ def evaluate_folders(
     # A mapping entry that names no case is a typo that would silently leave its case unmapped.
     unmatched = sorted(set(settings.mapping) - {pair.name for pair in pairs})
     if unmatched:
-        logger.warning("--mapping names %d case(s) not among the volumes, ignored: %s", len(unmatched),
-                       ", ".join(printable(name) for name in unmatched[:10]) + (", ..." if len(unmatched) > 10 else ""))
+        names = ", ".join(printable(name) for name in unmatched[:10]) + (", ..." if len(unmatched) > 10 else "")
+        logger.warning("%s: names %d case(s) not among the volumes, ignored: %s",
+                       printable(settings.mapping_source or "--mapping"), len(unmatched), names)
     rows, figures = [], {}
     for pair, (row, figure) in zip(pairs, _score_pairs(pairs, settings)):
         if row["status"] != "ok":
@@ -383,24 +385,30 @@ def write_report(result: EvaluationResult, out_dir: str | Path, title: str = "ls
     paths = {"metrics": out_dir / "metrics.csv", "metrics_json": out_dir / "metrics.json",
              "summary": out_dir / "summary.json", "report": out_dir / "report.html"}
     preset = result.summary.get("leaderboard", {}).get("preset", DEFAULT_PRESET)
-    write_text(metrics_csv(result.rows, preset), paths["metrics"])
-    # As the organisers write it (json.dumps, indent 4): NaN stays NaN.
-    write_text(json.dumps(result.metrics_json, indent=4) + "\n", paths["metrics_json"])
-    write_text(json.dumps(result.summary, indent=2) + "\n", paths["summary"])
+    # Everything is rendered before the first file is written, so that a failure while rendering
+    # (a figure, the HTML) leaves an earlier report whole rather than half replaced; each file is
+    # then replaced atomically, report.html last.
+    distributions = distributions_figure(result.rows)
+    figures = dict(result.figures) | ({"distributions": distributions} if distributions is not None else {})
+    texts = {
+        "metrics": metrics_csv(result.rows, preset),
+        # As the organisers write it (json.dumps, indent 4): NaN stays NaN.
+        "metrics_json": json.dumps(result.metrics_json, indent=4) + "\n",
+        "summary": json.dumps(result.summary, indent=2) + "\n",
+        "report": render_html(result, distributions, title=title),
+    }
+    for key in ("metrics", "metrics_json", "summary"):
+        write_text(texts[key], paths[key])
     figures_dir = out_dir / "figures"
-    for name, png in result.figures.items():
+    for name, png in figures.items():
         with atomic_output(figures_dir / f"{name}.png") as tmp:
             tmp.write_bytes(png)
-    distributions = distributions_figure(result.rows)
-    if distributions is not None:
-        with atomic_output(figures_dir / "distributions.png") as tmp:
-            tmp.write_bytes(distributions)
     # Figures of an earlier report into this folder (cases no longer here, --no-figures now)
     # would pass for this run's: the folder is the report's own, so only its PNGs are kept.
-    written = {f"{name}.png" for name in result.figures} | ({"distributions.png"} if distributions is not None else set())
+    written = {f"{name}.png" for name in figures}
     if figures_dir.is_dir():
         for stale in figures_dir.glob("*.png"):
             if stale.name not in written and (stale.is_file() or stale.is_symlink()):
                 stale.unlink(missing_ok=True)
-    write_text(render_html(result, distributions, title=title), paths["report"])
+    write_text(texts["report"], paths["report"])
     return paths

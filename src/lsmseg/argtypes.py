@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Callable
 
-from .structures import ALIASES, STRUCTURES, is_structure_name
+from .structures import unknown_structure
 
 ENGINE_HELP = ("auto: on CPU OpenVINO (lsmseg[openvino]), else ONNX Runtime (lsmseg[onnx]), when installed, "
                "else PyTorch")
@@ -149,12 +149,12 @@ def dask_address(text: str) -> str:
 
 
 def structure(text: str) -> str:
-    """An argparse type: a structure name as :func:`lsmseg.structures.is_structure_name` takes it
+    """An argparse type: a structure name as :func:`lsmseg.structures.known_structure` takes it
     (kept as given: a manifest entry may list an alias). A typo would silently lose the structure's
     settings, so it is refused with the valid names."""
-    if not is_structure_name(text):
-        names = ", ".join([*STRUCTURES, *sorted(ALIASES)])
-        raise argparse.ArgumentTypeError(f"unknown structure {text!r} (expected one of {names})")
+    reason = unknown_structure(text)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(reason)
     return text
 
 

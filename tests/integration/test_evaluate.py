@@ -379,5 +379,27 @@ def test_a_mapping_entry_that_names_no_case_is_a_warning(tmp_path, capsys):
     mapping.write_text("name,structure\nvol_typo,vessels\nvol1,vessels\n")
     assert evaluate(tmp_path, "--mapping", str(mapping), "--no-figures") == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING")]
-    assert warnings == ["WARNING: --mapping names 1 case(s) not among the volumes, ignored: vol_typo"], warnings
+    # The file is named: a user with several mapping files must know which one holds the typo.
+    assert warnings == [f"WARNING: {mapping}: names 1 case(s) not among the volumes, ignored: vol_typo"], warnings
     assert read_rows(tmp_path / "report" / "metrics.csv")["vol1"]["structure"] == "blood_vessel"
+
+
+def test_a_report_that_fails_to_render_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    # metrics.csv, metrics.json and summary.json used to be replaced before the HTML was rendered:
+    # a rendering failure left new metrics beside the earlier run's report.html.
+    from lsmseg_evaluation import report
+
+    write_volume(tubes(seed=4), tmp_path / "labels" / "vol1.tif")
+    write_volume(tubes(seed=4), tmp_path / "pred" / "vol1.tif")
+    assert evaluate(tmp_path) == 0
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "report").rglob("*") if p.is_file()}
+    write_volume(tubes(seed=5), tmp_path / "pred" / "vol1.tif")  # a different result
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("rendering failed")
+
+    monkeypatch.setattr(report, "render_html", broken)
+    with pytest.raises(RuntimeError, match="rendering failed"):
+        evaluate(tmp_path)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "report").rglob("*") if p.is_file()}
+    assert after == before

@@ -200,3 +200,23 @@ def test_shipped_sample_regenerates():
         differs = image.load() != fresh.image
         assert differs.mean() < 1e-4, f"{hint} ({int(differs.sum())} voxels)"
         assert np.allclose(image.spacing, entry["spacing"])
+
+
+@pytest.mark.parametrize("layout, limit, usage, expected", [
+    ("v2", "1000000", "400000", 600_000),  # a container's --memory: MemAvailable does not see it
+    ("v1", "1000000", "999999", 1),
+    ("v2", "max", "400000", None),  # no limit: MemAvailable alone
+    ("v1", str(2**63 - 4096), "5", None),  # v1's "no limit" is a huge number
+])
+def test_available_memory_sees_the_cgroup_limit(tmp_path, layout, limit, usage, expected):
+    from lsmseg.synth.phantom import available_memory
+
+    folder = tmp_path / ("memory" if layout == "v1" else "")
+    folder.mkdir(exist_ok=True)
+    names = ("memory.max", "memory.current") if layout == "v2" else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    (folder / names[0]).write_text(limit + "\n")
+    (folder / names[1]).write_text(usage + "\n")
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       4000 kB\nMemAvailable:   2000 kB\n")
+    assert available_memory(str(tmp_path / "no-cgroup"), str(meminfo)) == 2_048_000
+    assert available_memory(str(tmp_path), str(meminfo)) == (expected if expected is not None else 2_048_000)

@@ -16,10 +16,14 @@ FULL = np.ones((3, 3, 3))  # 26-connectivity, as a connected-components PQ label
     ("cfos_neuron_003.tif", "cfos_neuron"),
     ("/in/blood_vessel_12.nii.gz", "blood_vessel"),
     ("AD_plaques_1", "AD_plaques"),
-    ("ad_plaques_1", None),  # the organisers' prefixes are case-sensitive ...
-    ("plaques_phantom", "AD_plaques"),  # ... our aliases are tried after them
+    ("ad_plaques_1", "AD_plaques"),  # not the organisers' prefix (case-sensitive), but our alias of it
+    ("plaques_phantom", "AD_plaques"),  # our aliases are tried after the prefixes
     ("microglia_7", "microglia"),
     ("patchvolume_1008_0", None),
+    ("cells_3.tif", "cells"),  # our phantoms' cell bodies: their own structure, not cell_nuclei
+    ("nuclei_3.tif", "cell_nuclei"),
+    ("cFos-12", "cfos_neuron"),
+    ("vesselness_2", None),  # a one-word alias is the whole first word, not any beginning
 ])
 def test_structure_from_case_name(name, structure):
     assert structure_from_name(name) == structure
@@ -27,7 +31,23 @@ def test_structure_from_case_name(name, structure):
 
 def test_categories_follow_the_2026_evaluator():
     assert category_of("microglia") == "isolated" and category_of("axonalmarker") == "contiguous"
-    assert category_of(None) is None
+    assert category_of("cells") == "isolated" and category_of(None) is None
+
+
+def test_predict_and_evaluate_read_one_structure_table():
+    # 'cells' used to mean cell_nuclei to predict and a structure of its own to evaluate, and each
+    # kept its own alias table (evaluate knew 'vasculature', predict refused it).
+    from lsmseg_evaluation import categories
+
+    from lsmseg import argtypes, structures
+
+    assert categories.ALIASES is structures.ALIASES
+    for name in ("cells", "vasculature", "Blood_Vessel", "c-fos", "microglial", "AD_plaques"):
+        assert argtypes.structure(name) == name
+        assert categories.known_structure(name) == structures.known_structure(name) is not None
+        assert categories.classify(f"{name}_1")[0] == structures.structure_from_name(f"{name}_1")
+    # Every structure a name can resolve to has a report category.
+    assert set(structures.ALIASES.values()) <= set(categories.DEFAULT_CATEGORIES)
 
 
 def test_per_structure_settings_override_only_their_structure():

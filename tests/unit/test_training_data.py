@@ -53,6 +53,17 @@ def test_include_typo_is_refused(data_dir):
         prepare_volumes(_data(data_dir, exclude=["c"]), "train", need_labels=True, where="cfg")
 
 
+def test_tune_and_packing_select_volumes_by_the_same_checked_rule(data_dir):
+    # set_volumes (tune's validation list, the GPU packer) kept a selection rule of its own that
+    # skipped the checks: an include typo silently dropped the volume from tuning.
+    from lsmseg_training.data import set_volumes
+
+    volume_set = VolumeSet(images=data_dir / "images", labels=data_dir / "labels", include=["a"])
+    assert set_volumes(volume_set) == [("a", data_dir / "images" / "a.tif", data_dir / "labels" / "a.tif")]
+    with pytest.raises(ConfigError, match=r"cfg: data\.validation\[1\]\.include: no volume named 'c'"):
+        set_volumes(VolumeSet(images=data_dir / "images", include=["a", "c"]), "data.validation[1]", "cfg")
+
+
 def test_label_shape_mismatch_names_the_label(data_dir):
     io.write_volume(np.zeros((20, 80, 91), np.uint8), data_dir / "labels" / "a.tif")
     with pytest.raises(InputError, match=r"labels/a\.tif: label shape \(20, 80, 91\) differs from its image"):

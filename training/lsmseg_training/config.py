@@ -82,17 +82,14 @@ class PhantomSet:
     weight: float = 1.0
 
     def __post_init__(self):
-        unknown = [k for k in self.kinds if k not in PHANTOM_KINDS]
-        if unknown:
-            raise ValueError(f"unknown phantom kind {unknown[0]!r} (choose from {', '.join(PHANTOM_KINDS)})")
-        if self.per_kind < 1 or min(self.shape) < 1 or not 0 < self.weight < math.inf:
-            raise ValueError("per_kind, shape and weight must be positive")
-        if not _positive(self.spacing):  # checked here, not when the phantoms are first written
-            raise ValueError(f"spacing {self.spacing} must be positive")
+        if self.per_kind < 1 or not 0 < self.weight < math.inf:
+            raise ValueError("per_kind and weight must be positive")
         from lsmseg.errors import ConfigError
         from lsmseg.synth.phantom import check_phantom_arguments
 
-        try:  # the generator's own checks (seed, spacing range, size), before any training starts
+        # The generator's own checks (kind, shape, seed, spacing range, size), here so that a bad
+        # set stops the config before training starts, not when its phantoms are first written.
+        try:
             for kind in self.kinds:
                 check_phantom_arguments(kind, self.shape, self.seed, self.spacing)
         except ConfigError as exc:

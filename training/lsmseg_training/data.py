@@ -200,15 +200,11 @@ def selected_volumes(volume_set: VolumeSet, key: str, where: str) -> list[tuple[
     return selected
 
 
-def set_volumes(volume_set: VolumeSet) -> list[tuple[str, Path, Path | None]]:
-    """``(name, image, label)`` of every volume a set selects (``include``/``exclude`` applied; label None without labels)."""
-    selected = []
-    for path in expand_inputs([Path(volume_set.images)]):
-        name = volume_name(path)
-        if not selects(volume_set, name):
-            continue
-        selected.append((name, path, _label_path(volume_set, path) if volume_set.labels is not None else None))
-    return selected
+def set_volumes(volume_set: VolumeSet, key: str = "data", where: str = "config") -> list[tuple[str, Path, Path | None]]:
+    """``(name, image, label)`` of every volume :func:`selected_volumes` selects (and refuses as it
+    does, naming ``where`` and ``key``); label None for a set without labels."""
+    return [(name, path, _label_path(volume_set, path) if volume_set.labels is not None else None)
+            for path, name in selected_volumes(volume_set, key, where)]
 
 
 def _label_path(volume_set: VolumeSet, image: Path) -> Path:
@@ -295,19 +291,16 @@ def prepare_volumes(
 
 
 def _refuse_non_finite(path: Path, data) -> None:
-    """Refuse a float image with NaN/Inf voxels, as inference does (read once, chunk by chunk)."""
+    """Refuse a float image with NaN/Inf voxels with inference's check and message, chunk by chunk:
+    the first bad chunk stops the scan (its count and first bad plane are named)."""
     if np.dtype(data.dtype).kind != "f":
         return
-    bad, first = 0, None
+    from lsmseg.inference.predictor import refuse_non_finite
+
     for z0, chunk in _z_chunks(data):
         finite = np.isfinite(chunk)
         if not finite.all():
-            bad += int(finite.size - np.count_nonzero(finite))
-            if first is None:
-                first = z0 + int(np.argwhere(~finite)[0][0])
-    if bad:
-        raise InputError(path, f"volume contains {bad} NaN/Inf voxel(s) (first at z {first}); "
-                         "refusing to guess their values")
+            refuse_non_finite(chunk, path, where=f" (first at z {z0 + int(np.argwhere(~finite)[0][0])})")
 
 
 def _index_volume(data: DataConfig, volume_set: VolumeSet, set_index: int, path: Path, name: str,

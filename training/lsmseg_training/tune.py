@@ -59,12 +59,12 @@ def validation_volumes(config, structures=None) -> list[dict]:
     from .data import set_volumes
 
     volumes = []
-    for volume_set in config.data.validation:
+    for index, volume_set in enumerate(config.data.validation):
         if volume_set.structure is None:
             raise SystemExit(f"ERROR: {volume_set.images}: validation set names no structure (set structure:)")
         if structures and volume_set.structure not in structures:
             continue
-        for name, path, label in set_volumes(volume_set):
+        for name, path, label in set_volumes(volume_set, f"data.validation[{index}]"):
             volumes.append({"name": name, "structure": volume_set.structure, "image": path, "label": label,
                             "spacing": tuple(volume_set.spacing) if volume_set.spacing else None})
     return volumes

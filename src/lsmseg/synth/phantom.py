@@ -110,19 +110,52 @@ def make_phantom(
     return Phantom(image=image, label=label.astype(np.uint8), spacing=spacing, kind=kind, seed=int(seed), tissue=tissue)
 
 
-def available_memory() -> int | None:
-    """Bytes a new allocation can get: Linux's ``MemAvailable``, else the physical memory, else None."""
+def available_memory(cgroup_root: str = "/sys/fs/cgroup", meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes a new allocation can get: Linux's ``MemAvailable``, lowered to the headroom of the
+    process's cgroup memory limit where one is set (a container's ``--memory``, which MemAvailable
+    does not see), else the physical memory, else None.
+
+    Args:
+        cgroup_root: where the cgroup file system is mounted (v2 ``memory.max``/``memory.current``,
+            or v1 ``memory/memory.limit_in_bytes``/``memory.usage_in_bytes``).
+        meminfo: the kernel's memory report (``MemAvailable``).
+    """
+    free = None
     try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
+        with open(meminfo, encoding="ascii") as report:
+            for line in report:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
-        return None
+    if free is None:
+        try:
+            free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            pass
+    headroom = _cgroup_headroom(cgroup_root)
+    if headroom is not None:
+        free = headroom if free is None else min(free, headroom)
+    return free
+
+
+def _cgroup_headroom(root: str) -> int | None:
+    """Bytes left under the cgroup memory limit, or None without a limit (or cgroup files)."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(os.path.join(root, limit_file), encoding="ascii") as handle:
+                limit = handle.read().strip()
+            with open(os.path.join(root, usage_file), encoding="ascii") as handle:
+                usage = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        # "max" (v2) or a huge page-rounded number (v1) means no limit.
+        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:
+            return None
+        return max(0, int(limit) - usage)
+    return None
 
 
 def check_phantom_arguments(kind: str, shape, seed: int, spacing) -> tuple[tuple[int, int, int], Spacing]:
