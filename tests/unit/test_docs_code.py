@@ -88,3 +88,31 @@ def test_block_runs(where, lang, code, skip, tmp_path):
     command = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
     result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{where} ({lang}) failed:\n{code}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr[-3000:]}"
+
+
+def test_evaluation_readme_lists_every_alias():
+    """The structure table of evaluation/README.md names every alias that `lsmseg evaluate` routes
+    (lsmseg_evaluation.categories.ALIASES), each in its structure's row."""
+    from lsmseg_evaluation.categories import ALIASES
+
+    text = (REPO / "evaluation" / "README.md").read_text()
+    table = text[text.index("| structure (organisers' prefix) |"):].split("\n\n", 1)[0].splitlines()[2:]
+    rows = {}
+    for row in table:
+        names, aliases = (re.findall(r"`([^`]+)`", cell) for cell in row.strip("|").split("|")[:2])
+        for alias in aliases:
+            rows[alias] = names
+    missing = {alias: structure for alias, structure in ALIASES.items()
+               if alias != structure.lower() and structure not in rows.get(alias, ())}
+    assert not missing, f"aliases missing from evaluation/README.md's structure table (or in the wrong row): {missing}"
+
+
+def test_container_doc_names_every_exit_code():
+    """docs/container.md's exit-code paragraph covers every code `lsmseg` defines (lsmseg.errors)."""
+    from lsmseg import errors
+
+    text = (REPO / "docs" / "container.md").read_text()
+    paragraph = text[text.index("**Exit codes and errors.**"):].split("\n\n", 1)[0]
+    named = {int(code) for code in re.findall(r"(?<![\w.])(\d+): ", paragraph)}
+    codes = {getattr(errors, name) for name in dir(errors) if name.startswith("EXIT_")}
+    assert codes <= named, f"exit codes missing from docs/container.md: {sorted(codes - named)}"
