@@ -327,6 +327,19 @@ def test_invocation_reads_inputs_json_and_writes_output(tmp_path, predictor):
     assert read_output_mha(tmp_path).GetSize() == image.shape[::-1]
 
 
+def test_a_failed_invocation_leaves_no_earlier_case_mask(tmp_path, predictor):
+    # The server outlives its cases: a case that failed (422) left the previous case's output.mha
+    # where the platform collects this case's.
+    exec_input(tmp_path, name="9a1b-uuid.mha")
+    (tmp_path / "in" / "inputs.json").write_text(json.dumps(SELMA3D_2026_INPUTS))
+    handle_invocation(predictor, settings_for(tmp_path))
+    read_output_mha(tmp_path)  # written
+    (tmp_path / "in" / "inputs.json").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        handle_invocation(predictor, settings_for(tmp_path))
+    assert not list((tmp_path / "out").rglob("*.mha"))
+
+
 def test_invocation_post_processes_by_the_job_image_name(tmp_path, predictor):
     """The socket file is named by a UUID; the job's image name picks the structure's settings."""
     predictor.settings = dataclasses.replace(
@@ -355,6 +368,7 @@ def test_invocation_uses_the_only_image_socket_when_slug_differs(tmp_path, predi
         ('{"socket": {}}', "expected a JSON list"),
         ('[{"socket": {"slug": "a", "is_image_kind": false}}]', "no input socket"),
         ('[{"socket": {"slug": "light-sheet-3d-microscopy", "relative_path": "../etc"}}]', "unsafe relative_path"),
+        pytest.param("[" * 100_000 + "]" * 100_000, "not valid JSON", id="too deep"),  # bad input, not a 500
     ],
 )
 def test_bad_inputs_json(tmp_path, predictor, content, message):
@@ -363,6 +377,15 @@ def test_bad_inputs_json(tmp_path, predictor, content, message):
         (tmp_path / "in" / "inputs.json").write_text(content)
     with pytest.raises(InputError, match=message):
         handle_invocation(predictor, settings_for(tmp_path))
+
+
+def test_inputs_json_linking_outside_the_input_is_not_read(tmp_path, predictor):
+    exec_input(tmp_path)
+    (tmp_path / "elsewhere.json").write_text(json.dumps(SELMA3D_2026_INPUTS))
+    (tmp_path / "in" / "inputs.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(InputError, match="outside the input folder"):
+        handle_invocation(predictor, settings_for(tmp_path))
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------ command line
@@ -389,12 +412,29 @@ def test_cli_bad_mode_or_port_is_a_usage_error(tmp_path, monkeypatch, caplog):
     assert main(["serve", "--port", "http"]) == EXIT_USAGE
 
 
+@pytest.mark.parametrize("option", ["--input-slug", "--output-slug", "LSMSEG_OUTPUT_SLUG"])
+@pytest.mark.parametrize("slug", ["/tmp/elsewhere", "../up", "a/b", "..", " "])
+def test_cli_a_slug_that_is_not_one_folder_name_is_a_usage_error(tmp_path, monkeypatch, capsys, option, slug):
+    """A slug is one folder name: '/abs' or '../x' would put the mask outside the output folder."""
+    exec_input(tmp_path)
+    args = ["challenge", "--mode", "exec", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    if option.startswith("--"):
+        args += [option, slug]
+    else:
+        monkeypatch.setenv(option, slug)
+    assert main(args) == EXIT_USAGE
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ERROR")]
+    assert "slug" in line and repr(slug) in line
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------ links out of the input
 
 
-@pytest.mark.parametrize("link", ["image", "socket folder"])
+@pytest.mark.parametrize("link", ["image", "socket folder", "socket folder of two images", "plane of a case folder"])
 def test_exec_mode_refuses_a_case_image_that_links_outside_the_input(tmp_path, predictor, caplog, link):
-    """Nothing outside /input is read: a case image (or socket folder) linking elsewhere is bad input."""
+    """Nothing outside /input is read: a case image (or socket folder, or a plane of a case image
+    that is a plane folder) linking elsewhere is bad input; an outside socket folder is not listed."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     io.write_volume(volume(), elsewhere / "secret.tif")
@@ -403,12 +443,30 @@ def test_exec_mode_refuses_a_case_image_that_links_outside_the_input(tmp_path, p
     if link == "image":
         (images / DEFAULT_INPUT_SLUG).mkdir()
         (images / DEFAULT_INPUT_SLUG / "case.tif").symlink_to(elsewhere / "secret.tif")
+    elif link == "plane of a case folder":
+        planes = images / DEFAULT_INPUT_SLUG / "case.tif"
+        planes.mkdir(parents=True)
+        for z, plane in enumerate(volume()):
+            tifffile.imwrite(elsewhere / f"z{z:03d}.tif", plane)
+            (planes / f"z{z:03d}.tif").symlink_to(elsewhere / f"z{z:03d}.tif")
     else:
+        if link == "socket folder of two images":
+            io.write_volume(volume(), elsewhere / "other.tif")
         (images / DEFAULT_INPUT_SLUG).symlink_to(elsewhere)
     assert run("exec", settings_for(tmp_path), predictor=predictor) == EXIT_FAILED
     [record] = error_records(caplog)
     assert "outside the input folder" in record.getMessage() and "\n" not in record.getMessage()
     assert not list((tmp_path / "out").rglob("*.mha"))
+
+
+def test_exec_mode_refuses_an_output_folder_inside_the_input(tmp_path, predictor, caplog):
+    """As folder mode does: the input is never written to, even with --output naming it."""
+    exec_input(tmp_path)
+    settings = settings_for(tmp_path, output_dir=tmp_path / "in")
+    assert run("exec", settings, predictor=predictor) == EXIT_FAILED
+    [record] = error_records(caplog)
+    assert "inside the input" in record.getMessage()
+    assert not (tmp_path / "in" / "images" / DEFAULT_OUTPUT_SLUG).exists()
 
 
 def test_exec_mode_accepts_a_link_that_stays_inside_the_input(tmp_path, predictor):

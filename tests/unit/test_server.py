@@ -1,6 +1,7 @@
 """The invoke HTTP server, in process on an ephemeral port of 127.0.0.1."""
 
 import json
+import queue
 import threading
 import urllib.error
 import urllib.request
@@ -165,3 +166,88 @@ def test_serve_reports_a_busy_port(tmp_path, caplog):
         assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
     finally:
         blocker.server_close()
+
+
+SERVER_STOPPED_MID_INVOCATION = """
+import sys, torch
+from lsmseg.challenge.server import serve
+from lsmseg.challenge.settings import ChallengeSettings
+
+def invoke(predictor, settings):  # a case that is still predicting when SIGTERM arrives
+    print("running", flush=True)
+    x = torch.randn(128, 128)
+    while True:
+        x = torch.tanh(x @ x)
+
+sys.exit(serve(ChallengeSettings(host="127.0.0.1", port=0), invoke=invoke, predictor=object(),
+               on_listen=lambda address, service: print(address[1], flush=True)))
+"""
+
+
+def test_a_given_predictor_is_ready_when_the_server_listens():
+    # It was set after on_listen: a request sent as soon as the port was known could get 503
+    # ("loading"), which hung the SIGTERM test below on a busy machine.
+    stop, seen = threading.Event(), {}
+
+    def on_listen(address, service):
+        seen["health"] = service.health()
+        stop.set()
+
+    from lsmseg.challenge.settings import ChallengeSettings
+
+    assert serve(ChallengeSettings(host="127.0.0.1", port=0), invoke=lambda p, s: {}, predictor=object(),
+                 stop=stop, on_listen=on_listen) == EXIT_OK
+    assert seen["health"][0] == 200, seen
+
+
+def test_stopping_waits_for_the_reply_of_an_invocation_that_has_ended():
+    # The process exited once the invocation's lock was free, before its handler wrote the reply:
+    # on a busy machine the client of a cancelled (or just finished) case got no answer at all.
+    import time
+
+    service = InvokeService(None, invoke=lambda p, s: {})
+    replied = threading.Event()
+
+    def handler():
+        with service.answering():
+            time.sleep(0.5)  # the reply being written
+            replied.set()
+
+    thread = threading.Thread(target=handler)
+    thread.start()
+    time.sleep(0.1)
+    assert service.cancel(wait_s=0.05) is False and not replied.is_set()
+    assert service.cancel(wait_s=10) is True and replied.is_set()
+    thread.join()
+
+
+def test_sigterm_during_an_invocation_cancels_it_and_exits_zero(tmp_path):
+    """docker stop while a case runs: the process exited with the invocation's thread inside torch
+    and aborted (exit code 134, 'terminate called without an active exception'); now the case is
+    cancelled (503 to its client), and the server exits 0 as documented."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", SERVER_STOPPED_MID_INVOCATION], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    lines = queue.Queue()  # stdout read by a thread: a line that never comes fails the test, not hangs it
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    try:
+        port = int(lines.get(timeout=60))
+        answer = {}
+        client = threading.Thread(target=lambda: answer.update(
+            result=request(f"http://127.0.0.1:{port}", "POST", "/invoke", timeout=60)))
+        client.start()
+        assert lines.get(timeout=60).strip() == "running", answer
+        time.sleep(0.2)  # inside torch
+        process.send_signal(signal.SIGTERM)
+        stderr = process.stderr.read() if process.wait(timeout=60) is not None else ""
+        client.join(60)
+    finally:
+        process.kill()
+    assert process.returncode == EXIT_OK, stderr
+    assert "terminate called" not in stderr
+    status, body = answer["result"]
+    assert status == 503 and "cancelled" in body["error"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import EXIT_OK, InputError, OutputError, ProvenanceError, printable
 from ..inference import VolumeResult, predict_file
-from ..io import natural_sorted, outside_folder, refuse_overwriting_inputs, sweep_partials
+from ..io import link_out_inside, natural_sorted, outside_folder, refuse_overwriting_inputs, same_file, sweep_partials
 from .settings import DEFAULT_INPUT_SLUG, DEFAULT_OUTPUT_SLUG, ChallengeSettings, ensure_writable, load_predictor
 
 logger = logging.getLogger(__name__)
@@ -96,17 +96,34 @@ def locate_case(settings: ChallengeSettings, relative_path: str | None = None,
         ``(image, output)``: the case image and ``images/<output-slug>/output.mha``.
 
     Raises:
-        InputError: no single case image, or one (or its socket folder) linking outside the input.
-        OutputError: the output would replace the input, or the output folder is not writable.
+        InputError: no single case image, or one (or its socket folder, or a plane of a plane
+            folder) linking outside the input.
+        OutputError: the output would replace the input or lie inside the input folder, or the
+            output folder is not writable.
     """
     input_slug, output_slug = case_slugs(settings)
-    image = find_case_image(settings.input_dir / (relative_path or f"images/{input_slug}"), image_name)
-    target = outside_folder(image, settings.input_dir)  # nothing outside the input is read
+    outside = f"outside the input folder {printable(settings.input_dir)}; refusing to read it"
+    # Nothing outside the input is read, not even listed: the socket folder first, then the image
+    # and, for a plane folder, each link in it.
+    folder = settings.input_dir / (relative_path or f"images/{input_slug}")
+    target = (outside_folder(folder, settings.input_dir)
+              if folder.is_dir() and not same_file(folder, settings.input_dir) else None)
     if target is not None:
-        raise InputError(image, f"links to {printable(target)}, outside the input folder "
-                                f"{printable(settings.input_dir)}; refusing to read it")
+        raise InputError(folder, f"links to {printable(target)}, {outside}")
+    image = find_case_image(folder, image_name)
+    target = outside_folder(image, settings.input_dir)
+    if target is not None:
+        raise InputError(image, f"links to {printable(target)}, {outside}")
+    try:
+        found = link_out_inside(image, settings.input_dir) if image.is_dir() else None
+    except OSError as exc:
+        raise InputError(image, f"cannot list the folder ({exc.strerror or exc})") from exc
+    if found is not None:
+        raise InputError(image, f"holds {printable(found[0].relative_to(image))}, a link to {printable(found[1])}, "
+                                f"{outside}")
     output = settings.output_dir / "images" / output_slug / CASE_OUTPUT_NAME
-    refuse_overwriting_inputs([(image, output)])
+    # The input folder too, as folder mode does: --output INPUT would write into the input.
+    refuse_overwriting_inputs([(image, output)], [settings.input_dir])
     ensure_writable(settings.output_dir)
     return image, output
 

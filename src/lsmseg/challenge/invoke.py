@@ -11,8 +11,9 @@ import json
 import logging
 from pathlib import Path, PurePosixPath
 
-from ..errors import InputError
-from .exec import process_case
+from ..errors import InputError, printable
+from ..io import outside_folder
+from .exec import CASE_OUTPUT_NAME, process_case
 from .server import serve
 from .settings import ChallengeSettings, load_predictor
 
@@ -26,10 +27,16 @@ def read_inputs_json(input_dir: Path) -> list[dict]:
     path = input_dir / INPUTS_JSON
     if not path.is_file():
         raise InputError(path, "missing (Grand Challenge writes it for every case before calling /invoke)")
+    target = outside_folder(path, input_dir)  # nothing outside the input is read
+    if target is not None:
+        raise InputError(path, f"links to {printable(target)}, outside the input folder {printable(input_dir)}; "
+                               "refusing to read it")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(path, f"not valid JSON ({exc})") from exc
+    except RecursionError:  # nested deeper than the parser goes: bad input, not a server error
+        raise InputError(path, "not valid JSON (nested too deeply)") from None
     if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
         raise InputError(path, "expected a JSON list of socket values ({'socket': {...}, 'image': {...}})")
     return data
@@ -64,7 +71,13 @@ def select_image_socket(values: list[dict], input_slug: str, where: Path) -> tup
 
 
 def handle_invocation(predictor, settings: ChallengeSettings) -> dict:
-    """One ``POST /invoke``: inputs.json -> case image -> mask. Raises LsmsegError on bad input."""
+    """One ``POST /invoke``: inputs.json -> case image -> mask. Raises LsmsegError on bad input.
+
+    The previous invocation's mask is removed first: the server outlives its cases, and a case that
+    fails must not leave another case's mask where the platform collects this one's."""
+    stale = settings.output_dir / "images" / settings.output_slug / CASE_OUTPUT_NAME
+    if stale.is_file() or stale.is_symlink():
+        stale.unlink(missing_ok=True)
     values = read_inputs_json(settings.input_dir)
     slug, relative, name = select_image_socket(values, settings.input_slug, settings.input_dir / INPUTS_JSON)
     record = process_case(predictor, settings, relative_path=relative, image_name=name).record

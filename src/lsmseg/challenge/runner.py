@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -127,7 +128,7 @@ def _add_options(p: argparse.ArgumentParser, with_mode: bool) -> None:
     p.add_argument("--output-slug", default=env("LSMSEG_OUTPUT_SLUG") or DEFAULT_OUTPUT_SLUG,
                    help=f"exec/invoke output socket slug (env LSMSEG_OUTPUT_SLUG, default {DEFAULT_OUTPUT_SLUG})")
     p.add_argument("--host", default=env("LSMSEG_HOST") or DEFAULT_HOST,
-                   help=f"invoke: address to listen on (env LSMSEG_HOST, default {DEFAULT_HOST}; the image sets 0.0.0.0)")
+                   help=f"invoke: address to listen on (env LSMSEG_HOST, default {DEFAULT_HOST}; the invoke image sets 0.0.0.0)")
     p.add_argument("--port", default=env("LSMSEG_PORT") or str(DEFAULT_PORT),
                    help=f"invoke: port (env LSMSEG_PORT, default {DEFAULT_PORT})")
     p.add_argument("--weights", type=Path, default=None, metavar="MANIFEST",
@@ -172,13 +173,18 @@ def add_challenge_commands(subparsers) -> None:
     s.set_defaults(mode="invoke")
 
 
+# Grand Challenge's socket slugs (Django slugs). A slug names one folder below images/: '/x' or
+# '../x' would put the mask outside the output folder (or read the case from outside the input).
+_SLUG = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def settings_from_args(args) -> ChallengeSettings:
     """The challenge settings from parsed ``challenge``/``serve`` arguments and the environment
     (``LSMSEG_STRUCTURE``, ``LSMSEG_ENGINE``, ``LSMSEG_MIRROR_AXES`` where the option is not given,
     ``LSMSEG_PROGRESS``, ``LSMSEG_PROVENANCE_DIR``).
 
     Raises:
-        argparse.ArgumentTypeError: a bad port, or a bad value in one of those variables.
+        argparse.ArgumentTypeError: a bad port or slug, or a bad value in one of those variables.
     """
     try:
         port = int(args.port)
@@ -186,6 +192,11 @@ def settings_from_args(args) -> ChallengeSettings:
             raise ValueError
     except ValueError:
         raise argparse.ArgumentTypeError(f"port must be an integer in 0..65535, got {args.port!r}") from None
+    for option, slug in (("--input-slug", args.input_slug), ("--output-slug", args.output_slug)):
+        if not _SLUG.fullmatch(slug):
+            raise argparse.ArgumentTypeError(
+                f"{option} (env LSMSEG_{option[2:].upper().replace('-', '_')}): a socket slug is one folder name "
+                f"of letters, digits, '-' and '_', got {slug!r}")
     return ChallengeSettings(
         input_dir=args.input,
         output_dir=args.output,

@@ -7,7 +7,8 @@ polls ``GET /health`` until it answers 200, provisions a case under ``/input`` (
 
 Responses are JSON. ``/invoke`` answers 201 on success; 422 when the case's input is unusable
 (bad or missing image, bad inputs.json), 500 when the output cannot be written or something
-unexpected happens, 503 while the model is loading, 409 when another invocation is running. The
+unexpected happens, 503 while the model is loading (or when the server stops during the
+invocation: it is cancelled, its partial mask removed), 409 when another invocation is running. The
 server keeps serving after any error. When the weights cannot be loaded, ``/health`` answers 500
 with the reason for ``failed_linger_s`` seconds, then the server stops (exit code 1), since no case
 could ever succeed.
@@ -23,6 +24,8 @@ malformed request lines get 400, and logged request text is escaped.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import re
@@ -44,6 +47,7 @@ MAX_CONNECTIONS = 32  # beyond this, new connections are answered 503 and closed
 REFUSED_DRAIN_S = 2.0  # after a refusal, read and drop what the client still sends, at most this long
 REFUSED_DRAIN_BYTES = 4 * MAX_BODY_BYTES  # ... and at most this much; beyond it the close resets
 DEFAULT_FAILED_LINGER_S = 300.0  # after a failed model load, report it on /health this long, then exit
+CANCEL_WAIT_S = 5.0  # on SIGTERM, wait this long for a running invocation to unwind (docker stop waits 10 s)
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 
@@ -51,6 +55,11 @@ def escape_log_text(text: str, limit: int = 300) -> str:
     """Client-supplied text made safe for a log line: control characters escaped, length capped."""
     escaped = printable(text)
     return escaped[:limit] + ("..." if len(escaped) > limit else "")
+
+
+class Stopping(BaseException):
+    """Raised in a running invocation's thread when the server stops: like SIGTERM in exec mode, it
+    unwinds the case (the atomic writer removes its partial mask) before the process exits."""
 
 
 class InvokeService:
@@ -67,6 +76,23 @@ class InvokeService:
         self.predictor = None
         self.load_error: str | None = None
         self.busy = threading.Lock()
+        self._running: int | None = None  # the thread id of the running invocation
+        self._running_lock = threading.Lock()
+        self._answering = 0  # POST /invoke requests not yet answered
+        self._answered = threading.Condition()
+
+    @contextlib.contextmanager
+    def answering(self):
+        """Around a POST /invoke from its start to its reply: :meth:`cancel` waits for the reply, so
+        that the process does not exit between an invocation's end and its client's answer."""
+        with self._answered:
+            self._answering += 1
+        try:
+            yield
+        finally:
+            with self._answered:
+                self._answering -= 1
+                self._answered.notify_all()
 
     def load(self, loader: Callable) -> bool:
         """Load the predictor with ``loader(settings)``; on failure keep one error line for /health.
@@ -105,7 +131,16 @@ class InvokeService:
         if not self.busy.acquire(blocking=False):
             return HTTPStatus.CONFLICT, {"error": "another invocation is running"}
         try:
-            result = self.invoke(self.predictor, self.settings)
+            try:
+                with self._running_lock:
+                    self._running = threading.get_ident()
+                result = self.invoke(self.predictor, self.settings)
+            finally:
+                with self._running_lock:
+                    self._running = None
+        except Stopping:
+            logger.error("invocation cancelled: the server is stopping")
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"error": "the server is stopping; the invocation was cancelled"}
         except InputError as exc:
             logger.error("%s", exc)
             return HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(exc)}
@@ -121,6 +156,28 @@ class InvokeService:
             self.busy.release()
         logger.info("invocation done: %s", result.get("output"))
         return HTTPStatus.CREATED, {"status": "done", **result}
+
+    def cancel(self, wait_s: float = CANCEL_WAIT_S) -> bool:
+        """Stop a running invocation (raise :class:`Stopping` in its thread) and wait for it to unwind.
+
+        A process that exits while a daemon thread is inside torch aborts (exit code 134, "terminate
+        called without an active exception") and leaves the partial mask; unwinding first avoids both.
+
+        Returns:
+            True when no invocation runs and every POST /invoke is answered, False when that did not
+            happen within ``wait_s``.
+        """
+        deadline = time.monotonic() + wait_s
+        with self._running_lock:
+            if self._running is not None:
+                logger.warning("stopping: cancelling the running invocation")
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._running), ctypes.py_object(Stopping))
+        # The exception arrives when the thread runs Python again; then its client gets the 503.
+        with self._answered:
+            if self._answered.wait_for(lambda: self._answering == 0, timeout=max(0.0, deadline - time.monotonic())):
+                return True
+        logger.warning("the running invocation did not stop within %.0f s", wait_s)
+        return False
 
 
 def make_handler(service: InvokeService) -> type[BaseHTTPRequestHandler]:
@@ -241,7 +298,8 @@ def make_handler(service: InvokeService) -> type[BaseHTTPRequestHandler]:
             if not self._read_body():
                 return
             if self.path.split("?")[0] == "/invoke":
-                self._reply(*service.run_invocation())
+                with service.answering():
+                    self._reply(*service.run_invocation())
             else:
                 self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {escape_log_text(self.path, 100)}; "
                                                    "use GET /health, POST /invoke"})
@@ -328,6 +386,7 @@ def serve(
     if predictor is None and loader is None:
         raise ValueError("serve needs a predictor or a loader")
     service = InvokeService(settings, invoke)
+    service.predictor = predictor  # before listening: a given predictor is ready for the first request
     try:
         server = make_server(service, settings.host, settings.port)
     except OSError as exc:
@@ -344,9 +403,7 @@ def serve(
     if on_listen:
         on_listen((host, port), service)
     try:
-        if predictor is not None:
-            service.predictor = predictor
-        elif not service.load(loader):
+        if predictor is None and not service.load(loader):
             failed_linger_s = DEFAULT_FAILED_LINGER_S if failed_linger_s is None else failed_linger_s
             logger.error("the model could not be loaded; GET /health answers 500 with the reason, stopping in %.0f s",
                          failed_linger_s)
@@ -357,5 +414,6 @@ def serve(
         logger.info("stopping the invoke server")
         return EXIT_OK
     finally:
-        server.shutdown()
+        server.shutdown()  # no new invocation starts; then the running one, if any, unwinds
+        service.cancel()
         server.server_close()
