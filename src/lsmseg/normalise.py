@@ -41,8 +41,10 @@ def subsample(array, max_samples: int = DEFAULT_MAX_SAMPLES) -> np.ndarray:
     # Never keep fewer than 8 planes: keeps z-variation (attenuation) in the estimate.
     steps[0] = min(steps[0], max(1, shape[0] // 8))
     while math.prod(math.ceil(s / k) for s, k in zip(shape, steps)) > 2 * max_samples:
-        steps[1] += 1
-        steps[2] += 1
+        # Thin y and x cannot shrink further (a long line of 1 x 1 planes): stride z instead.
+        axes = [axis for axis in (1, 2) if steps[axis] < shape[axis]] or [0]
+        for axis in axes:
+            steps[axis] += 1
     z_index = range(0, shape[0], steps[0])
     planes = [np.asarray(array[z, :: steps[1], :: steps[2]]) for z in z_index]
     return np.stack(planes)
@@ -63,11 +65,18 @@ def percentiles(
     # The native dtype (uint16: 2 bytes a voxel, not 8): np.percentile interpolates in float64 anyway,
     # and this sample is what grows with the volume's size up to the cap.
     sample = subsample(array, max_samples).ravel()
+    if sample.dtype == bool:  # a binary image: intensities 0 and 1 (NumPy cannot interpolate booleans)
+        sample = sample.view(np.uint8)
     if sample.dtype.kind == "f":
         sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         return 0.0, 0.0
     lo, hi = np.percentile(sample, [lower, upper])
+    if hi <= lo:
+        # More than (100 - upper) % of the voxels hold one value (background-subtracted data: exact
+        # zeros) and the percentiles meet: the whole range keeps the rest's contrast, which the
+        # collapsed one would normalise away. A constant sample stays at hi == lo.
+        lo, hi = min(lo, sample.min()), max(hi, sample.max())
     return float(lo), float(hi)
 
 
@@ -85,16 +94,21 @@ def normalise(array, lo: float, hi: float, upper_tail: str = "clip") -> np.ndarr
     """
     if upper_tail not in UPPER_TAILS:
         raise ValueError(f"upper_tail {upper_tail!r} must be one of {', '.join(UPPER_TAILS)}")
-    out = np.asarray(array, dtype=np.float32)
+    data = np.asarray(array)
     if hi <= lo:
-        return np.zeros(out.shape, dtype=np.float32)
-    out = (out - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+        return np.zeros(data.shape, dtype=np.float32)
+    scale = 1.0 / (hi - lo)
+    # float32 (half the memory) unless float64 voxels or the scale would overflow it: inf, then NaN
+    # after the subtraction, would reach the network as a silent empty mask.
+    wide = (data.dtype.kind == "f" and data.dtype.itemsize > 4) or abs(scale) > float(np.finfo(np.float32).max)
+    dtype = np.float64 if wide else np.float32
+    out = (np.asarray(data, dtype=dtype) - dtype(lo)) * dtype(scale)
     if upper_tail == "clip":
-        return np.clip(out, 0.0, 1.0, out=out)
+        return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
     np.maximum(out, 0.0, out=out)
     above = out > 1.0
     out[above] = 1.0 + np.log(out[above])
-    return out
+    return out.astype(np.float32, copy=False)
 
 
 def is_constant(data, planes_per_read: int = 16) -> bool:

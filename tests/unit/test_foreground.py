@@ -91,3 +91,17 @@ def test_noise_tail_is_tolerated_but_a_small_bright_object_is_not():
     assert dark_windows(region, (0, 0, 0), corners, (32, 64, 64), background) == [True] * 4
     region[10:14, 20:24, 20:24] = 0.6  # one bright 4^3 object in the first window
     assert dark_windows(region, (0, 0, 0), corners, (32, 64, 64), background) == [False, True, True, True]
+
+
+def test_a_window_is_judged_on_its_own_voxels_whichever_region_holds_it():
+    # Blocks read regions starting at different windows, so a window lies at another offset in
+    # each; a window not on the 4-voxel cell grid of one region (the last, flush one of an axis)
+    # must not take in voxels beyond its faces there, or one block skips it and the next runs it.
+    rng = np.random.default_rng(5)
+    region = rng.normal(0.05, 0.01, (32, 64, 128)).astype(np.float32)
+    region[:, :, 96:] = rng.normal(0.5, 0.05, (32, 64, 32))  # tissue
+    region[:, :, :3] = 0.5  # bright, just before the window at x = 3
+    background = estimate_background(region)
+    window = [(0, 0, 3)]
+    assert dark_windows(region, (0, 0, 0), window, (32, 64, 64), background) == [True]
+    assert dark_windows(region[:, :, 3:], (0, 0, 3), window, (32, 64, 64), background) == [True]

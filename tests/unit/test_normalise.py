@@ -70,3 +70,46 @@ def test_unknown_upper_tail_is_refused():
 
     with pytest.raises(ValueError, match="upper_tail"):
         InferenceSettings(upper_tail="sqrt")
+
+
+def test_percentiles_of_sparse_bright_objects_on_zero_keep_their_contrast():
+    # Background-subtracted data: over 99.5 % exact zeros, so both percentiles are 0; the range
+    # falls back to the sample's own, or the objects would be normalised away (all-zero input).
+    volume = np.zeros((32, 96, 96), np.uint16)
+    volume[10:13, 40:43, 50:53] = 3000
+    lo, hi = percentiles(volume)
+    assert (lo, hi) == (0.0, 3000.0)
+    assert normalise(volume, lo, hi)[11, 41, 51] == 1.0
+    saturated = np.full((32, 96, 96), 65535, np.uint16)
+    saturated[5, 5, 5] = 100
+    assert percentiles(saturated) == (100.0, 65535.0)
+    assert percentiles(np.full((4, 4, 4), 7, np.uint16)) == (7.0, 7.0)  # constant: still no contrast
+
+
+def test_boolean_volumes_are_intensities_zero_and_one():
+    volume = np.zeros((8, 40, 40), bool)
+    volume[:, :20] = True
+    assert percentiles(volume) == (0.0, 1.0)
+    assert normalise_volume(volume).sum() == volume.sum()
+
+
+@pytest.mark.parametrize("scale, dtype", [(1e300, np.float64), (1e-300, np.float64), (1e-43, np.float32)])
+def test_ranges_beyond_float32_normalise_to_finite_values(scale, dtype):
+    # The normalised values are small, but the raw ones or 1 / (hi - lo) overflow float32.
+    volume = (np.random.default_rng(0).gamma(2.0, 300.0, (8, 40, 40)) * scale).astype(dtype)
+    for tail in ("clip", "log"):
+        out = normalise_volume(volume, upper_tail=tail)
+        assert np.isfinite(out).all() and out.max() >= 1.0 and out.min() == 0.0
+
+
+def test_one_voxel_beyond_float32_is_bright_not_infinite():
+    volume = np.random.default_rng(0).gamma(2.0, 300.0, (8, 40, 40))
+    volume[1, 2, 3] = 1e39
+    out = normalise_volume(volume, upper_tail="log")
+    assert np.isfinite(out).all() and out[1, 2, 3] == out.max() > 60
+
+
+def test_subsample_of_a_long_line_ends():
+    # Subsampling y and x cannot shrink a line of 1 x 1 planes: z must be strided instead.
+    line = np.broadcast_to(np.zeros((1, 1, 1), np.uint16), (2001, 1, 1))
+    assert 0 < subsample(line, max_samples=1000).size <= 2000

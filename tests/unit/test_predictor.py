@@ -71,6 +71,35 @@ def test_constant_and_nan_volumes(predictor, caplog):
         predictor.predict_volume(bad, name="bad.tif")
 
 
+@pytest.mark.parametrize("value", [False, True])
+def test_constant_boolean_volumes_get_an_empty_mask(predictor, caplog, value):
+    # As a constant uint8 volume: no network answer to a blank input (which marks voxels near its faces).
+    assert not predictor.predict_volume(np.full((8, 96, 96), value)).any()
+    assert "constant intensity" in caplog.text
+    binary = np.zeros((8, 40, 40), bool)
+    binary[:, :20] = True
+    assert predictor.predict_volume(binary).shape == binary.shape
+
+
+def test_a_constant_boolean_file_resampled_gets_an_empty_mask(tiny_model, tiny_model_config, tmp_path, caplog):
+    # The resampling path checked "uif" dtypes only: a blank bool file ran through the network.
+    settings = InferenceSettings(spacing=(1.0, 1.0, 1.0))
+    predictor = Predictor(tiny_model, tiny_model_config, settings, device="cpu", options=RunOptions(progress=False))
+    io.write_volume(np.ones((6, 40, 40), bool), tmp_path / "blank.tif", spacing=(4.0, 1.0, 1.0))
+    result = predict_file(predictor, tmp_path / "blank.tif", tmp_path / "out" / "blank.tif")
+    assert result.ok and "constant intensity" in caplog.text
+    assert not io.read_volume(tmp_path / "out" / "blank.tif").load().any()
+
+
+@pytest.mark.parametrize("spacing", [(0.0, 1.0, 1.0), (-4.0, 1.0, 1.0), (float("nan"), 1.0, 1.0), (float("inf"), 1.0, 1.0)])
+def test_spacing_that_is_no_voxel_size_is_refused(tiny_model, tiny_model_config, spacing):
+    # 0 or negative: resampled to one plane and back, silently; NaN/Inf: a bare conversion error.
+    settings = InferenceSettings(spacing=(1.0, 1.0, 1.0))
+    predictor = Predictor(tiny_model, tiny_model_config, settings, device="cpu", options=RunOptions(progress=False))
+    with pytest.raises(ValueError, match="spacing .* positive and finite"):
+        predictor.predict_volume(np.random.default_rng(3).random((12, 40, 40)).astype(np.float32), spacing=spacing)
+
+
 def test_predict_files_keeps_going_and_writes_provenance(predictor, tmp_path, caplog):
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -136,8 +136,12 @@ def dark_windows(
 ) -> list[bool]:
     """For each window (corner in the same coordinates as ``origin``): is it uniformly dark?
 
-    Cells are aligned to the region's origin; a window tests every cell it touches, so a cell half
-    inside still counts.
+    Cells are aligned to each window's own corner, so a window is judged on its own voxels: the
+    same in every block whose region holds it, wherever the region starts (a window off the cell
+    grid of a region, the flush last one of an axis, would otherwise take in voxels beyond its faces
+    in one block and not in the next). Windows are grouped by their offset within the cells; each
+    group pools the region once. A window whose edge is no multiple of the cell (never for Swin
+    UNETR's ROI, a multiple of 32) also tests the cell its last face cuts.
 
     Args:
         region: the normalised input that holds every window.
@@ -146,16 +150,21 @@ def dark_windows(
         roi: the window's shape.
         background: the volume's dark level (:func:`estimate_background`).
     """
-    pooled = _pool(region, CELL)
-    # Summed-area tables: "how many cells above a level in a box" in O(1) per window.
-    above = _box_counter(pooled > background.threshold)
-    above_ceiling = _box_counter(pooled > background.ceiling)
-    flags = []
-    for corner in corners:
-        lo = [(c - o) // CELL for c, o in zip(corner, origin)]
-        hi = [min(-(-(c - o + r) // CELL), n) for c, o, r, n in zip(corner, origin, roi, pooled.shape)]
-        cells = (hi[0] - lo[0]) * (hi[1] - lo[1]) * (hi[2] - lo[2])
-        flags.append(above_ceiling(lo, hi) == 0 and above(lo, hi) <= NOISY_CELLS * cells)
+    flags = [False] * len(corners)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, corner in enumerate(corners):
+        groups.setdefault(tuple((c - o) % CELL for c, o in zip(corner, origin)), []).append(index)
+    for phase, indices in groups.items():
+        pooled = _pool(region[phase[0]:, phase[1]:, phase[2]:], CELL)
+        # Summed-area tables: "how many cells above a level in a box" in O(1) per window.
+        above = _box_counter(pooled > background.threshold)
+        above_ceiling = _box_counter(pooled > background.ceiling)
+        for index in indices:
+            start = [c - o - p for c, o, p in zip(corners[index], origin, phase)]
+            lo = [s // CELL for s in start]
+            hi = [min(-(-(s + r) // CELL), n) for s, r, n in zip(start, roi, pooled.shape)]
+            cells = (hi[0] - lo[0]) * (hi[1] - lo[1]) * (hi[2] - lo[2])
+            flags[index] = above_ceiling(lo, hi) == 0 and above(lo, hi) <= NOISY_CELLS * cells
     return flags
 
 

@@ -509,7 +509,7 @@ class Predictor:
             name = str(image.path)
             image = image.load()
         array = np.asarray(image)
-        if array.dtype.kind in "uif" and is_constant(array):
+        if array.dtype.kind in "buif" and is_constant(array):  # bool too: a blank mask given as input
             warn_constant(name)
             return np.zeros(array.shape, dtype=np.uint8)
         logits, _, intensity = self.logits_with_intensity(array, spacing, name)
@@ -563,6 +563,9 @@ class Predictor:
         model_spacing = self.settings.spacing
         if not self.options.resample or model_spacing is None or spacing is None:
             return None
+        if not all(math.isfinite(s) and s > 0 for s in spacing):
+            # 0 or negative would resample to one plane and back; NaN/Inf fail in the shape's rounding.
+            raise ValueError(f"spacing {tuple(spacing)} must be positive and finite (micrometres per voxel)")
         ratios = [s / m for s, m in zip(spacing, model_spacing)]
         if all(abs(r - 1.0) <= self.settings.spacing_tolerance for r in ratios):
             return None

@@ -296,7 +296,7 @@ def _resampled_mask_blocks(predictor: Predictor, volume: Volume, name: str, on_l
     """The whole volume as one block, predicted in memory at the model's spacing: ``(stats, blocks)``."""
     array = volume.load()
     everything = tuple(slice(0, s) for s in volume.shape)
-    if array.dtype.kind in "uif" and is_constant(array):
+    if array.dtype.kind in "buif" and is_constant(array):
         warn_constant(name)
         if on_logits is not None:
             on_logits(everything, np.full(array.shape, -np.inf, dtype=np.float32))
