@@ -71,6 +71,39 @@ def test_a_truncated_file_is_reported_with_the_pixel_bytes_it_holds_not_its_size
         io.read_volume(nifti)
 
 
+def test_a_bilevel_tiff_is_read_and_its_truncation_still_refused(tmp_path):
+    # tifffile writes bool as 1 bit a voxel; the size check counted a byte a voxel and refused
+    # every such file as "truncated or forged".
+    mask = np.zeros((8, 40, 40), bool)
+    mask[2:5, 10:20, 10:20] = True
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+    for lazy in (False, True):
+        volume = io.read_volume(tmp_path / "mask.tif", lazy=lazy)
+        assert np.array_equal(np.asarray(volume.data[:]) if lazy else volume.load(), mask)
+    data = (tmp_path / "mask.tif").read_bytes()
+    (tmp_path / "short.tif").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError):
+        io.read_volume(tmp_path / "short.tif").load()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "detached"])
+def test_a_compressed_metaimage_that_does_not_inflate_is_refused(tmp_path, damage):
+    # ITK printed "Uncompress failed" and returned whatever it had inflated (values 0-245 for a
+    # payload of 20 bytes of "x"): lsmseg segmented it and exited 0.
+    image = np.random.default_rng(0).integers(0, 4000, (20, 30, 40)).astype(np.uint16)
+    good = tmp_path / ("good.mhd" if damage == "detached" else "good.mha")
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(good), True)
+    assert np.array_equal(io.read_volume(good).load(), image)
+    data_file = good.with_suffix(".zraw") if damage == "detached" else good
+    data = data_file.read_bytes()
+    start = data.index(b"ElementDataFile = LOCAL\n") + 24 if damage != "detached" else 0
+    payload = b"x" * 20 if damage == "garbage" else data[start : start + (len(data) - start) // 2]
+    data_file.write_bytes(data[:start] + payload)
+    with pytest.raises(InputError, match=r"good\.mh[ad]: (corrupt compressed MetaImage data|compressed MetaImage "
+                                         r"data ends early)"):
+        io.read_volume(good)
+
+
 def test_zarr_chunk_larger_than_the_cap_is_refused(tmp_path):
     root = zarr.open_group(str(tmp_path / "bomb.zarr"), mode="w")
     root.create_array("0", shape=(4, 8, 8), chunks=(4000, 8000, 8000), dtype="uint8")

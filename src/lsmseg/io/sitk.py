@@ -63,22 +63,36 @@ def _check_gzip_complete(path: Path, expected: int) -> None:
         if struct.unpack("<I", fh.read(4))[0] == expected % 2**32:
             return
         fh.seek(0)
-        inflater, total = zlib.decompressobj(31), 0
-        try:
-            while chunk := fh.read(1 << 20):
-                while chunk:
-                    total += len(inflater.decompress(chunk, 1 << 24))
-                    chunk = inflater.unconsumed_tail
-                    if inflater.eof and inflater.unused_data.lstrip(b"\0"):  # another gzip member
-                        chunk, inflater = inflater.unused_data + chunk, zlib.decompressobj(31)
-                    elif inflater.eof:
-                        break
-        except zlib.error as exc:
-            raise InputError(path, f"corrupt gzip data ({exc})") from exc
+        _check_inflates(path, fh, expected, wbits=31, what="gzip")
+
+
+def _check_inflates(path: Path, fh, expected: int, wbits: int, what: str) -> None:
+    """Inflate the deflate streams (one after another, as gzip members or MetaIO's chunks) from
+    ``fh``'s position, block by block, discarding the output, and refuse a corrupt or short one.
+
+    Args:
+        path: the file, named in the error.
+        fh: the open file, at the first compressed byte.
+        expected: the bytes the header declares.
+        wbits: zlib's window bits: 31 for gzip, 15 for a zlib stream (MetaImage ``CompressedData``).
+        what: the format, for the message.
+    """
+    inflater, total = zlib.decompressobj(wbits), 0
+    try:
+        while chunk := fh.read(1 << 20):
+            while chunk:
+                total += len(inflater.decompress(chunk, 1 << 24))
+                chunk = inflater.unconsumed_tail
+                if inflater.eof and inflater.unused_data.lstrip(b"\0"):  # another member or chunk
+                    chunk, inflater = inflater.unused_data + chunk, zlib.decompressobj(wbits)
+                elif inflater.eof:
+                    break
+    except zlib.error as exc:
+        raise InputError(path, f"corrupt {what} data ({exc})") from exc
     if not inflater.eof:
-        raise InputError(path, "gzip data ends early (truncated or corrupt file)")
+        raise InputError(path, f"{what} data ends early (truncated or corrupt file)")
     if total < expected:
-        raise InputError(path, f"gzip data holds {total:,} of the {expected:,} bytes the header declares (truncated file)")
+        raise InputError(path, f"{what} data holds {total:,} of the {expected:,} bytes the header declares (truncated file)")
 
 
 def _nifti_nonfinite(path: Path, shape: tuple) -> np.ndarray | None:
@@ -284,6 +298,11 @@ def _check_sitk_size(path: Path, max_voxels: int | None) -> None:
         check_declared_size(path, shape, itemsize, max_voxels, deflate_bytes=data_bytes)
         if nifti is not None and nifti[1] in _NIFTI_STORED_BYTES:
             _check_gzip_complete(path, max(nifti[2], 0) + math.prod(size) * itemsize)
+        if path.name.lower().endswith((".mha", ".mhd")):
+            # ITK prints "Uncompress failed" and returns whatever it inflated: garbage, no error.
+            with open(source, "rb") as fh:
+                fh.seek(_local_pixel_offset(path) if source == path else 0)
+                _check_inflates(path, fh, math.prod(shape) * itemsize, wbits=15, what="compressed MetaImage")
     elif source != path or path.name.lower().endswith((".mha", ".nii")):
         # Only the pixels count: a file holding its own also holds its header.
         pixel_bytes = data_bytes - _local_pixel_offset(path) if source == path else data_bytes

@@ -181,7 +181,10 @@ def squeeze_axes(shape: tuple, axes: str) -> tuple[tuple, str, tuple]:
 def _check_tiff_size(path: Path, tif, shape: tuple, dtype: np.dtype, max_voxels: int | None) -> None:
     """The declared series shape against the cap, and against the bytes the strips hold."""
     page = tif.pages.first
-    check_declared_size(path, shape, dtype.itemsize, max_voxels, what="TIFF")
+    # Bytes per voxel as stored: a bilevel TIFF (bool) packs 8 voxels a byte (rows padded to bytes).
+    bits = int(getattr(page, "bitspersample", 8) or 8)
+    itemsize = bits / 8 if bits < 8 else dtype.itemsize
+    check_declared_size(path, shape, itemsize, max_voxels, what="TIFF")
     compression = int(getattr(page, "compression", 1))
     pages = len(tif.pages)
     # Each page's strips/tiles are counted once: forged files point many pages at the same data.
@@ -191,9 +194,9 @@ def _check_tiff_size(path: Path, tif, shape: tuple, dtype: np.dtype, max_voxels:
     per_page = sum(b for _, b in spans) / max(min(pages, 4), 1)
     stored = int(min(per_page * pages, os.path.getsize(path)))
     if compression == 1:
-        check_declared_size(path, shape, dtype.itemsize, max_voxels, stored_bytes=os.path.getsize(path), what="TIFF")
+        check_declared_size(path, shape, itemsize, max_voxels, stored_bytes=os.path.getsize(path), what="TIFF")
     elif compression in _TIFF_DEFLATE:
-        check_declared_size(path, shape, dtype.itemsize, max_voxels, deflate_bytes=stored, what="TIFF")
+        check_declared_size(path, shape, itemsize, max_voxels, deflate_bytes=stored, what="TIFF")
 
 
 def _planes_appended_one_by_one(tif) -> bool:

@@ -221,7 +221,7 @@ def check_declared_size(
     Args:
         path: the file (named in the error).
         shape: the declared shape (any number of axes).
-        itemsize: bytes per voxel as stored.
+        itemsize: bytes per voxel as stored (a fraction for packed bits: 1/8 for a bilevel TIFF).
         max_voxels: the cap (None: :func:`default_max_voxels`).
         stored_bytes: for uncompressed data, the bytes the file actually holds for the pixels.
         deflate_bytes: for deflate-compressed data, the compressed bytes available.
@@ -235,7 +235,7 @@ def check_declared_size(
             path, f"{what} declares {shown} = {voxels:,} voxels, above the limit of {cap:,} "
             f"(--max-voxels / {ENV_MAX_VOXELS})",
         )
-    nbytes = voxels * max(int(itemsize), 1)
+    nbytes = math.ceil(voxels * itemsize) if 0 < itemsize < 1 else voxels * max(int(itemsize), 1)
     if stored_bytes is not None and nbytes > stored_bytes:
         raise InputError(
             path, f"{what} declares {shown} voxels ({nbytes:,} bytes) but the file holds only {stored_bytes:,} "
