@@ -155,7 +155,7 @@ def structure(text: str) -> str:
     reason = unknown_structure(text)
     if reason is not None:
         raise argparse.ArgumentTypeError(reason)
-    return text
+    return text.strip()  # as known_structure read it: ' vessels' would miss its settings
 
 
 def choice(choices) -> Callable[[str], str]:

@@ -98,9 +98,12 @@ def normalise(array, lo: float, hi: float, upper_tail: str = "clip") -> np.ndarr
     if hi <= lo:
         return np.zeros(data.shape, dtype=np.float32)
     scale = 1.0 / (hi - lo)
-    # float32 (half the memory) unless float64 voxels or the scale would overflow it: inf, then NaN
-    # after the subtraction, would reach the network as a silent empty mask.
-    wide = (data.dtype.kind == "f" and data.dtype.itemsize > 4) or abs(scale) > float(np.finfo(np.float32).max)
+    # float32 (half the memory) unless the scale or a float64 voxel is beyond it: inf, then NaN
+    # after the subtraction, would reach the network as a silent empty mask. (min/max: two passes
+    # over the data, no copy of it.)
+    largest = float(np.finfo(np.float32).max)
+    wide = abs(scale) > largest or (data.dtype.kind == "f" and data.dtype.itemsize > 4 and data.size > 0
+                                     and max(abs(float(data.min())), abs(float(data.max()))) > largest)
     dtype = np.float64 if wide else np.float32
     out = (np.asarray(data, dtype=dtype) - dtype(lo)) * dtype(scale)
     if upper_tail == "clip":

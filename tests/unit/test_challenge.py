@@ -19,7 +19,7 @@ from lsmseg.challenge.settings import (
 )
 from lsmseg.cli import main
 from lsmseg.config import InferenceSettings
-from lsmseg.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, InputError, WeightsError
+from lsmseg.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, InputError, OutputError, WeightsError
 from lsmseg.inference import Predictor, RunOptions
 
 from ..conftest import make_weights
@@ -338,6 +338,19 @@ def test_a_failed_invocation_leaves_no_earlier_case_mask(tmp_path, predictor):
     with pytest.raises(InputError, match="not valid JSON"):
         handle_invocation(predictor, settings_for(tmp_path))
     assert not list((tmp_path / "out").rglob("*.mha"))
+
+
+def test_an_invocation_never_removes_a_file_of_the_input(tmp_path, predictor):
+    # The previous case's mask was removed before the paths were checked: with --output equal to
+    # --input, a file of the input named like the mask was deleted, then the case refused.
+    exec_input(tmp_path, name="9a1b-uuid.mha")
+    (tmp_path / "in" / "inputs.json").write_text(json.dumps(SELMA3D_2026_INPUTS))
+    ours = tmp_path / "in" / "images" / DEFAULT_OUTPUT_SLUG / "output.mha"
+    ours.parent.mkdir(parents=True)
+    ours.write_bytes(b"an input file")
+    with pytest.raises(OutputError, match="inside the input"):
+        handle_invocation(predictor, settings_for(tmp_path, output_dir=tmp_path / "in"))
+    assert ours.read_bytes() == b"an input file"
 
 
 def test_invocation_post_processes_by_the_job_image_name(tmp_path, predictor):

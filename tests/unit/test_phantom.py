@@ -205,17 +205,23 @@ def test_shipped_sample_regenerates():
 @pytest.mark.parametrize("layout, limit, usage, expected", [
     ("v2", "1000000", "400000", 600_000),  # a container's --memory: MemAvailable does not see it
     ("v1", "1000000", "999999", 1),
+    ("v2-cache", "1000000", "990000", 910_000),  # 900,000 bytes of reclaimable page cache count as free
+    ("v1-cache", "1000000", "990000", 910_000),
     ("v2", "max", "400000", None),  # no limit: MemAvailable alone
     ("v1", str(2**63 - 4096), "5", None),  # v1's "no limit" is a huge number
 ])
 def test_available_memory_sees_the_cgroup_limit(tmp_path, layout, limit, usage, expected):
     from lsmseg.synth.phantom import available_memory
 
-    folder = tmp_path / ("memory" if layout == "v1" else "")
+    v1 = layout.startswith("v1")
+    folder = tmp_path / ("memory" if v1 else "")
     folder.mkdir(exist_ok=True)
-    names = ("memory.max", "memory.current") if layout == "v2" else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    names = ("memory.limit_in_bytes", "memory.usage_in_bytes") if v1 else ("memory.max", "memory.current")
     (folder / names[0]).write_text(limit + "\n")
     (folder / names[1]).write_text(usage + "\n")
+    if layout.endswith("-cache"):
+        key = "total_inactive_file" if v1 else "inactive_file"
+        (folder / "memory.stat").write_text(f"anon 90000\n{key} 900000\nactive_file 0\n")
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       4000 kB\nMemAvailable:   2000 kB\n")
     assert available_memory(str(tmp_path / "no-cgroup"), str(meminfo)) == 2_048_000

@@ -46,6 +46,8 @@ def test_predict_and_evaluate_read_one_structure_table():
         assert argtypes.structure(name) == name
         assert categories.known_structure(name) == structures.known_structure(name) is not None
         assert categories.classify(f"{name}_1")[0] == structures.structure_from_name(f"{name}_1")
+    # Taken as it was read: a padded value kept its space and missed its structure's settings.
+    assert argtypes.structure(" c-fos ") == "c-fos" and structures.structure_from_name(argtypes.structure(" c-fos ")) == "cfos_neuron"
     # Every structure a name can resolve to has a report category.
     assert set(structures.ALIASES.values()) <= set(categories.DEFAULT_CATEGORIES)
 

@@ -6,6 +6,7 @@ import pytest
 from lsmseg import io
 from lsmseg.errors import ConfigError, InputError
 from lsmseg_training.config import AugmentConfig, DataConfig, MaskingConfig, VolumeSet
+import lsmseg_training.data as training_data
 from lsmseg_training.data import PatchStream, VolumeCache, cuboid_mask, prepare_volumes, read_patch
 
 ROI = (32, 64, 64)
@@ -251,13 +252,19 @@ def test_a_set_that_selects_nothing_is_refused(data_dir):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_image_is_refused(data_dir, bad):
+def test_non_finite_image_is_refused(data_dir, bad, monkeypatch):
     # NaN reached the patches: pretraining stopped with "loss became nan ...; lower optim.lr" (a
     # traceback blaming the learning rate); inference refuses such a volume, so training does too.
     image = np.random.default_rng(0).random((20, 80, 90)).astype(np.float32)
     image[3, 4, 5] = bad
     io.write_volume(image, data_dir / "images" / "a.tif")
     with pytest.raises(InputError, match=r"images/a\.tif: volume contains 1 NaN/Inf voxel\(s\) \(first at z 3\)"):
+        prepare_volumes(_data(data_dir), "train", need_labels=False, where="cfg")
+    # Counted over the whole volume, not up to the first chunk that holds one (a few planes a chunk).
+    image[19] = bad
+    io.write_volume(image, data_dir / "images" / "a.tif")
+    monkeypatch.setattr(training_data, "SCAN_VOXELS", 80 * 90 * 4)
+    with pytest.raises(InputError, match=r"volume contains 7201 NaN/Inf voxel\(s\) \(first at z 3\)"):
         prepare_volumes(_data(data_dir), "train", need_labels=False, where="cfg")
 
 

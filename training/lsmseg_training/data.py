@@ -291,16 +291,20 @@ def prepare_volumes(
 
 
 def _refuse_non_finite(path: Path, data) -> None:
-    """Refuse a float image with NaN/Inf voxels with inference's check and message, chunk by chunk:
-    the first bad chunk stops the scan (its count and first bad plane are named)."""
+    """Refuse a float image with NaN/Inf voxels, with inference's message (read once, chunk by chunk)."""
     if np.dtype(data.dtype).kind != "f":
         return
-    from lsmseg.inference.predictor import refuse_non_finite
+    from lsmseg.inference.predictor import non_finite_reason
 
+    bad, first = 0, None
     for z0, chunk in _z_chunks(data):
         finite = np.isfinite(chunk)
         if not finite.all():
-            refuse_non_finite(chunk, path, where=f" (first at z {z0 + int(np.argwhere(~finite)[0][0])})")
+            bad += int(finite.size - np.count_nonzero(finite))
+            if first is None:
+                first = z0 + int(np.argwhere(~finite)[0][0])
+    if bad:
+        raise InputError(path, non_finite_reason(bad, f" (first at z {first})"))
 
 
 def _index_volume(data: DataConfig, volume_set: VolumeSet, set_index: int, path: Path, name: str,

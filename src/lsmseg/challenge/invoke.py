@@ -76,7 +76,8 @@ def handle_invocation(predictor, settings: ChallengeSettings) -> dict:
     The previous invocation's mask is removed first: the server outlives its cases, and a case that
     fails must not leave another case's mask where the platform collects this one's."""
     stale = settings.output_dir / "images" / settings.output_slug / CASE_OUTPUT_NAME
-    if stale.is_file() or stale.is_symlink():
+    # Never inside the input (an output folder inside it is refused below, and inputs are never touched).
+    if (stale.is_file() or stale.is_symlink()) and outside_folder(stale, settings.input_dir) is not None:
         stale.unlink(missing_ok=True)
     values = read_inputs_json(settings.input_dir)
     slug, relative, name = select_image_socket(values, settings.input_slug, settings.input_dir / INPUTS_JSON)

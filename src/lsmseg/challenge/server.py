@@ -79,6 +79,7 @@ class InvokeService:
         self._running: int | None = None  # the thread id of the running invocation
         self._running_lock = threading.Lock()
         self._answering = 0  # POST /invoke requests not yet answered
+        self.stopping = False  # set by cancel: no invocation starts any more
         self._answered = threading.Condition()
 
     @contextlib.contextmanager
@@ -128,6 +129,8 @@ class InvokeService:
             return self.health()[0] if self.load_error else HTTPStatus.SERVICE_UNAVAILABLE, {
                 "error": self.load_error or "the model is still loading; retry when GET /health answers 200"
             }
+        if self.stopping:
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"error": "the server is stopping"}
         if not self.busy.acquire(blocking=False):
             return HTTPStatus.CONFLICT, {"error": "another invocation is running"}
         try:
@@ -169,6 +172,7 @@ class InvokeService:
         """
         deadline = time.monotonic() + wait_s
         with self._running_lock:
+            self.stopping = True
             if self._running is not None:
                 logger.warning("stopping: cancelling the running invocation")
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._running), ctypes.py_object(Stopping))
@@ -295,12 +299,11 @@ def make_handler(service: InvokeService) -> type[BaseHTTPRequestHandler]:
         do_HEAD = do_GET
 
         def do_POST(self) -> None:  # noqa: N802
-            if not self._read_body():
-                return
             if self.path.split("?")[0] == "/invoke":
-                with service.answering():
-                    self._reply(*service.run_invocation())
-            else:
+                with service.answering():  # from the body on: a stopping server waits for this reply
+                    if self._read_body():
+                        self._reply(*service.run_invocation())
+            elif self._read_body():
                 self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {escape_log_text(self.path, 100)}; "
                                                    "use GET /health, POST /invoke"})
 

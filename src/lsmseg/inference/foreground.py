@@ -140,7 +140,7 @@ def dark_windows(
     same in every block whose region holds it, wherever the region starts (a window off the cell
     grid of a region, the flush last one of an axis, would otherwise take in voxels beyond its faces
     in one block and not in the next). Windows are grouped by their offset within the cells; each
-    group pools the region once. A window whose edge is no multiple of the cell (never for Swin
+    group pools the box holding its windows. A window whose edge is no multiple of the cell (never for Swin
     UNETR's ROI, a multiple of 32) also tests the cell its last face cuts.
 
     Args:
@@ -154,13 +154,18 @@ def dark_windows(
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, corner in enumerate(corners):
         groups.setdefault(tuple((c - o) % CELL for c, o in zip(corner, origin)), []).append(index)
-    for phase, indices in groups.items():
-        pooled = _pool(region[phase[0]:, phase[1]:, phase[2]:], CELL)
+    for indices in groups.values():
+        # Only the box that holds the group's windows is pooled: the flush last windows of an axis
+        # (the off-grid groups) take a slab of the region, not all of it again.
+        starts = [[c - o for c, o in zip(corners[index], origin)] for index in indices]
+        box_lo = [min(start[axis] for start in starts) for axis in range(3)]
+        box_hi = [min(max(start[axis] for start in starts) + roi[axis], region.shape[axis]) for axis in range(3)]
+        pooled = _pool(region[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))], CELL)
         # Summed-area tables: "how many cells above a level in a box" in O(1) per window.
         above = _box_counter(pooled > background.threshold)
         above_ceiling = _box_counter(pooled > background.ceiling)
-        for index in indices:
-            start = [c - o - p for c, o, p in zip(corners[index], origin, phase)]
+        for index, corner in zip(indices, starts):
+            start = [c - b for c, b in zip(corner, box_lo)]
             lo = [s // CELL for s in start]
             hi = [min(-(-(s + r) // CELL), n) for s, r, n in zip(start, roi, pooled.shape)]
             cells = (hi[0] - lo[0]) * (hi[1] - lo[1]) * (hi[2] - lo[2])

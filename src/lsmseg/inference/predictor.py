@@ -653,8 +653,12 @@ def refuse_non_finite(array: np.ndarray, name, where: str = "") -> None:
     """Raise :class:`InputError` for ``name`` when a float ``array`` holds NaN/Inf voxels: bad input,
     whose values are never guessed. ``where`` qualifies the count (a block's, not the volume's)."""
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        bad = int(array.size - np.isfinite(array).sum())
-        raise InputError(name, f"volume contains {bad} NaN/Inf voxel(s){where}; refusing to guess their values")
+        raise InputError(name, non_finite_reason(int(array.size - np.isfinite(array).sum()), where))
+
+
+def non_finite_reason(count: int, where: str = "") -> str:
+    """The one message for ``count`` NaN/Inf voxels (inference's blocks, training's scans)."""
+    return f"volume contains {count} NaN/Inf voxel(s){where}; refusing to guess their values"
 
 
 def warn_constant(name) -> None:

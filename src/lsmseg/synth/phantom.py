@@ -141,9 +141,14 @@ def available_memory(cgroup_root: str = "/sys/fs/cgroup", meminfo: str = "/proc/
 
 
 def _cgroup_headroom(root: str) -> int | None:
-    """Bytes left under the cgroup memory limit, or None without a limit (or cgroup files)."""
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    """Bytes left under the cgroup memory limit, or None without a limit (or cgroup files).
+
+    The usage counts the page cache, which the kernel reclaims under the limit: its inactive part
+    is left out, as ``docker stats`` does (a container that has read much would seem full)."""
+    for limit_file, usage_file, stat_file, inactive_key in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+    ):
         try:
             with open(os.path.join(root, limit_file), encoding="ascii") as handle:
                 limit = handle.read().strip()
@@ -154,8 +159,21 @@ def _cgroup_headroom(root: str) -> int | None:
         # "max" (v2) or a huge page-rounded number (v1) means no limit.
         if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:
             return None
-        return max(0, int(limit) - usage)
+        return max(0, int(limit) - usage + _stat_value(os.path.join(root, stat_file), inactive_key))
     return None
+
+
+def _stat_value(path: str, key: str) -> int:
+    """One ``key value`` line of a cgroup ``memory.stat`` file (0 when absent or unreadable)."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            for line in handle:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def check_phantom_arguments(kind: str, shape, seed: int, spacing) -> tuple[tuple[int, int, int], Spacing]:
