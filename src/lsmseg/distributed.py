@@ -205,6 +205,7 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
         else:  # a scratch zarr beside the output, streamed into the output's format at the end
             store = partial_path(output_path, suffix=".zarr")
             stack.callback(remove_path, store)
+            stack.enter_context(_output_errors(output_path))  # a full disk there is the output's, as in atomic_output
         try:
             output_path.parent.mkdir(parents=True, exist_ok=True)
             create_zarr_mask(store, volume.shape, np.uint8, plan.block_size, volume.spacing, like=volume)
@@ -234,6 +235,21 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
                 printable(input_path), printable(output_path), read_s + predict_s, stats.workers,
                 stats.windows_skipped, stats.windows)
     return VolumeResult.written(record)
+
+
+@contextlib.contextmanager
+def _output_errors(output_path: Path):
+    """Turn an ``OSError`` (disk full, no permission) into an :class:`OutputError` naming ``output_path``.
+
+    Only a file system's error, which has an errno: a lost scheduler (``CommClosedError``) or a
+    timeout is an ``OSError`` without one, and is not the output's fault.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, (InputError, OutputError)) or exc.errno is None:
+            raise
+        raise OutputError(output_path, f"cannot write output: {exc.strerror or exc}") from exc
 
 
 def _run_blocks(predictor: Predictor, client, input_path: Path, state: dict, store: Path, n_blocks: int,

@@ -215,3 +215,26 @@ def test_worker_numbers_are_the_same_in_every_process():
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)}
     assert runs == {f"{worker_number('alpha')}\n"}
+
+
+def test_full_disk_under_the_scratch_store_names_the_output(conv_model, tiny_model_config, tmp_path, monkeypatch):
+    """A TIFF mask is gathered in a scratch zarr: a full disk there is the output's error, as for a zarr mask."""
+    import errno
+
+    import zarr
+
+    from lsmseg.distributed import predict_files_dask
+
+    image = io.write_volume(np.random.default_rng(6).integers(100, 3000, (8, 40, 48)).astype(np.uint16),
+                            tmp_path / "in" / "v.tif")
+
+    def full(self, key, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", full)
+    for output_format, name in (("same", "v.tif"), ("zarr", "v.ome.zarr")):
+        out = tmp_path / output_format
+        [result] = predict_files_dask(_predictor(conv_model, tiny_model_config), [image], out, output_format,
+                                      n_workers=1, processes=False)
+        assert result.error == f"{out / name}: cannot write output: No space left on device"
+        assert list(out.iterdir()) == []

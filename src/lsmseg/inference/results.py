@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -125,6 +126,7 @@ def provenance_record(
     """
     record = {
         "input": str(input_path),
+        "input_file": input_fingerprint(input_path),
         "output": str(output_path),
         "ok": True,
         "error": None,
@@ -154,11 +156,39 @@ def provenance_path_for(output_path: str | Path) -> Path:
     return output_path.parent / f"{output_path.name}.provenance.json"
 
 
+def input_fingerprint(input_path) -> dict | None:
+    """Size and modification time of an input file, to tell whether the file at its path is still the
+    one a mask came from (cheap: a checksum would read the whole volume again); None for a folder
+    (zarr store, plane folder), whose files are not walked."""
+    from datetime import datetime, timezone
+
+    try:
+        info = os.stat(input_path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    modified = datetime.fromtimestamp(info.st_mtime, timezone.utc).isoformat()
+    return {"bytes": info.st_size, "modified": modified}
+
+
+# Inference engines besides torch: a mask they computed has their numbers.
+_ENGINE_PACKAGES = ("onnxruntime", "openvino")
+
+
 def versions() -> dict:
-    """Versions of lsmseg and the libraries that decide its numbers."""
+    """Versions of lsmseg and the libraries that decide its numbers (an engine not installed: None)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import monai
     import torch
 
+    engines = {}
+    for package in _ENGINE_PACKAGES:
+        try:
+            engines[package] = version(package)
+        except PackageNotFoundError:
+            engines[package] = None
     return {
         "lsmseg": __version__,
         "torch": torch.__version__,
@@ -167,4 +197,5 @@ def versions() -> dict:
         "python": platform.python_version(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "host_cpus": os.cpu_count(),
+        **engines,
     }

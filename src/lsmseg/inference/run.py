@@ -11,6 +11,8 @@ beside it (:func:`.results.provenance_record`).
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import time
 from pathlib import Path
@@ -49,9 +51,14 @@ def write_provenance(predictor: Predictor, input_path, output_path, volume: Volu
     """
     built = provenance_record(input_path, output_path, volume, parameters=predictor.parameters(),
                               weights=predictor.weights_info, **record)
+    target = Path(provenance_path) if provenance_path else provenance_path_for(output_path)
     try:
-        write_json(built, Path(provenance_path) if provenance_path else provenance_path_for(output_path))
+        write_json(built, target)
     except LsmsegError as exc:  # the mask is on disk: say so, apart from "no mask written"
+        # An earlier run's record would describe the new mask wrongly (its threshold, its weights).
+        with contextlib.suppress(OSError):
+            if target.is_file() or target.is_symlink():
+                target.unlink()
         raise ProvenanceError(exc, output_path, built) from exc
     return built
 

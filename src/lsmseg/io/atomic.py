@@ -149,25 +149,41 @@ def atomic_output(path: str | Path, folder: bool | None = None) -> Iterator[Path
     tmp = partial_path(path)
     companions = _companions[tmp] = []
     placed: list[Path] = []
+    kept: list[tuple[Path, Path]] = []  # (previous output moved aside, where it goes back on failure)
     try:
         yield tmp
         refuse_replacing_another_kind(path, tmp.is_dir() and not tmp.is_symlink())
         for _, final in companions:
             refuse_replacing_another_kind(final, folder=False)
+        # The previous output is renamed aside, not deleted, until the new one is in place: a
+        # rename that fails (or a kill while a large old store would be deleted) must not lose it.
+        for final in (*(final for _, final in companions), path):
+            if final.exists() or final.is_symlink():
+                aside = partial_path(final)
+                os.replace(final, aside)
+                kept.append((aside, final))
         for part, final in companions:  # the data first, so that the header never names a missing file
             os.replace(part, final)
             placed.append(final)
-        if path.exists() or path.is_symlink():
-            remove_path(path)
         os.replace(tmp, path)
     except BaseException as exc:
         for leftover in (tmp, *(part for part, _ in companions), *placed):
             remove_path(leftover)
+        restored: list[Path] = []
+        try:
+            for aside, final in kept:
+                os.replace(aside, final)
+                restored.append(final)
+        except OSError:  # the previous output cannot come back whole: no half of it is left either
+            for leftover in (*(aside for aside, _ in kept), *restored):
+                remove_path(leftover)
         if isinstance(exc, OSError) and not isinstance(exc, (InputError, OutputError)):
             raise OutputError(path, f"cannot write output: {exc.strerror or exc}") from exc
         raise
     finally:
         _companions.pop(tmp, None)
+    for aside, _ in kept:  # after the new output is in place (a kill here leaves a partial to sweep)
+        remove_path(aside)
 
 
 def write_text(text: str, path: str | Path) -> Path:

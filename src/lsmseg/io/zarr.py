@@ -125,7 +125,9 @@ class ZarrFormat(VolumeFormat):
         check_declared_size(path, shape, itemsize, max_voxels, what="zarr array")
         # A chunk is decompressed whole: a chunk far larger than the array is an allocation bomb too.
         check_declared_size(path, tuple(array.chunks), itemsize, max_voxels, what="zarr chunk")
-        kept_shape = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
+        kept_shape = shape
+        if len(shape) > 3:  # leading axes of one element each leave (z, y, x), even a single plane (z=1)
+            kept_shape = shape[-3:] if all(s == 1 for s in shape[:-3]) else tuple(s for s in shape if s != 1)
         check_array_shape(path, kept_shape)
         check_dtype(path, np.dtype(array.dtype))
         # Leading axes of a 4-D/5-D image (t, c) are taken at 0.
