@@ -25,11 +25,22 @@ STRUCTURE_HELP = ("structure to segment: a SELMA3D 2026 case prefix or one of it
 
 def progress_wanted(quiet: bool = False) -> bool:
     """Whether to draw progress bars: never with ``-q``; else as ``LSMSEG_PROGRESS`` says (1 or 0);
-    else only when stderr is a terminal (in a log file they are screens of escape codes)."""
+    else only when stderr is a terminal (in a log file they are screens of escape codes).
+
+    Raises:
+        argparse.ArgumentTypeError (a ValueError too): ``LSMSEG_PROGRESS`` is neither 1 nor 0 (``yes``
+            silently meant no progress bars).
+    """
     if quiet:
         return False
-    setting = os.environ.get("LSMSEG_PROGRESS")
+    setting = os.environ.get("LSMSEG_PROGRESS", "").strip()
+    if setting not in ("", "0", "1"):
+        raise EnvironmentValueError(f"LSMSEG_PROGRESS: expected 1 (progress bars) or 0 (none), got {setting!r}")
     return setting == "1" if setting else sys.stderr.isatty()
+
+
+class EnvironmentValueError(argparse.ArgumentTypeError, ValueError):
+    """A bad value in an environment variable: a usage error wherever argparse's or a ValueError is."""
 
 
 def zyx(kind: type = int) -> Callable[[str], tuple]:

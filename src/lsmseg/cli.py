@@ -59,9 +59,11 @@ def add_predict_command(subparsers) -> None:
                    "a model at /opt/ml/model, then the installed weights)")
     p.add_argument("--structure", type=argtypes.structure, help=argtypes.STRUCTURE_HELP)
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
-    p.add_argument("--threshold", type=argtypes.probability, help="probability threshold (default: the manifest's)")
+    p.add_argument("--threshold", type=argtypes.probability, help="probability threshold (default: the manifest's, per structure; a value given here applies "
+                   "to every structure)")
     p.add_argument("--min-component-voxels", type=argtypes.non_negative_int, metavar="N",
-                   help="remove connected components smaller than N voxels (default: the manifest's; 0 keeps all)")
+                   help="remove connected components smaller than N voxels (default: the manifest's, per structure; "
+                   "0 keeps all)")
     p.add_argument("--intensity-floor", type=argtypes.non_negative, metavar="X",
                    help="never mark voxels whose normalised intensity is below X (1 = the volume's 99.5th percentile, "
                    "1 + ln x above it; default: the manifest's, per structure; 0 turns it off)")

@@ -19,6 +19,7 @@ import yaml
 
 from .errors import ConfigError, single_line
 from .normalise import UPPER_TAILS
+from .structures import known_structure, unknown_structure
 
 T = TypeVar("T")
 
@@ -107,6 +108,11 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(names))})")
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:  # said as a key, not as the constructor's positional argument
+        raise ConfigError(f"{where}: missing key '{missing[0]}'")
     kwargs = {key: _convert(value, hints[key], f"{where}.{key}") for key, value in data.items()}
     try:
         obj = cls(**kwargs)
@@ -172,6 +178,8 @@ class ModelConfig:
             raise ValueError(f"feature_size {self.feature_size} must be a multiple of 12")
         if len(self.depths) != len(self.num_heads):
             raise ValueError("depths and num_heads must have the same length")
+        if not 0.0 <= self.drop_path_rate < 1.0:  # a probability of dropping a block's path
+            raise ValueError(f"drop_path_rate {self.drop_path_rate} must be in [0, 1)")
 
 
 PER_STRUCTURE_FIELDS = ("threshold", "min_component_voxels", "split_touching", "mirror_axes", "intensity_floor")
@@ -231,14 +239,30 @@ class InferenceSettings:
             raise ValueError("percentiles must satisfy 0 <= lower < upper <= 100")
         if self.upper_tail not in UPPER_TAILS:
             raise ValueError(f"upper_tail {self.upper_tail!r} must be one of {', '.join(UPPER_TAILS)}")
-        if self.split_touching < 0:
-            raise ValueError("split_touching must be >= 0")
+        if not 0.0 <= self.split_touching < math.inf:  # NaN too
+            raise ValueError(f"split_touching {self.split_touching} must be a finite number >= 0")
+        if not 0.0 < self.sigma_scale < math.inf:
+            # 0 makes MONAI's Gaussian a constant, NaN makes every window's weight NaN (empty masks).
+            raise ValueError(f"sigma_scale {self.sigma_scale} must be a finite number > 0")
+        if self.spacing is not None and not all(0.0 < s < math.inf for s in self.spacing):
+            raise ValueError(f"spacing {tuple(self.spacing)} must be positive and finite (micrometres per voxel)")
+        if not 0.0 <= self.spacing_tolerance < math.inf:
+            raise ValueError(f"spacing_tolerance {self.spacing_tolerance} must be a finite number >= 0")
         if self.intensity_floor is not None and not math.isfinite(self.intensity_floor):
             raise ValueError(f"intensity_floor {self.intensity_floor} must be a finite number (or null: no floor)")
         self.mirror_axes = tuple(int(a) for a in self.mirror_axes)
         if sorted(set(self.mirror_axes)) != list(self.mirror_axes) or not set(self.mirror_axes) <= {0, 1, 2}:
             raise ValueError(f"mirror_axes {self.mirror_axes} must be distinct spatial axes in 0..2, ascending")
+        named = {}
         for structure, overrides in self.per_structure.items():
+            # A typo'd key would never apply; two keys for one structure would leave which one wins unclear.
+            reason = unknown_structure(str(structure))
+            if reason is not None:
+                raise ValueError(f"per_structure: {reason}")
+            if known_structure(structure) in named:
+                raise ValueError(f"per_structure: '{named[known_structure(structure)]}' and '{structure}' "
+                                 "name the same structure")
+            named[known_structure(structure)] = structure
             if not isinstance(overrides, dict):
                 raise ValueError(f"per_structure.{structure} must be a mapping")
             unknown = sorted(set(overrides) - set(PER_STRUCTURE_FIELDS))
@@ -248,8 +272,14 @@ class InferenceSettings:
             self.for_structure(structure)  # validates the merged values
 
     def for_structure(self, structure: str | None) -> "InferenceSettings":
-        """These settings with ``per_structure[structure]`` applied (unchanged for None or an unlisted one)."""
-        overrides = self.per_structure.get(structure) if structure else None
+        """These settings with ``per_structure[structure]`` applied (unchanged for None or an unlisted one).
+        A key may be an alias (``vessels``): it applies to the structure it stands for (``blood_vessel``)."""
+        overrides = None
+        if structure:
+            overrides = self.per_structure.get(structure)
+            if overrides is None and known_structure(structure) is not None:
+                overrides = next((values for key, values in self.per_structure.items()
+                                  if known_structure(key) == known_structure(structure)), None)
         if not overrides:
             return self
         merged = {**to_dict(self), **overrides, "per_structure": {}}

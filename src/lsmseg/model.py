@@ -42,6 +42,10 @@ def select_device(device: str | None = None) -> torch.device:
         chosen = torch.device(device)
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"--device {device}: not a torch device ({single_line(exc)[:120]})") from exc
+    if chosen.type not in ("cpu", "cuda"):
+        # torch names more (meta, mps, xpu, ...): meta runs without data, the others are not built in
+        # or not supported here; each failed later with a traceback or on every volume.
+        raise ConfigError(f"--device {device}: not supported (expected cpu, cuda or cuda:N)")
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA GPU is visible (use --device cpu, or run with a GPU)")

@@ -142,7 +142,13 @@ def load_manifest(path: str | Path) -> Manifest:
             raise ConfigError(f"{path}: unknown key '{extra[0]}'")
     except ConfigError as exc:
         raise WeightsError(str(exc)) from exc
-    return Manifest(models=models, default=data.get("default", "general"), format=data.get("format", 1), path=path)
+    fmt, default = data.get("format", MANIFEST_FORMAT), data.get("default", "general")
+    if fmt != MANIFEST_FORMAT or isinstance(fmt, bool):  # a newer layout would be misread, not refused
+        raise WeightsError(f"{path}: manifest format {fmt!r} is not supported (this lsmseg reads format "
+                           f"{MANIFEST_FORMAT})")
+    if not isinstance(default, str):
+        raise WeightsError(f"{path}: default: expected a model name, got {type(default).__name__} {default!r}")
+    return Manifest(models=models, default=default, format=fmt, path=path)
 
 
 # Inference settings removed since manifests were first written (window larger than the training ROI,
@@ -186,22 +192,29 @@ def resolve_manifest(
         bundled: the image's own weights folder (default: ``LSMSEG_BUNDLED_WEIGHTS`` if set).
         scratch_dir: where a model tarball is extracted (default: the temporary folder).
     """
-    explicit = explicit or os.environ.get(ENV_WEIGHTS) or None
+    named = str(explicit) if explicit else None
+    if not explicit and os.environ.get(ENV_WEIGHTS):
+        explicit = os.environ[ENV_WEIGHTS]
+        named = f"{ENV_WEIGHTS}={explicit}"  # the error names where the path came from
     if explicit:
         found = _manifest_at(Path(explicit), scratch_dir)
         if found is None:
-            raise WeightsError(f"{explicit}: weights manifest not found")
+            raise WeightsError(f"{named}: weights manifest not found")
         return found
     model_dir = GRAND_CHALLENGE_MODEL_DIR if model_dir is None else Path(model_dir)
     found = _manifest_at(model_dir, scratch_dir) if model_dir.is_dir() else None
     if found is not None:
         return found
     looked = [f"{model_dir} (manifest.yaml or a model tarball)"]
-    bundled = bundled or (Path(os.environ[ENV_BUNDLED_WEIGHTS]) if os.environ.get(ENV_BUNDLED_WEIGHTS) else None)
+    from_env = bundled is None and bool(os.environ.get(ENV_BUNDLED_WEIGHTS))
+    bundled = Path(os.environ[ENV_BUNDLED_WEIGHTS]) if from_env else bundled
     for folder in (bundled, SOURCE_TREE_WEIGHTS):
         if folder is None:
             continue
         if (folder / MANIFEST_NAME).is_file():
+            if bundled is not None and folder is not bundled:  # not the weights it names: say so
+                named = f"{ENV_BUNDLED_WEIGHTS}={bundled}" if from_env else str(bundled)
+                logger.warning("%s holds no %s; using %s", named, MANIFEST_NAME, folder / MANIFEST_NAME)
             return folder / MANIFEST_NAME
         looked.append(str(folder))
     raise WeightsError(
@@ -379,6 +392,9 @@ def load_model(manifest: Manifest, entry: WeightsEntry, device: torch.device | s
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
+        # torch's first line only says "Error(s) in loading state_dict"; the second names a tensor.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else type(exc).__name__)
+        first = first[:200] + ("..." if len(first) > 200 else "")
         raise WeightsError(f"{path}: weights do not fit the manifest's model config ({first})") from exc
     return model.to(device).eval()

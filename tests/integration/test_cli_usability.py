@@ -89,3 +89,13 @@ def test_phantom_format_from_the_name_and_spacing(tmp_path, name):
     assert image.shape == label.shape == (12, 40, 48)
     assert image.spacing == pytest.approx((2.0, 0.5, 0.5)) and label.spacing == pytest.approx((2.0, 0.5, 0.5))
     assert image.dtype == np.uint16 and set(np.unique(label.load())) <= {0, 1}
+
+
+def test_predict_help_says_per_structure_defaults_and_that_an_option_overrides_them():
+    # An explicit --threshold replaces every structure's own (Predictor.from_manifest); help said only "the manifest's".
+    from lsmseg.cli import build_parser
+
+    predict = build_parser()._subparsers._group_actions[0].choices["predict"]
+    helps = {a.dest: " ".join(a.help.split()) for a in predict._actions if a.help}
+    assert "per structure; a value given here applies to every structure" in helps["threshold"]
+    assert "default: the manifest's, per structure" in helps["min_component_voxels"]

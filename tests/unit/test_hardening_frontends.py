@@ -466,7 +466,8 @@ def test_predict_and_challenge_check_their_shared_options_alike():
 
 
 @pytest.mark.parametrize("variable, value", [("LSMSEG_ENGINE", "bogus"), ("LSMSEG_STRUCTURE", "microgila"),
-                                             ("LSMSEG_MIRROR_AXES", "q")])
+                                             ("LSMSEG_MIRROR_AXES", "q"),
+                                             ("LSMSEG_PROGRESS", "yes")])  # it silently meant no bars
 def test_bad_environment_values_are_usage_errors_naming_the_variable(variable, value, tmp_path, tiny_weights,
                                                                      monkeypatch, capsys):
     io.write_volume(volume((6, 24, 24)), tmp_path / "in" / "a.tif")  # something to load the model for
