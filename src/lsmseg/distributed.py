@@ -118,16 +118,28 @@ def _run_block(predictor: Predictor, input_path: str, prepared_state: dict, bloc
     _place_on_worker_device(predictor)
     plan, background = prepared_state["plan"], prepared_state["background"]
     block = plan.blocks[block_index]
-    volume = read_volume(input_path, lazy=True)
-    region, skip = predictor.load_block(
-        plan, block, volume.data, prepared_state["lo"], prepared_state["hi"], background,
-        on_raw=predictor.check_finite(volume.path),
-    )
+    # A file system's error (it has an errno) is the input's while reading and the output's while
+    # writing; a lost scheduler or a timeout (OSErrors without one) is neither and passes as it is.
+    try:
+        volume = read_volume(input_path, lazy=True)
+        region, skip = predictor.load_block(
+            plan, block, volume.data, prepared_state["lo"], prepared_state["hi"], background,
+            on_raw=predictor.check_finite(volume.path),
+        )
+    except OSError as exc:
+        if isinstance(exc, LsmsegError) or exc.errno is None:
+            raise
+        raise InputError(input_path, f"cannot read: {exc.strerror or exc}") from exc
     settings = prepared_state["settings"]
     logits = predictor.block_logits(plan, block, region, skip, background, settings=settings)
     intensity = region[plan.output_in_region(block)]  # the floor's input, read once with the network's
     mask = predictor.mask_from_logits(logits, block.out, volume.shape, settings, intensity)
-    zarr.open_array(str(Path(zarr_path) / "0"), mode="r+")[block.out] = mask
+    try:
+        zarr.open_array(str(Path(zarr_path) / "0"), mode="r+")[block.out] = mask
+    except OSError as exc:
+        if isinstance(exc, LsmsegError) or exc.errno is None:
+            raise
+        raise OutputError(zarr_path, f"cannot write output: {exc.strerror or exc}") from exc
     return BlockOutcome(block_index, int(np.count_nonzero(mask)), skip)
 
 
@@ -205,7 +217,6 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
         else:  # a scratch zarr beside the output, streamed into the output's format at the end
             store = partial_path(output_path, suffix=".zarr")
             stack.callback(remove_path, store)
-            stack.enter_context(_output_errors(output_path))  # a full disk there is the output's, as in atomic_output
         try:
             output_path.parent.mkdir(parents=True, exist_ok=True)
             create_zarr_mask(store, volume.shape, np.uint8, plan.block_size, volume.spacing, like=volume)
@@ -215,11 +226,15 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
             warn_constant(input_path)
             outcomes = []
         else:
-            outcomes = _run_blocks(predictor, client, input_path, state, Path(store), len(plan.blocks), volume.name)
+            outcomes = _run_blocks(predictor, client, input_path, output_path, state, Path(store), len(plan.blocks),
+                                   volume.name)
         if not as_zarr:
             import zarr
 
-            array = zarr.open_array(str(Path(store) / "0"), mode="r")
+            try:  # the scratch store, read back on the output's disk
+                array = zarr.open_array(str(Path(store) / "0"), mode="r")
+            except OSError as exc:
+                raise OutputError(output_path, f"cannot write output: {exc.strerror or exc}") from exc
             blocks = ((block.out, np.asarray(array[block.out])) for block in plan.blocks)
             write_mask_blocks(blocks, output_path, volume.shape, like=volume)
     predict_s = time.perf_counter() - start
@@ -237,23 +252,8 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
     return VolumeResult.written(record)
 
 
-@contextlib.contextmanager
-def _output_errors(output_path: Path):
-    """Turn an ``OSError`` (disk full, no permission) into an :class:`OutputError` naming ``output_path``.
-
-    Only a file system's error, which has an errno: a lost scheduler (``CommClosedError``) or a
-    timeout is an ``OSError`` without one, and is not the output's fault.
-    """
-    try:
-        yield
-    except OSError as exc:
-        if isinstance(exc, (InputError, OutputError)) or exc.errno is None:
-            raise
-        raise OutputError(output_path, f"cannot write output: {exc.strerror or exc}") from exc
-
-
-def _run_blocks(predictor: Predictor, client, input_path: Path, state: dict, store: Path, n_blocks: int,
-                name: str) -> list[BlockOutcome]:
+def _run_blocks(predictor: Predictor, client, input_path: Path, output_path: Path, state: dict, store: Path,
+                n_blocks: int, name: str) -> list[BlockOutcome]:
     from distributed import as_completed
 
     shared = client.scatter(predictor, broadcast=True)
@@ -274,6 +274,8 @@ def _run_blocks(predictor: Predictor, client, input_path: Path, state: dict, sto
                 error = outcome.error
                 if type(error) in (InputError, OutputError) and error.path == on_worker:
                     error = type(error)(input_path, error.reason)  # the input named as it was given
+                elif type(error) is OutputError and error.path == store.absolute():
+                    error = OutputError(output_path, error.reason)  # the scratch store stands for the output
                 raise error
             results.append(outcome)
             bar.update(1)

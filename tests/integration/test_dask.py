@@ -238,3 +238,27 @@ def test_full_disk_under_the_scratch_store_names_the_output(conv_model, tiny_mod
                                       n_workers=1, processes=False)
         assert result.error == f"{out / name}: cannot write output: No space left on device"
         assert list(out.iterdir()) == []
+
+
+def test_a_disk_error_reading_the_input_on_a_worker_names_the_input(conv_model, tiny_model_config, tmp_path,
+                                                                     monkeypatch):
+    """The scratch store's disk errors are the output's; one while a worker reads the input is the input's
+    (it was reported as "cannot write output" naming the output)."""
+    import errno
+
+    from lsmseg.distributed import predict_files_dask
+    from lsmseg.inference import Predictor as PredictorClass
+
+    image = io.write_volume(np.random.default_rng(6).integers(100, 3000, (8, 40, 48)).astype(np.uint16),
+                            tmp_path / "in" / "v.tif")
+
+    def failing_disk(self, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(PredictorClass, "load_block", failing_disk)
+    for output_format, name in (("same", "v.tif"), ("zarr", "v.ome.zarr")):
+        out = tmp_path / output_format
+        [result] = predict_files_dask(_predictor(conv_model, tiny_model_config), [image], out, output_format,
+                                      n_workers=1, processes=False)
+        assert result.error == f"{image}: cannot read: Input/output error"
+        assert not out.exists() or list(out.iterdir()) == []

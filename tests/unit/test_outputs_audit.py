@@ -160,3 +160,19 @@ def test_a_provenance_record_that_cannot_be_written_leaves_no_earlier_one(tmp_pa
             predict_file(predictor, tmp_path / "v.tif", tmp_path / "out" / "v.tif")
             assert json.loads(record.read_text())["parameters"]["inference"]["threshold"] == 0.3
     assert (tmp_path / "out" / "v.tif").is_file() and not record.exists()
+
+
+def test_a_replaced_file_is_never_missing(tmp_path, monkeypatch):
+    # Renaming the old file aside first left a moment with no output at all; a rename onto it does not.
+    target = tmp_path / "m.tif"
+    target.write_text("old")
+    real, seen = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):
+        seen.append(target.exists())
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with atomic_output(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and seen and all(seen)

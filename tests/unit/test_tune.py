@@ -141,3 +141,17 @@ def test_tuning_some_structures_keeps_the_others_settings(tmp_path, tiny_model_c
     # A structure the config has no validation volumes of is refused, naming it.
     with pytest.raises(SystemExit, match="no validation volumes of microglia"):
         main(["-c", str(tmp_path / "config.yaml"), "--weights", str(manifest), "--structures", "microglia"])
+
+
+def test_writing_a_tuned_structure_replaces_its_alias_key(tmp_path, tiny_model_config, tiny_model):
+    # A manifest keyed 'vessels' and a tuned 'blood_vessel' were merged into two keys for one structure,
+    # which the settings refuse: tune --write failed at its very end, after the grid.
+    from lsmseg.weights import load_manifest
+    from lsmseg_training.tune import write_choices
+
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model,
+                            per_structure={"vessels": {"threshold": 0.3}, "microglia": {"threshold": 0.9}})
+    chosen = {"threshold": 0.7, "min_component_voxels": 10, "split_touching": 0.0, "mirror_axes": []}
+    write_choices(manifest, {"per_structure": {"blood_vessel": chosen}, "validation": {}})
+    per_structure = load_manifest(manifest).entry_for(None)[1].inference.per_structure
+    assert sorted(per_structure) == ["blood_vessel", "microglia"] and per_structure["blood_vessel"]["threshold"] == 0.7

@@ -221,8 +221,13 @@ def write_choices(manifest_path: Path, result: dict) -> Path:
 
     path = writable_manifest(manifest_path)
     manifest = load_manifest(path)
+    from lsmseg.structures import known_structure
+
     name, entry = manifest.entry_for(None)
-    entry.inference.per_structure = {**entry.inference.per_structure, **result["per_structure"]}
+    # A tuned structure replaces the manifest's entry for it under any name (an alias key, vessels).
+    tuned = {known_structure(structure) for structure in result["per_structure"]}
+    kept = {key: value for key, value in entry.inference.per_structure.items() if known_structure(key) not in tuned}
+    entry.inference.per_structure = {**kept, **result["per_structure"]}
     entry.inference.__post_init__()  # validate the merged values before writing
     entry.validation["per_structure"] = {
         **entry.validation.get("per_structure", {}),
