@@ -118,29 +118,32 @@ def _run_block(predictor: Predictor, input_path: str, prepared_state: dict, bloc
     _place_on_worker_device(predictor)
     plan, background = prepared_state["plan"], prepared_state["background"]
     block = plan.blocks[block_index]
-    # A file system's error (it has an errno) is the input's while reading and the output's while
-    # writing; a lost scheduler or a timeout (OSErrors without one) is neither and passes as it is.
-    try:
+    with _file_system_errors(InputError, input_path, "cannot read"):
         volume = read_volume(input_path, lazy=True)
         region, skip = predictor.load_block(
             plan, block, volume.data, prepared_state["lo"], prepared_state["hi"], background,
             on_raw=predictor.check_finite(volume.path),
         )
-    except OSError as exc:
-        if isinstance(exc, LsmsegError) or exc.errno is None:
-            raise
-        raise InputError(input_path, f"cannot read: {exc.strerror or exc}") from exc
     settings = prepared_state["settings"]
     logits = predictor.block_logits(plan, block, region, skip, background, settings=settings)
     intensity = region[plan.output_in_region(block)]  # the floor's input, read once with the network's
     mask = predictor.mask_from_logits(logits, block.out, volume.shape, settings, intensity)
-    try:
+    with _file_system_errors(OutputError, zarr_path, "cannot write output"):
         zarr.open_array(str(Path(zarr_path) / "0"), mode="r+")[block.out] = mask
+    return BlockOutcome(block_index, int(np.count_nonzero(mask)), skip)
+
+
+@contextlib.contextmanager
+def _file_system_errors(error: type, path, what: str):
+    """A file system's ``OSError`` (it has an errno) as ``error(path, "what: reason")``: the input's
+    while a block is read, the output's while it is written. A lost scheduler or a timeout (OSErrors
+    without an errno) is neither and passes as it is, as do lsmseg's own errors."""
+    try:
+        yield
     except OSError as exc:
         if isinstance(exc, LsmsegError) or exc.errno is None:
             raise
-        raise OutputError(zarr_path, f"cannot write output: {exc.strerror or exc}") from exc
-    return BlockOutcome(block_index, int(np.count_nonzero(mask)), skip)
+        raise error(path, f"{what}: {exc.strerror or exc}") from exc
 
 
 @contextlib.contextmanager

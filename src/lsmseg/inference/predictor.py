@@ -652,8 +652,10 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequ
 def refuse_non_finite(array: np.ndarray, name, where: str = "") -> None:
     """Raise :class:`InputError` for ``name`` when a float ``array`` holds NaN/Inf voxels: bad input,
     whose values are never guessed. ``where`` qualifies the count (a block's, not the volume's)."""
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InputError(name, non_finite_reason(int(array.size - np.isfinite(array).sum()), where))
+    if array.dtype.kind == "f":
+        finite = int(np.count_nonzero(np.isfinite(array)))  # the check and the count in one pass
+        if finite < array.size:
+            raise InputError(name, non_finite_reason(array.size - finite, where))
 
 
 def non_finite_reason(count: int, where: str = "") -> str:

@@ -12,7 +12,6 @@ beside it (:func:`.results.provenance_record`).
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import time
 from pathlib import Path

@@ -157,8 +157,9 @@ def atomic_output(path: str | Path, folder: bool | None = None) -> Iterator[Path
             refuse_replacing_another_kind(final, folder=False)
         # The previous output is renamed aside, not deleted, until the new one is in place: a
         # rename that fails (or a kill while a large old store would be deleted) must not lose it.
-        # A lone file needs no aside: renaming onto it replaces it atomically, and keeps it on failure.
-        lone_file = not companions and not (path.is_dir() and not path.is_symlink()) and not tmp.is_dir()
+        # A lone file needs no aside: renaming onto it replaces it atomically, and keeps it on failure
+        # (a folder where it goes was refused just above).
+        lone_file = not companions and not tmp.is_dir()
         for final in (*(final for _, final in companions), *(() if lone_file else (path,))):
             if final.exists() or final.is_symlink():
                 aside = partial_path(final)
