@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lsmseg.argtypes import device as device_name
+
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the predicted masks here (default: a temporary folder)")
     parser.add_argument("--reuse-predictions", action="store_true",
                         help="with --predictions: predict only the cases that have no mask there yet")
-    parser.add_argument("--device", help="torch device for prediction (default: cuda if available)")
+    parser.add_argument("--device", type=device_name, help="torch device for prediction (default: cuda if available)")
     parser.add_argument("--threshold", help="probability threshold (default: the manifest's)")
     parser.add_argument("--jobs", type=int, default=1, help="processes scoring cases in parallel (default: 1)")
     parser.add_argument("--no-figures", dest="figures", action="store_false", help="no per-case figures")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from typing import Callable
 
@@ -167,6 +168,18 @@ def structure(text: str) -> str:
     if reason is not None:
         raise argparse.ArgumentTypeError(reason)
     return text.strip()  # as known_structure read it: ' vessels' would miss its settings
+
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def device(text: str) -> str:
+    """An argparse type: ``cpu``, ``cuda`` or ``cuda:N``, the devices lsmseg runs on. Whether that
+    device is present is checked when the model is placed (:func:`lsmseg.model.select_device`): a
+    misspelt name is a usage error, a missing GPU a failed run."""
+    if not _DEVICE.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N (N a GPU index), got {text!r}")
+    return text.strip()
 
 
 def choice(choices) -> Callable[[str], str]:

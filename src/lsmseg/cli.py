@@ -58,7 +58,7 @@ def add_predict_command(subparsers) -> None:
                    help="weights: a manifest, a folder holding one, or a model tarball (default: LSMSEG_WEIGHTS, "
                    "a model at /opt/ml/model, then the installed weights)")
     p.add_argument("--structure", type=argtypes.structure, help=argtypes.STRUCTURE_HELP)
-    p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
+    p.add_argument("--device", type=argtypes.device, help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
     p.add_argument("--threshold", type=argtypes.probability, help="probability threshold (default: the manifest's, per structure; a value given here applies "
                    "to every structure)")
     p.add_argument("--min-component-voxels", type=argtypes.non_negative_int, metavar="N",

@@ -234,6 +234,23 @@ def test_cuda_device_without_a_gpu_is_a_config_error(monkeypatch, tmp_path, tiny
     assert len(err) == 1 and "no CUDA GPU" in err[0]
 
 
+@pytest.mark.parametrize("device", ["cuda:x", "mps", "gpu", "cuda:"])
+def test_misspelt_device_is_a_usage_error_in_every_front_end(device, monkeypatch, tmp_path, tiny_weights, capsys):
+    # A name lsmseg never runs on is a usage error (exit 2) before the weights load; it was a
+    # ConfigError after they loaded (exit 1), like a GPU that is not there.
+    image = io.write_volume(volume((6, 24, 24)), tmp_path / "a.tif")
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", str(image), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights), "--device", device])
+    assert stop.value.code == 2 and "expected cpu, cuda or cuda:N" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["challenge", "--input", str(tmp_path), "--device", device])
+    assert stop.value.code == 2
+    monkeypatch.setenv("LSMSEG_DEVICE", device)
+    assert main(["challenge", "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
+    assert f"LSMSEG_DEVICE: expected cpu, cuda or cuda:N (N a GPU index), got '{device}'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------ size limits in the front ends
 
 

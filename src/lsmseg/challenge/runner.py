@@ -134,10 +134,10 @@ def _add_options(p: argparse.ArgumentParser, with_mode: bool) -> None:
     p.add_argument("--weights", type=Path, default=None, metavar="MANIFEST",
                    help="weights: a manifest, a folder holding one, or a model tarball (env LSMSEG_WEIGHTS; "
                    "default: /opt/ml/model, then the image's weights)")
-    # --structure, --engine and --mirror-axes fall back to their environment variables in
+    # --structure, --device, --engine and --mirror-axes fall back to their environment variables in
     # settings_from_args (_env_value), so that a bad value there is named as such.
     p.add_argument("--structure", type=argtypes.structure, help=f"{argtypes.STRUCTURE_HELP}; env LSMSEG_STRUCTURE")
-    p.add_argument("--device", default=env("LSMSEG_DEVICE") or None,
+    p.add_argument("--device", type=argtypes.device,
                    help="torch device (env LSMSEG_DEVICE; default cuda when visible, else cpu)")
     p.add_argument("--engine", choices=ENGINES,
                    help=f"network runtime (env LSMSEG_ENGINE; default auto); {argtypes.ENGINE_HELP}")
@@ -204,7 +204,7 @@ def settings_from_args(args) -> ChallengeSettings:
         output_slug=args.output_slug,
         weights=args.weights,
         structure=args.structure or _env_value("LSMSEG_STRUCTURE", argtypes.structure),
-        device=args.device,
+        device=args.device or _env_value("LSMSEG_DEVICE", argtypes.device),
         engine=args.engine or _env_value("LSMSEG_ENGINE", argtypes.choice(ENGINES), "auto"),
         # () (--mirror-axes none) is a choice, not a missing value.
         mirror_axes=(args.mirror_axes if args.mirror_axes is not None
