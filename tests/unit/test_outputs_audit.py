@@ -96,6 +96,25 @@ def test_provenance_names_the_engine_library_versions(tmp_path):
         assert versions[package] == version(package)
 
 
+def test_engine_version_read_under_its_other_distribution_names(tmp_path, monkeypatch):
+    """onnxruntime-gpu (the CUDA build) is the onnxruntime module under another name: it was recorded as None."""
+    from importlib.metadata import PackageNotFoundError
+
+    published = {"onnxruntime-gpu": "1.99.0", "openvino-nightly": "2099.1.0.dev1"}
+
+    def version(distribution):
+        if distribution not in published:
+            raise PackageNotFoundError(distribution)
+        return published[distribution]
+
+    monkeypatch.setattr("importlib.metadata.version", version)
+    versions = _record(tmp_path / "v.tif")["versions"]
+    assert versions["onnxruntime"] == "1.99.0" and versions["openvino"] == "2099.1.0.dev1"
+    published.clear()
+    versions = _record(tmp_path / "w.tif")["versions"]
+    assert versions["onnxruntime"] is None and versions["openvino"] is None
+
+
 def test_provenance_fingerprints_the_input_file(tmp_path):
     """Which input a mask came from: the same path may hold another volume later."""
     path = tmp_path / "v.tif"

@@ -172,8 +172,12 @@ def input_fingerprint(input_path) -> dict | None:
     return {"bytes": info.st_size, "modified": modified}
 
 
-# Inference engines besides torch: a mask they computed has their numbers.
-_ENGINE_PACKAGES = ("onnxruntime", "openvino")
+# Inference engines besides torch (a mask they computed has their numbers), each under the
+# distribution names its builds are published as: the module is the same, the name on PyPI is not.
+_ENGINE_DISTRIBUTIONS = {
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"),
+    "openvino": ("openvino", "openvino-nightly"),
+}
 
 
 def versions() -> dict:
@@ -183,12 +187,14 @@ def versions() -> dict:
     import monai
     import torch
 
-    engines = {}
-    for package in _ENGINE_PACKAGES:
-        try:
-            engines[package] = version(package)
-        except PackageNotFoundError:
-            engines[package] = None
+    engines = dict.fromkeys(_ENGINE_DISTRIBUTIONS)
+    for engine, distributions in _ENGINE_DISTRIBUTIONS.items():
+        for distribution in distributions:
+            try:
+                engines[engine] = version(distribution)
+                break
+            except PackageNotFoundError:
+                continue
     return {
         "lsmseg": __version__,
         "torch": torch.__version__,
