@@ -606,6 +606,13 @@ def _plaques(rng, space, tissue, fraction):
     label = np.zeros(space.shape, bool)
     signal = np.zeros(space.shape, np.float32)
     halo_seed = np.zeros(space.shape, np.float32)
+
+    def lump(c, semi, value):
+        """One lump painted, and its share of the halo seeded at its centre (brightness x volume)."""
+        _paint_blob(label, signal, space, c, semi, _random_rotation(rng), roughness, 0.35, value, texture)
+        idx = tuple(np.clip(space.nearest(c), 0, np.asarray(space.shape) - 1))
+        halo_seed[idx] += value * float(np.prod(semi)) / space.voxel_volume
+
     volume = 0.0
     for _ in range(2000):
         if volume >= target:
@@ -616,19 +623,15 @@ def _plaques(rng, space, tissue, fraction):
         for _ in range(rng.integers(1, 5)):  # a plaque is a cluster of lumps
             c = centre + rng.normal(0, 0.5 * r0, 3)
             semi = r0 * rng.uniform(0.5, 1.0, 3)
-            _paint_blob(label, signal, space, c, semi, _random_rotation(rng), roughness, 0.35, value, texture)
+            lump(c, semi, value)
             volume += 4.0 / 3.0 * np.pi * float(np.prod(semi))
-            idx = tuple(np.clip(space.nearest(c), 0, np.asarray(space.shape) - 1))
-            halo_seed[idx] += value * float(np.prod(semi)) / space.voxel_volume
     if target > 0 and not (label & tissue).any():
         # In a tiny volume every lump may fall outside it (or outside the tissue), leaving a label
         # without foreground that training refuses: one lump at a point in the tissue (only then,
         # so that other phantoms stay as they were).
         c = _random_points_in(rng, space, tissue, 1)[0]
         semi, value = 5.0 * rng.uniform(0.5, 1.0, 3), rng.uniform(4.0, 9.0)
-        _paint_blob(label, signal, space, c, semi, _random_rotation(rng), roughness, 0.35, value, texture)
-        idx = tuple(np.clip(space.nearest(c), 0, np.asarray(space.shape) - 1))
-        halo_seed[idx] += value * float(np.prod(semi)) / space.voxel_volume
+        lump(c, semi, value)
     # Fibrillar halo: a wide, faint glow around each plaque, not part of the label.
     halo = ndimage.gaussian_filter(halo_seed, space.sigma_voxels(8.0), mode="constant") * 0.35
     return label, signal, halo
