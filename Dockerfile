@@ -10,10 +10,12 @@ ARG BASE_IMAGE=debian:bookworm-slim
 
 FROM ${BASE_IMAGE} AS runtime
 
-# Debian's python3 and venv only; everything else comes as wheels.
+# Debian's python3 and venv only; everything else comes as wheels. apt-get clean: on a base without
+# Debian's docker-clean hook (build_image.sh's debootstrap one) the layer kept ~90 MB of apt caches.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         python3 python3-venv ca-certificates \
+    && apt-get clean \
     && rm -rf /var/lib/apt/lists/*
 
 ENV VIRTUAL_ENV=/opt/venv \
@@ -44,11 +46,15 @@ COPY pyproject.toml /opt/lsmseg/pyproject.toml
 RUN python3 -c 'import os, tomllib; p = tomllib.load(open("/opt/lsmseg/pyproject.toml", "rb"))["project"]; extras = [e for e in os.environ.get("LSMSEG_EXTRAS", "").split(",") if e]; deps = p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]; print("\n".join(d for d in deps if not d.lower().startswith("torch")))' > /tmp/requirements.txt \
     && pip install --requirement /tmp/requirements.txt \
     && rm /tmp/requirements.txt
+# openvino's telemetry (a dependency of openvino) runs on `import openvino`: it writes a client id to
+# $HOME/intel and sends a usage event to Google Analytics, and under a read-only root or another uid
+# it logs three warnings instead. Without it openvino uses its own no-op stub (openvino.tools.ovc).
+RUN pip uninstall --yes openvino-telemetry
 
 # The package itself (no dependencies left to resolve), then the weights.
 COPY README.md /opt/lsmseg/README.md
 COPY src/lsmseg /opt/lsmseg/src/lsmseg
-RUN pip install --no-deps /opt/lsmseg && rm -rf /opt/lsmseg/src /opt/lsmseg/build
+RUN pip install --no-deps /opt/lsmseg && rm -rf /opt/lsmseg/src /opt/lsmseg/build /opt/lsmseg/*.egg-info
 COPY weights/ /opt/lsmseg/weights/
 # The bundled weights' network exported to ONNX now, so that no run pays the export: the cache is
 # root's and read-only at run time. Other weights (mounted at /opt/ml/model, another checksum) are
@@ -70,6 +76,10 @@ RUN useradd --create-home --uid 1001 --user-group user \
 USER 1001:1001
 WORKDIR /home/user
 ENV LSMSEG_BUNDLED_WEIGHTS=/opt/lsmseg/weights
+# The version is pyproject.toml's, kept in step by hand (tests/integration/test_container.py checks it).
+LABEL org.opencontainers.image.title="lsmseg" \
+      org.opencontainers.image.description="3-D light-sheet microscopy segmentation: /input volumes -> masks in /output" \
+      org.opencontainers.image.version="0.1.0"
 ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]
 
 # Grand Challenge invoke API: the label makes the platform start the container as a server on

@@ -10,7 +10,8 @@
 # LSMSEG_OUTPUT_SLUG, LSMSEG_PORT (4743), LSMSEG_DEVICE (cuda when visible, else cpu), LSMSEG_ENGINE (auto),
 # LSMSEG_MIRROR_AXES (the manifest's per structure; none|all|ZYX), LSMSEG_WEIGHTS (a manifest; default /opt/ml/model, then the image's weights).
 # Exit codes: 0 all volumes segmented (or none found), 1 any volume failed or no usable weights,
-# 2 bad arguments.
+# 2 bad arguments, 143 SIGTERM (docker stop) and 130 Ctrl-C in folder/exec modes (invoke: 0).
+# Every branch execs, so lsmseg is the container's PID 1 and receives the signals itself.
 set -eu
 case "${1:-}" in
   folder|exec|invoke)

@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BEFORE=$1 AFTER=$2 ROUNDS=${3:-1}
 WORK=$(mktemp -d /tmp/lsmseg-bench-container.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT  # also when a run fails
 mkdir -m 755 "$WORK/in" && cp sample/images/*.tif "$WORK/in/" && chmod 644 "$WORK/in"/*
 PROBE="import resource, sys; from lsmseg.cli import main; rc = main(['challenge', '--mode', 'folder']); u = resource.getrusage(resource.RUSAGE_SELF); print('peak_rss_mb', u.ru_maxrss // 1024, 'cpu_s', round(u.ru_utime + u.ru_stime, 1), file=sys.stderr); sys.exit(rc)"
 
@@ -19,8 +20,13 @@ run() {  # LABEL IMAGE [podman args]
   local label=$1 image=$2; shift 2
   local out="$WORK/out-$label"; rm -rf "$out"; mkdir -m 777 "$out"
   local start end; start=$(date +%s.%N)
-  podman run --rm --network none --tmpfs /tmp -v "$WORK/in:/input:ro" -v "$out:/output" "$@" \
-    --entrypoint python "$image" -c "$PROBE" > "$WORK/$label.log" 2>&1
+  # A failed run stops the benchmark with its log's end (set -e alone exited silently).
+  if ! podman run --rm --network none --tmpfs /tmp -v "$WORK/in:/input:ro" -v "$out:/output" "$@" \
+      --entrypoint python "$image" -c "$PROBE" > "$WORK/$label.log" 2>&1; then
+    echo "bench_container.sh: run $label of $image failed; the end of its log:" >&2
+    tail -n 5 "$WORK/$label.log" >&2
+    exit 1
+  fi
   end=$(date +%s.%N)
   python3 - "$label" "$out" "$(echo "$end - $start" | bc)" "$(grep -o 'peak_rss_mb.*' "$WORK/$label.log")" <<'PY'
 import json, pathlib, sys
@@ -48,4 +54,3 @@ for label in sorted(p.name[4:] for p in work.glob("out-*")):
         dice.append(2 * (a & b).sum() / (a.sum() + b.sum()))
     print(f"{label}: Dice vs labels " + ", ".join(f"{d:.4f}" for d in dice) + f" (mean {np.mean(dice):.4f})")
 PY
-rm -rf "$WORK"

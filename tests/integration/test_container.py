@@ -363,3 +363,70 @@ def test_mounted_weights_export_to_tmp_once(images, weights, tmp_path):
     print(f"\nmounted test weights, {image.name}: container (openvino) vs torch outside: "
           f"Dice {dice(ours, expected):.5f}, voxel agreement {agreement:.6f}")
     assert agreement >= 0.999 and (expected.sum() < 100 or dice(ours, expected) >= 0.99)
+
+
+@pytest.mark.skipif(not (REPO / "weights" / "manifest.yaml").is_file(), reason="the image carries no weights")
+def test_read_only_root_any_uid_writes_nothing_but_output(images, tmp_path):
+    """As organisers may run it: --read-only, a tmpfs /tmp, an arbitrary uid:gid, --network none. The
+    good volume is written beside a bad one, with no warning (OpenVINO's telemetry, imported with
+    openvino, warned three times that it cannot write the home folder); an output folder that uid
+    cannot write is one line and exit 1; with a writable root, nothing is written outside /output
+    (the telemetry wrote a client id and usage stats to /home/user/intel and sent an event)."""
+    src = writable_dir(tmp_path / "in")
+    io.write_volume(volume((12, 70, 66), 7), src / "good.tif", spacing=SPACING)
+    (src / "bad.tif").write_bytes(b"II*\x00" + b"\x17" * 200)
+    readable_tree(src)
+    out = writable_dir(tmp_path / "out")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o755)  # root's, not writable by the uid below
+    any_uid = ["--read-only", "--tmpfs", "/tmp", "--user", "12345:54321"]
+
+    result = sh("podman", "run", "--rm", "--network", "none", *any_uid, "-v", f"{src}:/input:ro",
+                "-v", f"{out}:/output", images[0])
+    assert result.returncode == 1, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith(("ERROR", "WARNING"))] == [
+        error_lines(result.stderr)[0], "WARNING: 1 of 2 volume(s) failed; no mask was written for them"
+    ] and error_lines(result.stderr)[0].startswith("ERROR: /input/bad.tif: "), result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["good.tif", "good.tif.provenance.json"]
+
+    result = sh("podman", "run", "--rm", "--network", "none", *any_uid, "-v", f"{src}:/input:ro",
+                "-v", f"{locked}:/output", images[0])
+    assert result.returncode == 1
+    [line] = error_lines(result.stderr)
+    assert line.startswith("ERROR: /output: output folder is not writable") and "uid 12345" in line, result.stderr
+    assert not list(locked.iterdir())
+
+    name = f"lsmseg-diff-{uuid.uuid4().hex[:8]}"
+    try:
+        result = sh("podman", "run", "--name", name, "--network", "none", "--tmpfs", "/tmp",
+                    "-v", f"{src}:/input:ro", "-v", f"{writable_dir(tmp_path / 'out2')}:/output", images[0])
+        assert result.returncode == 1, result.stderr
+        changed = sh("podman", "diff", name, check=True).stdout.split()
+    finally:
+        sh("podman", "rm", "--force", name)
+    # podman itself writes /etc (hosts, resolv.conf); lsmseg writes nowhere in the image.
+    assert [path for path in changed[1::2] if not path.startswith("/etc")] == [], changed
+
+
+def test_image_metadata_and_no_package_cache(images):
+    """The version label is the package's; apt's downloaded .deb files are not kept in the image (a base
+    without Debian's docker-clean hook, such as the debootstrap one, kept ~90 MB of them)."""
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), flags=re.MULTILINE).group(1)
+    for image in images:
+        label = '{{index .Config.Labels "org.opencontainers.image.version"}}'
+        assert sh("podman", "image", "inspect", "--format", label, image, check=True).stdout.strip() == version
+    probe = sh("podman", "run", "--rm", "--network", "none", "--entrypoint", "sh", images[0], "-c",
+               "ls /var/cache/apt/archives | grep -c '[.]deb$'; ls -d /opt/lsmseg/*.egg-info 2>/dev/null; "
+               "python3 -c 'import importlib.util as u; print(u.find_spec(\"openvino_telemetry\"))'")
+    assert probe.stdout.split() == ["0", "None"], probe.stdout
+
+
+def test_bench_container_reports_a_failed_run_and_cleans_up(tmp_path):
+    """benchmarks/bench_container.sh: a run that fails stops the benchmark with a message naming it and
+    removes its work folder (it exited 125 silently and left the folder, the sample copy in it)."""
+    before = set(Path("/tmp").glob("lsmseg-bench-container.*"))
+    missing = f"localhost/lsmseg-missing-{uuid.uuid4().hex[:8]}:none"
+    result = sh(REPO / "benchmarks" / "bench_container.sh", missing, missing)
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert f"run before1 of {missing} failed" in result.stderr, result.stderr
+    assert set(Path("/tmp").glob("lsmseg-bench-container.*")) == before
