@@ -23,6 +23,7 @@ from .allocator import map_large_buffers_for
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, LsmsegError, one_line, single_line
 from .inference.blocks import DEFAULT_WINDOW_CACHE_BYTES
 from .inference.engines import ENGINES
+from .resources import fit_threads_to_cpus
 
 logger = logging.getLogger("lsmseg")
 
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     configure_logging(args.verbose, args.quiet)
+    fit_threads_to_cpus()  # a container's --cpus: the host's core count would oversubscribe it
     try:
         return args.func(args)
     except UsageError as exc:

@@ -242,6 +242,22 @@ def test_invoke_mode_health_invoke_output(images, weights, tmp_path):
     assert "ERROR: /input/images/" in logs
 
 
+def test_threads_follow_a_cpu_limit(images, weights, tmp_path):
+    # --cpus 1 on a host of 2 or more cores: PyTorch (and every engine's default after it) counted
+    # the host's cores and ran that many threads under a quota of one CPU.
+    src = readable_tree(writable_dir(tmp_path / "in"))
+    io.write_volume(volume((8, 40, 40), 1), src / "a.tif", spacing=SPACING)
+    readable_tree(src)
+    out = writable_dir(tmp_path / "out")
+    result = sh("podman", "run", "--rm", "--network", "none", "--tmpfs", "/tmp", "--cpus", "1",
+                "-v", f"{src}:/input:ro", "-v", f"{out}:/output", "-v", f"{weights}:/opt/ml/model:ro", images[0])
+    if result.returncode == 125 and "cpu" in result.stderr.lower():
+        pytest.skip(f"podman cannot set a CPU limit here: {result.stderr.strip()[:200]}")
+    assert result.returncode == 0, result.stderr
+    threads = json.loads((out / "a.tif.provenance.json").read_text())["versions"]["threads"]
+    assert threads == 1
+
+
 def test_empty_input_unwritable_output_and_bad_weights(images, weights, tmp_path):
     empty = readable_tree(writable_dir(tmp_path / "empty"))
     out = writable_dir(tmp_path / "out")

@@ -203,5 +203,6 @@ def versions() -> dict:
         "python": platform.python_version(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "host_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),  # the timings' threads (a container's --cpus lowers them)
         **engines,
     }

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from ..errors import ConfigError, OutputError
+from ..resources import available_memory
 from . import KINDS
 
 logger = logging.getLogger(__name__)
@@ -108,72 +108,6 @@ def make_phantom(
     signal[~label] = 0.0
     image = _render(rng, space, tissue, signal, extra, settings)
     return Phantom(image=image, label=label.astype(np.uint8), spacing=spacing, kind=kind, seed=int(seed), tissue=tissue)
-
-
-def available_memory(cgroup_root: str = "/sys/fs/cgroup", meminfo: str = "/proc/meminfo") -> int | None:
-    """Bytes a new allocation can get: Linux's ``MemAvailable``, lowered to the headroom of the
-    process's cgroup memory limit where one is set (a container's ``--memory``, which MemAvailable
-    does not see), else the physical memory, else None.
-
-    Args:
-        cgroup_root: where the cgroup file system is mounted (v2 ``memory.max``/``memory.current``,
-            or v1 ``memory/memory.limit_in_bytes``/``memory.usage_in_bytes``).
-        meminfo: the kernel's memory report (``MemAvailable``).
-    """
-    free = None
-    try:
-        with open(meminfo, encoding="ascii") as report:
-            for line in report:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    if free is None:
-        try:
-            free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, OSError, ValueError):
-            pass
-    headroom = _cgroup_headroom(cgroup_root)
-    if headroom is not None:
-        free = headroom if free is None else min(free, headroom)
-    return free
-
-
-def _cgroup_headroom(root: str) -> int | None:
-    """Bytes left under the cgroup memory limit, or None without a limit (or cgroup files).
-
-    The usage counts the page cache, which the kernel reclaims under the limit: its inactive part
-    is left out, as ``docker stats`` does (a container that has read much would seem full)."""
-    for limit_file, usage_file, stat_file, inactive_key in (
-        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
-    ):
-        try:
-            with open(os.path.join(root, limit_file), encoding="ascii") as handle:
-                limit = handle.read().strip()
-            with open(os.path.join(root, usage_file), encoding="ascii") as handle:
-                usage = int(handle.read().strip())
-        except (OSError, ValueError):
-            continue
-        # "max" (v2) or a huge page-rounded number (v1) means no limit.
-        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:
-            return None
-        return max(0, int(limit) - usage + _stat_value(os.path.join(root, stat_file), inactive_key))
-    return None
-
-
-def _stat_value(path: str, key: str) -> int:
-    """One ``key value`` line of a cgroup ``memory.stat`` file (0 when absent or unreadable)."""
-    try:
-        with open(path, encoding="ascii") as handle:
-            for line in handle:
-                name, _, value = line.partition(" ")
-                if name == key:
-                    return int(value)
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 def check_phantom_arguments(kind: str, shape, seed: int, spacing) -> tuple[tuple[int, int, int], Spacing]:
