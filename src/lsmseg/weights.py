@@ -301,7 +301,12 @@ def extract_model_tarball(tarball: Path, scratch_dir: Path | None = None) -> Pat
         tarball: a ``.tar.gz``, ``.tgz`` or ``.tar`` holding ``manifest.yaml`` and its checkpoints.
         scratch_dir: where the scratch folder is made (default: the temporary folder).
     """
-    target = Path(tempfile.mkdtemp(prefix="lsmseg-model-", dir=scratch_dir))
+    try:
+        target = Path(tempfile.mkdtemp(prefix="lsmseg-model-", dir=scratch_dir))
+    except OSError as exc:  # a read-only root without a tmpfs at /tmp: Python's message names no fix
+        raise WeightsError(f"{tarball}: no writable temporary folder to extract the model tarball into "
+                           f"({single_line(exc)}); mount a writable /tmp (docker run --tmpfs /tmp) or set TMPDIR"
+                           ) from exc
     atexit.register(_remove_at_exit, target, os.getpid())
     try:
         with tarfile.open(tarball) as tar:

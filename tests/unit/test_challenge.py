@@ -223,6 +223,28 @@ def test_model_tarball_is_extracted_to_scratch(tmp_path, tiny_model_config, tiny
         settings_for(tmp_path, weights=weights / "manifest.yaml")).weights_info["sha256"]
 
 
+def test_model_tarball_without_a_writable_temporary_folder_is_one_weights_error(tmp_path, tiny_model_config,
+                                                                                  tiny_model, monkeypatch):
+    # docker run --read-only without --tmpfs /tmp: tempfile's FileNotFoundError named neither the
+    # tarball nor the fix, and reached the user as "unexpected FileNotFoundError".
+    import tempfile
+
+    from lsmseg.weights import extract_model_tarball
+
+    weights = make_weights(tmp_path / "w", tiny_model_config, tiny_model).parent
+    tarball = tmp_path / "model.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for item in weights.iterdir():
+            tar.add(item, arcname=item.name)
+
+    def no_temporary_folder(*args, **kwargs):
+        raise FileNotFoundError(2, "No usable temporary directory found in ['/tmp', '/var/tmp', '/usr/tmp', '/']")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_temporary_folder)
+    with pytest.raises(WeightsError, match=rf"^{tarball}: no writable temporary folder .*--tmpfs /tmp\) or set TMPDIR$"):
+        extract_model_tarball(tarball)
+
+
 def test_model_tarball_with_escaping_paths_is_refused(tmp_path, no_installed_weights):
     model_dir = tmp_path / "opt-ml-model"
     model_dir.mkdir()
