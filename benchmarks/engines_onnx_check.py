@@ -4,6 +4,8 @@
 """
 import sys, time
 from pathlib import Path; _here = Path(__file__).resolve().parent; sys.path.insert(0, str(_here.parent / "src")); sys.path.insert(0, str(_here))
+if sys.argv[1:2] in (["-h"], ["--help"]):  # not a weights folder: print the usage, not a WeightsError
+    print(__doc__.strip()); sys.exit(0)
 import numpy as np, torch
 from _common import model_and_config
 torch.set_num_threads(2)

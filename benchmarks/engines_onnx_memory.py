@@ -12,6 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+# Checked before the slow imports: an unknown first word used to run the "off" setting (--help a
+# 30-second measurement), and no word at all an IndexError.
+if len(sys.argv) < 2 or sys.argv[1] not in ("on", "off"):
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        sys.exit(0)
+    print(f"usage: {Path(__file__).name} on|off [drop] [VOLUME] (the ONNX Runtime arena setting comes first)",
+          file=sys.stderr)
+    sys.exit(2)
+
 import onnxruntime
 import torch
 
