@@ -54,7 +54,7 @@ def pytest_configure(config):
 
 # Whole-pipeline tests that take minutes on two cores: `-m "not slow"` leaves them out (README).
 SLOW_MODULES = {"test_training_smoke", "test_shipped_weights", "test_cli_scale", "test_dask", "test_container",
-                "test_gpu_check"}
+                "test_gpu_check", "test_benchmarks_smoke"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,7 +14,6 @@ import pytest
 
 from ..conftest import REPO
 
-pytestmark = pytest.mark.slow
 BENCH = REPO / "benchmarks"
 WEIGHTS = REPO / "weights"
 
