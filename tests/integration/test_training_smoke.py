@@ -216,6 +216,7 @@ def test_bad_inputs_are_refused_before_training(tmp_path):
     result = lsmseg("finetune", "-c", path, cwd=tmp_path)
     assert result.returncode == 1
     assert "encoder.safetensors: checkpoint is for another architecture" in result.stderr
+    assert f"ERROR: {path}: pretrained: {tmp_path / 'encoder.safetensors'}: checkpoint is for another" in result.stderr
     assert not (tmp_path / "runs/smoke/finetune/log.csv").exists()
 
     # an unknown key
@@ -288,3 +289,69 @@ def test_pretraining_refuses_a_validation_set_sharing_a_source_with_training(tmp
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("ERROR: ") and "source 'scan1' of images is in both data.train and data.validation" in line
     assert not (tmp_path / "runs").exists()
+
+
+def _steps(log):
+    return [line.split(",")[0] for line in log.read_text().splitlines()[1:]]
+
+
+def test_sigterm_between_checkpoints_leaves_a_resumable_run(tmp_path):
+    # SIGTERM killed the process (exit -15, temporary files left); the resumed run logged the steps
+    # after the last checkpoint twice and restarted the clock (seconds and max_seconds from 0); a
+    # second run into the folder appended to its log and overwrote its checkpoints.
+    import os
+    import signal
+    import subprocess
+    import time
+
+    config = _config(tmp_path, "smoke_pretrain", epochs=3)  # 6 steps, checkpoints at 2, 4, 6
+    log = tmp_path / "runs/smoke/pretrain/log.csv"
+    command = [sys.executable, "-m", "lsmseg", "pretrain", "-c", str(config), "--set", "threads=1"]
+    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and "3" in _steps(log)) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # during step 4: checkpoint at 2, steps 1-3 logged
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "ERROR: terminated; continue the run from its last checkpoint with --resume"
+    assert "Traceback" not in stderr and _steps(log) == ["1", "2", "3"]
+    assert {p.name for p in log.parent.iterdir()} <= {"checkpoint_last.pt", "encoder.safetensors", "log.csv", "run.json",
+                                                      "training.png", ".lock"}  # no temporary file left
+    before = json.loads((log.parent / "run.json").read_text())["seconds"]
+
+    again = lsmseg("pretrain", "-c", config, "--set", "threads=1", cwd=tmp_path)
+    assert again.returncode == 1 and again.stderr.strip().splitlines()[-1] == (
+        "ERROR: runs/smoke/pretrain: holds a run already (checkpoint_last.pt, log.csv, run.json); continue it "
+        "with --resume, or choose another output folder")
+    assert _steps(log) == ["1", "2", "3"]
+
+    resumed = lsmseg("pretrain", "-c", config, "--set", "threads=1", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed runs/smoke/pretrain/checkpoint_last.pt at step 2" in resumed.stderr
+    assert _steps(log) == ["1", "2", "3", "4", "5", "6"]
+    seconds = [float(line.split(",")[-1]) for line in log.read_text().splitlines()[1:]]
+    assert seconds == sorted(seconds) and json.loads((log.parent / "run.json").read_text())["seconds"] > before
+
+
+def test_resumed_finetuning_keeps_the_best_checkpoint_it_recorded(tmp_path):
+    # A run killed after a better validation but before its next checkpoint left that validation's
+    # best.safetensors; the resumed run's record named an earlier step for it, and export shipped it.
+    from lsmseg.weights import sha256_file
+
+    # At a threshold no probability reaches, every validation scores Dice 0: the best stays step 1.
+    changes = {"pretrained": None, "epochs": 1,
+               "validation": {"every": 1, "threshold": 0.999999, "thresholds": [0.999999]}}
+    first = lsmseg("finetune", "-c", _config(tmp_path, "smoke_finetune", **changes), "--set", "threads=1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "runs/smoke/finetune"
+    best = json.loads((run / "run.json").read_text())["best"]
+    assert best["step"] == 1
+    shutil.copy(run / "final.safetensors", run / "best.safetensors")  # the killed run's later "best"
+    resumed = lsmseg("finetune", "-c", _config(tmp_path, "smoke_finetune", **{**changes, "epochs": 2}),
+                     "--set", "threads=1", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    record = json.loads((run / "run.json").read_text())
+    assert record["best"]["step"] == 1 and record["final"]["step"] == 4
+    assert record["best"]["sha256"] == sha256_file(run / "best.safetensors") == best["sha256"]

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
+import threading
 from pathlib import Path
 
 from lsmseg import argtypes
-from lsmseg.errors import EXIT_OK
+from lsmseg.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +28,9 @@ def add_commands(subparsers) -> None:
     for name, func, summary, description in stages:
         p = subparsers.add_parser(name, help=summary, description=description)
         p.add_argument("-c", "--config", type=Path, required=True, help="YAML config (training/configs/)")
-        p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint_last.pt if present")
+        p.add_argument("--resume", action="store_true",
+                       help="continue from OUTPUT/checkpoint_last.pt if present (without it, a folder that holds a "
+                       "run is refused); only run-control settings (epochs, max_seconds, threads, ...) may change")
         p.add_argument("--data", type=Path, metavar="DIR",
                        help="real-data folder that $LSMSEG_DATA in the config means (default: the LSMSEG_DATA "
                        "environment variable, else ../shared/data/real beside the checkout)")
@@ -69,13 +74,45 @@ def model_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during training, raised like Ctrl-C so that every ``finally`` runs (temporary files, processes)."""
+
+
+@contextlib.contextmanager
+def _terminated_as_exception():
+    def terminate(signum, frame):
+        raise Terminated()
+
+    main = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _train(run) -> int:
+    """``run()`` a training stage. Ctrl-C (exit 130) or SIGTERM (exit 143) stop it between writes: the
+    checkpoint of the last ``checkpoint_every`` step stays, written atomically, and ``--resume`` continues it."""
+    try:
+        with _terminated_as_exception():
+            run()
+    except Terminated:
+        logger.error("terminated; continue the run from its last checkpoint with --resume")
+        return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        logger.error("interrupted; continue the run from its last checkpoint with --resume")
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
 def run_pretrain(args: argparse.Namespace) -> int:
     from .config import PretrainConfig, load_run_config
     from .pretrain import run_pretraining
 
     config = load_run_config(PretrainConfig, args.config, args.data, args.overrides)
-    run_pretraining(config, args.config, resume=args.resume)
-    return EXIT_OK
+    return _train(lambda: run_pretraining(config, args.config, resume=args.resume))
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -83,8 +120,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from .finetune import run_finetuning
 
     config = load_run_config(FinetuneConfig, args.config, args.data, args.overrides)
-    run_finetuning(config, args.config, resume=args.resume)
-    return EXIT_OK
+    return _train(lambda: run_finetuning(config, args.config, resume=args.resume))
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -14,14 +14,19 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock; the run-files check still refuses a second run
+    fcntl = None
+
 from lsmseg.config import ModelConfig, to_dict
-from lsmseg.errors import WeightsError
+from lsmseg.errors import OutputError, WeightsError, single_line
 from lsmseg.io import atomic_output, write_json
 from lsmseg.model import autocast_dtype, select_device
 from lsmseg.weights import load_manifest, load_state_dict, sha256_file
@@ -31,6 +36,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint_last.pt"
 LOG_NAME = "log.csv"
 RUN_RECORD = "run.json"
+LOCK_NAME = ".lock"
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +95,7 @@ class Processes:
     device: torch.device
     # In a process group (launched by torchrun, one process too): DDP and its collectives (NCCL/gloo) run.
     distributed: bool = False
+    held: list = field(default_factory=list)  # open lock files (:func:`hold_output`), closed at teardown
 
     @property
     def main(self) -> bool:
@@ -130,6 +137,9 @@ def main_first(processes: Processes, prepare):
 
 
 def teardown_processes(processes: Processes) -> None:
+    for handle in processes.held:
+        handle.close()  # releases the folder's lock
+    processes.held.clear()
     if processes.distributed and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -224,9 +234,16 @@ def backward_step(loss, model, optimiser, scheduler, scaler, grad_clip: float) -
 
 def save_checkpoint(path: Path, model, optimiser, scheduler, scaler, step: int, model_config: ModelConfig,
                     extra: dict | None = None, averaged: torch.nn.Module | None = None,
-                    kind: str | None = None) -> None:
+                    kind: str | None = None, config: dict | None = None, seconds: float | None = None) -> None:
+    """Write the resumable state atomically (a kill mid-write leaves the previous checkpoint).
+
+    ``config`` (the run's whole config, as a dict) lets a resume refuse changed settings;
+    ``seconds`` is the training time so far, which a resumed run continues counting.
+    """
     state = {
         **({"kind": kind} if kind else {}),
+        **({"config": config} if config is not None else {}),
+        **({"seconds": float(seconds)} if seconds is not None else {}),
         "model": unwrap(model).state_dict(),
         **({"averaged": averaged.state_dict()} if averaged is not None else {}),
         "optimiser": optimiser.state_dict(),
@@ -256,7 +273,8 @@ def load_checkpoint(path: Path, model_config: ModelConfig) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise WeightsError(f"{path}: cannot load checkpoint: the file is truncated or corrupt "
+                           f"({type(exc).__name__}: {single_line(exc).split('. ')[0]}); remove it to start the run again") from exc
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise WeightsError(f"{path}: not a training checkpoint of lsmseg")
     check_architecture(state["model_config"], model_config, path)
@@ -293,20 +311,42 @@ def make_averaged(model: torch.nn.Module, decay: float, resume_from: dict | None
 
 
 class CsvLog:
-    """Append-only CSV of per-step values (a resumed run continues the same file)."""
+    """Append-only CSV of per-step values (a resumed run continues the same file).
 
-    def __init__(self, path: Path, fields: list[str], enabled: bool = True):
+    ``start_step``: the step the run (re)starts from. Rows after it were logged by a run killed
+    after its last checkpoint; they are trained again, so they are dropped (no duplicate steps).
+    """
+
+    def __init__(self, path: Path, fields: list[str], enabled: bool = True, start_step: int = 0):
         self.path, self.fields, self.enabled = path, fields, enabled
-        if enabled and not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
             with open(path, "w", newline="") as handle:
                 csv.writer(handle).writerow(fields)
+            return
+        with open(path, newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = rows[:1] + [row for row in rows[1:] if row and _step_of(row) <= start_step]
+        if len(kept) < len(rows):
+            logger.info("%s: dropped %d row(s) after step %d (logged after the last checkpoint)", path,
+                        len(rows) - len(kept), start_step)
+            with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
+                csv.writer(handle).writerows(kept)
 
     def write(self, **row) -> None:
         if not self.enabled:
             return
         with open(self.path, "a", newline="") as handle:
             csv.writer(handle).writerow([_fmt(row.get(f)) for f in self.fields])
+
+
+def _step_of(row: list[str]) -> float:
+    try:
+        return float(row[0])
+    except ValueError:
+        return float("inf")  # not a step: a torn last line of a killed run
 
 
 def _fmt(value):
@@ -364,8 +404,10 @@ def versions() -> dict:
 
 
 class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
+    """Training seconds: ``offset`` (a resumed run's seconds so far) plus this session's."""
+
+    def __init__(self, offset: float = 0.0):
+        self.start = time.perf_counter() - offset
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -376,15 +418,55 @@ class Timer:
 # The loop
 
 
+def hold_output(output: Path, processes: Processes) -> None:
+    """Refuse a second process training into ``output`` while this run does (a fresh run, or a
+    ``--resume`` of a run still going), until :func:`run_processes` ends. The lock is the kernel's
+    (``flock``), so a killed run leaves none behind; the main process holds it."""
+    if not processes.main or fcntl is None:
+        return
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    handle = open(output / LOCK_NAME, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise OutputError(output, "another process is training into this folder now; wait for it to end, or "
+                          "choose another output folder") from None
+    processes.held.append(handle)
+
+
+# Settings a resumed run may change: how long and where it runs, how often it logs and checks,
+# and where its starting weights came from (a resume takes its weights from the checkpoint).
+# ``epochs`` lengthens the run (the cosine schedule is then stretched from the resumed step).
+RESUMABLE_CHANGES = ("name", "output", "epochs", "max_seconds", "threads", "device", "checkpoint_every",
+                     "log_every", "init", "pretrained", "data.workers", "data.cache_mb", "validation.every",
+                     "validation.sw_batch_size")
+RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, RUN_RECORD)
+
+
 def resume_state(output: Path, model_config: ModelConfig, resume: bool, *, kind: str | None = None,
-                 total_steps: int | None = None) -> dict | None:
+                 total_steps: int | None = None, config: dict | None = None) -> dict | None:
     """The run's last checkpoint when resuming and one exists, else None.
 
-    Checked for the architecture, for the stage (``kind``: a pretraining checkpoint does not continue
-    a fine-tuning run, nor the reverse) and for steps left to train (``total_steps``).
+    Without ``resume`` a folder that already holds a run is refused (two runs in one folder would
+    share its log and overwrite each other's checkpoints). Resuming, the checkpoint is checked for
+    the architecture, for the stage (``kind``: a pretraining checkpoint does not continue a
+    fine-tuning run, nor the reverse), for steps left to train (``total_steps``) and for settings
+    changed since the run started (``config``, the run's config as a dict; only
+    :data:`RESUMABLE_CHANGES` may differ).
     """
-    path = Path(output) / CHECKPOINT_NAME
-    if not (resume and path.is_file()):
+    output = Path(output)
+    path = output / CHECKPOINT_NAME
+    if not resume:
+        found = [name for name in RUN_FILES if (output / name).exists()]
+        if found:
+            raise OutputError(output, f"holds a run already ({', '.join(found)}); continue it with --resume, "
+                              "or choose another output folder")
+        return None
+    if not path.is_file():
+        if any((output / name).exists() for name in RUN_FILES):
+            logger.warning("%s: no checkpoint to resume; starting the run again from step 0", path)
         return None
     state = load_checkpoint(path, model_config)
     # Checkpoints from before the stage was recorded: fine-tuning's always keep its validation history.
@@ -396,7 +478,37 @@ def resume_state(output: Path, model_config: ModelConfig, resume: bool, *, kind:
     if total_steps is not None and step >= total_steps:
         raise WeightsError(f"{path}: checkpoint is at step {step}, the config's run is {total_steps} steps "
                            "(epochs x steps_per_epoch): nothing left to train; raise epochs to continue")
+    if config is not None and isinstance(state.get("config"), dict):  # checkpoints before 2026-12-07 have none
+        changed = changed_settings(state["config"], config)
+        if changed:
+            key, theirs, mine = changed[0]
+            more = f" (also changed: {', '.join(k for k, _, _ in changed[1:])})" if len(changed) > 1 else ""
+            raise WeightsError(f"{path}: {key} is {mine!r} in the config but was {theirs!r} in the run being resumed"
+                               f"{more}; a resume continues the same run, so only {', '.join(RESUMABLE_CHANGES[2:])} "
+                               "may change; start a new run in another output folder to train with these settings")
     return state
+
+
+def changed_settings(before: dict, after: dict) -> list[tuple[str, object, object]]:
+    """``(dotted key, before, after)`` of every setting that differs, except :data:`RESUMABLE_CHANGES`."""
+    flat_before, flat_after = _flatten(_plain(before)), _flatten(_plain(after))
+    return [(key, flat_before.get(key), flat_after.get(key)) for key in sorted(set(flat_before) | set(flat_after))
+            if flat_before.get(key) != flat_after.get(key)
+            and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)]
+
+
+def _plain(value):
+    """JSON's view of a value (tuples as lists), so that a checkpoint's config compares with a new one."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
 
 
 @dataclass
@@ -483,16 +595,20 @@ def train_loop(
     wrapped = wrap_model(model, processes)
     optimiser, scheduler = make_optimiser(wrapped, config.optim, config.total_steps)
     scaler = make_scaler(processes.device, config.optim.amp, config.optim.amp_dtype)
-    step = 0
+    step, seconds = 0, 0.0
     if resume_from:
         step = restore(resume_from, wrapped, optimiser, scheduler, scaler)
+        seconds = float(resume_from.get("seconds", 0.0))  # the run's training time goes on from there
         logger.info("resumed %s at step %d", output / CHECKPOINT_NAME, step)
+        if config.max_seconds is not None and seconds >= config.max_seconds:  # the budget is the run's, not a session's
+            logger.warning("max_seconds %s already spent (%.0f s trained): one more step; raise max_seconds to "
+                           "train on", config.max_seconds, seconds)
     stream = PatchStream(records, config.model.roi, seed=config.seed + 1000 * step, rank=processes.rank,
                          set_weights=set_weights(config.data), cache_mb=config.data.cache_mb, **stream_options)
     batches = iter(make_loader(stream, config.batch_size, config.data.workers))
-    log = CsvLog(output / LOG_NAME, log_fields, enabled=processes.main)
+    log = CsvLog(output / LOG_NAME, log_fields, enabled=processes.main, start_step=step)
     record = start_record(kind, config, config_path, processes, records, **(record_extra or {}))
-    loop = Loop(config, processes, output, wrapped, optimiser, scheduler, scaler, step, record, Timer(),
+    loop = Loop(config, processes, output, wrapped, optimiser, scheduler, scaler, step, record, Timer(seconds),
                 averaged=make_averaged(wrapped, average_decay, resume_from))
     wrapped.train()
     while not loop.last and loop.step < config.total_steps:
@@ -520,7 +636,8 @@ def train_loop(
         if processes.main and (loop.step % config.checkpoint_every == 0 or last):
             checkpoint_extra = on_checkpoint(loop) if on_checkpoint is not None else {}
             save_checkpoint(output / CHECKPOINT_NAME, wrapped, optimiser, scheduler, scaler, loop.step, config.model,
-                            extra=checkpoint_extra, averaged=loop.averaged, kind=kind)
+                            extra=checkpoint_extra, averaged=loop.averaged, kind=kind, config=to_dict(config),
+                            seconds=loop.timer.elapsed())
             record.update(steps=loop.step, seconds=round(loop.timer.elapsed(), 1))
             write_record(output, record)
             plot_training(output, record.get("history"))

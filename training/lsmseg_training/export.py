@@ -77,8 +77,12 @@ def export_run(
     record = read_record(run)
     if record.get("kind") != "finetune":
         raise WeightsError(f"{run}: not a fine-tuning run (kind {record.get('kind')!r}); export fine-tuned weights")
-    if checkpoint not in ("best", "final") or checkpoint not in record:
-        raise WeightsError(f"{run}: no '{checkpoint}' checkpoint recorded (has the run finished?)")
+    # A run's record names its checkpoint files only once it has finished (before, "best" is the
+    # validation history's best so far and there is no "final").
+    chosen = record.get(checkpoint) if checkpoint in ("best", "final") else None
+    if not (isinstance(chosen, dict) and "file" in chosen):
+        raise WeightsError(f"{run}: the run has not finished (no '{checkpoint}' checkpoint recorded; it stopped at "
+                           f"step {record.get('steps')}); finish it with `lsmseg finetune --resume` before exporting")
     try:
         chosen = record[checkpoint]
         source = run / chosen["file"]

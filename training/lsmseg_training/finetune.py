@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lsmseg.config import InferenceSettings
+from lsmseg.config import InferenceSettings, to_dict
 from lsmseg.errors import WeightsError
 from lsmseg.io import read_volume
 from lsmseg.model import build_model
@@ -26,8 +26,8 @@ from lsmseg.weights import load_state_dict, save_weights, sha256_file
 from .config import FinetuneConfig
 from .data import VolumeRecord, check_splits, fingerprint, prepare_volumes
 from .engine import (
-    Loop, autocast, load_full_model, main_first, resume_state, run_processes, strip_prefixes, train_loop, unwrap,
-    write_record,
+    Loop, autocast, hold_output, load_full_model, main_first, resume_state, run_processes, strip_prefixes,
+    train_loop, unwrap, write_record,
 )
 from .plots import plot_training
 from .pretrain import ENCODER_PREFIXES
@@ -43,12 +43,13 @@ EXPORT_OVERLAP = 0.5  # what the exported inference settings use; the final swee
 # Loading a pretrained encoder, loudly
 
 
-def load_pretrained_encoder(model: torch.nn.Module, path: Path, min_fraction: float) -> dict:
+def load_pretrained_encoder(model: torch.nn.Module, path: Path, min_fraction: float, where: str | None = None) -> dict:
     """Copy the matching encoder tensors of ``path`` into ``model``; refuse a poor match.
 
     A silent ``load_state_dict(strict=False)`` of a checkpoint from another architecture loads
     nothing and trains from scratch unnoticed; here a file that fills less than ``min_fraction`` of
-    the encoder's tensors (by name and shape) stops the run before it starts.
+    the encoder's tensors (by name and shape) stops the run before it starts. ``where`` (the config
+    file) is named in that error beside ``path``.
     """
     path = Path(path)
     state = strip_prefixes(load_state_dict(path, sha256=None))
@@ -70,9 +71,10 @@ def load_pretrained_encoder(model: torch.nn.Module, path: Path, min_fraction: fl
     if fraction < min_fraction:
         example = f"; e.g. {wrong_shape[0]} is {tuple(state[wrong_shape[0]].shape)} there, " \
                   f"{tuple(own[wrong_shape[0]].shape)} here" if wrong_shape else ""
+        config = f"{where}: pretrained: " if where else ""
         raise WeightsError(
-            f"{path}: checkpoint is for another architecture: only {len(matched)} of {len(encoder_keys)} encoder "
-            f"tensors match ({fraction:.0%} < min_matched_fraction {min_fraction:.0%}){example}"
+            f"{config}{path}: checkpoint is for another architecture: only {len(matched)} of {len(encoder_keys)} "
+            f"encoder tensors match ({fraction:.0%} < min_matched_fraction {min_fraction:.0%}){example}"
         )
     model.load_state_dict({**own, **matched})
     return summary
@@ -170,11 +172,18 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
         if config.pretrained is not None:
             if not Path(config.pretrained).is_file():
                 raise WeightsError(f"{where}: pretrained: {config.pretrained}: no such file")
-            pretrained = load_pretrained_encoder(model, Path(config.pretrained), config.min_matched_fraction)
-        resume_from = resume_state(output, config.model, resume, kind="finetune", total_steps=config.total_steps)
+            pretrained = load_pretrained_encoder(model, Path(config.pretrained), config.min_matched_fraction, where)
+        hold_output(output, processes)  # one run at a time in a folder
+        resume_from = resume_state(output, config.model, resume, kind="finetune", total_steps=config.total_steps,
+                                   config=to_dict(config))
         resumed = resume_from["extra"] if resume_from else {}
         history = resumed.get("history", [])
         best = resumed.get("best", {"dice": -1.0, "step": None})
+        # The best weights travel in the checkpoint: a run killed after a better validation but before
+        # its next checkpoint left a best.safetensors the resumed history knows nothing of.
+        best_state = resumed.get("best_state")
+        if best_state is not None and processes.main:
+            save_weights(best_state, output / BEST_FILE)
         validation_volumes = load_validation(validation_records) if processes.main else []
 
         def step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -191,7 +200,7 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
             return loss, {}
 
         def validate_when_due(loop: Loop) -> dict | None:
-            nonlocal best
+            nonlocal best, best_state
             due = config.validation.every and loop.step % config.validation.every == 0
             if not (processes.main and validation_volumes and (due or loop.last)):
                 return None
@@ -202,13 +211,14 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
                         val["best_threshold"], val["dice_at_default"], config.validation.threshold)
             if val["best_dice"] > best["dice"]:
                 best = {"dice": val["best_dice"], "step": loop.step, "threshold": val["best_threshold"]}
-                save_weights(loop.weights().state_dict(), output / BEST_FILE)
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in loop.weights().state_dict().items()}
+                save_weights(best_state, output / BEST_FILE)
             plot_training(output, history)
             return {"val_dice": val["best_dice"], "val_threshold": val["best_threshold"]}
 
         def keep_history(loop: Loop) -> dict:
             loop.record.update(history=history, best=best)
-            return {"history": history, "best": best}
+            return {"history": history, "best": best, **({"best_state": best_state} if best_state is not None else {})}
 
         logger.info("fine-tuning %s: %d training and %d validation volume(s), %d steps of batch %d x %d process(es), "
                     "roi %s, %s, on %s", config.name, len(records), len(validation_volumes), config.total_steps,

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import torch
 
+from lsmseg.config import to_dict
 from lsmseg.model import build_model
 from lsmseg.weights import save_weights
 
 from .config import PretrainConfig
 from .data import check_splits, prepare_volumes
-from .engine import Loop, autocast, load_full_model, main_first, resume_state, run_processes, train_loop, unwrap
+from .engine import (
+    Loop, autocast, hold_output, load_full_model, main_first, resume_state, run_processes, train_loop, unwrap,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +57,9 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
         records = main_first(processes, lambda: prepare_volumes(config.data, "train", need_labels=False,
                                                                  where=where, seed=config.seed))
         records = [dataclasses.replace(r, label=None, foreground=None) for r in records]
-        resume_from = resume_state(output, config.model, resume, kind="pretrain", total_steps=config.total_steps)
+        hold_output(output, processes)  # one run at a time in a folder
+        resume_from = resume_state(output, config.model, resume, kind="pretrain", total_steps=config.total_steps,
+                                   config=to_dict(config))
         torch.manual_seed(config.seed)
         model = build_model(config.model)
         initialised = load_full_model(model, Path(config.init), config.model) if config.init is not None else None
