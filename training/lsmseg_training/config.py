@@ -228,8 +228,9 @@ class RunConfig:
     seed: int = 0
     device: str | None = None  # default: cuda if available, else cpu
     threads: int | None = None  # torch CPU threads per process (None: torch's default)
-    # Wall-clock budget in seconds: the run ends (validates, checkpoints, writes) after the first step
-    # that finds it spent, even before total_steps (the schedule is not compressed). None: no budget.
+    # Wall-clock budget in seconds for the whole run, resumes included (a checkpoint keeps the seconds
+    # trained so far): the run ends (validates, checkpoints, writes) after the first step that finds it
+    # spent, even before total_steps (the schedule is not compressed). None: no budget.
     max_seconds: float | None = None
     # A whole trained model to continue from (encoder and decoder): a weights manifest (its default
     # entry, sha256-checked) or a .safetensors file. Fine-tuning from it adapts the shipped model to a
