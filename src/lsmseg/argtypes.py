@@ -170,11 +170,11 @@ def structure(text: str) -> str:
     return text.strip()  # as known_structure read it: ' vessels' would miss its settings
 
 
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+_DEVICE = re.compile(r"(cpu|cuda)(:\d+)?")
 
 
 def device(text: str) -> str:
-    """An argparse type: ``cpu``, ``cuda`` or ``cuda:N``, the devices lsmseg runs on. Whether that
+    """An argparse type: ``cpu``, ``cuda`` or ``cuda:N`` (and torch's ``cpu:0``), the devices lsmseg runs on. Whether that
     device is present is checked when the model is placed (:func:`lsmseg.model.select_device`): a
     misspelt name is a usage error, a missing GPU a failed run."""
     if not _DEVICE.fullmatch(text.strip()):

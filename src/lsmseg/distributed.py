@@ -185,6 +185,23 @@ def _quiet_dask_logs() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _worker_threads(client):
+    """The torch threads of the workers that ran the blocks (dask sets OMP_NUM_THREADS per worker):
+    one count, or the sorted counts when they differ; None when the workers cannot be asked."""
+    try:
+        counts = sorted(set(client.run(_torch_threads).values()))
+    except Exception as exc:  # noqa: BLE001 - a record without the figure, never a failed volume
+        logger.debug("cannot ask the dask workers for their threads: %s", exc)
+        return None
+    return counts[0] if len(counts) == 1 else counts or None
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def predict_file_dask(predictor: Predictor, input_path, output_path, client, provenance_path=None) -> VolumeResult:
     """Segment one file with its blocks spread over ``client``'s workers.
 
@@ -247,7 +264,7 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
     record = write_provenance(
         predictor, input_path, output_path, volume, provenance_path, stats=stats,
         foreground=sum(o.foreground for o in outcomes), timings={"read_s": read_s, "predict_s": predict_s},
-        postprocess=postprocess_record(predictor, volume.name),
+        postprocess=postprocess_record(predictor, volume.name), threads=_worker_threads(client),
     )
     logger.info("%s -> %s (%.1f s on %d dask worker(s); %d of %d windows skipped as background)",
                 printable(input_path), printable(output_path), read_s + predict_s, stats.workers,

@@ -94,7 +94,7 @@ def cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> float | None:
     try:
         with open(os.path.join(cgroup_root, "cpu.max"), encoding="ascii") as handle:
             quota, period = handle.read().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
+        return None if quota == "max" else _ratio(int(quota), int(period))
     except (OSError, ValueError):
         pass
     try:
@@ -104,6 +104,11 @@ def cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> float | None:
             period = int(handle.read().strip())
     except (OSError, ValueError):
         return None
+    return _ratio(quota, period)
+
+
+def _ratio(quota: int, period: int) -> float | None:
+    """CPUs from a quota and its period; None for what no kernel writes (a period of 0, a negative quota)."""
     return quota / period if quota > 0 and period > 0 else None
 
 

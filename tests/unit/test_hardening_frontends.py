@@ -251,6 +251,13 @@ def test_misspelt_device_is_a_usage_error_in_every_front_end(device, monkeypatch
     assert not (tmp_path / "out").exists()
 
 
+def test_device_names_torch_accepts_pass_the_parser():
+    from lsmseg import argtypes
+
+    assert [argtypes.device(name) for name in ("cpu", "cpu:0", "cuda", "cuda:1", " cuda:0 ")] == [
+        "cpu", "cpu:0", "cuda", "cuda:1", "cuda:0"]
+
+
 # ------------------------------------------------------------------------------ size limits in the front ends
 
 

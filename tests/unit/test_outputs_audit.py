@@ -195,3 +195,35 @@ def test_a_replaced_file_is_never_missing(tmp_path, monkeypatch):
     with atomic_output(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and seen and all(seen)
+
+
+def test_provenance_threads_are_those_that_ran_the_network(tmp_path):
+    """With --scheduler dask the workers run the network on their own threads (dask sets
+    OMP_NUM_THREADS per worker): the record gave the driver's count."""
+    import torch
+
+    from lsmseg.distributed import _worker_threads
+
+    assert _record(tmp_path / "v.tif")["versions"]["threads"] == torch.get_num_threads()
+
+    class Client:
+        def __init__(self, replies):
+            self.replies = replies
+
+        def run(self, function):
+            if isinstance(self.replies, Exception):
+                raise self.replies
+            return self.replies
+
+    assert _worker_threads(Client({"tcp://a": 1, "tcp://b": 1})) == 1
+    assert _worker_threads(Client({"tcp://a": 2, "tcp://b": 1})) == [1, 2]
+    assert _worker_threads(Client(OSError("scheduler gone"))) is None
+    from lsmseg.inference.blocks import plan_blocks
+    from lsmseg.inference.results import BlockStats, provenance_record
+    from lsmseg.io import Volume
+
+    volume = Volume(data=np.zeros((4, 8, 8), np.uint8), spacing=(1.0,) * 3, path=tmp_path / "v.tif", fmt="tiff", meta={})
+    record = provenance_record(tmp_path / "v.tif", tmp_path / "m.tif", volume, parameters={}, weights={},
+                               stats=BlockStats.start(plan_blocks((4, 8, 8), (4, 8, 8), 0.5), None), foreground=0,
+                               timings={}, threads=1)
+    assert record["versions"]["threads"] == 1

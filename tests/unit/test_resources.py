@@ -25,6 +25,8 @@ def _cgroup(root, files: dict):
     ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
     ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
     ({"cpu.max": "garbage\n"}, None),
+    ({"cpu.max": "100000 0\n"}, None),  # a ZeroDivisionError before every command
+    ({"cpu.max": "-1 100000\n"}, None),
     ({}, None),
 ])
 def test_cpu_quota_reads_cgroup_v2_and_v1(tmp_path, files, expected):

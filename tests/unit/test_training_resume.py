@@ -117,3 +117,87 @@ def test_one_process_at_a_time_trains_into_a_folder(tmp_path):
     teardown_processes(first)  # the first run ends (or is killed): the folder is free
     hold_output(tmp_path / "run", second)
     teardown_processes(second)
+
+
+def test_resume_continues_with_the_same_data_at_another_location(tmp_path):
+    # The check compared the data's absolute paths: the same run resumed with another $LSMSEG_DATA
+    # (another machine, another clone) was refused, named data.test (never read in training), and
+    # printed every set in full: a one-line message of ~3,000 characters.
+    from lsmseg_training.config import FinetuneConfig
+    from lsmseg_training.engine import changed_settings
+
+    config = REPO / "training" / "configs" / "general_finetune_real_logtail.yaml"
+    here, there = (to_dict(load_run_config(FinetuneConfig, config, data_root=root))
+                   for root in (tmp_path / "real", tmp_path / "copy" / "real"))
+    assert here["data"]["train"][0]["images"] != there["data"]["train"][0]["images"]
+    assert changed_settings(here, there) == []
+    # What the data is still counts: a set's weight, what it includes, its label mode.
+    heavier = json.loads(json.dumps(there))
+    heavier["data"]["train"][1]["weight"] = 7.0
+    heavier["data"]["train"][0]["include"] = ["x" * 200]
+    assert [key for key, _, _ in changed_settings(here, heavier)] == ["data.train.0.include", "data.train.1.weight"]
+    _checkpoint(tmp_path, config=CONFIG)
+    moved = to_dict(CONFIG)
+    moved["data"]["train_phantoms"] = {**(moved["data"].get("train_phantoms") or {}), "folder": "/elsewhere"}
+    moved["optim"]["lr"] = "x" * 500
+    with pytest.raises(WeightsError) as error:
+        resume_state(tmp_path, CONFIG.model, True, kind="pretrain", total_steps=4, config=moved)
+    assert "optim.lr is 'xxx" in str(error.value) and len(str(error.value)) < 700
+
+
+def test_a_torn_log_row_is_dropped_whatever_its_step_reads(tmp_path):
+    # A line cut after its first digits ("1" of "13,...") read as step 1 and was kept.
+    path = tmp_path / LOG_NAME
+    path.write_text("step,loss\n" + "".join(f"{i},0.5\n" for i in range(1, 13)) + "1")
+    CsvLog(path, ["step", "loss"], start_step=10)
+    assert path.read_text().splitlines()[-2:] == ["9,0.5", "10,0.5"]
+
+
+def test_run_folder_lock_errors_other_than_busy(tmp_path, monkeypatch, caplog):
+    # Any OSError from flock read as "another process is training": on a file system without
+    # flock no run could start. A read-only run folder was a traceback.
+    import errno
+
+    from lsmseg_training import engine
+    from lsmseg_training.engine import Processes, hold_output, teardown_processes
+
+    def unsupported(handle, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(engine.fcntl, "flock", unsupported)
+    processes = Processes(0, 1, 0, torch.device("cpu"))
+    hold_output(tmp_path / "run", processes)
+    assert "cannot lock the run folder" in caplog.text and processes.held == []
+    teardown_processes(processes)
+
+    def read_only_file_system(path, mode="r", *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(engine, "open", read_only_file_system, raising=False)
+    with pytest.raises(OutputError, match=r"ro: cannot write in the run folder \(.*Read-only file system"):
+        hold_output(tmp_path / "ro", processes)
+
+
+def test_a_resume_with_more_epochs_runs_its_first_step_on_the_longer_schedule(tmp_path):
+    # The optimiser's saved lr (the old schedule's at the checkpoint, near its end) ran the first
+    # resumed step: epochs 1 -> 2 logged 3e-06 at step 3 where the stretched schedule gives 3e-04.
+    from lsmseg_training.engine import restore
+
+    optim = OptimConfig(lr=1e-3, warmup_steps=0, min_lr_ratio=0.01)
+    model = build_model(CONFIG.model)
+    optimiser, scheduler = make_optimiser(model, optim, 4)
+    for _ in range(3):
+        optimiser.step()
+        scheduler.step()
+    scaler = make_scaler(torch.device("cpu"), False)
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, model, optimiser, scheduler, scaler, 3, CONFIG.model)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME, CONFIG.model)
+    longer_model = build_model(CONFIG.model)
+    longer, longer_scheduler = make_optimiser(longer_model, optim, 40)
+    assert restore(state, longer_model, longer, longer_scheduler, scaler) == 3
+    expected = make_optimiser(build_model(CONFIG.model), optim, 40)[1].lr_lambdas[0](3) * 1e-3
+    assert longer.param_groups[0]["lr"] == pytest.approx(expected) and expected > 5e-4
+    assert longer_scheduler.get_last_lr() == [pytest.approx(expected)]
+    longer.step()
+    longer_scheduler.step()  # and the schedule goes on from there
+    assert longer.param_groups[0]["lr"] == pytest.approx(longer_scheduler.lr_lambdas[0](4) * 1e-3)

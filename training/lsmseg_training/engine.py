@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import logging
 import math
@@ -286,6 +287,12 @@ def restore(state: dict, model, optimiser, scheduler, scaler) -> int:
     optimiser.load_state_dict(state["optimiser"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
+    # The optimiser's saved lr is the old schedule's at this step: with more epochs the schedule is
+    # longer, and the first resumed step would run at the old one's (near its end, near zero).
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimiser.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() (the log's lr column) reads
     return int(state["step"])
 
 
@@ -328,7 +335,8 @@ class CsvLog:
             return
         with open(path, newline="") as handle:
             rows = list(csv.reader(handle))
-        kept = rows[:1] + [row for row in rows[1:] if row and _step_of(row) <= start_step]
+        # A row cut short (the torn last line of a killed run) is dropped too, whatever its step reads.
+        kept = rows[:1] + [row for row in rows[1:] if len(row) == len(rows[0]) and _step_of(row) <= start_step]
         if len(kept) < len(rows):
             logger.info("%s: dropped %d row(s) after step %d (logged after the last checkpoint)", path,
                         len(rows) - len(kept), start_step)
@@ -426,13 +434,22 @@ def hold_output(output: Path, processes: Processes) -> None:
         return
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    handle = open(output / LOCK_NAME, "a")
+    try:
+        handle = open(output / LOCK_NAME, "a")
+    except OSError as exc:  # a read-only run folder: one line, not a traceback
+        raise OutputError(output, f"cannot write in the run folder ({single_line(exc)})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         handle.close()
-        raise OutputError(output, "another process is training into this folder now; wait for it to end, or "
-                          "choose another output folder") from None
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise OutputError(output, "another process is training into this folder now; wait for it to end, or "
+                              "choose another output folder") from None
+        # A file system without flock (some network mounts): train unlocked; a second fresh run is
+        # still refused by the run files it would find (resume_state).
+        logger.warning("%s: cannot lock the run folder (%s); a second process training into it at the same "
+                       "time would not be refused", output, single_line(exc))
+        return
     processes.held.append(handle)
 
 
@@ -483,15 +500,18 @@ def resume_state(output: Path, model_config: ModelConfig, resume: bool, *, kind:
         if changed:
             key, theirs, mine = changed[0]
             more = f" (also changed: {', '.join(k for k, _, _ in changed[1:])})" if len(changed) > 1 else ""
-            raise WeightsError(f"{path}: {key} is {mine!r} in the config but was {theirs!r} in the run being resumed"
+            raise WeightsError(f"{path}: {key} is {_short(mine)} in the config but was {_short(theirs)} in the run "
+                               f"being resumed"
                                f"{more}; a resume continues the same run, so only {', '.join(RESUMABLE_CHANGES[2:])} "
                                "may change; start a new run in another output folder to train with these settings")
     return state
 
 
 def changed_settings(before: dict, after: dict) -> list[tuple[str, object, object]]:
-    """``(dotted key, before, after)`` of every setting that differs, except :data:`RESUMABLE_CHANGES`."""
-    flat_before, flat_after = _flatten(_plain(before)), _flatten(_plain(after))
+    """``(dotted key, before, after)`` of every setting that differs, except :data:`RESUMABLE_CHANGES`
+    and where the data lies (:func:`_without_locations`: the same sets on another machine or under
+    another ``$LSMSEG_DATA`` continue the run)."""
+    flat_before, flat_after = (_flatten(_without_locations(_plain(c))) for c in (before, after))
     return [(key, flat_before.get(key), flat_after.get(key)) for key in sorted(set(flat_before) | set(flat_after))
             if flat_before.get(key) != flat_after.get(key)
             and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)]
@@ -502,13 +522,41 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
+# Where a data set lies, not what it is: its images/labels paths, a phantom set's folder.
+_LOCATION_KEYS = ("images", "labels", "folder")
+
+
+def _without_locations(config: dict) -> dict:
+    """``config`` without the data's locations and without ``data.test`` (never read in training)."""
+    data = config.get("data")
+    if not isinstance(data, dict):
+        return config
+    data = {key: value for key, value in data.items() if key != "test"}
+    for key, value in data.items():
+        sets = value if isinstance(value, list) else [value]
+        for entry in sets:
+            if isinstance(entry, dict):
+                for location in _LOCATION_KEYS:
+                    entry.pop(location, None)
+    return {**config, "data": data}
+
+
 def _flatten(value, prefix: str = "") -> dict:
+    """Dotted keys to leaf values; a list of dicts (data sets) by index: ``data.train.2.weight``."""
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        value = {str(i): item for i, item in enumerate(value)}
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             out.update(_flatten(item, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: value}
+
+
+def _short(value, limit: int = 80) -> str:
+    """A setting's value for a one-line message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass

@@ -106,7 +106,7 @@ class VolumeResult:
 def provenance_record(
     input_path, output_path, volume: Volume, *, parameters: dict, weights: dict, stats: BlockStats,
     foreground: int, timings: dict, resampled_to: Sequence[float] | None = None, postprocess: dict | None = None,
-    probabilities: dict | None = None, preview: str | None = None,
+    probabilities: dict | None = None, preview: str | None = None, threads=None,
 ) -> dict:
     """The provenance JSON of one mask: input, parameters, block counts, weights, versions, timings.
 
@@ -123,6 +123,8 @@ def provenance_record(
         postprocess: the post-processing applied (structure, threshold, clean-up).
         probabilities: where the probability map went, if one was written.
         preview: where the preview picture went, if one was written.
+        threads: the threads the network ran on where not this process's (dask workers': one
+            count, or a list when they differ); default ``torch.get_num_threads()`` here.
     """
     record = {
         "input": str(input_path),
@@ -139,7 +141,7 @@ def provenance_record(
         "postprocess": postprocess,
         "blocks": stats.as_dict(),
         "weights": weights,
-        "versions": versions(),
+        "versions": {**versions(), **({"threads": threads} if threads is not None else {})},
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     if probabilities is not None:
@@ -175,7 +177,8 @@ def input_fingerprint(input_path) -> dict | None:
 # Inference engines besides torch (a mask they computed has their numbers), each under the
 # distribution names its builds are published as: the module is the same, the name on PyPI is not.
 _ENGINE_DISTRIBUTIONS = {
-    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
+                    "onnxruntime-rocm", "onnxruntime-training", "onnxruntime-qnn", "onnxruntime-silicon"),
     "openvino": ("openvino", "openvino-nightly"),
 }
 
