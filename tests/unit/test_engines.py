@@ -1,6 +1,9 @@
 """The exported engines (ONNX Runtime, OpenVINO) give PyTorch's logits within float tolerance (each
 skipped where not installed)."""
 
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +287,24 @@ def test_a_signal_after_openvino_engines_are_released_is_still_handled(tmp_path)
                                 env={**env, **extra}, timeout=300)
         assert (result.returncode, result.stdout.strip()) == (0, "handled"), (extra, result.returncode,
                                                                              result.stderr[-2000:])
+
+
+def test_openvino_is_imported_without_its_usage_telemetry():
+    # `import openvino` imports its converter, which sent a usage event to Google Analytics
+    # (openvino-telemetry, on unless the user opted out) on every lsmseg run with OpenVINO.
+    pytest.importorskip("openvino")
+    if importlib.util.find_spec("openvino_telemetry") is None:
+        pytest.skip("openvino-telemetry is not installed")
+    probe = (
+        "import sys\n"
+        "from lsmseg.inference.engines import import_openvino\n"
+        "ov = import_openvino()\n"
+        "from openvino.tools.ovc import telemetry_utils\n"
+        "print(telemetry_utils.tm.__name__)\n"
+        "print('openvino_telemetry' in sys.modules)\n"
+        "import openvino_telemetry\n"  # the process may still use it itself
+        "print(openvino_telemetry.__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["openvino.tools.ovc.telemetry_stub", "False", "openvino_telemetry"]

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import sys
 import tempfile
 import threading
 import warnings
@@ -213,6 +214,26 @@ class OnnxEngine:
         return torch.from_numpy(logits)
 
 
+def import_openvino():
+    """``import openvino`` without its usage telemetry, and return the module.
+
+    Importing openvino imports its model converter, which sends a usage event to Google Analytics
+    (openvino-telemetry) unless the user opted out with ``opt_in_out --opt_out``; lsmseg runs on lab
+    and challenge data and sends nothing anywhere. With ``openvino_telemetry`` unimportable while
+    openvino loads, the converter takes its own no-op stub; the block is lifted afterwards, so the
+    process may still import openvino_telemetry for its own use (and one imported before is kept).
+    """
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    blocked = sys.modules.setdefault("openvino_telemetry", None) is None
+    try:
+        import openvino
+    finally:
+        if blocked and sys.modules.get("openvino_telemetry", 0) is None:
+            del sys.modules["openvino_telemetry"]
+    return openvino
+
+
 _openvino_core = None
 _openvino_core_lock = threading.Lock()
 
@@ -229,9 +250,7 @@ def openvino_core():
     global _openvino_core
     with _openvino_core_lock:
         if _openvino_core is None:
-            import openvino as ov
-
-            _openvino_core = ov.Core()
+            _openvino_core = import_openvino().Core()
         return _openvino_core
 
 
@@ -305,8 +324,7 @@ class OpenVinoEngine(OnnxEngine):
     def blob_path(self, window: Sequence[int]) -> Path:
         """Where the compiled model for ``window`` is cached: one file per weights, window, OpenVINO
         build, CPU model and settings (a blob is never imported where it was not compiled alike)."""
-        import openvino as ov
-
+        ov = import_openvino()
         config = self.config()
         tag = "|".join([ov.__version__, openvino_core().get_property("CPU", "FULL_DEVICE_NAME"),
                         *(f"{k}={config[k]}" for k in sorted(config))])
