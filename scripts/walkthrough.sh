@@ -4,25 +4,28 @@
 #
 #   scripts/walkthrough.sh [--full] [--system-site-packages] [WORKDIR]
 #
-# Default (about 10 min on 2 CPU cores once torch is downloaded): README's first command (install
-# + predict the sample), the README's Python snippet, the eval extra + `lsmseg evaluate` on the
-# sample, the training pipeline on the smoke configs (pretrain -> finetune -> export -> predict
-# with the export), and with real data present (LSMSEG_DATA, else ../shared/data/real) the
-# training README's comparison and the shipped-weights validation.
-# --full adds README's test command (the whole suite, ~35 min) and the shipped weights' two
-# training runs (~50 min).
+# Default (about 35 min on 2 shared CPU cores, 2026-12-07; PyTorch runs the network, no engine
+# extra): README's first command (install + predict the sample, ~8 min), the README's Python snippet
+# (~4 min), the eval extra + `lsmseg evaluate` on the sample, the training pipeline on the smoke
+# configs (pretrain -> finetune -> export -> predict with the export, ~3 min), and with real data
+# present (LSMSEG_DATA, else ../shared/data/real) the training README's comparison of the previous
+# weights (~6 min) and README's test-split validation for microglia (~11 min; its figures are
+# README's microglia column). The other structures are predicted mirrored (8 passes per window):
+# with PyTorch here one pass over a vesselNN stack takes ~3 min, so --full runs them.
+# --full adds README's test command (the whole suite, ~35 min), the whole test split's validation
+# and the previous weights' two training runs (~50 min).
 # --system-site-packages lets the venv see this interpreter's packages (an already-downloaded torch)
 # where the network cannot fetch them; the lsmseg packages still come from the clone.
 #
-# CI: .ci/run runs it only with LSMSEG_WALKTHROUGH=1 (a second torch install and the smoke
-# training would add ~10 min to a ~35 min run); run it before a release or after changing the docs.
+# CI: .ci/run runs it only with LSMSEG_WALKTHROUGH=1 (a second torch install, the sample and the
+# real data would add ~35 min to a ~35 min run); run it before a release or after changing the docs.
 set -euo pipefail
 full=0 venv_flags=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --full) full=1 ;;
     --system-site-packages) venv_flags+=(--system-site-packages) ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) break ;;
   esac
   shift
@@ -69,15 +72,21 @@ step 'test -f runs/smoke/finetune/training.png'
 step 'lsmseg export runs/smoke/finetune && ! lsmseg export runs/smoke/finetune -o weights'  # refuses to replace
 step 'lsmseg predict sample/images -o runs/smoke-masks --weights runs/smoke/finetune/export --save-probabilities runs/smoke-prob'
 if [ -d "$LSMSEG_DATA/vesselnn" ]; then
-  step 'python -m lsmseg_training.compare --weights weights \
+  # training/README.md's table is the previous weights', made from git history as it says
+  step 'mkdir -p runs/general/previous && git show a6dbc64:weights/general.safetensors > runs/general/previous/general.safetensors \
+    && git show a6dbc64:weights/manifest.yaml > runs/general/previous/manifest.yaml'
+  step 'python -m lsmseg_training.compare --weights runs/general/previous \
     --images "$LSMSEG_DATA/vesselnn/images" --labels "$LSMSEG_DATA/vesselnn/labels" \
     --names poon2015_BBB_Leakage santos2015_mixedSizelowContrastVessels'
-  step 'python -m lsmseg_evaluation.validate_shipped --out runs/validate-vesselnn'
+  # README's validation command, one structure: all 78 cases (no --split), mirrored, would take hours
+  step 'python -m lsmseg_evaluation.validate_shipped --split training/configs/general_finetune_real.yaml --set test --baseline \
+    --structures microglia --out runs/validate-test-microglia'
 else
   echo "== real data not found at $LSMSEG_DATA: comparison and validation skipped"
 fi
 if [ "$full" = 1 ]; then
   step 'pip install -q torch==2.13.0 -e ".[dev]" && python -m pytest tests'
+  step 'python -m lsmseg_evaluation.validate_shipped --split training/configs/general_finetune_real.yaml --set test --baseline'
   step 'lsmseg pretrain -c training/configs/general_pretrain.yaml && lsmseg finetune -c training/configs/general_finetune_long.yaml'
   step 'lsmseg export runs/general/finetune_long --name general --min-component-voxels 10'
 fi

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from lsmseg.argtypes import progress_wanted
 from lsmseg.cli import zyx
 from lsmseg.errors import EXIT_FAILED, EXIT_OK
 
@@ -90,6 +91,10 @@ def settings_from_args(args):
     reason = unknown_structure(args.structure) if args.structure is not None else None
     if reason is not None:
         raise UsageError(f"--structure {reason}")
+    try:  # as lsmseg predict decides: never with -q, else LSMSEG_PROGRESS, else only on a terminal
+        progress = progress_wanted(getattr(args, "quiet", False))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return EvaluationSettings(
         label_scheme=args.label_scheme,
         sparse_edge=args.sparse_edge or SPARSE_EDGE_MODES[0],
@@ -99,7 +104,7 @@ def settings_from_args(args):
         mapping_source=str(args.mapping) if args.mapping else None,
         topology=args.topology,
         figures=args.figures,
-        progress=not getattr(args, "quiet", False),
+        progress=progress,
         preset=args.preset,
         jobs=args.jobs,
     )

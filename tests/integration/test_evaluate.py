@@ -403,3 +403,22 @@ def test_a_report_that_fails_to_render_leaves_the_earlier_one_whole(tmp_path, mo
         evaluate(tmp_path)
     after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "report").rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_progress_bars_only_on_a_terminal_as_predict_draws_them(tmp_path, capsys, monkeypatch):
+    # evaluate drew its bar into a log file (stderr redirected) wherever -q was not given.
+    label = tubes(seed=6)
+    for name in ("a.tif", "b.tif"):
+        write_volume(label, tmp_path / "labels" / name)
+        write_volume(label, tmp_path / "pred" / name)
+    argv = ["evaluate", "--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"),
+            "--out", str(tmp_path / "report"), "--no-figures", "--jobs", "1"]
+    monkeypatch.delenv("LSMSEG_PROGRESS", raising=False)
+    assert main(argv) == 0
+    assert "scoring" not in capsys.readouterr().err  # stderr is not a terminal here
+    monkeypatch.setenv("LSMSEG_PROGRESS", "1")
+    assert main(argv + ["--out", str(tmp_path / "again")]) == 0
+    assert "scoring" in capsys.readouterr().err
+    monkeypatch.setenv("LSMSEG_PROGRESS", "yes")
+    assert main(argv) == 2
+    assert "LSMSEG_PROGRESS: expected 1 (progress bars) or 0 (none), got 'yes'" in capsys.readouterr().err

@@ -689,6 +689,7 @@ def train_loop(
             record.update(steps=loop.step, seconds=round(loop.timer.elapsed(), 1))
             write_record(output, record)
             plot_training(output, record.get("history"))
-    logger.info("rank %d parameter digest %s", processes.rank, parameter_digest(wrapped))
+    if processes.distributed:  # that every rank ends with the same weights; alone it tells nothing
+        logger.info("rank %d parameter digest %s", processes.rank, parameter_digest(wrapped))
     processes.barrier()
     return loop
