@@ -4,14 +4,15 @@
 #
 #   scripts/walkthrough.sh [--full] [--system-site-packages] [WORKDIR]
 #
-# Default (about 35 min on 2 shared CPU cores, 2026-12-07; PyTorch runs the network, no engine
-# extra): README's first command (install + predict the sample, ~8 min), the README's Python snippet
-# (~4 min), the eval extra + `lsmseg evaluate` on the sample, the training pipeline on the smoke
+# Default (about 35 min on 2 shared CPU cores on 2026-12-07, when README's first command installed
+# no engine extra and PyTorch ran the network; the openvino extra it installs now makes the predicting
+# steps ~3.5x faster): README's first command (install + predict the sample), the README's Python
+# snippet, the eval extra + `lsmseg evaluate` on the sample, the training pipeline on the smoke
 # configs (pretrain -> finetune -> export -> predict with the export, ~3 min), and with real data
 # present (LSMSEG_DATA, else ../shared/data/real) the training README's comparison of the previous
-# weights (~6 min) and README's test-split validation for microglia (~11 min; its figures are
-# README's microglia column). The other structures are predicted mirrored (8 passes per window):
-# with PyTorch here one pass over a vesselNN stack takes ~3 min, so --full runs them.
+# weights (~6 min) and README's test-split validation for microglia (~11 min with PyTorch; its
+# figures are README's microglia column). The other structures are predicted mirrored (8 passes
+# per window), so only --full validates them.
 # --full adds README's test command (the whole suite, ~35 min), the whole test split's validation
 # and the previous weights' two training runs (~50 min).
 # --system-site-packages lets the venv see this interpreter's packages (an already-downloaded torch)
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --full) full=1 ;;
     --system-site-packages) venv_flags+=(--system-site-packages) ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) break ;;
   esac
   shift
@@ -53,7 +54,7 @@ cd "$work/lsmseg"
 echo "walkthrough in $work/lsmseg ($(git log -1 --format=%h)), venv $work/venv, LSMSEG_DATA=$LSMSEG_DATA"
 
 # README.md: two commands on a fresh machine (the first one)
-step 'pip install torch==2.13.0 -e . && lsmseg predict sample/images -o sample-masks'
+step 'pip install torch==2.13.0 -e ".[openvino]" && lsmseg predict sample/images -o sample-masks'
 step 'test "$(ls sample-masks/*.tif | wc -l)" = 3 && test -z "$(git status --porcelain)"'  # .gitignore'd
 # README.md: the Python snippet, extracted verbatim
 step "python - <<'PY'
