@@ -331,6 +331,7 @@ def _weights_note(provenance_files: list[Path], seconds: float, n_predicted: int
 
 def main(argv: list[str] | None = None) -> int:
     from lsmseg import cli as lsmseg_cli
+    from lsmseg.argtypes import progress_wanted
     from lsmseg.argtypes import structure as structure_argument
     from lsmseg.errors import EXIT_USAGE, LsmsegError
     from lsmseg.inference.results import provenance_path_for
@@ -343,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or default_data()
     if args.reuse_predictions and args.predictions is None:
         logger.error("--reuse-predictions needs --predictions DIR")
+        return EXIT_USAGE
+    try:  # bars as lsmseg predict and evaluate draw them: never with -q, else LSMSEG_PROGRESS, else on a terminal
+        progress = progress_wanted(args.quiet)
+    except ValueError as exc:
+        logger.error("%s", exc)
         return EXIT_USAGE
     predict_as = {d.structure: d.predict_as for d in DATASETS}
     for item in args.predict_as:
@@ -400,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                     "no mask, scored as an empty mask, so these figures are not the weights'. " + note)
 
         def score(pred_dir, preset, subset=None, figures=args.figures):
-            settings = EvaluationSettings(preset=preset, jobs=args.jobs, figures=figures, progress=not args.quiet)
+            settings = EvaluationSettings(preset=preset, jobs=args.jobs, figures=figures, progress=progress)
             if subset is None:
                 return evaluate_folders(pred_dir, labels, images, settings)
             # The 2024 preset knows c-Fos and microglia only: score those cases alone.

@@ -198,7 +198,8 @@ def test_real_sparse_trailmap_label(tmp_path, real_data):
     assert (tmp_path / "report" / "figures" / "volume.png").stat().st_size > 10_000
 
 
-def test_validate_shipped_scores_each_structure_with_the_leaderboard_metrics(tmp_path, tiny_weights, monkeypatch):
+def test_validate_shipped_scores_each_structure_with_the_leaderboard_metrics(tmp_path, tiny_weights, monkeypatch,
+                                                                             capsys):
     from lsmseg_evaluation.validate_shipped import main as validate
 
     data = tmp_path / "data"
@@ -252,6 +253,16 @@ def test_validate_shipped_scores_each_structure_with_the_leaderboard_metrics(tmp
     assert sorted(read_rows(tmp_path / "out2" / "model" / "metrics.csv")) == [
         "blood_vessel_vol1", "cfos_neuron_patchvolume_2_0"]
     assert (tmp_path / "masks" / "blood_vessel_vol1.tif").stat().st_mtime_ns == before
+    # Progress bars as predict and evaluate draw them: not into a log (stderr is no terminal here)...
+    capsys.readouterr()
+    again = ["--data", str(data), "--weights", str(tiny_weights), "--out", str(tmp_path / "out5"), "--cases", "vol1",
+             "--predictions", str(tmp_path / "masks"), "--reuse-predictions", "--no-figures"]
+    assert validate(again) == 0
+    assert "scoring" not in capsys.readouterr().err
+    monkeypatch.setenv("LSMSEG_PROGRESS", "yes")  # ...and a bad setting is a usage error before any work
+    assert validate(again) == 2
+    assert "LSMSEG_PROGRESS: expected 1" in capsys.readouterr().err
+    monkeypatch.delenv("LSMSEG_PROGRESS")
     assert validate(["--data", str(data), "--quiet", "--cases", "nothing_like_this", "--out", str(tmp_path / "o3")]) == 1
 
     # weights that cannot be loaded: the run fails, and its report says the figures are not the weights'

@@ -308,3 +308,33 @@ def test_openvino_is_imported_without_its_usage_telemetry():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["openvino.tools.ovc.telemetry_stub", "False", "openvino_telemetry"]
+
+
+def test_openvino_imported_from_two_threads_at_once_is_whole_in_both():
+    # The second caller found the half-loaded module in sys.modules and failed with "partially
+    # initialized module 'openvino' has no attribute 'Core'"; a block the application set is kept.
+    pytest.importorskip("openvino")
+    probe = (
+        "import sys, threading, time\n"
+        "from lsmseg.inference import engines\n"
+        "worker = threading.Thread(target=engines.import_openvino)\n"
+        "worker.start()\n"
+        "while 'openvino' not in sys.modules:\n"
+        "    time.sleep(0.0005)\n"
+        "ov = engines.import_openvino()\n"
+        "print(hasattr(ov, 'Core'), hasattr(ov, '__version__'))\n"
+        "worker.join()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]
+    kept = (
+        "import sys\n"
+        "sys.modules['openvino_telemetry'] = None\n"  # the application's own block
+        "from lsmseg.inference.engines import import_openvino\n"
+        "import_openvino()\n"
+        "print(sys.modules.get('openvino_telemetry', 'gone'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", kept], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None"]

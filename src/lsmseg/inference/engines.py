@@ -214,6 +214,9 @@ class OnnxEngine:
         return torch.from_numpy(logits)
 
 
+_openvino_import_lock = threading.Lock()
+
+
 def import_openvino():
     """``import openvino`` without its usage telemetry, and return the module.
 
@@ -221,16 +224,23 @@ def import_openvino():
     (openvino-telemetry) unless the user opted out with ``opt_in_out --opt_out``; lsmseg runs on lab
     and challenge data and sends nothing anywhere. With ``openvino_telemetry`` unimportable while
     openvino loads, the converter takes its own no-op stub; the block is lifted afterwards, so the
-    process may still import openvino_telemetry for its own use (and one imported before is kept).
+    process may import openvino_telemetry for its own use later (one imported before, or a block the
+    application set itself, is left as it was). While openvino loads, no other thread can import
+    openvino_telemetry either. Where openvino was imported before lsmseg's first use, its telemetry
+    is as that import left it.
     """
-    if "openvino" in sys.modules:
-        return sys.modules["openvino"]
-    blocked = sys.modules.setdefault("openvino_telemetry", None) is None
-    try:
-        import openvino
-    finally:
-        if blocked and sys.modules.get("openvino_telemetry", 0) is None:
-            del sys.modules["openvino_telemetry"]
+    # One thread at a time: a second one would otherwise find the half-loaded module in sys.modules.
+    with _openvino_import_lock:
+        if "openvino" not in sys.modules:
+            blocked = "openvino_telemetry" not in sys.modules
+            if blocked:
+                sys.modules["openvino_telemetry"] = None
+            try:
+                import openvino  # noqa: F401
+            finally:
+                if blocked and sys.modules.get("openvino_telemetry", 0) is None:
+                    del sys.modules["openvino_telemetry"]
+        import openvino  # waits for a plain import another thread may have under way
     return openvino
 
 
