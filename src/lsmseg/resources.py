@@ -57,10 +57,7 @@ def _cgroup_headroom(root: str) -> int | None:
         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
     ):
         try:
-            with open(os.path.join(root, limit_file), encoding="ascii") as handle:
-                limit = handle.read().strip()
-            with open(os.path.join(root, usage_file), encoding="ascii") as handle:
-                usage = int(handle.read().strip())
+            limit, usage = _cgroup_file(root, limit_file), int(_cgroup_file(root, usage_file))
         except (OSError, ValueError):
             continue
         # "max" (v2) or a huge page-rounded number (v1) means no limit.
@@ -92,19 +89,22 @@ def cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> float | None:
             ``"400000 100000"``; v1 ``cpu/cpu.cfs_quota_us``, -1 for none, over ``cpu/cpu.cfs_period_us``).
     """
     try:
-        with open(os.path.join(cgroup_root, "cpu.max"), encoding="ascii") as handle:
-            quota, period = handle.read().split()[:2]
+        quota, period = _cgroup_file(cgroup_root, "cpu.max").split()[:2]
         return None if quota == "max" else _ratio(int(quota), int(period))
     except (OSError, ValueError):
         pass
     try:
-        with open(os.path.join(cgroup_root, "cpu", "cpu.cfs_quota_us"), encoding="ascii") as handle:
-            quota = int(handle.read().strip())
-        with open(os.path.join(cgroup_root, "cpu", "cpu.cfs_period_us"), encoding="ascii") as handle:
-            period = int(handle.read().strip())
+        quota = int(_cgroup_file(cgroup_root, "cpu/cpu.cfs_quota_us"))
+        period = int(_cgroup_file(cgroup_root, "cpu/cpu.cfs_period_us"))
     except (OSError, ValueError):
         return None
     return _ratio(quota, period)
+
+
+def _cgroup_file(root: str, name: str) -> str:
+    """The text of one cgroup file below ``root`` (OSError when it is not there)."""
+    with open(os.path.join(root, name), encoding="ascii") as handle:
+        return handle.read().strip()
 
 
 def _ratio(quota: int, period: int) -> float | None:

@@ -84,7 +84,6 @@ def export_run(
         raise WeightsError(f"{run}: the run has not finished (no '{checkpoint}' checkpoint recorded; it stopped at "
                            f"step {record.get('steps')}); finish it with `lsmseg finetune --resume` before exporting")
     try:
-        chosen = record[checkpoint]
         source = run / chosen["file"]
         sha256 = chosen["sha256"]
         config = record["config"]
