@@ -28,6 +28,13 @@ budget is left out and listed (pack.json; the count is printed). With ``--stand-
 in the same layout replace the real data (the dry run of scripts/gpu_check.sh).
 
     python scripts/gpu_pack_data.py [--data DIR] [--out .gpu_data] [--max-mb N] [--stand-in]
+
+The pack is built in a hidden folder beside ``--out`` and renamed into place only when complete, so a
+failed run leaves the previous pack as it was. ``--out`` replaces only an empty folder or a previous pack
+(one holding ``pack.json``); an ``--out`` that is, holds or lies inside the data (the data root or a set's
+images or labels) or is or holds the repository is refused before any volume is read.
+Exit codes: 0 packed; 1 failed (a volume or the config cannot be read: one line
+``gpu_pack_data: <message>``); 2 usage (bad arguments, an ``--out`` refused as above).
 """
 
 from __future__ import annotations
@@ -46,8 +53,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "training")]
 
 from lsmseg.config import load_yaml, to_dict  # noqa: E402
+from lsmseg.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LsmsegError  # noqa: E402
 from lsmseg.io import read_volume, write_volume  # noqa: E402
+from lsmseg.io.atomic import atomic_output  # noqa: E402
 from lsmseg.normalise import normalise, percentiles  # noqa: E402
+from lsmseg.realdata import real_data_root  # noqa: E402
 from lsmseg_training.config import FinetuneConfig, load_run_config  # noqa: E402
 from lsmseg_training.data import check_splits, set_volumes, source_of  # noqa: E402
 
@@ -195,42 +205,77 @@ def packed_config(config, out: Path, stand_in: bool = False) -> dict:
     return data
 
 
+def out_refusal(out: Path, config, data_root: Path) -> str | None:
+    """Why ``out`` may not be (re)written, or None: the whole folder is replaced, so it may neither touch
+    the data it packs (the data root, any set's images or labels) nor the repository, and may only
+    replace an empty folder or a previous pack."""
+    target = out.resolve()
+    protected = [("the data root", data_root)] + [
+        (f"data.{split}[{index}].{key}", Path(getattr(volume_set, key)))
+        for split in ("train", "validation", "test") for index, volume_set in enumerate(getattr(config.data, split))
+        for key in ("images", "labels") if getattr(volume_set, key)]
+    for what, path in protected:
+        path = path.resolve()
+        relation = ("is" if target == path else "lies inside" if target.is_relative_to(path)
+                    else "holds" if path.is_relative_to(target) else None)
+        if relation:
+            return f"--out {out}: {relation} {what} ({path}); the pack replaces its whole folder, so it must lie apart from the data"
+    if REPO.is_relative_to(target):
+        return f"--out {out}: is or holds the repository ({REPO}); choose a folder of its own (default .gpu_data)"
+    if out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not (out / "pack.json").is_file():
+        return f"--out {out}: is a folder that is neither empty nor a previous pack (no pack.json); refusing to replace it"
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=REPO / "training/configs/general_finetune_real_logtail.yaml",
                         help="training config whose train and validation splits are packed")
     parser.add_argument("--data", type=Path, help="real-data folder ($LSMSEG_DATA; default as lsmseg.realdata)")
-    parser.add_argument("--out", type=Path, default=REPO / ".gpu_data", help="pack folder (ignored by git)")
+    parser.add_argument("--out", type=Path, default=REPO / ".gpu_data",
+                        help="pack folder (ignored by git); replaces only an empty folder or a previous pack")
     parser.add_argument("--max-mb", type=float, help="byte budget in MiB (default: 64 MiB less the tree, .whl and 2 MiB)")
     parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="the wheels the same call carries")
     parser.add_argument("--stand-in", action="store_true", help="phantoms instead of the real data (dry run)")
     args = parser.parse_args(argv)
-
-    config = load_run_config(FinetuneConfig, args.config, args.data)
-    if not args.stand_in:  # the sets' own checks (a source pattern that misses a name, ...) before packing
-        check_splits(config.data, str(args.config))
-    if args.out.exists():
-        import shutil
-
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True)
-    if args.stand_in:
-        budget = None
-        packed, left_out = pack_stand_in(config, args.out)
-    else:
-        budget = int(args.max_mb * 2**20) if args.max_mb else default_budget(args.wheels)
-        packed, left_out = pack_real(config, args.out, budget)
-    (args.out / "finetune.yaml").write_text(
-        f"# Written by scripts/gpu_pack_data.py from {GPU_CONFIG.relative_to(REPO)} and the splits of "
-        f"{args.config.name}; $LSMSEG_DATA is this folder.\n" + yaml.safe_dump(packed_config(config, args.out, args.stand_in),
-                                                                                   sort_keys=False))
-    summary = {"config": str(args.config), "budget_bytes": budget, "bytes": folder_bytes(args.out),
-               "stand_in": args.stand_in, "packed": packed, "left_out": left_out}
-    (args.out / "pack.json").write_text(json.dumps(summary, indent=1))
+    try:
+        config = load_run_config(FinetuneConfig, args.config, args.data)
+        refusal = out_refusal(args.out, config, real_data_root(args.data))
+        if refusal:
+            print(f"gpu_pack_data: {refusal}", file=sys.stderr)
+            return EXIT_USAGE
+        if not args.stand_in:  # the sets' own checks (a source pattern that misses a name, ...) before packing
+            check_splits(config.data, str(args.config))
+        # Built beside --out and renamed into place when complete: a failure keeps the previous pack.
+        with atomic_output(args.out, folder=True) as tmp:
+            summary = pack(config, args, tmp)
+    except LsmsegError as exc:
+        print(f"gpu_pack_data: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    packed, budget = summary["packed"], summary["budget_bytes"]
     counts = {split: sum(1 for p in packed if p["split"] == split) for split in SPLITS}
     print(f"{args.out}: {summary['bytes'] / 2**20:.1f} MiB ({'stand-in phantoms' if args.stand_in else f'budget {budget / 2**20:.1f} MiB'}); packed "
-          f"{counts['train']} training and {counts['validation']} validation volume(s), left out {len(left_out)}")
-    return 0
+          f"{counts['train']} training and {counts['validation']} validation volume(s), left out {len(summary['left_out'])}")
+    return EXIT_OK
+
+
+def pack(config, args, out: Path) -> dict:
+    """Write the pack into ``out`` (a new folder); return what pack.json holds."""
+    out.mkdir()
+    if args.stand_in:
+        budget = None
+        packed, left_out = pack_stand_in(config, out)
+    else:
+        budget = int(args.max_mb * 2**20) if args.max_mb else default_budget(args.wheels)
+        packed, left_out = pack_real(config, out, budget)
+    (out / "finetune.yaml").write_text(
+        f"# Written by scripts/gpu_pack_data.py from {GPU_CONFIG.relative_to(REPO)} and the splits of "
+        f"{args.config.name}; $LSMSEG_DATA is this folder.\n" + yaml.safe_dump(packed_config(config, out, args.stand_in),
+                                                                                   sort_keys=False))
+    summary = {"config": str(args.config), "budget_bytes": budget, "bytes": folder_bytes(out),
+               "stand_in": args.stand_in, "packed": packed, "left_out": left_out}
+    (out / "pack.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ A device call returns at most 8 files of 16 MiB (64 MiB in all). ``split`` takes
 (half the bytes; floating tensors only) and cuts that file into parts of at most ``--part-mb`` MiB,
 beside an index (``NAME.json``: the sha256 of the fp16 file and of every part, the manifest text).
 ``join`` checks every part's and the whole file's sha256, then writes a weights folder that
-``lsmseg predict --weights`` takes: the fp32 tensors (from fp16) and the manifest with that file's sha256.
+``lsmseg predict --weights`` takes: the fp32 tensors (from fp16) and the manifest with that file's sha256
+(the joined fp16 file is only a step there and is removed: nothing reads it afterwards).
+Exit codes: 0 done; 1 failed (one line ``ERROR: ...``: a part missing or damaged, no export); 2 usage.
 
     python scripts/gpu_weights.py split EXPORT_DIR OUT_DIR [--name gpu_weights] [--part-mb 15]
     python scripts/gpu_weights.py join OUT_DIR/gpu_weights.json -o WEIGHTS_DIR
@@ -25,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from lsmseg.errors import EXIT_FAILED, EXIT_OK, LsmsegError  # noqa: E402
+from lsmseg.io.atomic import partial_path, remove_path  # noqa: E402
 from lsmseg.weights import (  # noqa: E402
     Manifest, load_manifest, load_state_dict, save_weights, write_manifest,
 )
@@ -66,11 +70,26 @@ def split(export_dir: Path, out_dir: Path, name: str, part_mb: float) -> Path:
     return index_path
 
 
+def positive_mb(text: str) -> float:
+    """``--part-mb``: a size in MiB above 0 (parts of 0 bytes would never end)."""
+    value = float(text)
+    if not (0 < value < float("inf") and int(value * 2**20) >= 1):  # at least one byte a part
+        raise argparse.ArgumentTypeError(f"must be a size above 0 MiB, got {text}")
+    return value
+
+
 def join(index_path: Path, weights_dir: Path) -> Path:
-    index = json.loads(index_path.read_text())
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"ERROR: {index_path}: cannot read the index ({getattr(exc, 'strerror', None) or exc})")
     chunks = []
     for part in index["parts"]:
-        chunk = (index_path.parent / part["file"]).read_bytes()
+        try:
+            chunk = (index_path.parent / part["file"]).read_bytes()
+        except OSError as exc:
+            raise SystemExit(f"ERROR: {index_path.parent / part['file']}: cannot read this part ({exc.strerror or exc}); "
+                             "every part the index lists must lie beside it")
         if hashlib.sha256(chunk).hexdigest() != part["sha256"]:
             raise SystemExit(f"ERROR: {part['file']}: sha256 differs from the index (damaged or another run's part)")
         chunks.append(chunk)
@@ -78,19 +97,25 @@ def join(index_path: Path, weights_dir: Path) -> Path:
     if hashlib.sha256(data).hexdigest() != index["sha256"]:
         raise SystemExit(f"ERROR: {index_path}: the joined parts' sha256 differs from the index")
     weights_dir.mkdir(parents=True, exist_ok=True)
-    fp16_path = weights_dir / index["fp16_file"]
-    fp16_path.write_bytes(data)
-    # The manifest of the export, its entry pointing at the fp32 tensors restored from fp16.
-    exported = weights_dir / "exported-manifest.yaml"
-    exported.write_text(index["manifest"])
-    manifest = load_manifest(exported)
-    state = load_state_dict(fp16_path, index["sha256"])
-    restored = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    checkpoint = f"{index['model']}.safetensors"
-    sha = save_weights(restored, weights_dir / checkpoint)
-    entry = dataclasses.replace(manifest.models[index["model"]], file=checkpoint, sha256=sha)
-    path = write_manifest(Manifest(models={index["model"]: entry}, default=index["model"]), weights_dir / "manifest.yaml")
-    exported.unlink()
+    # The fp16 file and the export's manifest are only steps to the fp32 weights folder: written under
+    # hidden partial names and removed whatever happens (nothing reads them afterwards).
+    fp16_path = partial_path(weights_dir / index["fp16_file"])
+    exported = partial_path(weights_dir / "exported-manifest.yaml")
+    try:
+        fp16_path.write_bytes(data)
+        exported.write_text(index["manifest"])
+        manifest = load_manifest(exported)
+        state = load_state_dict(fp16_path, index["sha256"])
+        restored = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        checkpoint = f"{index['model']}.safetensors"
+        sha = save_weights(restored, weights_dir / checkpoint)
+        # The manifest of the export, its entry pointing at the fp32 tensors restored from fp16.
+        entry = dataclasses.replace(manifest.models[index["model"]], file=checkpoint, sha256=sha)
+        path = write_manifest(Manifest(models={index["model"]: entry}, default=index["model"]),
+                              weights_dir / "manifest.yaml")
+    finally:
+        remove_path(fp16_path)
+        remove_path(exported)
     print(f"{path}: sha256 verified ({index['sha256'][:16]}, {len(index['parts'])} part(s)); "
           f"{checkpoint} restored to fp32 (sha256 {sha[:16]})")
     return path
@@ -103,16 +128,21 @@ def main(argv=None) -> int:
     s.add_argument("export_dir", type=Path)
     s.add_argument("out_dir", type=Path)
     s.add_argument("--name", default="gpu_weights")
-    s.add_argument("--part-mb", type=float, default=15.0, help="largest part in MiB (a device call returns <= 16)")
+    s.add_argument("--part-mb", type=positive_mb, default=15.0,
+                   help="largest part in MiB, above 0 (a device call returns <= 16)")
     j = commands.add_parser("join", help="check and reassemble the parts into a weights folder")
     j.add_argument("index", type=Path, help="NAME.json written by split, beside its parts")
     j.add_argument("-o", "--weights-dir", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.command == "split":
-        split(args.export_dir, args.out_dir, args.name, args.part_mb)
-    else:
-        join(args.index, args.weights_dir)
-    return 0
+    try:
+        if args.command == "split":
+            split(args.export_dir, args.out_dir, args.name, args.part_mb)
+        else:
+            join(args.index, args.weights_dir)
+    except LsmsegError as exc:  # no export there, a checkpoint whose sha256 differs: one line
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":
