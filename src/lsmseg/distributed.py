@@ -237,11 +237,9 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
         else:  # a scratch zarr beside the output, streamed into the output's format at the end
             store = partial_path(output_path, suffix=".zarr")
             stack.callback(remove_path, store)
-        try:
+        with _file_system_errors(OutputError, output_path, "cannot write output"):
             output_path.parent.mkdir(parents=True, exist_ok=True)
             create_zarr_mask(store, volume.shape, np.uint8, plan.block_size, volume.spacing, like=volume)
-        except OSError as exc:
-            raise OutputError(output_path, f"cannot write output: {exc.strerror or exc}") from exc
         if prepared.constant:
             warn_constant(input_path)
             outcomes = []
@@ -251,10 +249,8 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
         if not as_zarr:
             import zarr
 
-            try:  # the scratch store, read back on the output's disk
+            with _file_system_errors(OutputError, output_path, "cannot write output"):  # the scratch store, read back
                 array = zarr.open_array(str(Path(store) / "0"), mode="r")
-            except OSError as exc:
-                raise OutputError(output_path, f"cannot write output: {exc.strerror or exc}") from exc
             blocks = ((block.out, np.asarray(array[block.out])) for block in plan.blocks)
             write_mask_blocks(blocks, output_path, volume.shape, like=volume)
     predict_s = time.perf_counter() - start
