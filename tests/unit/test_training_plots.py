@@ -37,6 +37,18 @@ def test_log_columns_keep_their_steps(tmp_path):
     assert len(columns["loss"]) == 20 and columns["loss"][0] == (1.0, 1.0)
 
 
+@pytest.mark.parametrize("torn", ["21,2.1,1e-", "21,2.1,1e-4,0.04,0.5,,", "21,2.1,1e-4,0.04,0.5,,,1e-"])
+def test_torn_last_row_is_skipped(tmp_path, torn):
+    # A run killed while writing a row leaves it cut short; engine.CsvLog drops it on resume, and
+    # read_log raised "could not convert string to float: '1e-'" (no plot for the run's folder).
+    (tmp_path / "log.csv").write_text(LOG + torn)
+    columns = plots.read_log(tmp_path / "log.csv")
+    assert [s for s, _ in columns["loss"]] == [float(s) for s in range(1, 21)]
+    (tmp_path / "log.csv").write_text(LOG.replace("\n5,", "\n5,x", 1))  # not the last row: refused, naming the file
+    with pytest.raises(ValueError, match=r"log.csv: row 6 holds a value that is not a number"):
+        plots.read_log(tmp_path / "log.csv")
+
+
 def test_missing_matplotlib_is_one_note_not_an_error(tmp_path, monkeypatch, caplog):
     (tmp_path / "log.csv").write_text(LOG)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... raises ImportError

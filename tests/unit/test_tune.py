@@ -45,7 +45,8 @@ def test_tune_scores_each_mirroring_and_writes_the_best_choice(tmp_path, tiny_mo
     assert [r["dice"] for r in plain] != [r["dice"] for r in mirrored]
     best = max(grid["grid"], key=lambda r: r["score"])
     choice = result["per_structure"]["cfos_neuron"]
-    assert choice == {k: best[k] for k in ("threshold", "split_touching", "min_component_voxels", "mirror_axes")}
+    assert choice == {k: best[k] for k in ("threshold", "split_touching", "min_component_voxels", "mirror_axes",
+                                           "intensity_floor")}
 
     write_choices(manifest, result)
     predictor = Predictor.from_manifest(manifest, options=RunOptions(progress=False))
@@ -55,8 +56,9 @@ def test_tune_scores_each_mirroring_and_writes_the_best_choice(tmp_path, tiny_mo
     assert np.isfinite(best["score"])
 
 
-def test_tune_without_mirroring_leaves_it_out_of_the_choices(tmp_path, tiny_model_config, tiny_model):
-    """The default run (no --mirror): one prediction per volume, and the manifest's mirroring untouched."""
+def test_tune_without_mirroring_chooses_no_mirroring(tmp_path, tiny_model_config, tiny_model):
+    """The default run (no --mirror): one prediction per volume, and the choice says it was scored
+    without mirroring (and at its floor, null included), so the manifest's global values cannot apply instead."""
     from lsmseg_training.tune import main
 
     _validation_config(tmp_path)  # writes config.yaml
@@ -65,8 +67,10 @@ def test_tune_without_mirroring_leaves_it_out_of_the_choices(tmp_path, tiny_mode
     assert main(["-c", str(tmp_path / "config.yaml"), "--weights", str(manifest), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["predict_seconds"]) == {"[]"}
-    assert "mirror_axes" not in result["per_structure"]["cfos_neuron"]
-    assert {"threshold", "split_touching", "min_component_voxels"} <= set(result["per_structure"]["cfos_neuron"])
+    choice = result["per_structure"]["cfos_neuron"]
+    best = result["validation"]["cfos_neuron"]["best"]
+    assert choice["mirror_axes"] == [] and choice["intensity_floor"] == best["intensity_floor"]
+    assert {"threshold", "split_touching", "min_component_voxels"} <= set(choice)
 
 
 def test_intensity_floor_searched_at_the_first_stages_best_and_applied(tmp_path, tiny_model_config, tiny_model):
@@ -138,9 +142,76 @@ def test_tuning_some_structures_keeps_the_others_settings(tmp_path, tiny_model_c
     before = entry.validation["per_structure"]["cfos_neuron"]["at_previous_settings"]
     assert {key: before[key] for key in earlier_cfos} == earlier_cfos and before["mirror_axes"] == []
 
-    # A structure the config has no validation volumes of is refused, naming it.
-    with pytest.raises(SystemExit, match="no validation volumes of microglia"):
+    # A structure the config has no validation volumes of is refused, naming it and the config file.
+    with pytest.raises(SystemExit, match="config.yaml: no validation volumes of microglia"):
         main(["-c", str(tmp_path / "config.yaml"), "--weights", str(manifest), "--structures", "microglia"])
+
+
+def test_structures_take_an_alias(tmp_path, tiny_model_config, tiny_model):
+    # 'cfos' names cfos_neuron everywhere else; tune refused it ('no validation volumes of cfos').
+    from lsmseg_training.tune import main
+
+    _validation_config(tmp_path)  # writes config.yaml; its validation set is cfos_neuron
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+    out = tmp_path / "grid.json"
+    assert main(["-c", str(tmp_path / "config.yaml"), "--weights", str(manifest), "--structures", "cfos",
+                 "--floors", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["per_structure"]) == {"cfos_neuron"}
+
+
+def test_choice_applies_as_scored_over_a_global_floor_and_mirroring(tmp_path, tiny_model_config, tiny_model):
+    """Rows are scored without a floor or mirroring unless they name one; a choice that left those
+    keys out let the manifest's global floor and mirroring apply to a setting scored without them."""
+    from lsmseg.inference import Predictor, RunOptions
+    from lsmseg_training.tune import tune, write_choices
+
+    config = _validation_config(tmp_path)
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model, threshold=0.93,
+                            intensity_floor=0.75, mirror_axes=(0, 1, 2))
+    result = tune(config, manifest, thresholds=(0.5, 0.9), min_components=(0,), splits=(0.0,), floors=())
+    best = result["validation"]["cfos_neuron"]["best"]
+    assert best["intensity_floor"] is None and best["mirror_axes"] == []
+    write_choices(manifest, result)
+    applied = Predictor.from_manifest(manifest, options=RunOptions(progress=False)).settings_for("cfos_neuron_1.tif")
+    assert applied.intensity_floor is None and applied.mirror_axes == () and applied.threshold == best["threshold"]
+    # The previous settings (threshold 0.93) are not in the grid: no row stands for them (not the 0.9 row).
+    assert result["validation"]["cfos_neuron"]["at_previous_settings"] is None
+
+
+def test_rows_count_the_volumes_whose_second_metric_is_nan(tmp_path, tiny_model_config, tiny_model):
+    """clDice is NaN for an empty prediction against a vessel: such a volume scores its Dice alone,
+    and the row says how many did, since its score is then not the mean of its dice and cldice."""
+    from lsmseg_training.config import FinetuneConfig, load_run_config
+    from lsmseg_training.tune import tune
+
+    _validation_config(tmp_path)  # writes config.yaml
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(config_path.read_text().replace("structure: cfos_neuron", "structure: blood_vessel"))
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+    result = tune(load_run_config(FinetuneConfig, config_path), manifest, thresholds=(0.5,), min_components=(0,),
+                  splits=(0.0,), floors=(50.0,))
+    rows = result["validation"]["blood_vessel"]["grid"]
+    empty = next(r for r in rows if r["intensity_floor"] == 50.0)  # above every voxel: nothing predicted
+    assert empty["nan_cldice"] == 2 and empty["dice"] == 0.0 and empty["score"] == 0.0
+    assert all(isinstance(r["nan_cldice"], int) for r in rows)
+
+
+def test_tune_refuses_validation_that_is_the_test_split(tmp_path, tiny_model_config, tiny_model):
+    # finetune and pretrain refuse splits that share a source; tune tuned on them.
+    from lsmseg.errors import ConfigError
+    from lsmseg_training.config import FinetuneConfig, load_run_config
+    from lsmseg_training.tune import main, tune
+
+    _validation_config(tmp_path)  # writes config.yaml
+    config_path = tmp_path / "config.yaml"
+    data = tmp_path / "data"
+    config_path.write_text(config_path.read_text().replace(
+        "  validation:\n", f"  test:\n    - images: {data / 'images'}\n      labels: {data / 'labels'}\n  validation:\n"))
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+    with pytest.raises(ConfigError, match="in both data.validation and data.test"):
+        tune(load_run_config(FinetuneConfig, config_path), manifest)
+    with pytest.raises(SystemExit, match=f"^ERROR: {config_path}: source 'cells_1' .* in both data.validation"):
+        main(["-c", str(config_path), "--weights", str(manifest)])
 
 
 def test_writing_a_tuned_structure_replaces_its_alias_key(tmp_path, tiny_model_config, tiny_model):

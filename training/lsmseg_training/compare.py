@@ -38,6 +38,28 @@ def dice(prediction: np.ndarray, label: np.ndarray) -> float:
     return dice_scores(prediction.astype(np.float32), label, [0.5])[0]
 
 
+def image_path_of(images: Path, name: str) -> Path:
+    """The volume ``name`` (any extension) in the folder ``images``; refused in one line when missing."""
+    images = Path(images)
+    if not images.is_dir():
+        raise SystemExit(f"ERROR: {images}: not a folder of images")
+    found = sorted(p for p in images.iterdir() if p.name.startswith(name + "."))
+    if not found:
+        raise SystemExit(f"ERROR: {images}: no volume named {name!r}")
+    return found[0]
+
+
+def read_run_record(run: Path) -> dict:
+    """A fine-tuning run's ``run.json``; refused in one line when missing or not JSON."""
+    path = Path(run) / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"ERROR: {run}: no run.json (not a fine-tuning run's output folder?)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SystemExit(f"ERROR: {path}: cannot be read as JSON ({exc})") from None
+
+
 def weights_vs_otsu(weights: Path, images: Path, labels: Path, names: list[str]) -> list[dict]:
     from lsmseg.inference import Predictor, RunOptions
     from lsmseg.io import read_volume
@@ -45,7 +67,7 @@ def weights_vs_otsu(weights: Path, images: Path, labels: Path, names: list[str])
     predictor = Predictor.from_manifest(weights, device="cpu", options=RunOptions(progress=False))
     rows = []
     for name in names:
-        image_path = next(p for p in Path(images).iterdir() if p.name.startswith(name + "."))
+        image_path = image_path_of(images, name)
         volume = read_volume(image_path)
         label = read_volume(Path(labels) / image_path.name).load() != 0
         image = volume.load()
@@ -65,7 +87,7 @@ def evaluate_run(run: Path, images: Path, labels: Path, names: list[str], thresh
     from .config import FinetuneConfig
     from .finetune import EXPORT_OVERLAP, validate
 
-    record = json.loads((Path(run) / "run.json").read_text())
+    record = read_run_record(run)
     config = from_dict(FinetuneConfig, record["config"], f"{run}/run.json:config")
     if thresholds:
         config.validation.thresholds = list(thresholds)
@@ -73,7 +95,7 @@ def evaluate_run(run: Path, images: Path, labels: Path, names: list[str], thresh
     for name in names:
         from lsmseg.io import read_volume
 
-        image_path = next(p for p in Path(images).iterdir() if p.name.startswith(name + "."))
+        image_path = image_path_of(images, name)
         volume = read_volume(image_path)
         volumes.append({"name": name, "image": volume.load(), "spacing": volume.spacing,
                         "label": read_volume(Path(labels) / image_path.name).load() != 0})
@@ -109,15 +131,36 @@ def torch_device():
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 1 a missing or unreadable volume, run folder or weights, 2 bad arguments."""
+    from lsmseg.errors import LsmsegError
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, help="weights folder or manifest to compare with smoothed Otsu")
-    parser.add_argument("--images", type=Path)
-    parser.add_argument("--labels", type=Path)
-    parser.add_argument("--names", nargs="*", default=[])
-    parser.add_argument("--runs", nargs="*", type=Path, default=[])
+    parser.add_argument("--images", type=Path, help="folder of the labelled volumes")
+    parser.add_argument("--labels", type=Path, help="folder of their labels (same file names)")
+    parser.add_argument("--names", nargs="*", default=[], help="volumes to score (file names without extension)")
+    parser.add_argument("--runs", nargs="*", type=Path, default=[], help="fine-tuning output folders (run.json)")
     parser.add_argument("--thresholds", nargs="*", type=float, help="threshold sweep for --runs (default: the run's)")
     args = parser.parse_args(argv)
+    if not (args.weights or args.runs):
+        parser.error("nothing to compare: give --weights and/or --runs")
+    missing = [option for option, value in (("--images", args.images), ("--labels", args.labels),
+                                            ("--names", args.names)) if not value]
+    if missing:
+        parser.error(f"--weights and --runs score named volumes: give {', '.join(missing)}")
     logging.basicConfig(level=logging.WARNING)
+    try:
+        return _compare(args)
+    except LsmsegError as exc:  # a volume, label or checkpoint that cannot be read: one line, not a traceback
+        raise SystemExit(f"ERROR: {exc}") from None
+
+
+def _compare(args) -> int:
+    # Every named volume and run record first: a typo is refused before minutes of prediction.
+    for name in args.names:
+        image_path_of(args.images, name)
+    for run in args.runs:
+        read_run_record(run)
     if args.weights:
         rows = weights_vs_otsu(args.weights, args.images, args.labels, args.names)
         print("| volume | exported model | smoothed Otsu |\n|---|---|---|")

@@ -19,14 +19,30 @@ _warned_missing = False
 
 
 def read_log(path: Path) -> dict[str, list[float]]:
-    """Columns of a ``log.csv`` as float lists (empty cells are skipped per column, with their step)."""
+    """Columns of a ``log.csv`` as float lists (empty cells are skipped per column, with their step).
+
+    A row cut short (the torn last line of a run killed while writing it, ``2,0.2,1e-``) is skipped,
+    as :class:`engine.CsvLog` drops it on resume: a row whose cells are not the header's count, or
+    a last row whose cells are not numbers."""
     columns: dict[str, list[tuple[float, float]]] = {}
     with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            step = float(row["step"])
-            for key, value in row.items():
-                if key != "step" and value not in ("", None):
-                    columns.setdefault(key, []).append((step, float(value)))
+        rows = list(csv.reader(handle))
+    header, rows = (rows[0], rows[1:]) if rows else ([], [])
+    for index, row in enumerate(rows):
+        if len(row) != len(header):
+            continue
+        try:
+            values = [(key, float(value)) for key, value in zip(header, row) if value != ""]
+        except ValueError:
+            if index == len(rows) - 1:
+                continue
+            raise ValueError(f"{path}: row {index + 2} holds a value that is not a number") from None
+        step = dict(values).get("step")
+        if step is None:  # a row with no step cannot be placed on the axis
+            continue
+        for key, value in values:
+            if key != "step":
+                columns.setdefault(key, []).append((step, value))
     return columns  # type: ignore[return-value]
 
 

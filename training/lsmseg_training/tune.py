@@ -55,9 +55,13 @@ PHANTOM_SHAPE = (48, 128, 128)
 
 def validation_volumes(config, structures=None) -> list[dict]:
     """(name, structure, image path, label path, spacing) of every validation volume (of
-    ``structures`` only, when given)."""
+    ``structures`` only, when given: the challenge's names or their aliases, ``cfos``)."""
+    from lsmseg.structures import known_structure
+
     from .data import set_volumes
 
+    # A set's structure is one of the challenge's names (the config refuses others): map aliases to them.
+    structures = {known_structure(s) or s for s in structures} if structures else None
     volumes = []
     for index, volume_set in enumerate(config.data.validation):
         if volume_set.structure is None:
@@ -71,7 +75,8 @@ def validation_volumes(config, structures=None) -> list[dict]:
 
 
 def leaderboard_score(structure: str, pred: np.ndarray, label: np.ndarray) -> dict:
-    """Dice and the structure's second 2026 metric, and their mean (``score``)."""
+    """Dice and the structure's second 2026 metric, and their mean (``score``; Dice alone where the
+    second is NaN)."""
     from lsmseg.structures import category_of
     from lsmseg_evaluation.leaderboard import dice, panoptica_cldice, panoptica_pq
 
@@ -82,21 +87,31 @@ def leaderboard_score(structure: str, pred: np.ndarray, label: np.ndarray) -> di
     else:
         result["cldice"] = panoptica_cldice(pred, label)
         second = result["cldice"]
-    # Both empty: PQ/clDice are undefined (NaN); the case then counts by its Dice alone.
+    # The second metric is NaN where panoptica leaves it undefined: PQ when both masks are empty;
+    # clDice then too, and also when either mask or either skeleton is empty or the two do not
+    # overlap (an empty prediction against a vessel). The volume then scores its Dice alone. The
+    # leaderboard has no combined score: it averages each metric over the cases (statistics.mean),
+    # so one NaN case makes that metric's mean NaN; here a grid row must still be comparable.
     result["score"] = result["dice"] if math.isnan(second) else (result["dice"] + second) / 2
     return result
 
 
 def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_COMPONENTS,
-         splits=SPLITS, mirrors=((),), structures=None, floors=FLOORS) -> dict:
+         splits=SPLITS, mirrors=((),), structures=None, floors=FLOORS, where: str | None = None) -> dict:
     """Predict the validation volumes (of ``structures`` only, when given) once per mirroring in
     ``mirrors``, score the grid per structure (then ``floors`` × ``thresholds`` at its best row's
-    other settings), return the choices."""
+    other settings), return the choices. ``where`` names the config in errors (its file; default
+    its ``name:``)."""
     import dataclasses
 
     from lsmseg.io import read_volume
     from lsmseg.inference import Predictor, RunOptions
     from lsmseg.structures import category_of
+
+    from .data import check_splits
+
+    where = where or config.name
+    check_splits(config.data, where)  # validation volumes that are also training or test ones would flatter
 
     predictor = Predictor.from_manifest(manifest_path, options=RunOptions(progress=False))
     manifest_settings = predictor.settings
@@ -104,7 +119,7 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     mirrors = [tuple(axes) for axes in mirrors]
     volumes = validation_volumes(config, structures)
     if not volumes:
-        raise SystemExit(f"ERROR: {config.name}: no validation volumes of {', '.join(structures or ['any structure'])}")
+        raise SystemExit(f"ERROR: {where}: no validation volumes of {', '.join(structures or ['any structure'])}")
     predict_seconds = dict.fromkeys(mirrors, 0.0)
     for volume in volumes:
         image = read_volume(volume["image"]).load()
@@ -134,6 +149,10 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
                    "min_component_voxels": min_voxels, "intensity_floor": floor}
             for key in scores[0]:
                 row[key] = round(float(np.nanmean([s[key] for s in scores])), 5)
+            # Each metric is averaged over the volumes where it is defined, and score is the mean of
+            # the volumes' scores: with NaN volumes, score is not the mean of dice and the second.
+            second = "panoptic_quality" if "panoptic_quality" in scores[0] else "cldice"
+            row[f"nan_{second}"] = sum(math.isnan(s[second]) for s in scores)
             return row
 
         rows = [scored(*combination, None) for combination in
@@ -145,27 +164,33 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
         # Best mean score; ties go to the simpler setting (the grid's earlier, plainer entries).
         best = max(rows, key=lambda r: r["score"])
         # The structure's settings before this tune (its manifest entry over the defaults): the
-        # figure a re-tune is measured against. None when the grid does not hold them. (Manifests
-        # tuned before 2026-12-02 hold at_manifest_settings instead: the global defaults' row.)
+        # figure a re-tune is measured against. None when the grid does not hold them (a previous
+        # threshold of 0.93 is not the 0.9 row). (Manifests tuned before 2026-12-02 hold
+        # at_manifest_settings instead: the global defaults' row.)
         before = manifest_settings.for_structure(structure)
         at_previous = next((r for r in rows if r["mirror_axes"] == list(before.mirror_axes)
-                            and r["threshold"] == min(thresholds, key=lambda t: abs(t - before.threshold))
+                            and _same(r["threshold"], before.threshold)
                             and r["split_touching"] == (before.split_touching if structure_splits != (0.0,) else 0.0)
                             and r["min_component_voxels"] == before.min_component_voxels
-                            and r["intensity_floor"] == before.intensity_floor), None)
-        choices[structure] = {"threshold": best["threshold"], "split_touching": best["split_touching"],
-                              "min_component_voxels": best["min_component_voxels"]}
-        if best["intensity_floor"] is not None:
-            choices[structure]["intensity_floor"] = best["intensity_floor"]
-        if len(mirrors) > 1 or best["mirror_axes"]:  # manifests tuned without mirroring stay as they were
-            choices[structure]["mirror_axes"] = best["mirror_axes"]
+                            and _same(r["intensity_floor"], before.intensity_floor)), None)
+        # Every setting a row was scored at, null floor and no mirroring included: a key left out
+        # would let the manifest's global value apply, which is not what was scored.
+        choices[structure] = {key: best[key] for key in ("threshold", "split_touching", "min_component_voxels",
+                                                         "intensity_floor", "mirror_axes")}
         grids[structure] = {"volumes": [v["name"] for v in members], "best": best, "at_previous_settings": at_previous,
                             "grid": rows}
-        metrics = [k for k in best if k not in choices[structure] and k not in ("mirror_axes", "intensity_floor")]
+        metrics = [k for k in best if k not in choices[structure] and not k.startswith("nan_")]
         logger.info("%s: %s -> mean score %.4f (%s)", structure, choices[structure], best["score"],
                     ", ".join(f"{k} {best[k]:.4f}" for k in metrics))
     return {"per_structure": choices, "validation": grids,
             "predict_seconds": {str(list(axes)): round(seconds, 1) for axes, seconds in predict_seconds.items()}}
+
+
+def _same(value, other) -> bool:
+    """Whether two settings are equal (None only to None; floats within 1e-9, as YAML round-trips them)."""
+    if value is None or other is None:
+        return value is other
+    return abs(value - other) <= 1e-9
 
 
 def phantom_threshold(manifest_path: Path, thresholds=THRESHOLDS, kinds=PHANTOM_KINDS, seeds=PHANTOM_SEEDS,
@@ -242,6 +267,8 @@ def write_choices(manifest_path: Path, result: dict) -> Path:
 
 
 def main(argv=None) -> int:
+    from lsmseg.errors import LsmsegError
+
     from .config import FinetuneConfig, load_run_config
 
     parser = argparse.ArgumentParser(prog="python -m lsmseg_training.tune", description=__doc__.split("\n\n")[0])
@@ -263,11 +290,14 @@ def main(argv=None) -> int:
                              "the manifest's settings (default: every structure of the config)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = load_run_config(FinetuneConfig, args.config)
-    if args.write:
-        writable_manifest(args.weights)  # before the grid (~30 min), not after it
-    result = tune(config, args.weights, mirrors=((), MIRROR_ALL) if args.mirror else ((),),
-                  structures=args.structures, floors=tuple(args.floors))
+    try:  # a bad config, split or manifest: one line naming its file (exit 1), not a traceback
+        config = load_run_config(FinetuneConfig, args.config)
+        if args.write:
+            writable_manifest(args.weights)  # before the grid (~30 min), not after it
+        result = tune(config, args.weights, mirrors=((), MIRROR_ALL) if args.mirror else ((),),
+                      structures=args.structures, floors=tuple(args.floors), where=str(args.config))
+    except LsmsegError as exc:
+        raise SystemExit(f"ERROR: {exc}") from None
     if args.default_threshold:
         result["default_threshold"] = phantom_threshold(args.weights)
         logger.info("default threshold %s (phantom Dice %s)", result["default_threshold"]["threshold"],

@@ -1,0 +1,51 @@
+"""lsmseg_training.compare: bad arguments and missing inputs are refused in one line, before any prediction."""
+
+import pytest
+
+from lsmseg_training.compare import main
+
+
+@pytest.fixture
+def folders(tmp_path):
+    for folder in ("images", "labels", "run"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "images" / "vol_1.tif").write_bytes(b"")  # never read: every check comes first
+    return tmp_path
+
+
+def test_unknown_volume_name_is_one_line_naming_the_folder(folders, tiny_weights):
+    # Was a bare StopIteration.
+    with pytest.raises(SystemExit, match=r"^ERROR: .*images: no volume named 'nosuch'$"):
+        main(["--weights", str(tiny_weights), "--images", str(folders / "images"), "--labels",
+              str(folders / "labels"), "--names", "nosuch"])
+    with pytest.raises(SystemExit, match=r"^ERROR: .*missing: not a folder of images$"):
+        main(["--weights", str(tiny_weights), "--images", str(folders / "missing"), "--labels",
+              str(folders / "labels"), "--names", "vol_1"])
+
+
+def test_run_folder_without_record_is_one_line_naming_it(folders):
+    # Was a FileNotFoundError traceback.
+    args = ["--images", str(folders / "images"), "--labels", str(folders / "labels"), "--names", "vol_1", "--runs"]
+    with pytest.raises(SystemExit, match=r"^ERROR: .*run: no run.json"):
+        main([*args, str(folders / "run")])
+    (folders / "run" / "run.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"^ERROR: .*run.json: cannot be read as JSON"):
+        main([*args, str(folders / "run")])
+
+
+@pytest.mark.parametrize("args", [
+    ["--weights", "w", "--images", "i", "--labels", "l"],  # was an IndexError after predicting nothing
+    ["--runs", "r", "--names", "v"],
+    [],
+])
+def test_incomplete_arguments_are_usage_errors(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_unreadable_volume_is_one_line(folders, tiny_weights):
+    # An empty image file (and no label): lsmseg's InputError, printed as one line naming the file.
+    with pytest.raises(SystemExit, match=r"^ERROR: .*vol_1.tif: "):
+        main(["--weights", str(tiny_weights), "--images", str(folders / "images"), "--labels",
+              str(folders / "labels"), "--names", "vol_1"])
