@@ -281,7 +281,7 @@ def main(argv=None) -> int:
                              "settings) on phantoms of cells, nuclei and plaques")
     parser.add_argument("--mirror", action="store_true",
                         help="also predict with test-time mirroring on every axis (8x the time) and let "
-                             "each structure choose")
+                             "each structure choose (without it, every choice written is one pass: mirror_axes [])")
     parser.add_argument("--floors", type=float, nargs="*", default=list(FLOORS), metavar="X",
                         help=f"intensity floors of the second stage (default: {' '.join(map(str, FLOORS))}; "
                              "none given: no second stage, the grid of before 2026-12-03)")
