@@ -86,7 +86,7 @@ else
   echo "== real data not found at $LSMSEG_DATA: comparison and validation skipped"
 fi
 if [ "$full" = 1 ]; then
-  step 'pip install -q torch==2.13.0 -e ".[dev]" && python -m pytest tests'
+  step 'pip install -q torch==2.13.0 -e ".[dev]" && python -m pytest tests -n 2 --dist loadfile'
   step 'python -m lsmseg_evaluation.validate_shipped --split training/configs/general_finetune_real.yaml --set test --baseline'
   step 'lsmseg pretrain -c training/configs/general_pretrain.yaml && lsmseg finetune -c training/configs/general_finetune_long.yaml'
   step 'lsmseg export runs/general/finetune_long --name general --min-component-voxels 10'
