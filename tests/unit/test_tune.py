@@ -1,6 +1,7 @@
 """lsmseg_training.tune: per-structure choices from the validation split, mirroring included."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -188,12 +189,16 @@ def test_rows_count_the_volumes_whose_second_metric_is_nan(tmp_path, tiny_model_
     config_path = tmp_path / "config.yaml"
     config_path.write_text(config_path.read_text().replace("structure: cfos_neuron", "structure: blood_vessel"))
     manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
-    result = tune(load_run_config(FinetuneConfig, config_path), manifest, thresholds=(0.5,), min_components=(0,),
-                  splits=(0.0,), floors=(50.0,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's "Mean of empty slice" for an all-NaN metric
+        result = tune(load_run_config(FinetuneConfig, config_path), manifest, thresholds=(0.5,), min_components=(0,),
+                      splits=(0.0,), floors=(50.0,))
     rows = result["validation"]["blood_vessel"]["grid"]
     empty = next(r for r in rows if r["intensity_floor"] == 50.0)  # above every voxel: nothing predicted
     assert empty["nan_cldice"] == 2 and empty["dice"] == 0.0 and empty["score"] == 0.0
+    assert empty["cldice"] is None  # undefined on every volume: JSON null, not the non-standard NaN
     assert all(isinstance(r["nan_cldice"], int) for r in rows)
+    json.dumps(result, allow_nan=False)
 
 
 def test_tune_refuses_validation_that_is_the_test_split(tmp_path, tiny_model_config, tiny_model):

@@ -148,7 +148,8 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
             row = {"mirror_axes": list(axes), "threshold": threshold, "split_touching": split,
                    "min_component_voxels": min_voxels, "intensity_floor": floor}
             for key in scores[0]:
-                row[key] = round(float(np.nanmean([s[key] for s in scores])), 5)
+                defined = [s[key] for s in scores if not math.isnan(s[key])]
+                row[key] = round(float(np.mean(defined)), 5) if defined else None  # None: NaN on every volume
             # Each metric is averaged over the volumes where it is defined, and score is the mean of
             # the volumes' scores: with NaN volumes, score is not the mean of dice and the second.
             second = "panoptic_quality" if "panoptic_quality" in scores[0] else "cldice"
@@ -181,7 +182,7 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
                             "grid": rows}
         metrics = [k for k in best if k not in choices[structure] and not k.startswith("nan_")]
         logger.info("%s: %s -> mean score %.4f (%s)", structure, choices[structure], best["score"],
-                    ", ".join(f"{k} {best[k]:.4f}" for k in metrics))
+                    ", ".join(f"{k} {best[k]:.4f}" if best[k] is not None else f"{k} undefined" for k in metrics))
     return {"per_structure": choices, "validation": grids,
             "predict_seconds": {str(list(axes)): round(seconds, 1) for axes, seconds in predict_seconds.items()}}
 
