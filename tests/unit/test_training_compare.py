@@ -31,6 +31,10 @@ def test_run_folder_without_record_is_one_line_naming_it(folders):
     (folders / "run" / "run.json").write_text("{not json")
     with pytest.raises(SystemExit, match=r"^ERROR: .*run.json: cannot be read as JSON"):
         main([*args, str(folders / "run")])
+    # A killed run's record names no final checkpoint yet: was a KeyError traceback.
+    (folders / "run" / "run.json").write_text('{"config": {}, "best": {}}')
+    with pytest.raises(SystemExit, match=r"^ERROR: .*run.json: names no final \(an unfinished run\? resume it first\)$"):
+        main([*args, str(folders / "run")])
 
 
 @pytest.mark.parametrize("args", [

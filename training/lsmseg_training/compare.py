@@ -53,11 +53,15 @@ def read_run_record(run: Path) -> dict:
     """A fine-tuning run's ``run.json``; refused in one line when missing or not JSON."""
     path = Path(run) / "run.json"
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except FileNotFoundError:
         raise SystemExit(f"ERROR: {run}: no run.json (not a fine-tuning run's output folder?)") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise SystemExit(f"ERROR: {path}: cannot be read as JSON ({exc})") from None
+    missing = [key for key in ("config", "best", "final") if not isinstance(record, dict) or key not in record]
+    if missing:  # a run killed before it ended has no final checkpoint yet
+        raise SystemExit(f"ERROR: {path}: names no {' or '.join(missing)} (an unfinished run? resume it first)")
+    return record
 
 
 def weights_vs_otsu(weights: Path, images: Path, labels: Path, names: list[str]) -> list[dict]:
@@ -90,7 +94,7 @@ def evaluate_run(run: Path, images: Path, labels: Path, names: list[str], thresh
     record = read_run_record(run)
     config = from_dict(FinetuneConfig, record["config"], f"{run}/run.json:config")
     if thresholds:
-        config.validation.thresholds = list(thresholds)
+        config.validation.thresholds = sorted(set(thresholds) | {0.5})  # the table's "at 0.5" column needs 0.5
     volumes = []
     for name in names:
         from lsmseg.io import read_volume
@@ -140,7 +144,7 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", type=Path, help="folder of their labels (same file names)")
     parser.add_argument("--names", nargs="*", default=[], help="volumes to score (file names without extension)")
     parser.add_argument("--runs", nargs="*", type=Path, default=[], help="fine-tuning output folders (run.json)")
-    parser.add_argument("--thresholds", nargs="*", type=float, help="threshold sweep for --runs (default: the run's)")
+    parser.add_argument("--thresholds", nargs="*", type=float, help="threshold sweep for --runs (default: the run's; 0.5 is always added)")
     args = parser.parse_args(argv)
     if not (args.weights or args.runs):
         parser.error("nothing to compare: give --weights and/or --runs")
