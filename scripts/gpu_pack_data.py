@@ -52,6 +52,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "training")]
 
+from lsmseg.argtypes import positive  # noqa: E402
 from lsmseg.config import load_yaml, to_dict  # noqa: E402
 from lsmseg.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LsmsegError  # noqa: E402
 from lsmseg.io import read_volume, write_volume  # noqa: E402
@@ -223,7 +224,8 @@ def out_refusal(out: Path, config, data_root: Path) -> str | None:
     if REPO.is_relative_to(target):
         return f"--out {out}: is or holds the repository ({REPO}); choose a folder of its own (default .gpu_data)"
     if out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not (out / "pack.json").is_file():
-        return f"--out {out}: is a folder that is neither empty nor a previous pack (no pack.json); refusing to replace it"
+        return (f"--out {out}: is a folder that is neither empty nor a previous pack (no pack.json); refusing to replace it "
+                "(an unfinished pack? remove it)")
     return None
 
 
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, help="real-data folder ($LSMSEG_DATA; default as lsmseg.realdata)")
     parser.add_argument("--out", type=Path, default=REPO / ".gpu_data",
                         help="pack folder (ignored by git); replaces only an empty folder or a previous pack")
-    parser.add_argument("--max-mb", type=float, help="byte budget in MiB (default: 64 MiB less the tree, .whl and 2 MiB)")
+    parser.add_argument("--max-mb", type=positive, help="byte budget in MiB, above 0 (default: 64 MiB less the tree, .whl and 2 MiB)")
     parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="the wheels the same call carries")
     parser.add_argument("--stand-in", action="store_true", help="phantoms instead of the real data (dry run)")
     args = parser.parse_args(argv)

@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from lsmseg.argtypes import positive  # noqa: E402
 from lsmseg.errors import EXIT_FAILED, EXIT_OK, LsmsegError  # noqa: E402
 from lsmseg.io.atomic import partial_path, remove_path  # noqa: E402
 from lsmseg.weights import (  # noqa: E402
@@ -70,12 +71,27 @@ def split(export_dir: Path, out_dir: Path, name: str, part_mb: float) -> Path:
     return index_path
 
 
-def positive_mb(text: str) -> float:
-    """``--part-mb``: a size in MiB above 0 (parts of 0 bytes would never end)."""
-    value = float(text)
-    if not (0 < value < float("inf") and int(value * 2**20) >= 1):  # at least one byte a part
-        raise argparse.ArgumentTypeError(f"must be a size above 0 MiB, got {text}")
+def part_size_mb(text: str) -> float:
+    """``--part-mb``: a size in MiB of at least one byte (parts of 0 bytes would never end)."""
+    value = positive(text)
+    if int(value * 2**20) < 1:
+        raise argparse.ArgumentTypeError(f"expected at least one byte (1e-6 MiB), got {text}")
     return value
+
+
+def check_index(index, index_path: Path) -> None:
+    """Refuse, in one line, an index that lacks a key ``split`` writes or names a file outside its own
+    folder (parts are read beside the index; the fp16 file and the model's are written in the weights folder)."""
+    keys = ("parts", "sha256", "fp16_file", "model", "manifest")
+    missing = [key for key in keys if not isinstance(index, dict) or key not in index]
+    if missing or not isinstance(index["parts"], list) or not all(
+            isinstance(part, dict) and {"file", "sha256"} <= part.keys() for part in index["parts"]):
+        raise SystemExit(f"ERROR: {index_path}: not an index written by 'gpu_weights.py split' "
+                         f"(missing {', '.join(missing) or 'a part entry with file and sha256'})")
+    names = [part["file"] for part in index["parts"]] + [index["fp16_file"], f"{index['model']}.safetensors"]
+    for name in names:
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise SystemExit(f"ERROR: {index_path}: file name {name!r} is not a plain name in one folder")
 
 
 def join(index_path: Path, weights_dir: Path) -> Path:
@@ -83,6 +99,7 @@ def join(index_path: Path, weights_dir: Path) -> Path:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError) as exc:
         raise SystemExit(f"ERROR: {index_path}: cannot read the index ({getattr(exc, 'strerror', None) or exc})")
+    check_index(index, index_path)
     chunks = []
     for part in index["parts"]:
         try:
@@ -128,7 +145,7 @@ def main(argv=None) -> int:
     s.add_argument("export_dir", type=Path)
     s.add_argument("out_dir", type=Path)
     s.add_argument("--name", default="gpu_weights")
-    s.add_argument("--part-mb", type=positive_mb, default=15.0,
+    s.add_argument("--part-mb", type=part_size_mb, default=15.0,
                    help="largest part in MiB, above 0 (a device call returns <= 16)")
     j = commands.add_parser("join", help="check and reassemble the parts into a weights folder")
     j.add_argument("index", type=Path, help="NAME.json written by split, beside its parts")

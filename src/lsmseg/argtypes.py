@@ -111,6 +111,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def positive(text: str) -> float:
+    """An argparse type: a finite number > 0, e.g. a size in MiB."""
+    value = _number(text)
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite value > 0, got {text}")
+    return value
+
+
 def non_negative(text: str) -> float:
     """An argparse type: a finite number >= 0."""
     value = _number(text)

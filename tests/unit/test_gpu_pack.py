@@ -209,5 +209,39 @@ def test_part_size_must_be_above_zero(gpu_weights, export, tmp_path, capsys, par
     folder, _ = export
     with pytest.raises(SystemExit) as refused:
         gpu_weights.main(["split", str(folder), str(tmp_path / "parts"), "--part-mb", part_mb])
-    assert refused.value.code == 2 and "--part-mb: must be a size above 0 MiB" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "--part-mb:" in err and ("> 0" in err or "at least one byte" in err), err
     assert not (tmp_path / "parts").exists()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda index: index.pop("parts"), "not an index written by 'gpu_weights.py split' (missing parts)"),
+    (lambda index: index["parts"][0].update(file="../../etc/hostname"), "is not a plain name in one folder"),
+    (lambda index: index.update(fp16_file="../outside.safetensors"), "is not a plain name in one folder"),
+])
+def test_join_refuses_an_index_that_is_not_splits_or_names_files_elsewhere(gpu_weights, export, tmp_path, damage,
+                                                                            expected):
+    # Was a KeyError traceback; a part named ../../x was read from outside the index's folder.
+    import json
+
+    folder, _ = export
+    assert gpu_weights.main(["split", str(folder), str(tmp_path / "parts"), "--name", "gpu_tiny"]) == 0
+    index_path = tmp_path / "parts" / "gpu_tiny.json"
+    index = json.loads(index_path.read_text())
+    damage(index)
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(SystemExit) as failed:
+        gpu_weights.main(["join", str(index_path), "-o", str(tmp_path / "joined")])
+    message = str(failed.value.code)
+    assert message.startswith(f"ERROR: {index_path}: ") and expected in message and "\n" not in message
+    assert not (tmp_path / "joined").exists() and not (tmp_path / "outside.safetensors").exists()
+
+
+@pytest.mark.parametrize("max_mb", ["0", "-1", "nan"])
+def test_budget_must_be_above_zero(pack, tiny, tmp_path, capsys, max_mb):
+    # --max-mb 0 fell back to the default budget and -1 packed nothing, both with exit 0.
+    with pytest.raises(SystemExit) as refused:
+        pack.main(["--config", str(tiny["config"]), "--data", str(tiny["data"]), "--out", str(tmp_path / "out"),
+                   "--max-mb", max_mb])
+    assert refused.value.code == 2 and "--max-mb:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
