@@ -73,6 +73,12 @@ def test_tune_without_mirroring_chooses_no_mirroring(tmp_path, tiny_model_config
     assert choice["mirror_axes"] == [] and choice["intensity_floor"] == best["intensity_floor"]
     assert {"threshold", "split_touching", "min_component_voxels"} <= set(choice)
 
+    # An --out that cannot be written, found after the grid: one line naming it (was a traceback).
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=f"^ERROR: {tmp_path / 'a_file'}: "):
+        main(["-c", str(tmp_path / "config.yaml"), "--weights", str(manifest), "--floors",
+              "--out", str(tmp_path / "a_file" / "grid.json")])
+
 
 def test_intensity_floor_searched_at_the_first_stages_best_and_applied(tmp_path, tiny_model_config, tiny_model):
     """The floor's stage: every floor × threshold at the plain grid's best removal; the choice is the

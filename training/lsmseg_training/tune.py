@@ -297,18 +297,20 @@ def main(argv=None) -> int:
             writable_manifest(args.weights)  # before the grid (~30 min), not after it
         result = tune(config, args.weights, mirrors=((), MIRROR_ALL) if args.mirror else ((),),
                       structures=args.structures, floors=tuple(args.floors), where=str(args.config))
+        if args.default_threshold:
+            result["default_threshold"] = phantom_threshold(args.weights)
+            logger.info("default threshold %s (phantom Dice %s)", result["default_threshold"]["threshold"],
+                        result["default_threshold"]["phantom_dice_by_threshold"])
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            write_text(json.dumps(result, indent=1), args.out)  # a grid takes ~30 min: never half a file
+        print(json.dumps(result["per_structure"], indent=1))
+        if args.write:
+            print(write_choices(args.weights, result))
     except LsmsegError as exc:
         raise SystemExit(f"ERROR: {exc}") from None
-    if args.default_threshold:
-        result["default_threshold"] = phantom_threshold(args.weights)
-        logger.info("default threshold %s (phantom Dice %s)", result["default_threshold"]["threshold"],
-                    result["default_threshold"]["phantom_dice_by_threshold"])
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_text(json.dumps(result, indent=1), args.out)  # a grid takes ~30 min: never half a file
-    print(json.dumps(result["per_structure"], indent=1))
-    if args.write:
-        print(write_choices(args.weights, result))
+    except OSError as exc:  # e.g. --out's folder cannot be made
+        raise SystemExit(f"ERROR: {exc.filename or args.out}: {exc.strerror or exc}") from None
     return 0
 
 
