@@ -226,3 +226,71 @@ def test_available_memory_sees_the_cgroup_limit(tmp_path, layout, limit, usage, 
     meminfo.write_text("MemTotal:       4000 kB\nMemAvailable:   2000 kB\n")
     assert available_memory(str(tmp_path / "no-cgroup"), str(meminfo)) == 2_048_000
     assert available_memory(str(tmp_path), str(meminfo)) == (expected if expected is not None else 2_048_000)
+
+
+# Coarse spacing: structures are physical (µm), so a coarse voxel holds many of them; the work must
+# follow the voxels (it took minutes for nuclei at 20 µm), and the label must keep its fraction.
+COARSE_SHAPE, COARSE_SPACING = (12, 32, 32), (20.0, 20.0, 20.0)
+
+
+class _CountingRng:
+    """A numpy Generator that counts the draws made from it (each object drawn costs a few)."""
+
+    def __init__(self, rng):
+        self._rng, self.calls = rng, 0
+
+    def __getattr__(self, name):
+        method = getattr(self._rng, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return method(*args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_coarse_spacing_draws_objects_by_the_voxel_not_the_micrometre(monkeypatch, kind):
+    rngs = []
+    default_rng = np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda *a: rngs.append(_CountingRng(default_rng(*a))) or rngs[-1])
+    p = make_phantom(kind, COARSE_SHAPE, seed=0, spacing=COARSE_SPACING)
+    assert len(rngs) == 1
+    # 12,288 voxels; drawing by the physical volume took 40,000-1,000,000 draws here.
+    assert rngs[0].calls < p.image.size / 2
+    low, high = LABEL_FRACTION[kind]
+    assert low <= p.label.sum() / p.tissue.sum() <= high
+
+
+@pytest.mark.parametrize("kind", ["nuclei", "cells", "plaques"])
+def test_blobs_smaller_than_a_voxel_are_not_painted_one_by_one(monkeypatch, kind):
+    from lsmseg.synth import phantom
+
+    calls = []
+    paint_one = phantom._paint_blob
+    monkeypatch.setattr(phantom, "_paint_blob", lambda *a: calls.append(1) or paint_one(*a))
+    p = make_phantom(kind, COARSE_SHAPE, seed=0, spacing=COARSE_SPACING)
+    assert p.label.any()
+    assert len(calls) < p.image.size / 100
+
+
+@pytest.mark.parametrize("spacing", [(20.0, 20.0, 20.0), (6.0, 4.0, 4.0)])
+def test_painting_in_runs_equals_painting_one_by_one(spacing):
+    """Dense, overlapping blobs of mixed sizes (some painted in runs, some alone): the order decides
+    which value an overlap keeps, so the runs must give what painting them in order gives."""
+    from lsmseg.synth import phantom
+
+    rng = np.random.default_rng(0)
+    space = phantom._Space((6, 10, 12), spacing)
+    blobs = [(rng.uniform(-5, 1, 3) + rng.uniform(0, 1, 3) * space.extent, rng.uniform(1.0, 9.0, 3),
+              rng.standard_normal((3, 3)), rng.uniform(1.0, 5.0)) for _ in range(400)]
+    roughness = rng.standard_normal(space.shape).astype(np.float32)
+    texture = rng.standard_normal(space.shape).astype(np.float32)
+    runs = np.zeros(space.shape, bool), np.zeros(space.shape, np.float32)
+    phantom._paint_blobs(*runs, space, blobs, roughness, 0.3, texture)
+    one = np.zeros(space.shape, bool), np.zeros(space.shape, np.float32)
+    for centre, semi, normals, value in blobs:
+        phantom._paint_blob(*one, space, centre, semi, phantom._rotation(normals), roughness, 0.3, value, texture)
+    assert one[0].mean() > 0.3 and one[1].max() > 0
+    np.testing.assert_array_equal(runs[0], one[0])
+    np.testing.assert_allclose(runs[1], one[1], rtol=1e-6)
