@@ -294,3 +294,15 @@ def test_painting_in_runs_equals_painting_one_by_one(spacing):
     assert one[0].mean() > 0.3 and one[1].max() > 0
     np.testing.assert_array_equal(runs[0], one[0])
     np.testing.assert_allclose(runs[1], one[1], rtol=1e-6)
+
+
+def test_stripes_at_a_coarse_spacing_raise_no_overflow_warning():
+    # Far before a stripe's start exp() overflowed (the value, 1 / (1 + inf) = 0, was right) and numpy
+    # printed "overflow encountered in exp" into a user's console.
+    import warnings
+
+    from lsmseg.synth.phantom import make_phantom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        make_phantom("plaques", (48, 160, 160), 0, spacing=(20.0, 20.0, 20.0))

@@ -715,7 +715,8 @@ def _stripes(rng, space: _Space) -> np.ndarray:
         gy = np.exp(-0.5 * ((space.axis(1)[ys] - y0) / width) ** 2)
         gz = np.exp(-0.5 * ((z_all[zs] - z0) / depth_um) ** 2)
         # The shadow fades in behind the absorber and slowly out as scattered light refills it.
-        gx = 1.0 / (1.0 + np.exp(-(x - x0) / 3.0)) * np.exp(-np.maximum(x - x0, 0) / rng.uniform(200, 800))
+        with np.errstate(over="ignore"):  # far before x0 (a coarse spacing) exp overflows: 1 / (1 + inf) = 0, as meant
+            gx = 1.0 / (1.0 + np.exp(-(x - x0) / 3.0)) * np.exp(-np.maximum(x - x0, 0) / rng.uniform(200, 800))
         field[zs, ys, :] *= (1.0 - strength * gz[:, None, None] * gy[None, :, None] * gx[None, None, :]).astype(
             np.float32
         )
