@@ -268,6 +268,10 @@ class _Space:
     def nearest(self, points_um: np.ndarray) -> np.ndarray:
         return np.rint(points_um / self.spacing).astype(np.int64)
 
+    def nearest_within(self, points_um: np.ndarray) -> np.ndarray:
+        """:meth:`nearest`, clipped into the volume."""
+        return np.clip(self.nearest(points_um), 0, np.asarray(self.shape) - 1)
+
     def inside(self, idx: np.ndarray) -> np.ndarray:
         return np.all((idx >= 0) & (idx < np.asarray(self.shape)), axis=-1)
 
@@ -372,6 +376,26 @@ def _paint_balls(
             signal[idx[:, 0], idx[:, 1], idx[:, 2]] = vals
 
 
+def _blob_reach(semi: np.ndarray, amplitude: float) -> np.ndarray:
+    """How far (µm) from its centre a blob of semi-axes ``semi`` (last axis) may paint, its surface
+    pushed out by up to ``amplitude`` of roughness."""
+    return semi.max(axis=-1) * (1.0 + 2.5 * amplitude) + 0.5
+
+
+def _blob_box(space: _Space, centres: np.ndarray, reach) -> tuple[np.ndarray, np.ndarray]:
+    """The voxel box ``[lo, hi)`` around each centre (last axis z, y, x) that ``reach`` µm covers, within the volume."""
+    reach = np.asarray(reach)[..., None]
+    lo = np.maximum(np.floor((centres - reach) / space.spacing).astype(int), 0)
+    hi = np.minimum(np.ceil((centres + reach) / space.spacing).astype(int) + 1, np.asarray(space.shape))
+    return lo, hi
+
+
+def _blob_shading(value, rho: np.ndarray, texture: np.ndarray) -> np.ndarray:
+    """A blob's brightness at body radius ``rho``: a brighter core, a dimmer rim, and a grainy interior
+    (chromatin, granules)."""
+    return value * (1.15 - 0.3 * np.clip(rho, 0, 1) ** 2) * (1.0 + 0.15 * texture)
+
+
 def _paint_blob(
     label: np.ndarray,
     signal: np.ndarray,
@@ -385,9 +409,7 @@ def _paint_blob(
     texture: np.ndarray,
 ) -> None:
     """Rasterise a rotated ellipsoid whose surface is pushed in and out by a smooth noise field."""
-    reach = float(semi.max()) * (1.0 + 2.5 * amplitude) + 0.5
-    lo = np.maximum(np.floor((centre - reach) / space.spacing).astype(int), 0)
-    hi = np.minimum(np.ceil((centre + reach) / space.spacing).astype(int) + 1, space.shape)
+    lo, hi = _blob_box(space, centre, float(_blob_reach(semi, amplitude)))
     if np.any(hi <= lo):
         return
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
@@ -396,10 +418,9 @@ def _paint_blob(
     u = grid @ rot  # body coordinates
     rho = np.sqrt(np.sum((u / semi) ** 2, axis=-1))
     inside = rho <= 1.0 + amplitude * roughness[box]
-    nearest = tuple(np.clip(np.rint(centre / space.spacing).astype(int), 0, np.asarray(space.shape) - 1))
+    nearest = tuple(space.nearest_within(centre))
     label[box] |= inside
-    # Brighter core, dimmer rim, and a grainy interior (chromatin, granules).
-    values = value * (1.15 - 0.3 * np.clip(rho, 0, 1) ** 2) * (1.0 + 0.15 * texture[box])
+    values = _blob_shading(value, rho, texture[box])
     signal[box] = np.where(inside, values, signal[box])
     label[nearest] = True
     signal[nearest] = max(signal[nearest], value)
@@ -425,7 +446,7 @@ def _paint_blobs(
         return
     centres, semis, normals = (np.array([b[i] for b in blobs], dtype=np.float64) for i in range(3))
     values = np.array([b[3] for b in blobs], dtype=np.float64)
-    reach = semis.max(axis=1) * (1.0 + 2.5 * amplitude) + 0.5
+    reach = _blob_reach(semis, amplitude)
     small = np.all(reach[:, None] < 2.0 * space.spacing, axis=1)
     start = 0
     for i in [*np.flatnonzero(~small), len(blobs)]:
@@ -446,8 +467,7 @@ def _paint_small_blobs(label, signal, space: _Space, centres, semis, rots, reach
                        texture) -> None:
     """:func:`_paint_blob` for a run of blobs (arrays, one row each) at once, painted as if in order."""
     shape = np.asarray(space.shape)
-    lo = np.maximum(np.floor((centres - reach[:, None]) / space.spacing).astype(int), 0)
-    hi = np.minimum(np.ceil((centres + reach[:, None]) / space.spacing).astype(int) + 1, shape)
+    lo, hi = _blob_box(space, centres, reach)
     keep = np.all(hi > lo, axis=1)  # a box wholly outside the volume paints nothing, not even its centre
     if not keep.any():
         return
@@ -461,11 +481,10 @@ def _paint_small_blobs(label, signal, space: _Space, centres, semis, rots, reach
     rho = np.sqrt(np.sum((u / semis[:, None, :]) ** 2, axis=-1))
     at = tuple(cand[..., d] for d in range(3))
     inside = inbox & (rho <= 1.0 + amplitude * roughness[at])
-    inner = values[:, None] * (1.15 - 0.3 * np.clip(rho, 0, 1) ** 2) * (1.0 + 0.15 * texture[at])
+    inner = _blob_shading(values[:, None], rho, texture[at])
     order = np.broadcast_to(np.arange(len(values))[:, None], inside.shape)
     flat, blob, inner = np.ravel_multi_index(tuple(a[inside] for a in at), space.shape), order[inside], inner[inside]
-    near = np.ravel_multi_index(tuple(np.clip(np.rint(centres / space.spacing).astype(int), 0, shape - 1).T),
-                                space.shape)
+    near = np.ravel_multi_index(tuple(space.nearest_within(centres).T), space.shape)
     # One by one, a voxel ends with the value of the last blob containing it (or what it had), raised
     # to the value of any blob from that one on whose centre is nearest to it.
     voxels, where = np.unique(np.concatenate([flat, near]), return_inverse=True)
@@ -645,7 +664,7 @@ def _plaques(rng, space, tissue, fraction):
     def lump(c, semi, value):
         """One lump to paint, and its share of the halo seeded at its centre (brightness x volume)."""
         lumps.append((c, semi, rng.standard_normal((3, 3)), value))
-        idx = tuple(np.clip(space.nearest(c), 0, np.asarray(space.shape) - 1))
+        idx = tuple(space.nearest_within(c))
         halo_seed[idx] += value * float(np.prod(semi)) / space.voxel_volume
 
     volume = 0.0
