@@ -13,13 +13,13 @@
 # weights (~6 min) and README's test-split validation for microglia (~11 min with PyTorch; its
 # figures are README's microglia column). The other structures are predicted mirrored (8 passes
 # per window), so only --full validates them.
-# --full adds README's test command (the whole suite, ~35 min), the whole test split's validation
+# --full adds README's test command (the whole suite, ~20 min in two workers), the whole test split's validation
 # and the previous weights' two training runs (~50 min).
 # --system-site-packages lets the venv see this interpreter's packages (an already-downloaded torch)
 # where the network cannot fetch them; the lsmseg packages still come from the clone.
 #
 # CI: .ci/run runs it only with LSMSEG_WALKTHROUGH=1 (a second torch install, the sample and the
-# real data would add ~35 min to a ~35 min run); run it before a release or after changing the docs.
+# real data would add ~35 min to a ~20 min run); run it before a release or after changing the docs.
 set -euo pipefail
 full=0 venv_flags=()
 while [ $# -gt 0 ]; do
