@@ -56,7 +56,7 @@ from lsmseg.argtypes import positive  # noqa: E402
 from lsmseg.config import load_yaml, to_dict  # noqa: E402
 from lsmseg.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LsmsegError  # noqa: E402
 from lsmseg.io import read_volume, write_volume  # noqa: E402
-from lsmseg.io.atomic import atomic_output  # noqa: E402
+from lsmseg.io.atomic import atomic_output, sweep_partials  # noqa: E402
 from lsmseg.normalise import normalise, percentiles  # noqa: E402
 from lsmseg.realdata import real_data_root  # noqa: E402
 from lsmseg_training.config import FinetuneConfig, load_run_config  # noqa: E402
@@ -248,7 +248,9 @@ def main(argv=None) -> int:
             return EXIT_USAGE
         if not args.stand_in:  # the sets' own checks (a source pattern that misses a name, ...) before packing
             check_splits(config.data, str(args.config))
-        # Built beside --out and renamed into place when complete: a failure keeps the previous pack.
+        # Built beside --out and renamed into place when complete: a failure keeps the previous pack,
+        # and a killed run's half-built pack (hundreds of MiB) is removed by the next run.
+        sweep_partials(args.out.parent, target=args.out.name)
         with atomic_output(args.out, folder=True) as tmp:
             summary = pack(config, args, tmp)
     except LsmsegError as exc:

@@ -245,3 +245,17 @@ def test_budget_must_be_above_zero(pack, tiny, tmp_path, capsys, max_mb):
                    "--max-mb", max_mb])
     assert refused.value.code == 2 and "--max-mb:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_runs_partial_pack_is_removed_and_nothing_else(pack, tiny, tmp_path):
+    import subprocess
+
+    out = tmp_path / "pack"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs: the writer of the half-built pack below
+    killed = tmp_path / f".partial-{gone.pid}-0123abcd-pack"
+    (killed / "train").mkdir(parents=True)
+    other = tmp_path / f".partial-{gone.pid}-0123abcd-something-else"  # not this pack's: kept
+    other.mkdir()
+    assert run_pack(pack, tiny, out) == 0
+    assert not killed.exists() and other.is_dir() and (out / "pack.json").is_file()

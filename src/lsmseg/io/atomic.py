@@ -211,7 +211,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_partials(folder: str | Path, stale_after_s: float = 3600.0) -> list[Path]:
+def sweep_partials(folder: str | Path, stale_after_s: float = 3600.0, target: str | None = None) -> list[Path]:
     """Remove ``.partial-*`` leftovers of killed runs from ``folder``; return what was removed.
 
     A partial name carries its writer's pid: it is stale when that process is gone or is this one
@@ -221,6 +221,8 @@ def sweep_partials(folder: str | Path, stale_after_s: float = 3600.0) -> list[Pa
     Args:
         folder: the output folder.
         stale_after_s: age after which a partial without a pid is removed.
+        target: only the partials of this name (``x`` for ``.partial-<pid>-<id>-x``), for a folder
+            holding other things than this program's outputs; None for every partial.
     """
     folder = Path(folder)
     removed: list[Path] = []
@@ -228,6 +230,8 @@ def sweep_partials(folder: str | Path, stale_after_s: float = 3600.0) -> list[Pa
         return removed
     for entry in folder.iterdir():
         if not entry.name.startswith(PARTIAL_PREFIX):
+            continue
+        if target is not None and partial_target(entry).name != target:
             continue
         match = _PARTIAL_PID.match(entry.name)
         if match:
