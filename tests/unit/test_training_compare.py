@@ -53,3 +53,17 @@ def test_unreadable_volume_is_one_line(folders, tiny_weights):
     with pytest.raises(SystemExit, match=r"^ERROR: .*vol_1.tif: "):
         main(["--weights", str(tiny_weights), "--images", str(folders / "images"), "--labels",
               str(folders / "labels"), "--names", "vol_1"])
+
+
+def test_a_volume_is_found_by_its_name_not_by_a_prefix(tmp_path):
+    # Was the first file named "<name>.*": "a.backup.tif" for "a", or an .mhd's data file.
+    from lsmseg_training.compare import image_path_of
+
+    for name in ("a.backup.tif", "a.nii.gz", "b.raw", "b.mhd", "c.d.tif"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "b.mhd").write_text("ObjectType = Image\nElementDataFile = b.raw\n")
+    assert image_path_of(tmp_path, "a") == tmp_path / "a.nii.gz"
+    assert image_path_of(tmp_path, "b") == tmp_path / "b.mhd"
+    assert image_path_of(tmp_path, "c.d") == tmp_path / "c.d.tif"
+    with pytest.raises(SystemExit, match=r"no volume named 'c'$"):
+        image_path_of(tmp_path, "c")

@@ -39,11 +39,15 @@ def dice(prediction: np.ndarray, label: np.ndarray) -> float:
 
 
 def image_path_of(images: Path, name: str) -> Path:
-    """The volume ``name`` (any extension) in the folder ``images``; refused in one line when missing."""
+    """The volume ``name`` (as :func:`lsmseg.io.volume_name` names it, so ``a`` is ``a.nii.gz`` but not
+    ``a.backup.tif``, and ``.mhd`` headers' data files are not volumes) in the folder ``images``;
+    refused in one line when missing."""
+    from lsmseg.io import list_volumes, volume_name
+
     images = Path(images)
     if not images.is_dir():
         raise SystemExit(f"ERROR: {images}: not a folder of images")
-    found = sorted(p for p in images.iterdir() if p.name.startswith(name + "."))
+    found = [p for p in list_volumes(images) if volume_name(p) == name]
     if not found:
         raise SystemExit(f"ERROR: {images}: no volume named {name!r}")
     return found[0]
