@@ -46,10 +46,16 @@ def load_script(name: str):
 def pytest_configure(config):
     import torch
 
-    # Two cores on CI: keep torch from oversubscribing them when xdist runs workers. A device call
-    # (scripts/gpu_check.sh) asks for more with LSMSEG_TEST_THREADS: its CPU-side references run there.
-    wanted = int(os.environ.get("LSMSEG_TEST_THREADS") or 2)
+    # Two cores on CI shared by the xdist workers: each worker (and the `lsmseg` subprocesses it
+    # starts, through OMP_NUM_THREADS) gets its share. Two workers of two threads each on two cores
+    # made OpenMP's spinning threads wait on each other: a forward pass took 0.6-3.6 s instead of
+    # ~1.2 s on one thread. A device call (scripts/gpu_check.sh) asks for more with LSMSEG_TEST_THREADS.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    share = max(1, len(os.sched_getaffinity(0)) // workers)
+    wanted = int(os.environ.get("LSMSEG_TEST_THREADS") or min(2, share))
     torch.set_num_threads(max(1, min(wanted, torch.get_num_threads())))
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 # Whole-pipeline tests that take minutes on two cores: `-m "not slow"` leaves them out (README).

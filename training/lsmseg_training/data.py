@@ -375,14 +375,6 @@ def fingerprint(records: Sequence[VolumeRecord]) -> dict:
 # Patch extraction
 
 
-def _resize(array: np.ndarray, shape: Sequence[int], mode: str = "trilinear") -> np.ndarray:
-    if tuple(array.shape) == tuple(shape):
-        return array
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-    out = torch.nn.functional.interpolate(tensor, size=tuple(int(s) for s in shape), mode=mode, align_corners=False)
-    return out[0, 0].numpy()
-
-
 class VolumeCache:
     """Opened volumes of one process (lazy readers, or arrays for small volumes)."""
 
@@ -397,24 +389,65 @@ class VolumeCache:
         return self._open[path]
 
 
+def _sample_positions(n: int, g: int, start: int, count: int) -> np.ndarray:
+    """Native coordinates that grid voxels ``start .. start + count - 1`` of an axis of ``n`` voxels
+    resized to ``g`` sample: those of torch's ``interpolate(size=..., align_corners=False)``, with which
+    inference resizes the whole volume (``lsmseg.inference.predictor._resize``). A patch computed from
+    the volume's own scale ``n / g`` lands on inference's grid; resizing each patch's crop on its own
+    stretched and shifted it by up to ~1.4 native voxels."""
+    scale = np.float32(n) / np.float32(g)
+    positions = (np.arange(start, start + count, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    return np.clip(positions, 0.0, n - 1)
+
+
+def _resample_axis(array: np.ndarray, axis: int, positions: np.ndarray, nearest: bool) -> np.ndarray:
+    """``array`` sampled at ``positions`` (its own coordinates) along ``axis``: linearly, or the
+    nearest voxel (labels with IGNORE, which must never be blended)."""
+    last = array.shape[axis] - 1
+    if nearest:
+        return np.take(array, np.minimum(np.floor(positions + 0.5).astype(np.int64), last), axis=axis)
+    below = np.floor(positions).astype(np.int64)
+    weight = (positions - below).astype(np.float32)
+    above = np.minimum(below + 1, last)
+    shape = [1] * array.ndim
+    shape[axis] = len(positions)
+    weight = weight.reshape(shape)
+    return np.take(array, below, axis=axis) * (1 - weight) + np.take(array, above, axis=axis) * weight
+
+
 def read_patch(
     record: VolumeRecord, cache: VolumeCache, corner: Sequence[int], roi: Sequence[int], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """A normalised image patch (and binary label) of size ``roi`` on the training grid at ``corner``.
 
+    On a resampled grid, the voxels are those inference computes for the whole volume (normalised,
+    then trilinearly resized to the model's spacing); the label is sampled at the same positions
+    (dense: interpolated, then >= 0.5; sparse: nearest voxel, so unlabelled stays IGNORE).
     Axes where the volume is shorter than the window are padded with zeros (background after
     normalisation) at a random offset, as a small volume is padded at inference.
     """
     extent = [min(r, g) for r, g in zip(roi, record.grid)]
-    native = []
-    for c, e, f, n in zip(corner, extent, record.factors, record.shape):
-        start = min(int(math.floor(c * f)), n - 1)
-        stop = max(start + 1, min(n, int(math.ceil((c + e) * f))))
+    native, positions = [], []
+    for c, e, g, n in zip(corner, extent, record.grid, record.shape):
+        if g == n:
+            native.append(slice(c, c + e))
+            positions.append(None)
+            continue
+        where = _sample_positions(n, g, c, e)
+        start, stop = int(np.floor(where[0])), min(n, int(np.floor(where[-1])) + 2)
         native.append(slice(start, stop))
+        positions.append(where - start)
     native = tuple(native)
+
+    def on_grid(array: np.ndarray, nearest: bool = False) -> np.ndarray:
+        for axis, where in enumerate(positions):
+            if where is not None:
+                array = _resample_axis(array, axis, where, nearest)
+        return array
+
     image = normalise(np.asarray(cache.get(record.image, record.nbytes)[native]), record.lo, record.hi,
                       record.upper_tail)
-    image = _resize(image, extent)
+    image = on_grid(image).astype(np.float32, copy=False)
     label = None
     if record.label is not None:
         raw = np.asarray(cache.get(record.label, record.nbytes)[native])
@@ -422,9 +455,9 @@ def read_patch(
             coded = np.full(raw.shape, IGNORE, np.float32)
             coded[raw == SPARSE_BACKGROUND] = 0
             coded[raw == SPARSE_FOREGROUND] = 1
-            label = _resize(coded, extent, mode="nearest")
+            label = on_grid(coded, nearest=True)
         else:
-            label = (_resize((raw != 0).astype(np.float32), extent) >= 0.5).astype(np.float32)
+            label = (on_grid((raw != 0).astype(np.float32)) >= 0.5).astype(np.float32)
     if extent != list(roi):
         before = [int(rng.integers(0, r - e + 1)) for r, e in zip(roi, extent)]
         widths = [(b, r - e - b) for b, r, e in zip(before, roi, extent)]
@@ -440,8 +473,8 @@ def choose_corner(record: VolumeRecord, roi: Sequence[int], rng: np.random.Gener
     if foreground and record.foreground is not None and len(record.foreground):
         point = record.foreground[rng.integers(len(record.foreground))]
         corner = []
-        for p, f, r, limit in zip(point, record.factors, roi, limits):
-            centre = int(p / f)
+        for p, n, g, r, limit in zip(point, record.shape, record.grid, roi, limits):
+            centre = min(g - 1, max(0, round((p + 0.5) * g / n - 0.5)))  # the grid voxel nearest to p
             corner.append(int(np.clip(centre - rng.integers(0, r), 0, limit)))
         return corner
     return [int(rng.integers(0, limit + 1)) for limit in limits]
@@ -464,8 +497,13 @@ def cuboid_mask(roi: Sequence[int], config: MaskingConfig, rng: np.random.Genera
 # Augmentation
 
 
-def build_augmentation(config, seed: int, roi: Sequence[int] = (64, 64, 64)) -> Callable[[dict], dict]:
-    """MONAI flips, in-plane rotations, zoom, gamma, intensity scale/shift and noise on {"image", "label"}."""
+def build_augmentation(config, seed: int, roi: Sequence[int] = (64, 64, 64)) -> Callable[..., dict]:
+    """MONAI flips, in-plane rotations, zoom, gamma, intensity scale/shift and noise on {"image", "label"}.
+
+    Returns ``augment(sample, pad_label=0)``: the voxels rotation and zoom move in from outside the
+    patch are zero in the image and ``pad_label`` in the label (:data:`IGNORE` for sparse sets, whose
+    unlabelled voxels must never become background; 0, as :func:`read_patch` pads, for dense ones).
+    """
     from monai.transforms import (
         Compose,
         RandAdjustContrastd,
@@ -490,8 +528,10 @@ def build_augmentation(config, seed: int, roi: Sequence[int] = (64, 64, 64)) -> 
             RandRotated(keys, range_x=math.radians(config.rotate_range_deg), prob=config.rotate_prob,
                         mode=("bilinear", "nearest"), padding_mode="zeros"),
             # Same factor on every axis, shape kept (crop or zero-pad): unknown spacing of new data.
+            # "nearest-exact": torch's plain "nearest" picks floor(i * scale), half a voxel off the image's
+            # (i + 0.5) * scale - 0.5 (labels shifted by -0.46 voxels on average over zooms 0.8-1.25).
             RandZoomd(keys, prob=config.zoom_prob, min_zoom=config.zoom_range[0], max_zoom=config.zoom_range[1],
-                      mode=("trilinear", "nearest"), padding_mode="constant", keep_size=True),
+                      mode=("trilinear", "nearest-exact"), padding_mode="constant", keep_size=True),
             RandAdjustContrastd("image", prob=config.gamma_prob, gamma=tuple(config.gamma_range), retain_stats=True),
             RandScaleIntensityd("image", factors=config.scale_factor, prob=config.scale_prob),
             RandShiftIntensityd("image", offsets=config.shift_offset, prob=config.shift_prob),
@@ -500,7 +540,16 @@ def build_augmentation(config, seed: int, roi: Sequence[int] = (64, 64, 64)) -> 
         lazy=False,
     )
     transform.set_random_state(seed=seed % (2**32))
-    return transform
+
+    def augment(sample: dict, pad_label: float = 0.0) -> dict:
+        # Rotation and zoom fill with 0: the label travels shifted by one so that filled voxels can be
+        # told from background (0 -> 1) and IGNORE (2 -> 3).
+        out = transform({**sample, "label": sample["label"] + 1})
+        label = out["label"]
+        out["label"] = torch.where(label == 0, torch.full_like(label, pad_label), label - 1)
+        return out
+
+    return augment
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,7 +603,7 @@ class PatchStream(IterableDataset):
         if self.labels:
             sample["label"] = label[None]
             if transform is not None:
-                sample = transform(sample)
+                sample = transform(sample, pad_label=IGNORE if record.sparse else 0.0)
         out = {key: torch.as_tensor(np.asarray(value), dtype=torch.float32) for key, value in sample.items()}
         if self.labels:
             out["tubular"] = torch.tensor(float(record.tubular))

@@ -58,6 +58,7 @@ class ProjectionPreview:
             raise ValueError(f"max_side must be >= 1, got {max_side}")
         _, height, width = volume.shape
         self.volume = volume
+        self.max_side = max_side
         self.factor = max(1, math.ceil(max(height, width) / max_side))
         shape = (math.ceil(height / self.factor), math.ceil(width / self.factor))
         self.image = np.full(shape, np.nan, np.float32)  # NaN: no block seen there yet
@@ -92,19 +93,35 @@ class ProjectionPreview:
 
     def picture(self) -> np.ndarray:
         """The picture as ``(rows, columns, 3)`` uint8: the projection in grey (1st to 99.5th
-        percentile), the mask tinted and outlined over it."""
+        percentile), the mask tinted and outlined over it; square pixels in micrometres where the
+        y and x spacings differ (:meth:`_square_pixels`)."""
         low, high = percentiles(self.image[None], 1.0, 99.5)  # the package's normaliser; NaN ignored
         grey = normalise(np.nan_to_num(self.image, nan=low), low, high) * 255.0
+        grey, mask = self._square_pixels(grey), self._square_pixels(self.mask)
         rgb = np.repeat(grey[..., None], 3, axis=2)
-        rgb[self.mask] = (1.0 - MASK_OPACITY) * rgb[self.mask] + MASK_OPACITY * MASK_COLOUR
-        rgb[self._outline()] = MASK_COLOUR
+        rgb[mask] = (1.0 - MASK_OPACITY) * rgb[mask] + MASK_OPACITY * MASK_COLOUR
+        rgb[_outline(mask)] = MASK_COLOUR
         return np.rint(rgb).astype(np.uint8)
 
-    def _outline(self) -> np.ndarray:
-        """Mask pixels with a 4-neighbour outside the mask (or on the picture's edge)."""
-        padded = np.pad(self.mask, 1, constant_values=False)
-        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-        return self.mask & ~inner
+    def _square_pixels(self, plane: np.ndarray) -> np.ndarray:
+        """``plane`` resampled so that a pixel is as tall as it is wide in micrometres (a round
+        cell stays round), at the finer axis's pitch unless the longest side would exceed
+        ``max_side``; unchanged when the spacing is unknown or y and x spacings are equal.
+
+        Each new pixel takes the maximum of the pixels it covers (a thin vessel is not dropped
+        where an axis shrinks) or repeats the one it lies in (where an axis grows)."""
+        spacing = self.volume.spacing
+        if not spacing or spacing[1] == spacing[2]:
+            return plane
+        pitch_y, pitch_x = self.factor * spacing[1], self.factor * spacing[2]  # micrometres a pixel now
+        height, width = plane.shape[0] * pitch_y, plane.shape[1] * pitch_x
+        pitch = max(min(pitch_y, pitch_x), max(height, width) / self.max_side)
+        for axis, extent in ((0, height), (1, width)):
+            size = max(1, round(extent / pitch))
+            starts = np.arange(size) * plane.shape[axis] // size  # first old pixel of each new one
+            reduce = np.logical_or if plane.dtype == bool else np.fmax
+            plane = reduce.reduceat(plane, starts, axis=axis)  # a repeated start repeats that pixel
+        return plane
 
     def write(self, path: str | Path) -> Path:
         """Write the picture to ``path`` (PNG) atomically; return the path."""
@@ -114,6 +131,13 @@ class ProjectionPreview:
         with atomic_output(path) as tmp:
             sitk.WriteImage(sitk.GetImageFromArray(self.picture(), isVector=True), str(tmp))
         return path
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Mask pixels with a 4-neighbour outside the mask (or on the picture's edge)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
 
 
 class PreviewRecorder:

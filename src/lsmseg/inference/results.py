@@ -13,6 +13,7 @@ import os
 import platform
 import stat
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
@@ -108,7 +109,8 @@ def provenance_record(
     foreground: int, timings: dict, resampled_to: Sequence[float] | None = None, postprocess: dict | None = None,
     probabilities: dict | None = None, preview: str | None = None, threads=None,
 ) -> dict:
-    """The provenance JSON of one mask: input, parameters, block counts, weights, versions, timings.
+    """The provenance JSON of one mask: input, parameters, block counts, weights, versions, timings,
+    and when it was finished (``finished``: UTC, ISO 8601, to the second).
 
     Args:
         input_path: the input volume.
@@ -143,6 +145,8 @@ def provenance_record(
         "weights": weights,
         "versions": {**versions(), **({"threads": threads} if threads is not None else {})},
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        # When the mask was made: a copied file loses its modification time, and timings are durations.
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if probabilities is not None:
         record["probabilities"] = probabilities
@@ -162,8 +166,6 @@ def input_fingerprint(input_path) -> dict | None:
     """Size and modification time of an input file, to tell whether the file at its path is still the
     one a mask came from (cheap: a checksum would read the whole volume again); None for a folder
     (zarr store, plane folder), whose files are not walked."""
-    from datetime import datetime, timezone
-
     try:
         info = os.stat(input_path)
     except OSError:
