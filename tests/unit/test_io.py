@@ -229,6 +229,8 @@ def test_detached_data_lands_before_its_header_and_goes_when_the_header_fails(tm
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
+    # A file system without RENAME_EXCHANGE: the previous pair is renamed aside first.
+    monkeypatch.setattr(io.atomic, "exchange_paths", lambda a, b: False)
     fail = False
     io.write_volume(volume, tmp_path / "m.mhd")
     assert moved[-2:] == ["m.zraw", "m.mhd"]
@@ -237,6 +239,71 @@ def test_detached_data_lands_before_its_header_and_goes_when_the_header_fails(tm
         io.write_volume(volume, tmp_path / "m.mhd")
     # the new data file is removed with the failed header: no header is left naming other data
     assert moved[-2:] == ["m.zraw", "m.mhd"] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["folder", "pair"])
+def test_a_replaced_output_is_never_missing(tmp_path, volume, monkeypatch, kind):
+    # Was renamed aside before the new one came in: a reader could find no output in between.
+    import os
+
+    target = tmp_path / ("out" if kind == "folder" else "m.mhd")
+    finals = [target] if kind == "folder" else [target, tmp_path / "m.zraw"]
+
+    def write(value):
+        if kind == "pair":
+            io.write_volume(volume + value, target)
+            return
+        with io.atomic_output(target, folder=True) as tmp:
+            tmp.mkdir()
+            (tmp / "chunk").write_text(str(value))
+
+    write(1)
+    real_replace, real_exchange, missing = os.replace, io.atomic.exchange_paths, []
+
+    def watch(function):
+        def watched(a, b, *rest):
+            result = function(a, b, *rest)
+            missing.extend(str(f) for f in finals if not f.exists())
+            return result
+        return watched
+
+    monkeypatch.setattr(os, "replace", watch(real_replace))
+    monkeypatch.setattr(io.atomic, "exchange_paths", watch(real_exchange))
+    write(2)
+    assert missing == []
+    if kind == "folder":
+        assert (target / "chunk").read_text() == "2"
+    else:
+        np.testing.assert_array_equal(io.read_volume(target).load(), volume + 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in finals)  # the old ones gone
+
+
+def test_a_failure_after_an_exchange_brings_the_previous_pair_back(tmp_path, volume, monkeypatch):
+    import os
+
+    io.write_volume(volume, tmp_path / "m.mhd")
+    real_exchange = io.atomic.exchange_paths
+
+    def exchange(a, b):
+        if b.name == "m.mhd":  # the data file has traded places already
+            raise OSError(28, "No space left on device")
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(io.atomic, "exchange_paths", exchange)
+    with pytest.raises(OutputError, match="No space left"):
+        io.write_volume(volume + 1, tmp_path / "m.mhd")
+    np.testing.assert_array_equal(io.read_volume(tmp_path / "m.mhd").load(), volume)
+    assert sorted(os.listdir(tmp_path)) == ["m.mhd", "m.zraw"]
+
+
+def test_exchange_paths_swaps_or_says_it_cannot(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.write_text("b")
+    if io.atomic.exchange_paths(a, b):
+        assert a.read_text() == "b" and b.is_dir()
+    else:  # nothing moved where the file system cannot
+        assert a.is_dir() and b.read_text() == "b"
 
 
 def test_killed_detached_write_is_swept(tmp_path):

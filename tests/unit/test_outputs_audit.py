@@ -13,16 +13,25 @@ from lsmseg.io.atomic import atomic_output, companion_output
 
 
 def _failing_final_rename(monkeypatch, target_name):
-    """os.replace fails (EIO) the first time it renames a new output onto ``target_name``."""
-    real, failed = os.replace, []
+    """Putting a new output in place of ``target_name`` fails (EIO) the first time, whether it is
+    renamed onto it (os.replace) or trades places with it (atomic.exchange_paths)."""
+    real_replace, real_exchange, failed = os.replace, atomic.exchange_paths, []
 
-    def replace(src, dst, *args, **kwargs):
+    def fails(src, dst):
         if not failed and os.path.basename(dst) == target_name and ".partial-" in os.path.basename(src):
             failed.append(src)
             raise OSError(errno.EIO, "Input/output error")
-        return real(src, dst, *args, **kwargs)
+
+    def replace(src, dst, *args, **kwargs):
+        fails(src, dst)
+        return real_replace(src, dst, *args, **kwargs)
+
+    def exchange(a, b):
+        fails(a, b)
+        return real_exchange(a, b)
 
     monkeypatch.setattr(atomic.os, "replace", replace)
+    monkeypatch.setattr(atomic, "exchange_paths", exchange)
 
 
 @pytest.mark.parametrize("folder", [False, True])

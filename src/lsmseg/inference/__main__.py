@@ -9,9 +9,9 @@ import argparse
 import logging
 import sys
 
-from ..errors import EXIT_FAILED, EXIT_OK, LsmsegError
+from ..errors import EXIT_FAILED, EXIT_OK, LsmsegError, OutputError
 from ..weights import load_manifest, resolve_manifest
-from .engines import installed_exported_engine
+from .engines import _writable_folder, cache_dir, installed_exported_engine
 from .predictor import Predictor, RunOptions
 
 
@@ -30,11 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Export the manifest's models; exit code 0, or 1 with one ERROR line (e.g. no weights found)."""
+    """Export the manifest's models; exit code 0, or 1 with one ERROR line (e.g. no weights found, or a
+    cache folder this process cannot write)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         manifest = resolve_manifest(args.manifest)
+        # Else each export would go to a temporary folder no later run looks in: a build that "prefilled"
+        # nothing would pass.
+        folder = cache_dir() / "onnx"
+        if not _writable_folder(folder):
+            raise OutputError(folder, "cannot write the export cache there (set LSMSEG_CACHE_DIR to a writable folder)")
         # Either engine writes the same export; with neither installed, onnxruntime's error names the extras.
         engine = installed_exported_engine() or "onnxruntime"
         for name in load_manifest(manifest).models:

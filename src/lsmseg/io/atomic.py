@@ -7,6 +7,9 @@ made of two files (a ``.mhd``/``.nhdr`` header and its data file) registers the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import logging
 import os
@@ -73,6 +76,42 @@ def companion_output(tmp: str | Path, name: str) -> Path:
     part = partial_path(final)
     companions.append((part, final))
     return part
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15; glibc >= 2.28 has the wrapper)
+# What a system or file system without RENAME_EXCHANGE answers (NFS, FUSE, older kernels).
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV}
+
+
+@functools.cache
+def _renameat2():
+    """libc's renameat2, or None (another system, an older C library)."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap the two existing paths ``a`` and ``b`` in one step (renameat2's RENAME_EXCHANGE), so that
+    neither name is ever missing; False where the system or file system cannot (nothing moved then).
+
+    Raises:
+        OSError: the exchange is supported but failed (no permission, ...).
+    """
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def remove_path(path: Path) -> None:
@@ -155,23 +194,30 @@ def atomic_output(path: str | Path, folder: bool | None = None) -> Iterator[Path
         refuse_replacing_another_kind(path, tmp.is_dir() and not tmp.is_symlink())
         for _, final in companions:
             refuse_replacing_another_kind(final, folder=False)
-        # The previous output is renamed aside, not deleted, until the new one is in place: a
-        # rename that fails (or a kill while a large old store would be deleted) must not lose it.
-        # A lone file needs no aside: renaming onto it replaces it atomically, and keeps it on failure
-        # (a folder where it goes was refused just above).
+        # The previous output is kept, not deleted, until the new one is in place: a rename that
+        # fails (or a kill while a large old store would be deleted) must not lose it. A lone file
+        # is renamed onto it, which replaces it atomically and keeps it on failure (a folder where
+        # it goes was refused just above). A folder (or each file of a pair) trades places with it
+        # in one step where the file system can, so that readers never find the output missing;
+        # elsewhere the old one is renamed aside first. The data before the header, so that the
+        # header never names a missing file.
         lone_file = not companions and not tmp.is_dir()
-        for final in (*(final for _, final in companions), *(() if lone_file else (path,))):
-            if final.exists() or final.is_symlink():
+        for new, final in (*companions, (tmp, path)):
+            if not lone_file and (final.exists() or final.is_symlink()):
+                if exchange_paths(new, final):  # the previous output now sits at the partial name
+                    kept.append((new, final))
+                    placed.append(final)
+                    continue
                 aside = partial_path(final)
                 os.replace(final, aside)
                 kept.append((aside, final))
-        for part, final in companions:  # the data first, so that the header never names a missing file
-            os.replace(part, final)
+            os.replace(new, final)
             placed.append(final)
-        os.replace(tmp, path)
     except BaseException as exc:
+        previous = {aside for aside, _ in kept}
         for leftover in (tmp, *(part for part, _ in companions), *placed):
-            remove_path(leftover)
+            if leftover not in previous:
+                remove_path(leftover)
         restored: list[Path] = []
         try:
             for aside, final in kept:
