@@ -1,8 +1,9 @@
 """What this process may use of the machine: memory and CPUs, as a container's limits set them.
 
 Linux reports the host's memory and cores to a process inside a container; the limits set with
-``--memory`` and ``--cpus`` are in its cgroup (v2 ``memory.max``/``cpu.max``, or v1's files).
-Reading both keeps a tool from planning for a machine it does not have.
+``--memory`` and ``--cpus`` are in its cgroup (v2 ``memory.max``/``cpu.max``, or v1's files), and
+outside a container in the cgroup a batch scheduler or a systemd slice put it in, or in a parent of
+that one. Reading them keeps a tool from planning for a machine it does not have.
 """
 
 from __future__ import annotations
@@ -15,6 +16,37 @@ logger = logging.getLogger(__name__)
 
 # Variables in which a user picks the thread count; lsmseg leaves it to them when one is set.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# Which cgroup this process is in, one line per hierarchy: ``0::/path`` (v2), ``4:memory:/path`` (v1).
+PROC_CGROUP = "/proc/self/cgroup"
+
+
+def _levels(root: str, controller: str | None) -> list[str]:
+    """The cgroup folders whose limits bind this process, its own first, then each parent up to the
+    hierarchy's top; those that exist here.
+
+    A limit on a parent (a batch scheduler's job, a systemd slice) binds the process too. In a
+    container the process's cgroup is usually the top itself; where it names a path the container
+    cannot see, only the top is read.
+
+    Args:
+        root: where the cgroup file system is mounted.
+        controller: None for the v2 hierarchy (``root``), else a v1 controller (``root/<controller>``).
+    """
+    top = root if controller is None else os.path.join(root, controller)
+    own = ""
+    try:
+        with open(PROC_CGROUP, encoding="utf-8") as handle:
+            for line in handle:
+                number, controllers, path = line.rstrip("\n").split(":", 2)
+                if (controller is None and number == "0" and not controllers) or (
+                        controller is not None and controller in controllers.split(",")):
+                    own = path
+                    break
+    except (OSError, ValueError):
+        pass
+    parts = [part for part in own.split("/") if part not in ("", ".", "..")]
+    levels = (os.path.join(top, *parts[:n]) for n in range(len(parts), -1, -1))
+    return [folder for folder in levels if os.path.isdir(folder)]
 
 
 def available_memory(cgroup_root: str = "/sys/fs/cgroup", meminfo: str = "/proc/meminfo") -> int | None:
@@ -52,18 +84,22 @@ def _cgroup_headroom(root: str) -> int | None:
 
     The usage counts the page cache, which the kernel reclaims under the limit: its inactive part
     is left out, as ``docker stats`` does (a container that has read much would seem full)."""
-    for limit_file, usage_file, stat_file, inactive_key in (
-        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+    for controller, limit_file, usage_file, stat_file, inactive_key in (
+        (None, "memory.max", "memory.current", "memory.stat", "inactive_file"),
+        ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file"),
     ):
-        try:
-            limit, usage = _cgroup_file(root, limit_file), int(_cgroup_file(root, usage_file))
-        except (OSError, ValueError):
-            continue
-        # "max" (v2) or a huge page-rounded number (v1) means no limit.
-        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:
-            return None
-        return max(0, int(limit) - usage + _stat_value(os.path.join(root, stat_file), inactive_key))
+        found, headrooms = False, []
+        for folder in _levels(root, controller):  # the tightest of the process's cgroup and its parents
+            try:
+                limit, usage = _cgroup_file(folder, limit_file), int(_cgroup_file(folder, usage_file))
+            except (OSError, ValueError):
+                continue
+            found = True
+            # "max" (v2) or a huge page-rounded number (v1) means no limit.
+            if limit != "max" and limit.isdigit() and int(limit) < 2**60:
+                headrooms.append(max(0, int(limit) - usage + _stat_value(os.path.join(folder, stat_file), inactive_key)))
+        if found:
+            return min(headrooms, default=None)
     return None
 
 
@@ -88,17 +124,26 @@ def cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> float | None:
         cgroup_root: where the cgroup file system is mounted (v2 ``cpu.max``: ``"max 100000"`` or
             ``"400000 100000"``; v1 ``cpu/cpu.cfs_quota_us``, -1 for none, over ``cpu/cpu.cfs_period_us``).
     """
-    try:
-        quota, period = _cgroup_file(cgroup_root, "cpu.max").split()[:2]
+    def read_v2(folder):
+        quota, period = _cgroup_file(folder, "cpu.max").split()[:2]
         return None if quota == "max" else _ratio(int(quota), int(period))
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int(_cgroup_file(cgroup_root, "cpu/cpu.cfs_quota_us"))
-        period = int(_cgroup_file(cgroup_root, "cpu/cpu.cfs_period_us"))
-    except (OSError, ValueError):
-        return None
-    return _ratio(quota, period)
+
+    def read_v1(folder):
+        return _ratio(int(_cgroup_file(folder, "cpu.cfs_quota_us")), int(_cgroup_file(folder, "cpu.cfs_period_us")))
+
+    for controller, read in ((None, read_v2), ("cpu", read_v1)):
+        found, quotas = False, []
+        for folder in _levels(cgroup_root, controller):  # the tightest of the process's cgroup and its parents
+            try:
+                quota = read(folder)
+            except (OSError, ValueError):
+                continue
+            found = True
+            if quota is not None:
+                quotas.append(quota)
+        if found:
+            return min(quotas, default=None)
+    return None
 
 
 def _cgroup_file(root: str, name: str) -> str:

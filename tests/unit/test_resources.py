@@ -81,3 +81,39 @@ def test_the_command_line_fits_threads_before_running(monkeypatch):
     assert not called  # --help exits while parsing, before anything is set up
     assert cli.main(["-q", "predict", "/nonexistent/x.tif", "-o", "/tmp/unused-lsmseg-out"]) == 1
     assert called == [True]
+
+
+def _in_cgroup(tmp_path, monkeypatch, text):
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text(text)
+    monkeypatch.setattr(resources, "PROC_CGROUP", str(proc))
+
+
+def test_a_limit_on_the_process_own_cgroup_or_a_parent_counts(tmp_path, monkeypatch):
+    # Was read at the top of the hierarchy only: a batch job's or a systemd slice's limit was missed.
+    root = tmp_path / "fs"
+    _cgroup(root, {"cpu.max": "max 100000", "jobs/cpu.max": "300000 100000",
+                   "jobs/job_7/cpu.max": "max 100000", "jobs/job_7/step_0/cpu.max": "max 100000",
+                   "memory.max": "max", "memory.current": "0",
+                   "jobs/memory.max": "max", "jobs/memory.current": "0",
+                   "jobs/job_7/memory.max": "1000000", "jobs/job_7/memory.current": "400000",
+                   "jobs/job_7/memory.stat": "inactive_file 100000\n",
+                   "jobs/job_7/step_0/memory.max": "max", "jobs/job_7/step_0/memory.current": "0"})
+    _in_cgroup(tmp_path, monkeypatch, "0::/jobs/job_7/step_0\n")
+    assert resources.cpu_quota(str(root)) == 3.0
+    assert resources.available_memory(str(root), str(tmp_path / "no-meminfo")) == 700_000
+    _in_cgroup(tmp_path, monkeypatch, "0::/elsewhere/not/visible\n")  # a container seeing only its own top
+    assert resources.cpu_quota(str(root)) is None
+
+
+def test_the_tightest_of_nested_limits_wins_and_v1_controllers_are_followed(tmp_path, monkeypatch):
+    root = tmp_path / "fs"
+    _cgroup(root, {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000",
+                   "cpu/slice/cpu.cfs_quota_us": "150000", "cpu/slice/cpu.cfs_period_us": "100000",
+                   "cpu/slice/me/cpu.cfs_quota_us": "400000", "cpu/slice/me/cpu.cfs_period_us": "100000",
+                   "memory/memory.limit_in_bytes": str(2**63 - 4096), "memory/memory.usage_in_bytes": "5",
+                   "memory/slice/memory.limit_in_bytes": "9000", "memory/slice/memory.usage_in_bytes": "1000",
+                   "memory/slice/me/memory.limit_in_bytes": "5000", "memory/slice/me/memory.usage_in_bytes": "1000"})
+    _in_cgroup(tmp_path, monkeypatch, "5:memory:/slice/me\n3:cpu,cpuacct:/slice/me\n0::/\n")
+    assert resources.cpu_quota(str(root)) == 1.5
+    assert resources.available_memory(str(root), str(tmp_path / "no-meminfo")) == 4000
