@@ -1,6 +1,6 @@
 """OpenVINO against ONNX Runtime on the shipped network's ONNX export, end to end through ``Predictor``.
 
-    python benchmarks/engines_openvino.py weights [--reps 3] [--threads 2]
+    python benchmarks/engines_openvino.py weights [--reps 3] [--threads 2] [--volumes cfos_neuron,microglia]
 
 Both engines run the same cached export (``python -m lsmseg.inference weights`` fills it). Each
 predicts the validation volumes of ``engines_onnx_int8.py`` through the unchanged ``Predictor``
@@ -24,15 +24,31 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engines_onnx_int8 import VOLUMES, read_volume_cropped  # noqa: E402
 
+from lsmseg.argtypes import positive_int  # noqa: E402
+
 ENGINES = ("onnxruntime", "openvino")
+
+
+def structure_list(text: str) -> set[str]:
+    """An argparse type: structures among :data:`VOLUMES`', comma-separated."""
+    known = [s for _, s, _ in VOLUMES]
+    chosen = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = sorted(chosen - set(known))
+    if not chosen or unknown:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(known)}, got {text!r}")
+    return chosen
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("weights", nargs="?", default="weights")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("weights", nargs="?", default="weights", help="weights folder or manifest")
+    parser.add_argument("--reps", type=positive_int, default=3, help="timed runs per engine and volume (median)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch and engine threads")
+    parser.add_argument("--volumes", type=structure_list, default=None,
+                        help=f"comma-separated structures of the volumes to run (default all: "
+                             f"{','.join(s for _, s, _ in VOLUMES)})")
     args = parser.parse_args(argv)
+    volumes = [v for v in VOLUMES if args.volumes is None or v[1] in args.volumes]
 
     import torch
 
@@ -47,7 +63,7 @@ def main(argv=None) -> int:
         predictor.settings = dataclasses.replace(manifest_settings, per_structure={}, mirror_axes=())
         predictor.export_engine()
     rows = []
-    for relative, structure, crop in VOLUMES:
+    for relative, structure, crop in volumes:
         image, volume = read_volume_cropped(relative, crop)
         threshold = manifest_settings.for_structure(structure).threshold
         logit_threshold = logit(threshold)
