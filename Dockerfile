@@ -43,7 +43,7 @@ RUN pip install "torch==${TORCH_VERSION}" \
 # (e.g. LSMSEG_EXTRAS=openvino,zarr). The default `openvino` (openvino + onnx) runs the network on
 # CPU ~1.4x faster than ONNX Runtime (`onnx`), itself 3-4x PyTorch, in less memory
 # (benchmarks/README.md); a CUDA image leaves it out (LSMSEG_EXTRAS=): on a GPU the engine is PyTorch.
-# The packages' own test suites (numpy, scipy, sympy, networkx...: ~110 MB) go in the same layer:
+# The packages' own test suites (numpy, scipy, sympy, networkx...; ~50 MB of the image) go in the same layer:
 # nothing imports them at run time.
 ARG LSMSEG_EXTRAS="openvino"
 COPY pyproject.toml /opt/lsmseg/pyproject.toml
