@@ -235,11 +235,25 @@ class _LevelPrefixFormatter(logging.Formatter):
         return message if record.levelno < logging.WARNING else f"{record.levelname}: {message}"
 
 
+class _AboveProgressBars(logging.StreamHandler):
+    """Each log line printed above the progress bars (``tqdm.write`` clears them, prints, redraws),
+    not glued to the end of one: on a terminal an error was split across the bar's line and the next."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # logging's own rule: a failed log line never stops the program
+            self.handleError(record)
+
+
 def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Log to stderr: INFO (DEBUG with ``verbose``, WARNING with ``quiet``), warnings and errors prefixed
-    with their level; third-party loggers at WARNING unless ``verbose``."""
+    with their level, above any progress bar; third-party loggers at WARNING unless ``verbose``."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _AboveProgressBars(sys.stderr)
     handler.setFormatter(_LevelPrefixFormatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -98,3 +98,29 @@ def test_prefilling_an_unwritable_cache_fails_in_one_line_before_exporting(tmp_p
     assert captured.out == ""
     [line] = captured.err.splitlines()
     assert line.startswith(f"ERROR: {tmp_path / 'a-file' / 'cache' / 'onnx'}: ") and "LSMSEG_CACHE_DIR" in line
+
+
+def test_a_log_line_is_printed_above_a_progress_bar_not_glued_to_it(monkeypatch):
+    # Was a plain StreamHandler: on a terminal "ERROR: ..." followed the bar's text on its line.
+    import io
+    import logging
+    import sys
+
+    from tqdm import tqdm
+
+    from lsmseg import cli
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        cli.configure_logging()
+        with tqdm(total=2, desc="volumes", file=stream, mininterval=0) as bar:
+            bar.update(1)
+            logging.getLogger("lsmseg.test").error("/in/broken.tif: not a TIFF")
+        logging.getLogger("lsmseg.test").info("after the bar")
+    finally:
+        root.handlers[:], root.level = saved
+    lines = [line.rsplit("\r", 1)[-1] for line in stream.getvalue().split("\n")]
+    assert "ERROR: /in/broken.tif: not a TIFF" in lines and "after the bar" in lines
