@@ -143,3 +143,22 @@ def test_ignored_voxels_get_no_gradient_and_an_unlabelled_patch_a_finite_loss():
         value = loss(*split_label(torch.full_like(label, IGNORE)))
         value.backward()
         assert torch.isfinite(value) and value.item() == 0.0 and float(logits.grad.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("spacing, resampled", [((4.0, 1.1, 1.1), False), ((4.0, 1.3, 0.9), True),
+                                                ((5.0, 1.0, 1.0), False), ((6.0, 1.0, 1.0), True)])
+def test_a_set_within_inferences_spacing_tolerance_is_trained_on_its_native_grid(tmp_path, spacing, resampled):
+    # Was resampled for any difference, where inference (InferenceSettings.spacing_tolerance, 25 %)
+    # leaves such a volume as it is: the model learned it rescaled.
+    from lsmseg.config import InferenceSettings
+
+    shape = (12, 40, 44)
+    label = np.zeros(shape, np.uint8)
+    label[6, 20, 22] = 1
+    _write(tmp_path, np.arange(np.prod(shape), dtype=np.uint16).reshape(shape), label, spacing=spacing)
+    data = DataConfig(train=[VolumeSet(images=tmp_path / "images", labels=tmp_path / "labels")],
+                      target_spacing=(4.0, 1.0, 1.0))
+    record = prepare_volumes(data, "train", need_labels=True, where="cfg")[0]
+    within = all(abs(s / t - 1.0) <= InferenceSettings.spacing_tolerance for s, t in zip(spacing, (4.0, 1.0, 1.0)))
+    assert within is not resampled  # the cases sit on both sides of the tolerance
+    assert (record.grid != shape) is resampled and (record.factors != (1.0, 1.0, 1.0)) is resampled

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lsmseg.config import InferenceSettings
 from lsmseg.errors import ConfigError, InputError
 from lsmseg.io import expand_inputs, read_volume, volume_name
 from lsmseg.io.atomic import write_text
@@ -316,7 +317,10 @@ def _index_volume(data: DataConfig, volume_set: VolumeSet, set_index: int, path:
         if spacing is None:
             raise InputError(path, "voxel spacing unknown, so it cannot be resampled to data.target_spacing; "
                              "set spacing for this set in the config")
-        factors = [t / s for t, s in zip(data.target_spacing, spacing)]
+        # Inference leaves a volume within its spacing tolerance of the model's as it is; a set
+        # that close is trained on its native grid too, or the model would learn it rescaled.
+        if not all(abs(s / t - 1.0) <= InferenceSettings.spacing_tolerance for s, t in zip(spacing, data.target_spacing)):
+            factors = [t / s for t, s in zip(data.target_spacing, spacing)]
     factors[1] /= data.downscale
     factors[2] /= data.downscale
     grid = tuple(max(1, round(n / f)) for n, f in zip(volume.shape, factors))
