@@ -124,3 +124,40 @@ def test_a_log_line_is_printed_above_a_progress_bar_not_glued_to_it(monkeypatch)
         root.handlers[:], root.level = saved
     lines = [line.rsplit("\r", 1)[-1] for line in stream.getvalue().split("\n")]
     assert "ERROR: /in/broken.tif: not a TIFF" in lines and "after the bar" in lines
+
+
+def test_a_long_volume_without_a_bar_logs_its_progress_now_and_then(caplog):
+    # Was silent between "loaded weights" and the volume's result line when the output was piped
+    # (docker logs): minutes for the vessels sample, hours for a whole organ.
+    from lsmseg.inference.predictor import ProgressLines
+
+    now = [0.0]
+    lines = ProgressLines(total=100, name="organ", every=60.0, clock=lambda: now[0])
+    with caplog.at_level("INFO", logger="lsmseg.inference.predictor"):
+        for _ in range(10):
+            now[0] += 25.0  # 10 windows every 25 s
+            lines.update(10)
+    messages = [r.getMessage() for r in caplog.records]
+    # Lines at 75, 150 and 225 s (60 s apart at least); none at 250 s, where the volume is done.
+    assert messages == ["organ: 30 of 100 windows (30 %), about 3 min left",
+                        "organ: 60 of 100 windows (60 %), about 2 min left",
+                        "organ: 90 of 100 windows (90 %), about 25 s left"]
+
+
+def test_progress_lines_appear_only_where_no_bar_is_drawn(tmp_path, tiny_weights, caplog, monkeypatch):
+    import dataclasses
+
+    import numpy as np
+
+    from lsmseg.inference import Predictor
+    from lsmseg.inference import predictor as module
+
+    monkeypatch.setattr(module, "PROGRESS_LINE_SECONDS", 0.0)
+    image = np.random.default_rng(0).random((32, 64, 192), dtype=np.float32)  # 5 windows: batches of 4 and 1
+    predictor = Predictor.from_manifest(tiny_weights, engine="torch")
+    for progress, expected in ((False, True), (True, False)):
+        caplog.clear()
+        predictor.options = dataclasses.replace(predictor.options, progress=progress)
+        with caplog.at_level("INFO", logger="lsmseg.inference.predictor"):
+            predictor.predict_logits(image, name="vol")
+        assert any("vol: " in r.getMessage() and "windows" in r.getMessage() for r in caplog.records) is expected

@@ -24,6 +24,7 @@ import functools
 import itertools
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -121,6 +122,50 @@ class PreparedVolume:
     plan: BlockPlan
     constant: bool
     settings: InferenceSettings  # with the volume's structure's post-processing applied
+
+
+
+# Seconds between the progress lines of a volume where no bar is drawn (ProgressLines).
+PROGRESS_LINE_SECONDS = 60.0
+
+
+class ProgressLines:
+    """A volume's progress as an INFO line at most every :data:`PROGRESS_LINE_SECONDS` where no
+    progress bar is drawn (output piped to a file: ``docker logs``, a batch job's log), so that the
+    hours a whole organ takes are not silent; a volume done sooner logs nothing.
+
+    Args:
+        total: windows in the volume.
+        name: the volume's name, at the start of each line.
+        every: seconds between lines.
+        clock: monotonic seconds (a test's own clock).
+    """
+
+    def __init__(self, total: int, name: str, every: float | None = None, clock=time.monotonic):
+        self.total, self.name, self.clock = total, name, clock
+        self.every = PROGRESS_LINE_SECONDS if every is None else every
+        self.done = 0
+        self.start = self.last = clock()
+
+    def update(self, n: int) -> None:
+        """``n`` more windows done (run, taken from the cache, or skipped as background)."""
+        self.done += n
+        now = self.clock()
+        if now - self.last < self.every or not 0 < self.done < self.total:
+            return
+        self.last = now
+        left = (now - self.start) * (self.total - self.done) / self.done
+        logger.info("%s: %d of %d windows (%d %%), about %s left", self.name, self.done, self.total,
+                    100 * self.done // self.total, _duration(left))
+
+
+def _duration(seconds: float) -> str:
+    """``"40 s"``, ``"12 min"``, ``"3.5 h"``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class Predictor:
@@ -388,22 +433,28 @@ class Predictor:
             desc: the progress bar's label.
             settings: the volume's settings (as for :meth:`block_logits`).
         """
-        # Progress inside the volume: windows (run or skipped as background), with an ETA.
-        bar = tqdm(
-            total=sum(block.n_windows for block in plan.blocks), desc=desc or "volume", unit="window",
-            leave=False, disable=not self.options.progress, dynamic_ncols=True,
-        )
+        # Progress inside the volume: windows (run or skipped as background), with an ETA; where no
+        # bar is drawn (a piped log), a line now and then instead.
+        total = sum(block.n_windows for block in plan.blocks)
+        bar = tqdm(total=total, desc=desc or "volume", unit="window", leave=False,
+                   disable=not self.options.progress, dynamic_ncols=True)
+        lines = None if self.options.progress else ProgressLines(total, desc or "volume")
+
+        def advance(n: int) -> None:
+            bar.update(n)
+            if lines is not None:
+                lines.update(n)
         prefetch = self.device.type == "cuda" if self.options.prefetch is None else self.options.prefetch
         load = lambda block: self.load_block(plan, block, source, lo, hi, background, on_raw)  # noqa: E731
         cache = WindowCache(plan, self.options.window_cache_mb << 20) if len(plan.blocks) > 1 else None
         try:
             for block, (region, skip) in prefetched(plan.blocks, load, enabled=prefetch):
                 reused = cache.reused if cache is not None else 0
-                logits = self.block_logits(plan, block, region, skip, background, on_windows=bar.update,
+                logits = self.block_logits(plan, block, region, skip, background, on_windows=advance,
                                            settings=settings, cache=cache)
                 if cache is not None:
                     reused = cache.reused - reused
-                bar.update(reused + (sum(skip) if skip is not None else 0))
+                advance(reused + (sum(skip) if skip is not None else 0))
                 stats.count(plan, block, skip, reused=reused)
                 yield block, logits, region[plan.output_in_region(block)]
         finally:
