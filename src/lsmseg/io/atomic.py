@@ -123,6 +123,14 @@ def remove_path(path: Path) -> None:
             path.unlink()
 
 
+def _move_aside(final: Path, kept: list) -> None:
+    """Rename an existing ``final`` to a partial name, recorded in ``kept`` as ``(aside, final)``."""
+    if final.exists() or final.is_symlink():
+        aside = partial_path(final)
+        os.replace(final, aside)
+        kept.append((aside, final))
+
+
 def refuse_replacing_another_kind(path: str | Path, folder: bool) -> None:
     """Raise :class:`OutputError` when ``path`` exists as a folder and a file is to be written there,
     or the other way round: what the user keeps there is never deleted to make room.
@@ -197,20 +205,24 @@ def atomic_output(path: str | Path, folder: bool | None = None) -> Iterator[Path
         # The previous output is kept, not deleted, until the new one is in place: a rename that
         # fails (or a kill while a large old store would be deleted) must not lose it. A lone file
         # is renamed onto it, which replaces it atomically and keeps it on failure (a folder where
-        # it goes was refused just above). A folder (or each file of a pair) trades places with it
-        # in one step where the file system can, so that readers never find the output missing;
-        # elsewhere the old one is renamed aside first. The data before the header, so that the
-        # header never names a missing file.
+        # it goes was refused just above). A lone folder trades places with it in one step where
+        # the file system can, so that readers never find the output missing; elsewhere the old one
+        # is renamed aside first. A pair is never swapped file by file: an old header beside new
+        # data reads as a wrong volume without an error, so its old files go aside before the new
+        # ones come in (a reader finds it missing for a moment), the data before the header, so
+        # that the header never names a missing file.
         lone_file = not companions and not tmp.is_dir()
-        for new, final in (*companions, (tmp, path)):
-            if not lone_file and (final.exists() or final.is_symlink()):
-                if exchange_paths(new, final):  # the previous output now sits at the partial name
+        moves = [*companions, (tmp, path)]
+        if companions:  # every old file of a pair aside (header first) before its first new file lands
+            for _, final in reversed(moves):
+                _move_aside(final, kept)
+        for new, final in moves:
+            if not lone_file and (final.exists() or final.is_symlink()):  # a lone folder's previous one
+                if exchange_paths(new, final):  # which now sits at the partial name
                     kept.append((new, final))
                     placed.append(final)
                     continue
-                aside = partial_path(final)
-                os.replace(final, aside)
-                kept.append((aside, final))
+                _move_aside(final, kept)
             os.replace(new, final)
             placed.append(final)
     except BaseException as exc:
@@ -220,7 +232,7 @@ def atomic_output(path: str | Path, folder: bool | None = None) -> Iterator[Path
                 remove_path(leftover)
         restored: list[Path] = []
         try:
-            for aside, final in kept:
+            for aside, final in reversed(kept):  # the data before the header, as they came
                 os.replace(aside, final)
                 restored.append(final)
         except OSError:  # the previous output cannot come back whole: no half of it is left either
