@@ -50,8 +50,10 @@ def pytest_configure(config):
     # starts, through OMP_NUM_THREADS) gets its share. Two workers of two threads each on two cores
     # made OpenMP's spinning threads wait on each other: a forward pass took 0.6-3.6 s instead of
     # ~1.2 s on one thread. A device call (scripts/gpu_check.sh) asks for more with LSMSEG_TEST_THREADS.
+    from lsmseg.resources import usable_cpus
+
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
-    share = max(1, len(os.sched_getaffinity(0)) // workers)
+    share = max(1, usable_cpus() // workers)
     wanted = int(os.environ.get("LSMSEG_TEST_THREADS") or min(2, share))
     torch.set_num_threads(max(1, min(wanted, torch.get_num_threads())))
     if workers > 1:
