@@ -35,23 +35,28 @@ ARG PIP_CERT=""
 ARG PIP_FIND_LINKS=""
 ARG PIP_EXTRA_INDEX_URL=""
 ARG TORCH_VERSION=2.13.0
-# torch/test is 108 C++ test programs (84 MB) that nothing runs.
+# torch/test is 108 C++ test programs (84 MB) that nothing runs; the test suites of the packages torch
+# brings (sympy, networkx, mpmath) go in this layer too (see below).
 RUN pip install "torch==${TORCH_VERSION}" \
-    && rm -rf "$VIRTUAL_ENV"/lib/python3*/site-packages/torch/test
+    && rm -rf "$VIRTUAL_ENV"/lib/python3*/site-packages/torch/test \
+    && find "$VIRTUAL_ENV"/lib/python3*/site-packages -depth -type d -name tests \
+        -not -path "*/torch/*" -not -path "*/numpy/*" -exec rm -rf {} +
 
 # The package's runtime dependencies from pyproject.toml, plus optional extras, comma-separated
 # (e.g. LSMSEG_EXTRAS=openvino,zarr). The default `openvino` (openvino + onnx) runs the network on
 # CPU ~1.4x faster than ONNX Runtime (`onnx`), itself 3-4x PyTorch, in less memory
 # (benchmarks/README.md); a CUDA image leaves it out (LSMSEG_EXTRAS=): on a GPU the engine is PyTorch.
-# The packages' own test suites (numpy, scipy, sympy, networkx...; ~50 MB of the image) go in the same layer:
-# nothing imports them at run time.
+# The packages' own test suites (scipy, numcodecs...) go in the same layer: nothing imports them at
+# run time, except numpy's (numpy.testing imports numpy._core.tests._natype in numpy < 2.3, and scipy
+# imports numpy.testing), which stay; the import check below would catch another such case.
 ARG LSMSEG_EXTRAS="openvino"
 COPY pyproject.toml /opt/lsmseg/pyproject.toml
 RUN python3 -c 'import os, tomllib; p = tomllib.load(open("/opt/lsmseg/pyproject.toml", "rb"))["project"]; extras = [e for e in os.environ.get("LSMSEG_EXTRAS", "").split(",") if e]; deps = p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]; print("\n".join(d for d in deps if not d.lower().startswith("torch")))' > /tmp/requirements.txt \
     && pip install --requirement /tmp/requirements.txt \
     && rm /tmp/requirements.txt \
-    && find "$VIRTUAL_ENV"/lib/python3*/site-packages -depth -type d -name tests -not -path "*/torch/*" \
-        -exec rm -rf {} +
+    && find "$VIRTUAL_ENV"/lib/python3*/site-packages -depth -type d -name tests \
+        -not -path "*/torch/*" -not -path "*/numpy/*" -exec rm -rf {} + \
+    && python3 -c "import numpy.testing, scipy.ndimage, scipy.stats, SimpleITK, tifffile, zarr, monai.networks.nets"
 # openvino's telemetry (a dependency of openvino) runs on `import openvino`: it writes a client id to
 # $HOME/intel and sends a usage event to Google Analytics, and under a read-only root or another uid
 # it logs three warnings instead. Without it openvino uses its own no-op stub (openvino.tools.ovc).
