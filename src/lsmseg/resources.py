@@ -49,6 +49,22 @@ def _levels(root: str, controller: str | None) -> list[str]:
     return [folder for folder in levels if os.path.isdir(folder)]
 
 
+def _tightest(root: str, controller: str | None, read) -> tuple[bool, float | None]:
+    """``(found, tightest)``: whether ``read(folder)`` could read any of :func:`_levels`' folders
+    (OSError or ValueError where it cannot), and the smallest limit it returned (None for none:
+    ``read`` returns None for a folder without a limit)."""
+    found, limits = False, []
+    for folder in _levels(root, controller):
+        try:
+            limit = read(folder)
+        except (OSError, ValueError):
+            continue
+        found = True
+        if limit is not None:
+            limits.append(limit)
+    return found, min(limits, default=None)
+
+
 def available_memory(cgroup_root: str = "/sys/fs/cgroup", meminfo: str = "/proc/meminfo") -> int | None:
     """Bytes a new allocation can get: Linux's ``MemAvailable``, lowered to the headroom of the
     process's cgroup memory limit where one is set (a container's ``--memory``, which MemAvailable
@@ -88,18 +104,16 @@ def _cgroup_headroom(root: str) -> int | None:
         (None, "memory.max", "memory.current", "memory.stat", "inactive_file"),
         ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file"),
     ):
-        found, headrooms = False, []
-        for folder in _levels(root, controller):  # the tightest of the process's cgroup and its parents
-            try:
-                limit, usage = _cgroup_file(folder, limit_file), int(_cgroup_file(folder, usage_file))
-            except (OSError, ValueError):
-                continue
-            found = True
+        def headroom(folder):
+            limit, usage = _cgroup_file(folder, limit_file), int(_cgroup_file(folder, usage_file))
             # "max" (v2) or a huge page-rounded number (v1) means no limit.
-            if limit != "max" and limit.isdigit() and int(limit) < 2**60:
-                headrooms.append(max(0, int(limit) - usage + _stat_value(os.path.join(folder, stat_file), inactive_key)))
+            if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:
+                return None
+            return max(0, int(limit) - usage + _stat_value(os.path.join(folder, stat_file), inactive_key))
+
+        found, tightest = _tightest(root, controller, headroom)
         if found:
-            return min(headrooms, default=None)
+            return tightest
     return None
 
 
@@ -132,17 +146,9 @@ def cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> float | None:
         return _ratio(int(_cgroup_file(folder, "cpu.cfs_quota_us")), int(_cgroup_file(folder, "cpu.cfs_period_us")))
 
     for controller, read in ((None, read_v2), ("cpu", read_v1)):
-        found, quotas = False, []
-        for folder in _levels(cgroup_root, controller):  # the tightest of the process's cgroup and its parents
-            try:
-                quota = read(folder)
-            except (OSError, ValueError):
-                continue
-            found = True
-            if quota is not None:
-                quotas.append(quota)
+        found, tightest = _tightest(cgroup_root, controller, read)
         if found:
-            return min(quotas, default=None)
+            return tightest
     return None
 
 

@@ -11,7 +11,7 @@ import sys
 
 from ..errors import EXIT_FAILED, EXIT_OK, LsmsegError, OutputError
 from ..weights import load_manifest, resolve_manifest
-from .engines import _writable_folder, cache_dir, installed_exported_engine
+from .engines import export_dir, installed_exported_engine, writable_folder
 from .predictor import Predictor, RunOptions
 
 
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = resolve_manifest(args.manifest)
         # Else each export would go to a temporary folder no later run looks in: a build that "prefilled"
         # nothing would pass.
-        folder = cache_dir() / "onnx"
-        if not _writable_folder(folder):
+        folder = export_dir()
+        if not writable_folder(folder):
             raise OutputError(folder, "cannot write the export cache there (set LSMSEG_CACHE_DIR to a writable folder)")
         # Either engine writes the same export; with neither installed, onnxruntime's error names the extras.
         engine = installed_exported_engine() or "onnxruntime"

@@ -123,7 +123,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LSMSEG_CACHE_DIR") or Path.home() / ".cache" / "lsmseg")
 
 
-def _writable_folder(folder: Path) -> bool:
+def export_dir() -> Path:
+    """Where the network's ONNX exports are cached: ``<cache_dir()>/onnx``."""
+    return cache_dir() / "onnx"
+
+
+def writable_folder(folder: Path) -> bool:
     """Whether ``folder`` exists (made if need be) and this process may write there; an image's
     prefilled cache is not, for its non-root user."""
     try:
@@ -154,7 +159,7 @@ class OnnxEngine:
 
     def path_for(self, window: Sequence[int]) -> Path:
         shape = "x".join(str(int(w)) for w in window)
-        return cache_dir() / "onnx" / f"{self.key}_{shape}_v{EXPORT_VERSION}.onnx"
+        return export_dir() / f"{self.key}_{shape}_v{EXPORT_VERSION}.onnx"
 
     def export(self, window: Sequence[int]) -> Path:
         """The network exported for windows of ``window``: the cached file, or an export now.
@@ -167,7 +172,7 @@ class OnnxEngine:
         if path.is_file():
             self.models[window] = {"window": list(window), "file": str(path), "exported": False, "cached": True}
             return path
-        writable = _writable_folder(path.parent)
+        writable = writable_folder(path.parent)
         if writable:
             logger.info("exporting the network to ONNX for windows %s (once per weights and window)", window)
         else:
@@ -374,7 +379,7 @@ class OpenVinoEngine(OnnxEngine):
                 logger.warning("%s: cannot import the compiled model (%s); compiling it again",
                                blob, str(exc).strip().splitlines()[-1])
         compiled = core.compile_model(str(self.export(window)), "CPU", config)
-        if _writable_folder(blob.parent):
+        if writable_folder(blob.parent):
             try:
                 # Atomic: another process (a dask worker) imports the whole blob or finds none.
                 with atomic_output(blob) as tmp:

@@ -124,7 +124,6 @@ class PreparedVolume:
     settings: InferenceSettings  # with the volume's structure's post-processing applied
 
 
-
 # Seconds between the progress lines of a volume where no bar is drawn (ProgressLines).
 PROGRESS_LINE_SECONDS = 60.0
 
