@@ -127,3 +127,14 @@ def test_engines_onnx_memory_usage_error():
     result = subprocess.run([sys.executable, str(BENCH / "engines_onnx_memory.py")], capture_output=True,
                             text=True, check=False, cwd=REPO, timeout=60)
     assert result.returncode == 2 and "usage: engines_onnx_memory.py on|off" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--volumes", "nerves"], "argument --volumes: expected some of cfos_neuron,microglia,blood_vessel, got 'nerves'"),
+    (["--reps", "0"], "argument --reps: expected a whole number >= 1, got '0'"),
+])
+def test_engines_openvino_refuses_bad_options_before_measuring(args, message):
+    result = subprocess.run([sys.executable, str(BENCH / "engines_openvino.py"), "weights", *args],
+                            capture_output=True, text=True, check=False, cwd=REPO, timeout=60)
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == f"engines_openvino.py: error: {message}"
+    assert result.stdout == ""  # nothing measured
