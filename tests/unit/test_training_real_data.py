@@ -104,6 +104,34 @@ def test_dense_loss_equals_monai_dice_ce():
     assert float(dice_bce(logits, target, valid)) == pytest.approx(float(DiceCELoss(sigmoid=True)(logits, label)), abs=1e-6)
 
 
+def test_batch_dice_equals_monai_batch_dice_ce():
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 8, 16, 16)
+    label = (torch.rand(2, 1, 8, 16, 16) > torch.tensor([0.7, 0.99]).view(2, 1, 1, 1, 1)).float()
+    target, valid = split_label(label)
+    expected = float(DiceCELoss(sigmoid=True, batch=True)(logits, label))
+    assert float(dice_bce(logits, target, valid, batch_dice=True)) == pytest.approx(expected, abs=1e-6)
+    assert float(dice_bce(logits, target, valid)) != pytest.approx(expected, abs=1e-2)  # per patch differs
+
+
+def test_batch_dice_gives_false_positives_on_an_empty_patch_a_gradient():
+    torch.manual_seed(0)
+    label = torch.zeros(2, 1, 8, 16, 16)
+    label[0, :, 2:6, 4:12, 4:12] = 1  # the second patch has no foreground
+    target, valid = split_label(label)
+    logits = torch.full((2, 1, 8, 16, 16), 2.0)  # foreground everywhere: false positives in patch 2
+
+    def dice_gradient_on_empty_patch(batch_dice):
+        x = logits.clone().requires_grad_(True)
+        dice_bce(x, target, valid, bce_weight=0.0, batch_dice=batch_dice).backward()
+        return float(x.grad[1].abs().sum())
+
+    assert dice_gradient_on_empty_patch(False) < 1e-6  # per patch: ~1 whatever patch 2 predicts
+    assert dice_gradient_on_empty_patch(True) > 1e-3
+
+
 def test_unlabelled_voxels_do_not_move_the_loss():
     torch.manual_seed(0)
     label = (torch.rand(1, 1, 8, 16, 16) > 0.7).float()

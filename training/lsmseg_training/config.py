@@ -273,6 +273,7 @@ class FinetuneConfig(RunConfig):
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     dice_weight: float = 1.0  # loss = dice_weight * Dice + bce_weight * BCE
     bce_weight: float = 1.0
+    batch_dice: bool = False  # one Dice over the whole batch instead of a mean of per-patch Dice
     # Soft clDice (Shit et al., CVPR 2021) on the patches of tubular sets: rewards connected centrelines.
     cldice_weight: float = 0.0
     cldice_iterations: int = 5  # soft-skeleton iterations (about the largest radius in voxels)

@@ -193,7 +193,7 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
             with autocast(processes.device, config.optim.amp, config.optim.amp_dtype):
                 logits = model(image)
             logits = logits.float()
-            loss = dice_bce(logits, target, valid, config.dice_weight, config.bce_weight)
+            loss = dice_bce(logits, target, valid, config.dice_weight, config.bce_weight, config.batch_dice)
             if config.cldice_weight and bool(tubular.any()):
                 loss = loss + config.cldice_weight * soft_cldice(logits, target, valid, config.cldice_iterations,
                                                                  weights=tubular)

@@ -22,17 +22,20 @@ def split_label(label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dice_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-             dice_weight: float = 1.0, bce_weight: float = 1.0) -> torch.Tensor:
-    """Soft Dice (per sample, averaged) plus BCE, both over valid voxels only.
+             dice_weight: float = 1.0, bce_weight: float = 1.0, batch_dice: bool = False) -> torch.Tensor:
+    """Soft Dice (per sample, averaged; or over the whole batch) plus BCE, both over valid voxels only.
 
     Args:
         logits: (B, 1, Z, Y, X) network output.
         target: (B, 1, Z, Y, X) foreground in {0, 1}.
         valid: (B, 1, Z, Y, X) 1 where the voxel is labelled, 0 where it is not.
         dice_weight, bce_weight: weights of the two terms.
+        batch_dice: one Dice over every voxel of the batch (MONAI ``DiceLoss(batch=True)``, nnU-Net's
+            ``batch_dice``). Per sample, a patch without foreground scores ~1 whatever it predicts,
+            so its false positives get no Dice gradient; over the batch they count.
     """
     probabilities = torch.sigmoid(logits)
-    dims = tuple(range(2, logits.ndim))
+    dims = tuple(range(0 if batch_dice else 2, logits.ndim))
     intersection = (probabilities * target * valid).sum(dims)
     denominator = (probabilities * valid).sum(dims) + (target * valid).sum(dims)
     dice = (1.0 - (2.0 * intersection + SMOOTH) / (denominator + SMOOTH)).mean()
