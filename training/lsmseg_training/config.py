@@ -157,7 +157,7 @@ class MaskingConfig:
 
     count: tuple[int, int] = (4, 16)  # cuboids per patch, inclusive range
     size: tuple[float, float] = (0.1, 0.35)  # cuboid side as a fraction of the patch side
-    max_fraction: float = 0.6  # stop adding cuboids once this share of the patch is masked
+    max_fraction: float = 0.6  # stop adding cuboids once this share of the patch is masked (the last may overshoot)
     visible_weight: float = 0.1  # L1 weight on the visible voxels (masked voxels weigh 1)
 
     def __post_init__(self):

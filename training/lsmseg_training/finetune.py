@@ -26,7 +26,7 @@ from lsmseg.weights import load_state_dict, save_weights, sha256_file
 from .config import FinetuneConfig
 from .data import VolumeRecord, check_splits, fingerprint, prepare_volumes
 from .engine import (
-    Loop, autocast, hold_output, load_full_model, main_first, resume_state, run_processes, strip_prefixes,
+    CHECKPOINT_NAME, Loop, autocast, hold_output, load_full_model, main_first, resume_state, run_processes, strip_prefixes,
     train_loop, unwrap, write_record,
 )
 from .plots import plot_training
@@ -48,8 +48,9 @@ def load_pretrained_encoder(model: torch.nn.Module, path: Path, min_fraction: fl
 
     A silent ``load_state_dict(strict=False)`` of a checkpoint from another architecture loads
     nothing and trains from scratch unnoticed; here a file that fills less than ``min_fraction`` of
-    the encoder's tensors (by name and shape) stops the run before it starts. ``where`` (the config
-    file) is named in that error beside ``path``.
+    the encoder's tensors (by name and shape), or holds an encoder tensor that fits nowhere in
+    ``model`` (another shape; blocks of other depths or heads), stops the run before it starts.
+    ``where`` (the config file) is named in that error beside ``path``.
     """
     path = Path(path)
     state = strip_prefixes(load_state_dict(path, sha256=None))
@@ -57,6 +58,9 @@ def load_pretrained_encoder(model: torch.nn.Module, path: Path, min_fraction: fl
     encoder_keys = [k for k in own if k.startswith(ENCODER_PREFIXES)]
     matched = {k: v for k, v in state.items() if k in own and k.startswith(ENCODER_PREFIXES) and v.shape == own[k].shape}
     wrong_shape = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    # Encoder tensors of the file that fit nowhere (another shape, or blocks this model lacks: other
+    # depths or heads) mean another architecture, even where the rest matches by name.
+    misfits = [k for k in state if k.startswith(ENCODER_PREFIXES) and k not in matched]
     fraction = len(matched) / max(1, len(encoder_keys))
     summary = {
         "path": str(path),
@@ -68,14 +72,16 @@ def load_pretrained_encoder(model: torch.nn.Module, path: Path, min_fraction: fl
     }
     logger.info("pretrained encoder %s: %d of %d encoder tensors matched (%d tensors in the file, %d of wrong shape)",
                 path, len(matched), len(encoder_keys), len(state), len(wrong_shape))
-    if fraction < min_fraction:
-        example = f"; e.g. {wrong_shape[0]} is {tuple(state[wrong_shape[0]].shape)} there, " \
-                  f"{tuple(own[wrong_shape[0]].shape)} here" if wrong_shape else ""
+    if fraction < min_fraction or misfits:
+        key = next(iter(wrong_shape or misfits), None)
+        example = "" if key is None else (f"; e.g. {key} is {tuple(state[key].shape)} there, "
+                                          + (f"{tuple(own[key].shape)} here" if key in own else "not in this model"))
         config = f"{where}: pretrained: " if where else ""
-        raise WeightsError(
-            f"{config}{path}: checkpoint is for another architecture: only {len(matched)} of {len(encoder_keys)} "
-            f"encoder tensors match ({fraction:.0%} < min_matched_fraction {min_fraction:.0%}){example}"
-        )
+        found = (f"only {len(matched)} of {len(encoder_keys)} encoder tensors match ({fraction:.0%} < "
+                 f"min_matched_fraction {min_fraction:.0%})" if fraction < min_fraction
+                 else f"{len(misfits)} of its encoder tensors fit nowhere in this model (pretrain with the same "
+                 "model settings)")
+        raise WeightsError(f"{config}{path}: checkpoint is for another architecture: {found}{example}")
     model.load_state_dict({**own, **matched})
     return summary
 
@@ -165,18 +171,31 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
                                                  seed=config.seed)
         torch.manual_seed(config.seed)
         model = build_model(config.model)
-        initialised = None
-        if config.init is not None:
-            initialised = load_full_model(model, Path(config.init), config.model)
-        pretrained = None  # after init: a pretrained encoder replaces init's, the decoder stays
-        if config.pretrained is not None:
-            if not Path(config.pretrained).is_file():
-                raise WeightsError(f"{where}: pretrained: {config.pretrained}: no such file")
-            pretrained = load_pretrained_encoder(model, Path(config.pretrained), config.min_matched_fraction, where)
+
+        def starting_weights() -> tuple[dict | None, dict | None]:
+            """Load init, then the pretrained encoder (which replaces init's; the decoder stays)."""
+            initialised = load_full_model(model, Path(config.init), config.model) if config.init is not None else None
+            pretrained = None
+            if config.pretrained is not None:
+                if not Path(config.pretrained).is_file():
+                    raise WeightsError(f"{where}: pretrained: {config.pretrained}: no such file")
+                pretrained = load_pretrained_encoder(model, Path(config.pretrained), config.min_matched_fraction,
+                                                     where)
+            return initialised, pretrained
+
+        # A fresh run checks its starting weights before it takes the output folder; a resume takes
+        # every weight from the checkpoint, so init and pretrained need not be there any more, and
+        # where the run began is the checkpoint's record of it, whatever they say now.
+        start = None if resume and (output / CHECKPOINT_NAME).is_file() else starting_weights()
         hold_output(output, processes)  # one run at a time in a folder
         resume_from = resume_state(output, config.model, resume, kind="finetune", total_steps=config.total_steps,
                                    config=to_dict(config))
         resumed = resume_from["extra"] if resume_from else {}
+        if "init" in resumed:
+            start = resumed["init"], resumed.get("pretrained")
+        elif start is None:  # checkpoints from before 2026-12-07 record neither
+            start = starting_weights()
+        initialised, pretrained = start
         history = resumed.get("history", [])
         best = resumed.get("best", {"dice": -1.0, "step": None})
         # The best weights travel in the checkpoint: a run killed after a better validation but before
@@ -218,7 +237,8 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
 
         def keep_history(loop: Loop) -> dict:
             loop.record.update(history=history, best=best)
-            return {"history": history, "best": best, **({"best_state": best_state} if best_state is not None else {})}
+            return {"history": history, "best": best, "init": initialised, "pretrained": pretrained,  # for a resume
+                    **({"best_state": best_state} if best_state is not None else {})}
 
         logger.info("fine-tuning %s: %d training and %d validation volume(s), %d steps of batch %d x %d process(es), "
                     "roi %s, %s, on %s", config.name, len(records), len(validation_volumes), config.total_steps,

@@ -62,7 +62,12 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
                                    config=to_dict(config))
         torch.manual_seed(config.seed)
         model = build_model(config.model)
-        initialised = load_full_model(model, Path(config.init), config.model) if config.init is not None else None
+        if resume_from is not None and "init" in (resume_from.get("extra") or {}):
+            # A resume takes every weight from the checkpoint: init need not be there any more, and
+            # where the run began is the checkpoint's record of it, whatever init says now.
+            initialised = resume_from["extra"]["init"]
+        else:
+            initialised = load_full_model(model, Path(config.init), config.model) if config.init is not None else None
         # Intensities normalised with the log tail exceed 1, which a sigmoid cannot reach.
         bounded = config.data.upper_tail == "clip"
 
@@ -80,7 +85,7 @@ def run_pretraining(config: PretrainConfig, config_path: Path | None = None, res
             state = encoder_state(loop.model)
             loop.record.update(encoder=ENCODER_FILE, encoder_sha256=save_weights(state, output / ENCODER_FILE),
                                encoder_tensors=len(state))
-            return {}
+            return {"init": initialised}  # for a resume's record
 
         logger.info("pretraining %s: %d volume(s), %d steps of batch %d x %d process(es), roi %s, on %s, %s",
                     config.name, len(records), config.total_steps, config.batch_size, processes.world_size,
