@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import InputError, LsmsegError, OutputError, printable
+from .errors import InputError, LsmsegError, OutputError, one_line, printable
 from .inference import BlockStats, Predictor, VolumeResult
 from .inference.predictor import warn_constant
 from .inference.preview import remove_stale_preview
@@ -275,16 +275,25 @@ def _run_blocks(predictor: Predictor, client, input_path: Path, output_path: Pat
     shared = client.scatter(predictor, broadcast=True)
     # Absolute paths: the workers of an existing cluster (--address) need not run in this folder.
     on_worker = input_path.absolute()
+    prefix = f"lsmseg-block-{uuid.uuid4().hex}-"  # this volume's tasks
     futures = [
         client.submit(run_block, shared, str(on_worker), state, index, str(store.absolute()), pure=False,
-                      key=f"lsmseg-block-{uuid.uuid4().hex}")
+                      key=f"{prefix}{index}")
         for index in range(n_blocks)
     ]
     results = []
     bar = tqdm(total=n_blocks, desc=name, unit="block", leave=False, disable=not predictor.options.progress)
     try:
         for future in as_completed(futures):
-            outcome = future.result()  # raises what failed around the task (a worker that died, ...)
+            try:
+                outcome = future.result()
+            except Exception as exc:  # run_block returns its failures: this one failed around it
+                # A worker that died (killed for memory, crashed) takes the scattered predictor with it:
+                # distributed then says KilledWorker or "FutureCancelledError: ... already forgotten".
+                # Every block is then lost at once, whichever ran where: none is named.
+                reason = (f"a dask worker died or left while running the volume's blocks ({type(exc).__name__}); "
+                          "see the workers' logs (out of memory?)")
+                raise LsmsegError(one_line(input_path, reason)) from exc
             if isinstance(outcome, BlockFailure):
                 logger.debug("block %d of %s failed on its worker:\n%s", outcome.index, input_path, outcome.traceback)
                 error = outcome.error
@@ -297,10 +306,50 @@ def _run_blocks(predictor: Predictor, client, input_path: Path, output_path: Pat
             bar.update(1)
     except BaseException:
         client.cancel(futures)
+        # A cancelled block that a worker is running still writes its mask when it ends: the store
+        # is removed after that, or the write would leave a .partial-* store behind.
+        _wait_for_running(client, prefix)
         raise
     finally:
         bar.close()
     return results
+
+
+# How long a failed volume waits for its running blocks to end (a block takes minutes on a CPU).
+RUNNING_BLOCKS_WAIT_S = 600.0
+
+
+def _wait_for_running(client, prefix: str, timeout: float | None = None) -> None:
+    """Wait until no worker runs a task whose key starts with ``prefix`` (cancelled ones included).
+
+    Args:
+        client: the ``distributed.Client``.
+        prefix: the volume's task keys.
+        timeout: seconds; default :data:`RUNNING_BLOCKS_WAIT_S`.
+    """
+    deadline = time.monotonic() + (RUNNING_BLOCKS_WAIT_S if timeout is None else timeout)
+    told = False
+    while True:
+        try:
+            running = sum(len(keys) for keys in client.run(_running_keys, prefix).values())
+        except Exception as exc:  # noqa: BLE001 - workers that cannot be asked (gone) write nothing either
+            logger.debug("cannot ask the dask workers what they run: %s", exc)
+            return
+        if not running:
+            return
+        if not told:  # an interrupted run does not look hung
+            logger.info("waiting for %d cancelled block(s) still running on dask workers to end", running)
+            told = True
+        if time.monotonic() > deadline:
+            logger.warning("%d cancelled block(s) still running on dask workers; a .partial-* store they write "
+                           "is removed by the next run", running)
+            return
+        time.sleep(0.2)
+
+
+def _running_keys(prefix: str, dask_worker=None) -> list[str]:
+    """The keys starting with ``prefix`` that occupy a thread of this worker (``client.run`` passes it)."""
+    return [str(ts.key) for ts in dask_worker.state.all_running_tasks if str(ts.key).startswith(prefix)]
 
 
 def predict_files_dask(
