@@ -32,6 +32,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import tempfile
@@ -45,6 +46,7 @@ from .config import InferenceSettings, ModelConfig, from_dict, to_dict
 from .errors import ConfigError, WeightsError, single_line
 from .io import atomic_output, natural_sorted, write_text
 from .model import build_model
+from .structures import known_structure
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ ENV_BUNDLED_WEIGHTS = "LSMSEG_BUNDLED_WEIGHTS"  # set by the container image
 GRAND_CHALLENGE_MODEL_DIR = Path("/opt/ml/model")
 SOURCE_TREE_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 MODEL_TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass
@@ -84,12 +87,20 @@ class Manifest:
     path: Path | None = None  # where it was loaded from (checkpoint files are relative to it)
 
     def entry_for(self, structure: str | None = None) -> tuple[str, WeightsEntry]:
-        """The entry for ``structure``: a model of that name, one listing it, or the default."""
+        """The entry for ``structure``: a model of that name, one listing it, or the default.
+
+        Names are compared by the structure they stand for (``vessels``, ``Vessels`` and
+        ``blood_vessel`` are one), so a model listing our words is found by the 2026 name too."""
         if structure:
             if structure in self.models:
                 return structure, self.models[structure]
+            wanted = known_structure(structure)
+
+            def same(name) -> bool:
+                return name == structure or (wanted is not None and known_structure(str(name)) == wanted)
+
             for name, entry in self.models.items():
-                if structure in entry.structures and name != self.default:
+                if name != self.default and (same(name) or any(same(listed) for listed in entry.structures)):
                     return name, entry
         if self.default not in self.models:
             raise WeightsError(f"{self.path}: default model '{self.default}' is not in the manifest")
@@ -142,6 +153,9 @@ def load_manifest(path: str | Path) -> Manifest:
             raise ConfigError(f"{path}: unknown key '{extra[0]}'")
     except ConfigError as exc:
         raise WeightsError(str(exc)) from exc
+    for name, entry in models.items():  # else refused only at load, as a mismatch against nothing
+        if not SHA256_HEX.fullmatch(entry.sha256.strip()):
+            raise WeightsError(f"{path}:models.{name}.sha256: {entry.sha256!r} is not a sha256 digest (64 hex digits)")
     fmt, default = data.get("format", MANIFEST_FORMAT), data.get("default", "general")
     if fmt != MANIFEST_FORMAT or isinstance(fmt, bool):  # a newer layout would be misread, not refused
         raise WeightsError(f"{path}: manifest format {fmt!r} is not supported (this lsmseg reads format "
@@ -349,6 +363,8 @@ def load_state_dict(path: str | Path, sha256: str | None) -> dict[str, torch.Ten
         sha256: the expected hex digest; None skips the check (a file the user named directly).
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise WeightsError(f"{path}: not a file (a weights file belongs there)")
     if not path.is_file():
         raise WeightsError(f"{path}: weights file is missing")
     if sha256 is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lsmseg.config import InferenceSettings, ModelConfig, from_dict
 from lsmseg.errors import ConfigError, WeightsError, single_line
+from lsmseg.io import atomic_output
 from lsmseg.model import build_model
 from lsmseg.weights import (
     MANIFEST_NAME,
@@ -118,23 +119,35 @@ def export_run(
     # The folder's manifest is read before anything is written: an unreadable one refuses the export.
     existing = load_manifest(manifest_path) if manifest_path.is_file() else None
     target = weights_dir / file_name
-    replaced, created = target.exists(), not weights_dir.exists()
+    # --force: the file replaced is kept, so that a failure puts it back with the manifest that names
+    # its sha256 (else the folder's weights would fail their own checksum).
+    existed = target.exists()
+    replaced = target.read_bytes() if target.is_file() else None
+    created = [folder for folder in (weights_dir, *weights_dir.parents) if not folder.exists()]
     manifest_text = manifest_path.read_bytes() if existing is not None else None
     try:
         return _write_export(run, weights_dir, name, checkpoint, structures, make_default, state, chosen, config,
                              model_config, evaluation, settings, record, existing)
     except BaseException:
-        # No half-made export: a new checkpoint file goes, the manifest is put back as it was.
-        if not replaced:
+        # No half-made export: a new checkpoint file goes, a replaced one and the manifest are put back.
+        if not existed:
             target.unlink(missing_ok=True)
+        elif replaced is not None:
+            _put_back(replaced, target)
         if manifest_text is not None:
-            manifest_path.write_bytes(manifest_text)
+            _put_back(manifest_text, manifest_path)
         elif manifest_path.is_file():
             manifest_path.unlink()
-        if created:
-            with contextlib.suppress(OSError):  # only if nothing else went in
-                weights_dir.rmdir()
+        for folder in created:  # innermost first, each only if nothing else went in
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
+
+
+def _put_back(content: bytes, path: Path) -> None:
+    """Restore ``path``'s earlier bytes atomically (a second interruption leaves old or new, not half)."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(content)
 
 
 def _write_export(run, weights_dir, name, checkpoint, structures, make_default, state, chosen, config, model_config,
@@ -180,6 +193,12 @@ def _write_export(run, weights_dir, name, checkpoint, structures, make_default, 
         provenance=provenance,
     )
     if manifest is not None:
+        old = manifest.models.get(name)
+        if old is not None and (old.inference.per_structure or old.test):
+            # They were chosen and measured for the replaced weights: carrying them would misdescribe these.
+            logger.warning("%s: the replaced entry '%s' had per-structure settings or test scores; they are not "
+                           "carried to the new weights (tune them again: python -m lsmseg_training.tune ... --write)",
+                           manifest_path, name)
         manifest.models[name] = entry
         if make_default:
             manifest.default = name
