@@ -37,6 +37,7 @@ import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -367,8 +368,13 @@ def load_state_dict(path: str | Path, sha256: str | None) -> dict[str, torch.Ten
         raise WeightsError(f"{path}: not a file (a weights file belongs there)")
     if not path.is_file():
         raise WeightsError(f"{path}: weights file is missing")
+    try:
+        # One read: the bytes checked are the bytes loaded (a file replaced between two reads is not).
+        content = path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read weights ({single_line(exc.strerror or exc)})") from None
     if sha256 is not None:
-        actual = sha256_file(path)
+        actual = hashlib.sha256(content).hexdigest()
         if actual != str(sha256).strip().lower():  # hex digests are case-insensitive
             raise WeightsError(
                 f"{path}: checksum mismatch (expected sha256 {sha256[:12]}..., got {actual[:12]}...); "
@@ -376,10 +382,10 @@ def load_state_dict(path: str | Path, sha256: str | None) -> dict[str, torch.Ten
             )
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load as load_safetensors
 
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_safetensors(content)
+        state = torch.load(BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as exc:
         # One line: torch's refusals run to several paragraphs (weights_only's advice about pickles).
         detail = single_line(exc)

@@ -4,7 +4,9 @@ clear error naming the file and the key."""
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from lsmseg.config import InferenceSettings, ModelConfig, from_dict
 from lsmseg.errors import ConfigError, WeightsError
@@ -236,3 +238,23 @@ def test_forced_export_says_the_replaced_entrys_tuned_settings_are_dropped(tmp_p
         export_run(run, tmp_path / "w", force=True, min_component_voxels=0)
     assert "the replaced entry 'general' had per-structure settings or test scores" in caplog.text
     assert load_manifest(manifest).models["general"].inference.per_structure == {}
+
+
+def test_the_bytes_checked_are_the_bytes_loaded(tmp_path, monkeypatch):
+    """A checkpoint replaced while it is being checked: the tensors loaded are those that were checked."""
+    import hashlib
+
+    from lsmseg import weights
+
+    path = tmp_path / "w.safetensors"
+    save_file({"x": torch.zeros(4)}, str(path))
+    digest = weights.sha256_file(path)
+    real_sha256 = hashlib.sha256
+
+    def swapping_sha256(*args):  # the file is replaced as soon as hashing starts
+        save_file({"x": torch.ones(4)}, str(path))
+        return real_sha256(*args)
+
+    monkeypatch.setattr(weights.hashlib, "sha256", swapping_sha256)
+    state = weights.load_state_dict(path, digest)
+    assert torch.equal(state["x"], torch.zeros(4))
