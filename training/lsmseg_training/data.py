@@ -140,27 +140,61 @@ def source_of(volume_set: VolumeSet, name: str) -> str:
 def check_splits(data: DataConfig, where: str) -> dict[str, dict[str, list[str]]]:
     """Refuse a config whose train, validation and test splits share a source; return the splits.
 
-    A source is identified by its images location and the ``source`` pattern of its set, so patches
-    of one scan (``patchvolume_1008_0``, ``patchvolume_1008_1``) can never land in two splits.
+    A source is identified by the folder that holds a volume (symbolic links resolved) and the
+    ``source`` pattern of its set, so patches of one scan (``patchvolume_1008_0``,
+    ``patchvolume_1008_1``) can never land in two splits. Also refused: one file in two splits under
+    any name or path (a single-file set, a symbolic or hard link), two splits reading one folder with
+    different ``source`` patterns (their sources could not be compared), and phantoms of one kind and
+    seed in both ``train_phantoms`` and ``validation_phantoms``.
     Returns ``{split: {source: [volume names]}}`` for the record.
     """
     seen: dict[tuple[str, str], str] = {}
+    files: dict[tuple[int, int], tuple[str, Path]] = {}  # (device, inode) -> (split, path): links resolve here
+    patterns: dict[str, tuple[str, str, str | None]] = {}  # folder -> (split, key, source pattern)
     splits: dict[str, dict[str, list[str]]] = {}
     for split in ("train", "validation", "test"):
         splits[split] = {}
         for i, volume_set in enumerate(getattr(data, split)):
-            selected = selected_volumes(volume_set, f"data.{split}[{i}]", where)
+            key = f"data.{split}[{i}]"
+            selected = selected_volumes(volume_set, key, where)
             images = Path(volume_set.images)
-            folder = str(images.resolve())
-            for _, name in selected:
+            for path, name in selected:
+                real = path.resolve()
+                identity = (real.stat().st_dev, real.stat().st_ino)
+                other_split, other = files.setdefault(identity, (split, path))
+                if other_split != split:
+                    raise ConfigError(f"{where}: {key}: volume {path} is the same file as {other} in "
+                                      f"data.{other_split}; split by source, never inside one")
+                # The folder holding the volume, so a single-file set and a set of its folder meet.
+                folder = str(real.parent)
+                other_split, other_key, other_pattern = patterns.setdefault(folder, (split, key, volume_set.source))
+                if other_split != split and other_pattern != volume_set.source:
+                    raise ConfigError(f"{where}: {key} and {other_key} read {real.parent} with different source "
+                                      f"patterns ({volume_set.source!r} and {other_pattern!r}), so their sources "
+                                      "cannot be compared; give every set of one folder the same source")
                 source = source_of(volume_set, name)
-                key = (folder, source)
-                if seen.get(key, split) != split:
-                    raise ConfigError(f"{where}: source {source!r} of {images} is in both data.{seen[key]} and "
+                owner = seen.setdefault((folder, source), split)
+                if owner != split:
+                    raise ConfigError(f"{where}: source {source!r} of {images} is in both data.{owner} and "
                                       f"data.{split} (volume {name}); split by source, never inside one")
-                seen[key] = split
                 splits[split].setdefault(f"{images.name}:{source}", []).append(name)
+    _check_phantom_splits(data, where)
     return splits
+
+
+def _check_phantom_splits(data: DataConfig, where: str) -> None:
+    """Refuse validation phantoms drawn with a kind and seed that training phantoms also use (the same
+    random structures, so validation would score volumes the model was trained on)."""
+    train, validation = data.train_phantoms, data.validation_phantoms
+    if train is None or validation is None:
+        return
+    drawn = {(kind, train.seed + i) for kind in train.kinds for i in range(train.per_kind)}
+    shared = sorted((kind, validation.seed + i) for kind in validation.kinds for i in range(validation.per_kind)
+                    if (kind, validation.seed + i) in drawn)
+    if shared:
+        kind, seed = shared[0]
+        raise ConfigError(f"{where}: data.validation_phantoms: {kind} phantom seed {seed} is also drawn by "
+                          "data.train_phantoms; give validation seeds that training does not use")
 
 
 # --------------------------------------------------------------------------------------------
