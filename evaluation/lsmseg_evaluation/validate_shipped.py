@@ -314,11 +314,29 @@ def results_markdown(model, baseline=None, model_2024=None, baseline_2024=None, 
     return "\n".join(lines) + (f"\n\n{note}\n" if note else "\n")
 
 
+def _overrides_note(args) -> str:
+    """The settings the command line overrode, said in the report so that such a figure is never read
+    as the shipped settings' (and, on a test split, never used to choose them)."""
+    overrides = [f"--threshold {args.threshold}"] if args.threshold is not None else []
+    overrides += [f"--predict-as {item}" for item in args.predict_as]
+    if not overrides:
+        return ""
+    on_test = args.split is not None and args.split_set == "test"
+    return (f"**Settings overridden** ({', '.join(overrides)}): not the manifest's"
+            + ("; scored on the test split, these figures may report, never choose" if on_test else "") + ". ")
+
+
 def _weights_note(provenance_files: list[Path], seconds: float, n_predicted: int) -> str:
     if not provenance_files:
         return f"Prediction wrote no provenance ({seconds:.0f} s)."
-    record = json.loads(provenance_files[0].read_text())
+    records = [json.loads(path.read_text()) for path in provenance_files]
+    record = records[0]
     weights = record.get("weights", {})
+    # Reused masks may come from other weights: one note must not speak for all of them.
+    digests = sorted({str((r.get("weights") or {}).get("sha256", "?"))[:12] for r in records})
+    if len(digests) > 1:
+        return (f"**The masks come from {len(digests)} different weights** (sha256 {', '.join(digests)}…): these "
+                "figures are no one model's.")
     device = record.get("parameters", {}).get("device", "?")
     timing = (f"prediction of {n_predicted} case(s) on {device} took {seconds:.0f} s in total"
               if n_predicted else "masks reused from an earlier run")
@@ -399,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 unpredicted.append(case.name)
         provenance = [provenance_path_for(predictions / f"{c.name}.tif") for c in cases]
         note = _weights_note([p for p in provenance if p.exists()], predict_seconds, n_todo)
+        note = _overrides_note(args) + note
         if unpredicted:  # scored as empty masks (the leaderboard's rule), which is not the weights' score
             logger.error("no mask for %d of %d case(s) (prediction failed, errors above); they score as empty masks",
                          len(unpredicted), len(cases))

@@ -59,3 +59,26 @@ def test_split_names_of_structures_left_out_are_not_reported_missing(tmp_path):
     cases, problems = find_cases(tmp_path, ["microglia"], wanted)
     assert [c.name for c in cases] == ["microglia_patchvolume_8858_0"]
     assert problems == [f"case 'patchvolume_1_0' not found in {tmp_path}"]
+
+
+def test_the_report_says_when_settings_were_overridden_and_on_the_test_split(tmp_path):
+    from lsmseg_evaluation.validate_shipped import _overrides_note, build_parser
+
+    split = ["--split", str(REPO / "training" / "configs" / "general_finetune_real.yaml")]
+    assert _overrides_note(build_parser().parse_args(split)) == ""
+    note = _overrides_note(build_parser().parse_args(split + ["--threshold", "0.7", "--predict-as", "microglia=cells"]))
+    assert "--threshold 0.7" in note and "--predict-as microglia=cells" in note and "never choose" in note
+    validation = _overrides_note(build_parser().parse_args(split + ["--set", "validation", "--threshold", "0.7"]))
+    assert "--threshold 0.7" in validation and "never choose" not in validation
+
+
+def test_masks_from_different_weights_are_not_described_as_one_model(tmp_path):
+    from lsmseg_evaluation.validate_shipped import _weights_note
+
+    files = []
+    for i, digest in enumerate(("a" * 64, "b" * 64)):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps({"weights": {"file": "w.safetensors", "sha256": digest},
+                                         "parameters": {"device": "cpu"}}))
+    assert "2 different weights" in _weights_note(files, 1.0, 2)
+    assert "aaaaaaaaaaaa" in _weights_note(files[:1], 1.0, 1) and "different" not in _weights_note(files[:1], 1.0, 1)
