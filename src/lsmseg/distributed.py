@@ -291,8 +291,11 @@ def _run_blocks(predictor: Predictor, client, input_path: Path, output_path: Pat
                 # A worker that died (killed for memory, crashed) takes the scattered predictor with it:
                 # distributed then says KilledWorker or "FutureCancelledError: ... already forgotten".
                 # Every block is then lost at once, whichever ran where: none is named.
-                reason = (f"a dask worker died or left while running the volume's blocks ({type(exc).__name__}); "
-                          "see the workers' logs (out of memory?)")
+                if type(exc).__name__ in WORKER_LOST:
+                    reason = (f"a dask worker died or left while running the volume's blocks ({type(exc).__name__}); "
+                              "see the workers' logs (out of memory?)")
+                else:  # e.g. a worker of an existing cluster (--address) that cannot unpickle the task
+                    reason = f"a dask task failed around the block ({type(exc).__name__}: {exc})"
                 raise LsmsegError(one_line(input_path, reason)) from exc
             if isinstance(outcome, BlockFailure):
                 logger.debug("block %d of %s failed on its worker:\n%s", outcome.index, input_path, outcome.traceback)
@@ -314,6 +317,9 @@ def _run_blocks(predictor: Predictor, client, input_path: Path, output_path: Pat
         bar.close()
     return results
 
+
+# What distributed raises for a task whose worker died or left (by name: its modules move between versions).
+WORKER_LOST = frozenset({"KilledWorker", "FutureCancelledError", "CancelledError", "CommClosedError"})
 
 # How long a failed volume waits for its running blocks to end (a block takes minutes on a CPU).
 RUNNING_BLOCKS_WAIT_S = 600.0

@@ -96,13 +96,13 @@ class Manifest:
             if structure in self.models:
                 return structure, self.models[structure]
             wanted = known_structure(structure)
-
-            def same(name) -> bool:
-                return name == structure or (wanted is not None and known_structure(str(name)) == wanted)
-
-            for name, entry in self.models.items():
-                if name != self.default and (same(name) or any(same(listed) for listed in entry.structures)):
-                    return name, entry
+            exactly = [lambda name: name == structure]  # the name as given first, then what it stands for
+            if wanted is not None:
+                exactly.append(lambda name: known_structure(str(name)) == wanted)
+            for same in exactly:
+                for name, entry in self.models.items():
+                    if name != self.default and (same(name) or any(same(listed) for listed in entry.structures)):
+                        return name, entry
         if self.default not in self.models:
             raise WeightsError(f"{self.path}: default model '{self.default}' is not in the manifest")
         return self.default, self.models[self.default]

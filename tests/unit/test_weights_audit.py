@@ -3,6 +3,9 @@ clear error naming the file and the key."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -11,6 +14,8 @@ from safetensors.torch import save_file
 from lsmseg.config import InferenceSettings, ModelConfig, from_dict
 from lsmseg.errors import ConfigError, WeightsError
 from lsmseg.weights import load_manifest, load_model, resolve_manifest
+
+REPO_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 
 
 def _edit(manifest, change):
@@ -258,3 +263,15 @@ def test_the_bytes_checked_are_the_bytes_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(weights.hashlib, "sha256", swapping_sha256)
     state = weights.load_state_dict(path, digest)
     assert torch.equal(state["x"], torch.zeros(4))
+
+
+def test_entry_for_prefers_the_name_as_given_to_an_alias():
+    from lsmseg.weights import Manifest
+
+    manifest = load_manifest(REPO_WEIGHTS)
+    general = manifest.models[manifest.default]
+    specialists = {"a": dataclasses.replace(general, structures=["blood_vessel"]),
+                   "b": dataclasses.replace(general, structures=["vessels"])}
+    two = Manifest(models={manifest.default: general, **specialists}, default=manifest.default, path=manifest.path)
+    assert two.entry_for("vessels")[0] == "b" and two.entry_for("blood_vessel")[0] == "a"
+    assert two.entry_for("Vessels")[0] == "a"  # no exact match: the first that stands for it

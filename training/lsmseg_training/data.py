@@ -150,7 +150,7 @@ def check_splits(data: DataConfig, where: str) -> dict[str, dict[str, list[str]]
     """
     seen: dict[tuple[str, str], str] = {}
     files: dict[tuple[int, int], tuple[str, Path]] = {}  # (device, inode) -> (split, path): links resolve here
-    patterns: dict[str, tuple[str, str, str | None]] = {}  # folder -> (split, key, source pattern)
+    patterns: dict[str, dict[tuple[str, str | None], str]] = {}  # folder -> {(split, source pattern): key}
     splits: dict[str, dict[str, list[str]]] = {}
     for split in ("train", "validation", "test"):
         splits[split] = {}
@@ -167,11 +167,13 @@ def check_splits(data: DataConfig, where: str) -> dict[str, dict[str, list[str]]
                                       f"data.{other_split}; split by source, never inside one")
                 # The folder holding the volume, so a single-file set and a set of its folder meet.
                 folder = str(real.parent)
-                other_split, other_key, other_pattern = patterns.setdefault(folder, (split, key, volume_set.source))
-                if other_split != split and other_pattern != volume_set.source:
-                    raise ConfigError(f"{where}: {key} and {other_key} read {real.parent} with different source "
-                                      f"patterns ({volume_set.source!r} and {other_pattern!r}), so their sources "
-                                      "cannot be compared; give every set of one folder the same source")
+                readers = patterns.setdefault(folder, {})  # every set's, not the first's: any may clash
+                for (other_split, other_pattern), other_key in readers.items():
+                    if other_split != split and other_pattern != volume_set.source:
+                        raise ConfigError(f"{where}: {key} and {other_key} read {real.parent} with different source "
+                                          f"patterns ({volume_set.source!r} and {other_pattern!r}), so their sources "
+                                          "cannot be compared; give every set of one folder the same source")
+                readers.setdefault((split, volume_set.source), key)
                 source = source_of(volume_set, name)
                 owner = seen.setdefault((folder, source), split)
                 if owner != split:

@@ -460,6 +460,8 @@ RESUMABLE_CHANGES = ("name", "output", "epochs", "max_seconds", "threads", "devi
                      "log_every", "init", "pretrained", "data.workers", "data.cache_mb", "validation.every",
                      "validation.sw_batch_size")
 RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, RUN_RECORD)
+# Settings added since checkpoints record their config (2026-12-07), with the value runs had before.
+ADDED_SETTINGS = {"batch_dice": False}
 
 
 def resume_state(output: Path, model_config: ModelConfig, resume: bool, *, kind: str | None = None,
@@ -512,6 +514,8 @@ def changed_settings(before: dict, after: dict) -> list[tuple[str, object, objec
     and where the data lies (:func:`_without_locations`: the same sets on another machine or under
     another ``$LSMSEG_DATA`` continue the run)."""
     flat_before, flat_after = (_flatten(_without_locations(_plain(c))) for c in (before, after))
+    # A run recorded before a setting existed ran with the value it had then.
+    flat_before = {**{k: v for k, v in ADDED_SETTINGS.items() if k in flat_after}, **flat_before}
     return [(key, flat_before.get(key), flat_after.get(key)) for key in sorted(set(flat_before) | set(flat_after))
             if flat_before.get(key) != flat_after.get(key)
             and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)]

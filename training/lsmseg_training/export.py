@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lsmseg.config import InferenceSettings, ModelConfig, from_dict
 from lsmseg.errors import ConfigError, WeightsError, single_line
-from lsmseg.io import atomic_output
+from lsmseg.io import write_bytes
 from lsmseg.model import build_model
 from lsmseg.weights import (
     MANIFEST_NAME,
@@ -133,21 +133,15 @@ def export_run(
         if not existed:
             target.unlink(missing_ok=True)
         elif replaced is not None:
-            _put_back(replaced, target)
+            write_bytes(replaced, target)  # atomically: a second interruption leaves old or new
         if manifest_text is not None:
-            _put_back(manifest_text, manifest_path)
+            write_bytes(manifest_text, manifest_path)
         elif manifest_path.is_file():
             manifest_path.unlink()
         for folder in created:  # innermost first, each only if nothing else went in
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-
-
-def _put_back(content: bytes, path: Path) -> None:
-    """Restore ``path``'s earlier bytes atomically (a second interruption leaves old or new, not half)."""
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(content)
 
 
 def _write_export(run, weights_dir, name, checkpoint, structures, make_default, state, chosen, config, model_config,

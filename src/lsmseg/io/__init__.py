@@ -21,8 +21,8 @@ and renames it into place when complete; ``volume`` holds what the formats share
 """
 
 from .atomic import (
-    PARTIAL_PREFIX, atomic_output, partial_path, refuse_replacing_another_kind, remove_path, sweep_partials, write_json,
-    write_text,
+    PARTIAL_PREFIX, atomic_output, partial_path, refuse_replacing_another_kind, remove_path, sweep_partials, write_bytes,
+    write_json, write_text,
 )
 from .paths import (
     KNOWN_SUFFIXES, colliding_outputs, link_out_inside, natural_sorted, output_key, output_path_for, outside_folder,
@@ -44,5 +44,5 @@ __all__ = [
     "create_zarr_mask", "default_max_voxels", "detect_format", "expand_inputs", "list_volumes", "mask_format_for",
     "link_out_inside", "natural_sorted", "output_key", "output_path_for", "outside_folder", "partial_path", "read_volume",
     "refuse_overwriting_inputs", "refuse_replacing_another_kind", "remove_output", "remove_path", "same_file", "sweep_partials",
-    "volume_name", "write_json", "write_mask", "write_mask_blocks", "write_text", "write_volume",
+    "volume_name", "write_bytes", "write_json", "write_mask", "write_mask_blocks", "write_text", "write_volume",
 ]

@@ -249,8 +249,13 @@ def atomic_output(path: str | Path, folder: bool | None = None) -> Iterator[Path
 
 def write_text(text: str, path: str | Path) -> Path:
     """Write ``text`` to ``path`` atomically, as UTF-8."""
+    return write_bytes(text.encode("utf-8"), path)
+
+
+def write_bytes(content: bytes, path: str | Path) -> Path:
+    """Write ``content`` to ``path`` atomically (an interruption leaves the old file or the new, not half)."""
     with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(content)
     return Path(path)
 
 
