@@ -201,3 +201,18 @@ def test_a_resume_with_more_epochs_runs_its_first_step_on_the_longer_schedule(tm
     longer.step()
     longer_scheduler.step()  # and the schedule goes on from there
     assert longer.param_groups[0]["lr"] == pytest.approx(longer_scheduler.lr_lambdas[0](4) * 1e-3)
+
+
+def test_a_run_checkpointed_before_batch_dice_existed_still_resumes(tmp_path):
+    # Checkpoints record their config since ddf31cb (2026-12-07 09:00); those written before
+    # batch_dice was added (runs/general/finetune_mended, 15:10) lack the key, so their resume was
+    # refused: "batch_dice is False in the config but was None in the run being resumed".
+    config = REPO / "training" / "configs" / "general_finetune_real_logtail_mended.yaml"
+    from lsmseg_training.config import FinetuneConfig
+    from lsmseg_training.engine import changed_settings
+
+    now = to_dict(load_run_config(FinetuneConfig, config, data_root=tmp_path))
+    before = {key: value for key, value in now.items() if key != "batch_dice"}
+    assert changed_settings(before, now) == []
+    # Turned on for a run that had none, it is a change.
+    assert [key for key, _, _ in changed_settings(before, {**now, "batch_dice": True})] == ["batch_dice"]

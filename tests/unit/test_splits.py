@@ -1,4 +1,4 @@
-"""Split audit: no volume or source may reach two splits by another pattern, path, name or link.
+"""No volume or source may reach two splits by another pattern, path, name or link.
 
 Each case was accepted before (the check keyed a source by the set's images path and its own
 pattern), so validation or test could score a volume the model was trained or tuned on.
@@ -91,3 +91,16 @@ def test_disjoint_splits_still_pass_with_one_file_in_two_sets_of_a_split(images)
     splits = check_splits(data, "cfg")
     assert splits["test"] == {"images:695": ["patchvolume_695_0"]}
     assert splits["train"]["images:1008"] == ["patchvolume_1008_0"]
+
+
+def test_two_patterns_on_one_folder_are_refused_whichever_set_of_a_split_comes_first(tmp_path):
+    # Only the first set's pattern was kept per folder: train[1] and validation read one folder with
+    # different patterns, and validation's 1008 volume shares its scan with train[1]'s.
+    images = tmp_path / "images"
+    for name in ("patchvolume_1008_0", "patchvolume_1008_1", "patchvolume_695_0"):
+        io.write_volume(np.zeros((4, 8, 8), np.uint16), images / f"{name}.tif")
+    data = DataConfig(train=[VolumeSet(images=images, include=["patchvolume_695_0"]),
+                             VolumeSet(images=images, include=["patchvolume_1008_0"], source=r"^patchvolume_(\d+)_")],
+                      validation=[VolumeSet(images=images, include=["patchvolume_1008_1"])])
+    with pytest.raises(ConfigError, match=r"read .*images with different source patterns"):
+        check_splits(data, "cfg")

@@ -1,5 +1,6 @@
-"""Manifest and inference settings that were accepted but meant nothing (or crashed): each is now one
-clear error naming the file and the key."""
+"""Weights as data: a bad manifest, checkpoint or setting is one error naming the file and the key; the
+bytes checked are the bytes loaded; an interrupted or failed export leaves the folder's weights as
+they were; a model is found by the structure a name stands for."""
 
 from __future__ import annotations
 
