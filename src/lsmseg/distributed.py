@@ -18,6 +18,7 @@ import contextlib
 import logging
 import pickle
 import re
+import threading
 import time
 import traceback
 import uuid
@@ -336,10 +337,8 @@ def _wait_for_running(client, prefix: str, timeout: float | None = None) -> None
     deadline = time.monotonic() + (RUNNING_BLOCKS_WAIT_S if timeout is None else timeout)
     told = False
     while True:
-        try:
-            running = sum(len(keys) for keys in client.run(_running_keys, prefix).values())
-        except Exception as exc:  # noqa: BLE001 - workers that cannot be asked (gone) write nothing either
-            logger.debug("cannot ask the dask workers what they run: %s", exc)
+        running = _count_running(client, prefix, max(deadline - time.monotonic(), 0.0) + 1.0)
+        if running is None:  # workers that cannot be asked (gone) write nothing either; a hung one is left
             return
         if not running:
             return
@@ -351,6 +350,26 @@ def _wait_for_running(client, prefix: str, timeout: float | None = None) -> None
                            "is removed by the next run", running)
             return
         time.sleep(0.2)
+
+
+def _count_running(client, prefix: str, timeout: float) -> int | None:
+    """How many ``prefix`` tasks the workers run; None when they cannot be asked within ``timeout``
+    seconds (``Client.run`` has no timeout of its own: a worker whose event loop hangs would hold it)."""
+    answer: list = []
+
+    def ask():
+        try:
+            answer.append(sum(len(keys) for keys in client.run(_running_keys, prefix).values()))
+        except Exception as exc:  # noqa: BLE001 - said below, at debug level
+            answer.append(exc)
+
+    asking = threading.Thread(target=ask, name="lsmseg-ask-workers", daemon=True)
+    asking.start()
+    asking.join(timeout)
+    if not answer or isinstance(answer[0], Exception):
+        logger.debug("cannot ask the dask workers what they run: %s", answer[0] if answer else "no answer in time")
+        return None
+    return answer[0]
 
 
 def _running_keys(prefix: str, dask_worker=None) -> list[str]:

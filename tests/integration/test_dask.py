@@ -2,6 +2,8 @@
 
 import json
 import logging
+import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from lsmseg import io
-from lsmseg.config import InferenceSettings
+from lsmseg.config import InferenceSettings, ModelConfig
 from lsmseg.errors import LsmsegError
 from lsmseg.inference import Predictor, RunOptions, predict_files
 
@@ -262,3 +264,43 @@ def test_a_disk_error_reading_the_input_on_a_worker_names_the_input(conv_model, 
                                       n_workers=1, processes=False)
         assert result.error == f"{image}: cannot read: Input/output error"
         assert not out.exists() or list(out.iterdir()) == []
+
+
+class DiesOnBrightWindows(torch.nn.Module):
+    """A network whose process dies (as one killed for memory does) on a bright window, in a dask
+    worker's process only; a 1x1x1 convolution elsewhere. At module level: workers unpickle it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 1)
+
+    def forward(self, x):
+        if multiprocessing.parent_process() is not None and float(x.mean()) > 0.9:
+            os._exit(3)
+        return self.conv(x)
+
+
+def test_a_worker_that_dies_is_one_clear_line_naming_the_file_and_others_run(tmp_path, caplog):
+    pytest.importorskip("distributed")
+    from lsmseg.distributed import predict_files_dask
+
+    rng = np.random.default_rng(0)
+    bright = np.full((32, 64, 64), 3000, np.uint16)
+    bright[0, :4] = 100  # percentiles 100..3000: the rest normalises to 1
+    io.write_volume(bright, tmp_path / "in" / "a.tif")
+    io.write_volume(rng.integers(100, 3000, (32, 64, 64)).astype(np.uint16), tmp_path / "in" / "b.tif")
+    inputs = [tmp_path / "in" / "a.tif", tmp_path / "in" / "b.tif"]
+    torch.manual_seed(0)
+    config = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), roi=(32, 64, 64))
+    predictor = Predictor(DiesOnBrightWindows(), config, InferenceSettings(overlap=0.5), device="cpu", engine="torch",
+                          options=RunOptions(progress=False, skip_background=False))
+    caplog.set_level(logging.ERROR, logger="lsmseg")
+    # Worker processes (spawned: they import this module for the network).
+    results = predict_files_dask(predictor, inputs, tmp_path / "out", n_workers=1, processes=True)
+    assert [r.ok for r in results] == [False, True]
+    error = results[0].error
+    assert error.startswith(f"{inputs[0]}: ") and "dask worker" in error and "\n" not in error
+    assert "unexpected" not in error  # not reported as a bug of lsmseg's
+    errors = [r.getMessage() for r in caplog.records if r.name.startswith("lsmseg") and r.levelno >= logging.ERROR]
+    assert errors == [error]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.tif", "b.tif.provenance.json"]
