@@ -42,6 +42,15 @@ def _pretrain_config(tmp_path, images, **changes) -> PretrainConfig:
     return dataclasses.replace(config, **changes)
 
 
+def _labelled_volume(tmp_path) -> None:
+    """tmp_path/images/a.tif and its label tmp_path/labels/a.tif (one small box of foreground)."""
+    image = np.random.default_rng(0).integers(0, 1000, (40, 80, 80), dtype=np.uint16)
+    label = np.zeros(image.shape, np.uint8)
+    label[18:22, 30:40, 30:40] = 1
+    io.write_volume(image, tmp_path / "images" / "a.tif")
+    io.write_volume(label, tmp_path / "labels" / "a.tif")
+
+
 def _model(config=TINY, seed=0):
     torch.manual_seed(seed)
     return build_model(config)
@@ -129,12 +138,7 @@ def test_a_resume_takes_its_weights_from_the_checkpoint_and_keeps_the_runs_init(
 
 
 def test_the_pretrained_encoder_is_finetunings_starting_encoder(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 1000, (40, 80, 80), dtype=np.uint16)
-    label = np.zeros(image.shape, np.uint8)
-    label[18:22, 30:40, 30:40] = 1
-    io.write_volume(image, tmp_path / "images" / "a.tif")
-    io.write_volume(label, tmp_path / "labels" / "a.tif")
+    _labelled_volume(tmp_path)
     pretrained = _model(seed=7)
     save_weights(encoder_state(pretrained), tmp_path / "encoder.safetensors")
     started = {}
@@ -191,12 +195,7 @@ def test_the_paper_scale_pretraining_config_is_the_methods():
 def test_a_finetuning_resume_takes_its_weights_from_the_checkpoint_and_keeps_init_and_pretrained(tmp_path):
     """As pretraining's: init and pretrained may move or be unset on --resume (RESUMABLE_CHANGES);
     the resumed run needs neither file and keeps both in run.json."""
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 1000, (40, 80, 80), dtype=np.uint16)
-    label = np.zeros(image.shape, np.uint8)
-    label[18:22, 30:40, 30:40] = 1
-    io.write_volume(image, tmp_path / "images" / "a.tif")
-    io.write_volume(label, tmp_path / "labels" / "a.tif")
+    _labelled_volume(tmp_path)
     save_weights(_model(seed=5).state_dict(), tmp_path / "init.safetensors")
     save_weights(encoder_state(_model(seed=7)), tmp_path / "encoder.safetensors")
     config = FinetuneConfig(
