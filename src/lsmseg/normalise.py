@@ -74,9 +74,15 @@ def percentiles(
     lo, hi = np.percentile(sample, [lower, upper])
     if hi <= lo:
         # More than (100 - upper) % of the voxels hold one value (background-subtracted data: exact
-        # zeros) and the percentiles meet: the whole range keeps the rest's contrast, which the
-        # collapsed one would normalise away. A constant sample stays at hi == lo.
-        lo, hi = min(lo, sample.min()), max(hi, sample.max())
+        # zeros) and the percentiles meet: the same percentiles of the voxels on either side of that
+        # value keep the rest's contrast, which the collapsed range would normalise away (their
+        # min/max would hand the scale to one hot pixel: tissue at 100-1000 beside one 65535 voxel
+        # was squeezed into 0..0.015). A constant sample stays at hi == lo.
+        below, above = sample[sample < lo], sample[sample > hi]
+        if below.size:
+            lo = np.percentile(below, lower)
+        if above.size:
+            hi = np.percentile(above, upper)
     return float(lo), float(hi)
 
 

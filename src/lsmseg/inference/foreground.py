@@ -18,8 +18,8 @@ shipped weights against the labels). Where a dark window could hold dim structur
 ``--no-skip-background`` runs every window.
 
 The decision is made at low resolution: intensities are averaged over small cells (which removes
-most shot noise). A window is dark when no cell it touches exceeds a *ceiling* (halfway between the
-background and the typical tissue: a bright object is never skipped) and at most a tiny share of its
+most shot noise). A window is dark when no 2^3 cell it touches exceeds a *ceiling* (halfway between the
+background and the typical tissue: a bright object is never skipped, even a small one) and at most a tiny share of its
 cells exceed the *threshold* (the dark level plus its noise tail: a window of thousands of cells in a
 noisy dark field always holds a few noisy ones). Both come from the volume's percentile subsample
 (the same one normalisation uses); the dark set is Otsu's lower class but never more than a small
@@ -37,6 +37,10 @@ import torch
 
 # Cells of 4^3 voxels are averaged before the dark test (shot noise drops ~8x).
 CELL = 4
+# The ceiling is tested on cells of 2^3, the pooling it is derived at (estimate_background): a
+# small object split across 4^3 cells falls below it there (a 30-voxel cell 9x the dark level was
+# skipped whenever its centre sat on a cell border).
+FINE = 2
 # At most this far (in normalised units, 0..1) above the darkest level counts as dark.
 MAX_MARGIN = 0.05
 # Noise allowance above the dark level, in standard deviations of the 2^3-pooled dark background.
@@ -64,11 +68,18 @@ class Background:
                 "ceiling": round(self.ceiling, 5)}
 
 
-def _pool(array: np.ndarray, cell: int) -> np.ndarray:
-    """Mean over ``cell``-sized cells (partial cells at the edges averaged over what they hold)."""
-    kernel = [max(1, min(cell, s)) for s in array.shape]
+def _pool(array: np.ndarray, cell: int, fine: int | None = None) -> np.ndarray:
+    """Mean over ``cell``-sized cells (partial cells at the edges averaged over what they hold); with
+    ``fine``, the largest mean of the ``fine``-sized cells inside each cell instead (same grid)."""
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-    return torch.nn.functional.avg_pool3d(tensor, kernel, kernel, ceil_mode=True)[0, 0].numpy()
+    if fine is None:
+        kernel = [max(1, min(cell, s)) for s in array.shape]
+        return torch.nn.functional.avg_pool3d(tensor, kernel, kernel, ceil_mode=True)[0, 0].numpy()
+    kernel = [max(1, min(fine, s)) for s in array.shape]
+    means = torch.nn.functional.avg_pool3d(tensor, kernel, kernel, ceil_mode=True)
+    # Each cell's fine cells (an edge cell may hold fewer of them, or be thinner than one).
+    kernel = [max(1, min(cell // k, s)) for k, s in zip(kernel, means.shape[2:])]
+    return torch.nn.functional.max_pool3d(means, kernel, kernel, ceil_mode=True)[0, 0].numpy()
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -163,7 +174,8 @@ def dark_windows(
         pooled = _pool(region[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))], CELL)
         # Summed-area tables: "how many cells above a level in a box" in O(1) per window.
         above = _box_counter(pooled > background.threshold)
-        above_ceiling = _box_counter(pooled > background.ceiling)
+        brightest = _pool(region[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))], CELL, FINE)
+        above_ceiling = _box_counter(brightest > background.ceiling)
         for index, corner in zip(indices, starts):
             start = [c - b for c, b in zip(corner, box_lo)]
             lo = [s // CELL for s in start]
