@@ -90,16 +90,17 @@ class Manifest:
     def entry_for(self, structure: str | None = None) -> tuple[str, WeightsEntry]:
         """The entry for ``structure``: a model of that name, one listing it, or the default.
 
-        Names are compared by the structure they stand for (``vessels``, ``Vessels`` and
-        ``blood_vessel`` are one), so a model listing our words is found by the 2026 name too."""
+        A name is matched as given first, then by the structure it stands for (``vessels``,
+        ``Vessels`` and ``blood_vessel`` are one), so a model listing our words is found by the 2026
+        name too."""
         if structure:
             if structure in self.models:
                 return structure, self.models[structure]
             wanted = known_structure(structure)
-            exactly = [lambda name: name == structure]  # the name as given first, then what it stands for
+            matchers = [lambda name: name == structure]
             if wanted is not None:
-                exactly.append(lambda name: known_structure(str(name)) == wanted)
-            for same in exactly:
+                matchers.append(lambda name: known_structure(str(name)) == wanted)
+            for same in matchers:
                 for name, entry in self.models.items():
                     if name != self.default and (same(name) or any(same(listed) for listed in entry.structures)):
                         return name, entry
