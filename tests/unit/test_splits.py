@@ -28,8 +28,8 @@ def images(tmp_path):
 def test_one_volume_under_two_patterns_is_refused(images):
     data = DataConfig(validation=[VolumeSet(images=images, include=["patchvolume_1008_0"], source=PATTERN)],
                       test=[VolumeSet(images=images, include=["patchvolume_1008_0"], source=r"^(patchvolume_\d+)_")])
-    with pytest.raises(ConfigError, match=r"cfg: data\.test\[0\]: volume .*patchvolume_1008_0\.tif is the same file as"
-                                          r" .* in data\.validation"):
+    with pytest.raises(ConfigError, match=r"cfg: data\.test\[0\]: volume .*patchvolume_1008_0\.tif is also in "
+                                          r"data\.validation; split by source"):
         check_splits(data, "cfg")
 
 

@@ -219,9 +219,9 @@ def test_tune_refuses_validation_that_is_the_test_split(tmp_path, tiny_model_con
     config_path.write_text(config_path.read_text().replace(
         "  validation:\n", f"  test:\n    - images: {data / 'images'}\n      labels: {data / 'labels'}\n  validation:\n"))
     manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
-    with pytest.raises(ConfigError, match="in both data.validation and data.test"):
+    with pytest.raises(ConfigError, match=r"data\.test\[0\]: volume .*cells_1\.tif is also in data\.validation"):
         tune(load_run_config(FinetuneConfig, config_path), manifest)
-    with pytest.raises(SystemExit, match=f"^ERROR: {config_path}: source 'cells_1' .* in both data.validation"):
+    with pytest.raises(SystemExit, match=f"^ERROR: {config_path}: data.test.0.: volume .*cells_1.tif is also in data.val"):
         main(["-c", str(config_path), "--weights", str(manifest)])
 
 

@@ -163,8 +163,9 @@ def check_splits(data: DataConfig, where: str) -> dict[str, dict[str, list[str]]
                 identity = (real.stat().st_dev, real.stat().st_ino)
                 other_split, other = files.setdefault(identity, (split, path))
                 if other_split != split:
-                    raise ConfigError(f"{where}: {key}: volume {path} is the same file as {other} in "
-                                      f"data.{other_split}; split by source, never inside one")
+                    also = "also" if Path(other) == path else f"the same file as {other}"
+                    raise ConfigError(f"{where}: {key}: volume {path} is {also} in data.{other_split}; split by "
+                                      "source, never inside one")
                 # The folder holding the volume, so a single-file set and a set of its folder meet.
                 folder = str(real.parent)
                 readers = patterns.setdefault(folder, {})  # every set's, not the first's: any may clash
