@@ -5,7 +5,11 @@
 
 The same volumes come from the CLI, one at a time, e.g.
 ``lsmseg phantom sample --kind vessels --shape 48,160,160 --seed 0``.
-tests/unit/test_phantom.py regenerates them from sample/sample.json and compares with the shipped files.
+tests/unit/test_phantom.py regenerates them from sample/sample.json and compares with the shipped files:
+labels exactly, images to within 1e-4 of their voxels. Float rounding differs between numpy/BLAS builds
+and CPUs and can change the shot-noise draw of a short run of voxels, so a rerun elsewhere may differ
+there by noise-sized amounts (2026-12-07, this tree on the development machine: vessels_0 20 voxels in
+one plane, up to 36 counts; cells_0 2; nuclei_0 none); commit a rerun only with a change to the generator.
 """
 
 from __future__ import annotations

@@ -196,3 +196,13 @@ def test_a_new_folder_with_a_dot_is_named_with_a_trailing_separator(tmp_path, ca
     code, _, err = run(capsys, f"{tmp_path / 'phantoms_v1.2'}{os.sep}")
     assert code == EXIT_OK, err
     assert (tmp_path / "phantoms_v1.2" / "images" / "vessels_0.tif").is_file()
+
+
+def test_a_seed_too_long_for_a_file_name_is_one_usage_line(tmp_path, capsys, no_generation):
+    """Any seed >= 0 is accepted, but it is part of the file name: 300 digits made an OSError traceback."""
+    code = main(["phantom", "-q", "--shape", TINY, "--seed", "9" * 300, str(tmp_path)])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == EXIT_USAGE and "255" in line
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="255"):
+        write_phantom(tmp_path, "cells", (4, 16, 16), 0, name="a" * 300 + ".tif")
