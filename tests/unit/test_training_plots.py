@@ -60,3 +60,20 @@ def test_missing_matplotlib_is_one_note_not_an_error(tmp_path, monkeypatch, capl
     notes = [r.getMessage() for r in caplog.records if "matplotlib is not installed" in r.getMessage()]
     assert len(notes) == 1 and "lsmseg[train]" in notes[0]
     assert not (tmp_path / "training.png").exists()
+
+
+def _line_pixels(path) -> int:
+    """Pixels of matplotlib's first line colour (tab:blue, the loss and lr curves) in the PNG."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    rgb = imread(path)[..., :3]
+    return int((np.abs(rgb - np.array([0x1F, 0x77, 0xB4]) / 255).max(axis=-1) < 0.05).sum())
+
+
+def test_a_log_of_one_row_still_shows_its_point(tmp_path):
+    # A line through one point draws nothing: the plot of a run's first logged step had empty panels.
+    pytest.importorskip("matplotlib")
+    (tmp_path / "log.csv").write_text(LOG.split("\n", 2)[0] + "\n" + LOG.split("\n", 2)[1] + "\n")
+    assert len(plots.read_log(tmp_path / "log.csv")["loss"]) == 1
+    assert _line_pixels(plots.plot_training(tmp_path)) > 0

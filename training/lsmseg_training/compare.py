@@ -9,7 +9,11 @@
    the manifest's threshold), against a smoothed-Otsu baseline (Gaussian sigma 1 voxel, Otsu's
    threshold on the smoothed volume) on the named labelled volumes; Dice with MONAI's DiceMetric.
 2. For each fine-tuning run: its best and final checkpoints re-scored on the same volumes with the
-   current predictor (overlap 0.5), at threshold 0.5 and at the threshold tuned on these volumes.
+   current predictor (overlap 0.5), at threshold 0.5 and at the threshold tuned on these volumes,
+   every run on one sweep (``--thresholds``, else the union of the runs' own sweeps).
+
+A warning names every setting the runs differ in besides name and output, and every scored volume a
+run (or the weights) trained on: such a table compares more than its header says.
 """
 
 from __future__ import annotations
@@ -68,11 +72,42 @@ def read_run_record(run: Path) -> dict:
     return record
 
 
-def weights_vs_otsu(weights: Path, images: Path, labels: Path, names: list[str]) -> list[dict]:
+def initialisation(record: dict) -> str:
+    """What a run started from, as its record says (``init``: a whole model; ``pretrained``: an encoder)."""
+    init, pretrained = record.get("init"), record.get("pretrained")
+    if init and pretrained:
+        return "whole model + pretrained encoder"
+    return "whole model" if init else "pretrained encoder" if pretrained else "scratch"
+
+
+def trained_on(fingerprint: dict | None, names: list[str]) -> list[str]:
+    """The ``names`` among the training volumes of a data fingerprint (run.json's ``data``)."""
+    trained = {volume.get("name") for volume in (fingerprint or {}).get("volumes", [])}
+    return [name for name in names if name in trained]
+
+
+def settings_differing(records: list[dict]) -> list[str]:
+    """Dotted config keys whose values differ between the runs, besides name and output."""
+    from .engine import _flatten, _plain
+
+    flat = [_flatten(_plain(record["config"])) for record in records]
+    keys = sorted(set().union(*flat) - {"name", "output"})
+    return [key for key in keys if len({json.dumps(f.get(key), sort_keys=True) for f in flat}) > 1]
+
+
+def common_sweep(records: list[dict]) -> list[float]:
+    """One threshold sweep for every run (the union of theirs), so that their tuned columns are alike."""
+    return sorted({float(t) for record in records
+                   for t in ((record["config"] or {}).get("validation") or {}).get("thresholds") or []})
+
+
+def weights_vs_otsu(weights: Path, images: Path, labels: Path, names: list[str],
+                    structure: str | None = None) -> list[dict]:
     from lsmseg.inference import Predictor, RunOptions
     from lsmseg.io import read_volume
 
-    predictor = Predictor.from_manifest(weights, device="cpu", options=RunOptions(progress=False))
+    # ``structure``: its post-processing for every volume, as `lsmseg predict --structure` applies it.
+    predictor = Predictor.from_manifest(weights, device="cpu", options=RunOptions(progress=False, structure=structure))
     rows = []
     for name in names:
         image_path = image_path_of(images, name)
@@ -80,8 +115,9 @@ def weights_vs_otsu(weights: Path, images: Path, labels: Path, names: list[str])
         label = read_volume(Path(labels) / image_path.name).load() != 0
         image = volume.load()
         mask = predictor.predict_volume(image, volume.spacing, name=name)
+        # The threshold this volume was cut at: its structure's, where its name carries one.
         rows.append({"volume": name, "model": dice(mask, label), "otsu": dice(smoothed_otsu(image), label),
-                     "threshold": predictor.settings.threshold})
+                     "threshold": predictor.settings_for(name).threshold})
     return rows
 
 
@@ -120,7 +156,7 @@ def evaluate_run(run: Path, images: Path, labels: Path, names: list[str], thresh
         half = thresholds.index(0.5)
         rows.append({
             "run": record["name"],
-            "init": "pretrained encoder" if record.get("pretrained") else "scratch",
+            "init": initialisation(record),
             "checkpoint": f"{which} (step {record[which]['step']})",
             "steps": record.get("steps"),
             "threshold": result["best_threshold"],
@@ -140,10 +176,14 @@ def torch_device():
 
 def main(argv=None) -> int:
     """Exit codes: 0 done, 1 a missing or unreadable volume, run folder or weights, 2 bad arguments."""
+    from lsmseg import argtypes
     from lsmseg.errors import LsmsegError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, help="weights folder or manifest to compare with smoothed Otsu")
+    parser.add_argument("--structure", type=argtypes.structure,
+                        help="with --weights: apply this structure's settings to every volume, as `lsmseg predict "
+                        "--structure` does (default: each name's structure prefix, else the manifest's defaults)")
     parser.add_argument("--images", type=Path, help="folder of the labelled volumes")
     parser.add_argument("--labels", type=Path, help="folder of their labels (same file names)")
     parser.add_argument("--names", nargs="*", default=[], help="volumes to score (file names without extension)")
@@ -167,25 +207,44 @@ def _compare(args) -> int:
     # Every named volume and run record first: a typo is refused before minutes of prediction.
     for name in args.names:
         image_path_of(args.images, name)
-    for run in args.runs:
-        read_run_record(run)
+    records = {run: read_run_record(run) for run in args.runs}
+    warn_unlike(args, records)
+    thresholds = args.thresholds or (common_sweep(list(records.values())) if len(records) > 1 else None)
     if args.weights:
-        rows = weights_vs_otsu(args.weights, args.images, args.labels, args.names)
+        rows = weights_vs_otsu(args.weights, args.images, args.labels, args.names, args.structure)
         print("| volume | exported model | smoothed Otsu |\n|---|---|---|")
         for row in rows:
             print(f"| {row['volume']} | {row['model']:.3f} | {row['otsu']:.3f} |")
         print(f"| **mean** | **{np.mean([r['model'] for r in rows]):.3f}** | **{np.mean([r['otsu'] for r in rows]):.3f}** |")
-        print(f"\n(model threshold {rows[0]['threshold']} from the manifest)\n")
+        used = sorted({row["threshold"] for row in rows})
+        print(f"\n(model threshold{'s' if len(used) > 1 else ''} {', '.join(f'{t:g}' for t in used)} from the manifest)\n")
     if args.runs:
         print("| run | initialisation | checkpoint | " + " | ".join(f"{n} (thr. 0.5)" for n in args.names)
               + " | mean Dice, thr. 0.5 | mean Dice, tuned thr. (thr.) |")
         print("|---" * (5 + len(args.names)) + "|")
         for run in args.runs:
-            for row in evaluate_run(run, args.images, args.labels, args.names, args.thresholds):
+            for row in evaluate_run(run, args.images, args.labels, args.names, thresholds):
                 cells = " | ".join(f"{row['per_volume_0.5'][n]:.3f}" for n in args.names)
                 print(f"| {row['run']} | {row['init']} | {row['checkpoint']} | {cells} | {row['at_0.5']:.3f} | "
                       f"{row['tuned']:.3f} ({row['threshold']}) |")
     return 0
+
+
+def warn_unlike(args, records: dict) -> None:
+    """Warn, one line each, where the table would compare more than its header says."""
+    from lsmseg.weights import load_manifest, resolve_manifest
+
+    sources = {str(run): record.get("data") for run, record in records.items()}
+    if args.weights:
+        _, entry = load_manifest(resolve_manifest(args.weights)).entry_for(None)
+        sources[str(args.weights)] = entry.provenance.get("training_data")
+    for source, fingerprint in sources.items():
+        seen = trained_on(fingerprint, args.names)
+        if seen:
+            logger.warning("%s trained on %s: its scores there are not held-out", source, ", ".join(seen))
+    differing = settings_differing(list(records.values())) if len(records) > 1 else []
+    if differing:
+        logger.warning("the runs differ in %s besides name and output", ", ".join(differing))
 
 
 if __name__ == "__main__":

@@ -406,9 +406,31 @@ def read_record(folder: Path) -> dict:
 
 
 def versions() -> dict:
+    """The package and library versions, and the source tree's git commit (:func:`source_commit`)."""
     from lsmseg.inference.results import versions as package_versions
 
-    return package_versions()
+    return {**package_versions(), "source": source_commit()}
+
+
+def source_commit(code: Path = Path(__file__).resolve()) -> dict | None:
+    """The git commit of the checkout that holds ``code`` (default: this file, so the checkout
+    training runs from) and whether its tracked files differed from it (``modified``): the package
+    version alone does not say which code trained a model. None where git does not track ``code``
+    (an installed copy, even in a virtual environment inside a checkout) or without git."""
+    import subprocess
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(code.parent), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--verify", "HEAD")
+        tracked = git("ls-files", "--error-unmatch", code.name)
+        if head.returncode != 0 or tracked.returncode != 0:
+            return None
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": head.stdout.strip(), "modified": status.returncode != 0 or bool(status.stdout.strip())}
 
 
 class Timer:

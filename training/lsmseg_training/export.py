@@ -7,8 +7,8 @@ weights' values, so that an exported model is applied the way the shipped one is
 
 The entry records everything needed to trust and reproduce the weights: sha256, model config,
 inference settings (overlap 0.5, Gaussian blending, the threshold tuned on the validation set, the
-training voxel spacing or null), validation metrics, the training config, a fingerprint of the
-training data and the package and library versions.
+training voxel spacing or null), validation metrics, the training config, the weights it started
+from, a fingerprint of the training data and the package and library versions.
 """
 
 from __future__ import annotations
@@ -169,7 +169,11 @@ def _write_export(run, weights_dir, name, checkpoint, structures, make_default, 
         "steps": record.get("steps"),
         "training_seconds": record.get("seconds"),
         "world_size": record.get("world_size"),
+        # Where the weights began (a whole model's manifest, file and sha256) and why the run ended
+        # early: the config records only init's path and the resume's settings (max_seconds: 1).
+        "init": record.get("init"),
         "pretrained": record.get("pretrained"),
+        "stopped": record.get("stopped"),
         "training_config": config,
         "training_data": record.get("data"),
         "validation_data": record.get("validation_data"),

@@ -77,7 +77,8 @@ def plot_training(folder: Path, history: list[dict] | None = None) -> Path | Non
     axes = figure.subplots(panels, 1, sharex=True)
     for ax, key, label in ((axes[0], "loss", "training loss"), (axes[1], "lr", "learning rate")):
         steps, values = zip(*columns.get(key, [])) if columns.get(key) else ((), ())
-        ax.plot(steps, values, lw=1.2)
+        # A line through one point draws nothing: a run's first redraw (one logged row) showed empty panels.
+        ax.plot(steps, values, lw=1.2, marker="o" if len(steps) == 1 else None, ms=3)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     if history:
