@@ -309,10 +309,12 @@ def test_stripes_at_a_coarse_spacing_raise_no_overflow_warning():
 
 
 @pytest.mark.parametrize("shape, seed", [((8, 8.7, 8), 0), ((8, 8, 8), 1.5), ((8, 8, 8), "3"), ((8, 8, 8), float("nan")),
-                                         ("abc", 0), (None, 0), ((8, 8, 8), None)])
+                                         ("abc", 0), (None, 0), ((8, 8, 8), None), ((8, 8, 8), True),
+                                         ((8, True, 8), 0)])
 def test_a_shape_or_seed_that_is_not_whole_numbers_is_one_config_error(shape, seed):
     """seed=1.5 gave seed 1's phantom (and recorded seed 1); a shape of 8.7 voxels became 8; a NaN seed
-    or a shape of 'abc' was a ValueError or TypeError instead of the one-line ConfigError."""
+    or a shape of 'abc' was a ValueError or TypeError instead of the one-line ConfigError; seed True
+    was seed 1 (configs refuse a bool seed)."""
     with pytest.raises(ConfigError, match="shape|seed") as exc:
         make_phantom("cells", shape, seed)
     assert "\n" not in str(exc.value)

@@ -36,7 +36,7 @@ def test_export_records_the_weights_the_run_started_from_and_why_it_stopped(tmp_
     assert provenance["stopped"] == stopped
 
 
-def _compared_run(folder, model_config, model, name, thresholds, **extra):
+def _compared_run(folder, model_config, model, name, thresholds, threshold=0.5, **extra):
     """A finished fine-tuning run as `compare --runs` reads it (its config a full FinetuneConfig)."""
     from pathlib import Path
 
@@ -46,6 +46,7 @@ def _compared_run(folder, model_config, model, name, thresholds, **extra):
     config = to_dict(load_run_config(FinetuneConfig, smoke))
     config.update(name=name, model=to_dict(model_config))
     config["validation"]["thresholds"] = thresholds
+    config["validation"]["threshold"] = threshold  # validate() sweeps it too
     folder.mkdir()
     sha = save_weights(model.state_dict(), folder / "best.safetensors")
     best = {"file": "best.safetensors", "sha256": sha, "step": 4}
@@ -67,7 +68,7 @@ def two_runs(tmp_path, tiny_model_config, tiny_model, monkeypatch):
         for name in ("seen", "held"):
             tifffile.imwrite(tmp_path / folder / f"{name}.tif", np.zeros((8, 16, 16), np.uint8))
     _compared_run(tmp_path / "a", tiny_model_config, tiny_model, "a", [0.3, 0.7])
-    _compared_run(tmp_path / "b", tiny_model_config, tiny_model, "b", [0.5, 0.9],
+    _compared_run(tmp_path / "b", tiny_model_config, tiny_model, "b", [0.5, 0.9], threshold=0.45,
                   init={"manifest": "previous/manifest.yaml", "sha256": "f4df" + "0" * 60})
     swept = {}
 
@@ -93,11 +94,11 @@ def test_compared_runs_are_scored_on_one_sweep_and_their_start_is_named(two_runs
           "--runs", str(folder / "a"), str(folder / "b")])
     assert swept["a"] == swept["b"] == [0.3, 0.5, 0.7, 0.9]
     rows = {line.split(" | ")[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
-    assert " | scratch | " in rows["| a"] and " | whole model | " in rows["| b"]
+    assert " | scratch | " in rows["| a"] and " | a whole model | " in rows["| b"]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     trained = [w for w in warnings if "trained on" in w]
     assert len(trained) == 2 and all(w.endswith("trained on seen: its scores there are not held-out") for w in trained)
-    assert any("differ in validation.thresholds besides name and output" in w for w in warnings)
+    assert any("differ in validation.threshold, validation.thresholds besides name and output" in w for w in warnings)
 
 
 def test_weights_table_names_the_threshold_each_volume_was_cut_at(tmp_path, tiny_model_config, tiny_model, capsys):
@@ -123,6 +124,31 @@ def test_weights_table_names_the_threshold_each_volume_was_cut_at(tmp_path, tiny
     main(["--weights", str(weights), "--structure", "microglia", "--images", str(tmp_path / "images"),
           "--labels", str(tmp_path / "labels"), "--names", "patchvolume_1"])
     assert "(model threshold 0.995 from the manifest)" in capsys.readouterr().out
+
+
+def test_trained_on_warning_reads_the_model_structure_picks(tmp_path, tiny_model_config, tiny_model, caplog):
+    # The warning read the default model's training data, while --structure scored another model.
+    import dataclasses
+
+    import numpy as np
+    import tifffile
+    from lsmseg.weights import load_manifest, write_manifest
+    from lsmseg_training.compare import main
+
+    from ..conftest import make_weights
+
+    manifest = load_manifest(make_weights(tmp_path / "weights", tiny_model_config, tiny_model))
+    general = manifest.models["general"]
+    manifest.models["microglia_model"] = dataclasses.replace(
+        general, structures=["microglia"], provenance={"training_data": {"volumes": [{"name": "held"}]}})
+    weights = write_manifest(manifest, tmp_path / "weights" / "manifest.yaml")
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "held.tif", np.zeros((8, 16, 16), np.uint8))
+    main(["--weights", str(weights), "--structure", "microglia", "--images", str(tmp_path / "images"),
+          "--labels", str(tmp_path / "labels"), "--names", "held"])
+    assert any(r.levelname == "WARNING" and r.getMessage().endswith("trained on held: its scores there are not held-out")
+               for r in caplog.records)
 
 
 def test_run_record_names_the_source_commit_only_where_git_tracks_the_code(tmp_path):

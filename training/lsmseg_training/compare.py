@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .finetune import describe_start
+
 logger = logging.getLogger(__name__)
 
 
@@ -72,14 +74,6 @@ def read_run_record(run: Path) -> dict:
     return record
 
 
-def initialisation(record: dict) -> str:
-    """What a run started from, as its record says (``init``: a whole model; ``pretrained``: an encoder)."""
-    init, pretrained = record.get("init"), record.get("pretrained")
-    if init and pretrained:
-        return "whole model + pretrained encoder"
-    return "whole model" if init else "pretrained encoder" if pretrained else "scratch"
-
-
 def trained_on(fingerprint: dict | None, names: list[str]) -> list[str]:
     """The ``names`` among the training volumes of a data fingerprint (run.json's ``data``)."""
     trained = {volume.get("name") for volume in (fingerprint or {}).get("volumes", [])}
@@ -88,9 +82,9 @@ def trained_on(fingerprint: dict | None, names: list[str]) -> list[str]:
 
 def settings_differing(records: list[dict]) -> list[str]:
     """Dotted config keys whose values differ between the runs, besides name and output."""
-    from .engine import _flatten, _plain
+    from .engine import flat_settings
 
-    flat = [_flatten(_plain(record["config"])) for record in records]
+    flat = [flat_settings(record["config"]) for record in records]
     keys = sorted(set().union(*flat) - {"name", "output"})
     return [key for key in keys if len({json.dumps(f.get(key), sort_keys=True) for f in flat}) > 1]
 
@@ -135,6 +129,8 @@ def evaluate_run(run: Path, images: Path, labels: Path, names: list[str], thresh
     config = from_dict(FinetuneConfig, record["config"], f"{run}/run.json:config")
     if thresholds:
         config.validation.thresholds = sorted(set(thresholds) | {0.5})  # the table's "at 0.5" column needs 0.5
+        # validate() also sweeps the run's own threshold: set to 0.5, every run's sweep is the one given.
+        config.validation.threshold = 0.5
     volumes = []
     for name in names:
         from lsmseg.io import read_volume
@@ -156,7 +152,7 @@ def evaluate_run(run: Path, images: Path, labels: Path, names: list[str], thresh
         half = thresholds.index(0.5)
         rows.append({
             "run": record["name"],
-            "init": initialisation(record),
+            "init": describe_start(record.get("init"), record.get("pretrained")),
             "checkpoint": f"{which} (step {record[which]['step']})",
             "steps": record.get("steps"),
             "threshold": result["best_threshold"],
@@ -236,7 +232,8 @@ def warn_unlike(args, records: dict) -> None:
 
     sources = {str(run): record.get("data") for run, record in records.items()}
     if args.weights:
-        _, entry = load_manifest(resolve_manifest(args.weights)).entry_for(None)
+        # The model --structure picks, as Predictor.from_manifest does.
+        _, entry = load_manifest(resolve_manifest(args.weights)).entry_for(args.structure)
         sources[str(args.weights)] = entry.provenance.get("training_data")
     for source, fingerprint in sources.items():
         seen = trained_on(fingerprint, args.names)

@@ -414,15 +414,17 @@ def versions() -> dict:
 
 def source_commit(code: Path = Path(__file__).resolve()) -> dict | None:
     """The git commit of the checkout that holds ``code`` (default: this file, so the checkout
-    training runs from) and whether its tracked files differed from it (``modified``): the package
+    training runs from) and whether its tracked files differed from it (``modified``; untracked
+    files, e.g. a new module not yet added, are not looked at): the package
     version alone does not say which code trained a model. None where git does not track ``code``
     (an installed copy, even in a virtual environment inside a checkout) or without git."""
     import subprocess
 
     def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", str(code.parent), *args], capture_output=True, text=True, timeout=30)
+        return subprocess.run(["git", "-C", str(code.parent), *args], capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
 
-    try:
+    try:  # GIT_OPTIONAL_LOCKS=0: `git status` must not rewrite the index a commit beside the run may hold
         head = git("rev-parse", "--verify", "HEAD")
         tracked = git("ls-files", "--error-unmatch", code.name)
         if head.returncode != 0 or tracked.returncode != 0:
@@ -546,6 +548,11 @@ def changed_settings(before: dict, after: dict) -> list[tuple[str, object, objec
 def _plain(value):
     """JSON's view of a value (tuples as lists), so that a checkpoint's config compares with a new one."""
     return json.loads(json.dumps(value, default=str))
+
+
+def flat_settings(config) -> dict:
+    """A config (a run record's ``config``) as dotted keys to JSON leaf values, to compare runs' settings."""
+    return _flatten(_plain(config))
 
 
 # Where a data set lies, not what it is: its images/labels paths, a phantom set's folder.

@@ -39,6 +39,14 @@ FINAL_FILE = "final.safetensors"
 EXPORT_OVERLAP = 0.5  # what the exported inference settings use; the final sweep uses it too
 
 
+def describe_start(init, pretrained) -> str:
+    """What a fine-tuning run starts from, in words (its log line; compare's table), from its record's
+    ``init`` (a whole model) and ``pretrained`` (an encoder that replaces init's)."""
+    if init and pretrained:
+        return "a whole model with a pretrained encoder"
+    return "a whole model" if init else "the pretrained encoder" if pretrained else "scratch"
+
+
 # --------------------------------------------------------------------------------------------
 # Loading a pretrained encoder, loudly
 
@@ -243,9 +251,7 @@ def run_finetuning(config: FinetuneConfig, config_path: Path | None = None, resu
         logger.info("fine-tuning %s: %d training and %d validation volume(s), %d steps of batch %d x %d process(es), "
                     "roi %s, %s, on %s", config.name, len(records), len(validation_volumes), config.total_steps,
                     config.batch_size, processes.world_size, tuple(config.model.roi),
-                    "from a whole model with a pretrained encoder" if initialised and pretrained
-                    else "from a whole model" if initialised else "from the pretrained encoder" if pretrained
-                    else "from scratch", processes.device)
+                    f"from {describe_start(initialised, pretrained)}", processes.device)
         loop = train_loop(
             config, processes, records, model, step, kind="finetune", config_path=config_path,
             log_fields=["step", "epoch", "lr", "loss", "grad_norm", "val_dice", "val_threshold", "seconds"],

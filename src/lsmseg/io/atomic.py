@@ -25,6 +25,8 @@ from ..errors import InputError, OutputError
 logger = logging.getLogger(__name__)
 
 PARTIAL_PREFIX = ".partial-"
+# The most a partial_path name adds to its target's name (a pid of up to 7 digits, Linux's largest 4194304).
+PARTIAL_NAME_EXTRA = len(PARTIAL_PREFIX) + 7 + 1 + 8 + 1
 _PARTIAL_PID = re.compile(re.escape(PARTIAL_PREFIX) + r"(\d+)-[0-9a-f]{8}-")
 
 

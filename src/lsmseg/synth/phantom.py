@@ -114,6 +114,14 @@ def make_phantom(
     return Phantom(image=image, label=label.astype(np.uint8), spacing=spacing, kind=kind, seed=int(seed), tissue=tissue)
 
 
+def _whole(value) -> int:
+    """``value`` as an int if it is a whole number type (numpy's included), else TypeError: not a
+    float, string or bool (``True`` would be seed 1, which configs refuse too)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError("a bool is not a whole number")
+    return operator.index(value)
+
+
 def check_phantom_arguments(kind: str, shape, seed: int, spacing) -> tuple[tuple[int, int, int], Spacing]:
     """Refuse arguments :func:`make_phantom` cannot use, before any array is allocated.
 
@@ -135,7 +143,7 @@ def check_phantom_arguments(kind: str, shape, seed: int, spacing) -> tuple[tuple
         raise ConfigError(f"unknown phantom kind {kind!r}; choose one of {', '.join(KINDS)}")
     # Whole numbers only: int() would turn seed 1.5 into seed 1's phantom and a shape of 8.7 into 8.
     try:
-        whole_shape = tuple(operator.index(n) for n in shape)
+        whole_shape = tuple(_whole(n) for n in shape)
     except TypeError:
         whole_shape = ()
     if len(whole_shape) != 3 or min(whole_shape) < 1:
@@ -152,7 +160,7 @@ def check_phantom_arguments(kind: str, shape, seed: int, spacing) -> tuple[tuple
         raise ConfigError(f"phantom spacing must lie within {low:g}-{high:g} um per axis (the structures are "
                           f"1-12 um across), got {','.join(f'{s:g}' for s in spacing)}")
     try:
-        whole_seed = operator.index(seed)
+        whole_seed = _whole(seed)
     except TypeError:
         whole_seed = -1
     if whole_seed < 0:
@@ -175,15 +183,20 @@ def check_phantom_name(name: str) -> None:
     (any other name would become a folder of TIFF planes), longer than :data:`NAME_MAX` bytes, or no
     visible base name (``.tif``, ``.x.tif``: hidden files are skipped when a folder of volumes is listed)."""
     from ..io import KNOWN_SUFFIXES, volume_name
+    from ..io.atomic import PARTIAL_NAME_EXTRA
 
     if not name or Path(name).name != name or name in (".", ".."):
         raise ConfigError(f"phantom file name must be a plain file name, got {name!r}")
     if not name.lower().endswith(KNOWN_SUFFIXES):
         raise ConfigError(f"phantom file name {name!r} has no volume format suffix "
                           f"(one of {', '.join(sorted(KNOWN_SUFFIXES))})")
-    if len(os.fsencode(name)) > NAME_MAX:  # a long seed makes a long name; the OS refuses it mid-write
+    # A long seed makes a long name, and the OS refuses it mid-write: the name written first is the
+    # temporary one (io.atomic.partial_path), longer by up to PARTIAL_NAME_EXTRA bytes.
+    longest = NAME_MAX - PARTIAL_NAME_EXTRA
+    if len(os.fsencode(name)) > longest:
         raise ConfigError(f"phantom file name {name[:24]}...{name[-12:]} is {len(os.fsencode(name))} bytes long, "
-                          f"above the {NAME_MAX} a file name may have")
+                          f"above the {longest} a file name may have here ({NAME_MAX} less the temporary "
+                          "name's prefix)")
     if not volume_name(name) or name.startswith("."):
         raise ConfigError(f"phantom file name {name!r} needs a name before its suffix, not starting with '.' "
                           "(hidden files are skipped when a folder of volumes is listed)")
