@@ -237,3 +237,24 @@ def test_writing_a_tuned_structure_replaces_its_alias_key(tmp_path, tiny_model_c
     write_choices(manifest, {"per_structure": {"blood_vessel": chosen}, "validation": {}})
     per_structure = load_manifest(manifest).entry_for(None)[1].inference.per_structure
     assert sorted(per_structure) == ["blood_vessel", "microglia"] and per_structure["blood_vessel"]["threshold"] == 0.7
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_tune_passes_dark_window_skipping_to_the_predictor(tmp_path, tiny_model_config, tiny_model, monkeypatch, skip):
+    """scripts/lever_skip_background.py tunes the same weights with and without skipping dark windows:
+    the option must reach the predictor that makes the validation logits."""
+    from lsmseg.inference import Predictor
+    from lsmseg_training.tune import tune
+
+    config = _validation_config(tmp_path)
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+    seen = []
+    original = Predictor.from_manifest.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs["options"].skip_background)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "from_manifest", classmethod(spy))
+    tune(config, manifest, thresholds=(0.5,), min_components=(0,), splits=(0.0,), floors=(), skip_background=skip)
+    assert seen == [skip]

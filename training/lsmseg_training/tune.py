@@ -97,11 +97,13 @@ def leaderboard_score(structure: str, pred: np.ndarray, label: np.ndarray) -> di
 
 
 def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_COMPONENTS,
-         splits=SPLITS, mirrors=((),), structures=None, floors=FLOORS, where: str | None = None) -> dict:
+         splits=SPLITS, mirrors=((),), structures=None, floors=FLOORS, where: str | None = None,
+         skip_background: bool = True) -> dict:
     """Predict the validation volumes (of ``structures`` only, when given) once per mirroring in
     ``mirrors``, score the grid per structure (then ``floors`` × ``thresholds`` at its best row's
     other settings), return the choices. ``where`` names the config in errors (its file; default
-    its ``name:``)."""
+    its ``name:``). ``skip_background=False`` runs the network on every window, dark ones included
+    (``RunOptions.skip_background``; a lever measurement, scripts/lever_skip_background.py)."""
     import dataclasses
 
     from lsmseg.io import read_volume
@@ -113,7 +115,8 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     where = where or config.name
     check_splits(config.data, where)  # validation volumes that are also training or test ones would flatter
 
-    predictor = Predictor.from_manifest(manifest_path, options=RunOptions(progress=False))
+    predictor = Predictor.from_manifest(manifest_path,
+                                        options=RunOptions(progress=False, skip_background=skip_background))
     manifest_settings = predictor.settings
     base = dataclasses.replace(manifest_settings, per_structure={})
     mirrors = [tuple(axes) for axes in mirrors]
