@@ -182,7 +182,10 @@ class ModelConfig:
             raise ValueError(f"drop_path_rate {self.drop_path_rate} must be in [0, 1)")
 
 
-PER_STRUCTURE_FIELDS = ("threshold", "min_component_voxels", "split_touching", "mirror_axes", "intensity_floor")
+PER_STRUCTURE_FIELDS = ("threshold", "min_component_voxels", "split_touching", "mirror_axes", "intensity_floor",
+                        "input_scale")
+# Test-time rescaling factors allowed (InferenceSettings.input_scale): the model trained with zoom 0.8-1.25.
+INPUT_SCALE_RANGE = (0.25, 4.0)
 
 
 @dataclass
@@ -220,9 +223,13 @@ class InferenceSettings:
     # mark only the brightest voxels (DELiVR's microglia validation and test brains: their median
     # labelled voxel sits at ~2.0), the network's haze around them costs Dice and PQ.
     intensity_floor: float | None = None
+    # Test-time rescaling: the input is resampled by this factor per axis (trilinear, after any
+    # resampling to ``spacing``) before the network, and the logits back to the volume's grid; > 1
+    # enlarges small objects (c-Fos cells with cores of a few voxels). 1: the volume's own grid.
+    input_scale: float = 1.0
     # Post-processing and mirroring per structure (the 2026 challenge's names, lsmseg.structures),
     # chosen on the validation split: {structure: {threshold, min_component_voxels, split_touching,
-    # mirror_axes, intensity_floor}}. Used when a case's structure is named or read from its name's prefix; other
+    # mirror_axes, intensity_floor, input_scale}}. Used when a case's structure is named or read from its name's prefix; other
     # cases use the fields above.
     per_structure: dict[str, dict] = field(default_factory=dict)
 
@@ -248,6 +255,9 @@ class InferenceSettings:
             raise ValueError(f"spacing {tuple(self.spacing)} must be positive and finite (micrometres per voxel)")
         if not 0.0 <= self.spacing_tolerance < math.inf:
             raise ValueError(f"spacing_tolerance {self.spacing_tolerance} must be a finite number >= 0")
+        low, high = INPUT_SCALE_RANGE
+        if not low <= self.input_scale <= high:  # NaN fails too
+            raise ValueError(f"input_scale {self.input_scale} must lie within {low:g}-{high:g}")
         if self.intensity_floor is not None and not math.isfinite(self.intensity_floor):
             raise ValueError(f"intensity_floor {self.intensity_floor} must be a finite number (or null: no floor)")
         self.mirror_axes = tuple(int(a) for a in self.mirror_axes)

@@ -220,7 +220,7 @@ def predict_file_dask(predictor: Predictor, input_path, output_path, client, pro
     mask_format = mask_format_for(output_path, volume)
     # A folder where a file goes (or the reverse) is refused now, not after every block has run.
     refuse_replacing_another_kind(output_path, FORMATS[mask_format].writes_folder)
-    if predictor.resample_target(volume.spacing) is not None:
+    if predictor.network_shape(volume.shape, volume.spacing, volume.name) is not None:
         logger.info("%s: needs resampling, predicted in this process", input_path)
         return predict_file(predictor, input_path, output_path, provenance_path=provenance_path)
     prepared = predictor.prepare(volume)

@@ -170,3 +170,29 @@ def test_intensity_floor_drops_dim_voxels_alike_in_memory_block_wise_and_resampl
         predictor.binary_mask(np.zeros((4, 4, 4), np.float32), settings=settings.for_structure("microglia"))
     with pytest.raises(ConfigError, match="intensity_floor inf must be a finite number"):
         InferenceSettings(per_structure={"microglia": {"intensity_floor": float("inf")}})
+
+
+def test_input_scale_predicts_a_structures_volumes_on_a_rescaled_grid(tiny_model, tiny_model_config, tmp_path):
+    """A structure's input_scale resamples its volumes before the network and the logits back: the
+    same mask from an array and from a file (in memory, whatever the block size), at the volume's
+    shape, recorded in the provenance; other structures keep their own grid."""
+    from lsmseg.inference.predictor import _resize
+
+    volume = np.random.default_rng(3).gamma(2.0, 300.0, (20, 40, 48)).astype(np.uint16)
+    settings = InferenceSettings(threshold=0.5, per_structure={"cfos_neuron": {"input_scale": 1.5}})
+    predictor = Predictor(tiny_model, tiny_model_config, settings, device="cpu", engine="torch",
+                          options=RunOptions(progress=False, block_size=16))
+    normalised = predictor.normalised(volume)
+    plain = predictor.predict_logits(volume, name="microglia_1.tif")
+    scaled = predictor.predict_logits(volume, name="cfos_neuron_1.tif")
+    assert scaled.shape == volume.shape and not np.allclose(scaled, plain)
+    on_grid = predictor.sliding_window_logits(_resize(normalised, [30, 60, 72]))
+    np.testing.assert_allclose(scaled, _resize(on_grid, volume.shape), atol=1e-5)
+
+    io.write_volume(volume, tmp_path / "cfos_neuron_1.tif")
+    result = predict_file(predictor, tmp_path / "cfos_neuron_1.tif", tmp_path / "out" / "cfos_neuron_1.tif")
+    np.testing.assert_array_equal(io.read_volume(tmp_path / "out" / "cfos_neuron_1.tif").load(),
+                                  predictor.predict_volume(volume, name="cfos_neuron_1.tif"))
+    assert result.record["postprocess"]["input_scale"] == 1.5
+    with pytest.raises(ConfigError, match="input_scale 0.0 must lie within"):
+        InferenceSettings(per_structure={"cfos_neuron": {"input_scale": 0}})

@@ -47,7 +47,7 @@ def test_tune_scores_each_mirroring_and_writes_the_best_choice(tmp_path, tiny_mo
     best = max(grid["grid"], key=lambda r: r["score"])
     choice = result["per_structure"]["cfos_neuron"]
     assert choice == {k: best[k] for k in ("threshold", "split_touching", "min_component_voxels", "mirror_axes",
-                                           "intensity_floor")}
+                                           "intensity_floor", "input_scale")}
 
     write_choices(manifest, result)
     predictor = Predictor.from_manifest(manifest, options=RunOptions(progress=False))
@@ -258,3 +258,43 @@ def test_tune_passes_dark_window_skipping_to_the_predictor(tmp_path, tiny_model_
     monkeypatch.setattr(Predictor, "from_manifest", classmethod(spy))
     tune(config, manifest, thresholds=(0.5,), min_components=(0,), splits=(0.0,), floors=(), skip_background=skip)
     assert seen == [skip]
+
+
+def test_tune_settings_replace_the_manifests_for_every_prediction(tmp_path, tiny_model_config, tiny_model, caplog):
+    """scripts/lever_test_time_scale.py tunes with the model's spacing replaced, so that each validation
+    volume is resampled before the network and its logits resampled back."""
+    import logging
+
+    from lsmseg_training.tune import tune
+
+    config = _validation_config(tmp_path)
+    config.data.validation[0].spacing = (1.0, 1.0, 1.0)
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+    grid = dict(thresholds=(0.3, 0.5), min_components=(0,), splits=(0.0,), floors=())
+    with caplog.at_level(logging.INFO, logger="lsmseg"):
+        scaled = tune(config, manifest, settings={"spacing": (0.8, 0.8, 0.8), "spacing_tolerance": 0.01}, **grid)
+    assert sum("resampling (32, 64, 64) at (1.0, 1.0, 1.0) um to (40, 80, 80)" in r.getMessage()
+               for r in caplog.records) == 2
+    plain = tune(config, manifest, **grid)
+    rows = [[row["dice"] for row in result["validation"]["cfos_neuron"]["grid"]] for result in (scaled, plain)]
+    assert rows[0] != rows[1]
+
+
+def test_an_input_scale_is_chosen_written_and_applied_as_scored(tmp_path, tiny_model_config, tiny_model):
+    """A structure tuned at an input_scale records it in every row and in its choice, so that the
+    manifest applies the scale its threshold was chosen at; predict then resamples by it."""
+    from lsmseg.inference import Predictor, RunOptions
+    from lsmseg_training.tune import tune, write_choices
+
+    config = _validation_config(tmp_path)
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+    result = tune(config, manifest, thresholds=(0.3, 0.5), min_components=(0,), splits=(0.0,), floors=(),
+                  settings={"input_scale": 1.25})
+    assert {row["input_scale"] for row in result["validation"]["cfos_neuron"]["grid"]} == {1.25}
+    assert result["per_structure"]["cfos_neuron"]["input_scale"] == 1.25
+    write_choices(manifest, result)
+    predictor = Predictor.from_manifest(manifest, options=RunOptions(progress=False))
+    assert predictor.settings_for("cfos_neuron_1.tif").input_scale == 1.25
+    assert predictor.settings_for("blood_vessel_1.tif").input_scale == 1.0
+    assert predictor.network_shape((32, 64, 64), None, "cfos_neuron_1.tif") == [40, 80, 80]
+    assert predictor.network_shape((32, 64, 64), None, "blood_vessel_1.tif") is None

@@ -98,12 +98,14 @@ def leaderboard_score(structure: str, pred: np.ndarray, label: np.ndarray) -> di
 
 def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_COMPONENTS,
          splits=SPLITS, mirrors=((),), structures=None, floors=FLOORS, where: str | None = None,
-         skip_background: bool = True) -> dict:
+         skip_background: bool = True, settings: dict | None = None) -> dict:
     """Predict the validation volumes (of ``structures`` only, when given) once per mirroring in
     ``mirrors``, score the grid per structure (then ``floors`` × ``thresholds`` at its best row's
     other settings), return the choices. ``where`` names the config in errors (its file; default
     its ``name:``). ``skip_background=False`` runs the network on every window, dark ones included
-    (``RunOptions.skip_background``; a lever measurement, scripts/lever_skip_background.py)."""
+    (``RunOptions.skip_background``; a lever measurement, scripts/lever_skip_background.py).
+    ``settings``: InferenceSettings fields that replace the manifest's for every prediction (a lever
+    measurement, e.g. ``spacing`` for a test-time rescale: scripts/lever_test_time_scale.py)."""
     import dataclasses
 
     from lsmseg.io import read_volume
@@ -118,7 +120,7 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     predictor = Predictor.from_manifest(manifest_path,
                                         options=RunOptions(progress=False, skip_background=skip_background))
     manifest_settings = predictor.settings
-    base = dataclasses.replace(manifest_settings, per_structure={})
+    base = dataclasses.replace(manifest_settings, per_structure={}, **(settings or {}))
     mirrors = [tuple(axes) for axes in mirrors]
     volumes = validation_volumes(config, structures)
     if not volumes:
@@ -149,7 +151,7 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
                                                                          intensity=v["intensity"]),
                                         v["truth"]) for v in members]
             row = {"mirror_axes": list(axes), "threshold": threshold, "split_touching": split,
-                   "min_component_voxels": min_voxels, "intensity_floor": floor}
+                   "min_component_voxels": min_voxels, "intensity_floor": floor, "input_scale": base.input_scale}
             for key in scores[0]:
                 defined = [s[key] for s in scores if not math.isnan(s[key])]
                 row[key] = round(float(np.mean(defined)), 5) if defined else None  # None: NaN on every volume
@@ -176,11 +178,12 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
                             and _same(r["threshold"], before.threshold)
                             and r["split_touching"] == (before.split_touching if structure_splits != (0.0,) else 0.0)
                             and r["min_component_voxels"] == before.min_component_voxels
-                            and _same(r["intensity_floor"], before.intensity_floor)), None)
+                            and _same(r["intensity_floor"], before.intensity_floor)
+                            and _same(r["input_scale"], before.input_scale)), None)
         # Every setting a row was scored at, null floor and no mirroring included: a key left out
         # would let the manifest's global value apply, which is not what was scored.
         choices[structure] = {key: best[key] for key in ("threshold", "split_touching", "min_component_voxels",
-                                                         "intensity_floor", "mirror_axes")}
+                                                         "intensity_floor", "mirror_axes", "input_scale")}
         grids[structure] = {"volumes": [v["name"] for v in members], "best": best, "at_previous_settings": at_previous,
                             "grid": rows}
         metrics = [k for k in best if k not in choices[structure] and not k.startswith("nan_")]
@@ -271,6 +274,7 @@ def write_choices(manifest_path: Path, result: dict) -> Path:
 
 
 def main(argv=None) -> int:
+    from lsmseg.config import INPUT_SCALE_RANGE
     from lsmseg.errors import LsmsegError
 
     from .config import FinetuneConfig, load_run_config
@@ -289,17 +293,24 @@ def main(argv=None) -> int:
     parser.add_argument("--floors", type=float, nargs="*", default=list(FLOORS), metavar="X",
                         help=f"intensity floors of the second stage (default: {' '.join(map(str, FLOORS))}; "
                              "none given: no second stage, the grid of before 2026-12-03)")
+    parser.add_argument("--input-scale", type=float, default=1.0, metavar="X",
+                        help="predict every volume resampled by X per axis (test-time rescaling, "
+                             "InferenceSettings.input_scale); the choices written carry it (default: 1)")
     parser.add_argument("--structures", nargs="+", metavar="STRUCTURE",
                         help="tune only these structures' validation volumes; with --write, the others keep "
                              "the manifest's settings (default: every structure of the config)")
     args = parser.parse_args(argv)
+    low, high = INPUT_SCALE_RANGE
+    if not low <= args.input_scale <= high:
+        parser.error(f"--input-scale {args.input_scale:g} must lie within {low:g}-{high:g}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:  # a bad config, split or manifest: one line naming its file (exit 1), not a traceback
         config = load_run_config(FinetuneConfig, args.config)
         if args.write:
             writable_manifest(args.weights)  # before the grid (~30 min), not after it
         result = tune(config, args.weights, mirrors=((), MIRROR_ALL) if args.mirror else ((),),
-                      structures=args.structures, floors=tuple(args.floors), where=str(args.config))
+                      structures=args.structures, floors=tuple(args.floors), where=str(args.config),
+                      settings={"input_scale": args.input_scale})
         if args.default_threshold:
             result["default_threshold"] = phantom_threshold(args.weights)
             logger.info("default threshold %s (phantom Dice %s)", result["default_threshold"]["threshold"],

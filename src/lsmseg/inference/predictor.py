@@ -514,12 +514,14 @@ class Predictor:
             spacing, name: as for :meth:`predict_logits`.
         """
         settings = self.settings_for(name)  # its structure's mirroring
-        target = self.resample_target(spacing)
-        if target is None:
-            return self._normalised_logits(normalised, desc=name, settings=settings)
         shape = normalised.shape
-        new_shape = resampled_shape(shape, spacing, target)
-        logger.info("%s: resampling %s at %s um to %s at %s um", name, shape, tuple(spacing), tuple(new_shape), target)
+        new_shape = self.network_shape(shape, spacing, name)
+        if new_shape is None:
+            return self._normalised_logits(normalised, desc=name, settings=settings)
+        target = self.resample_target(spacing)
+        logger.info("%s: resampling %s%s to %s%s%s", name, tuple(shape), f" at {tuple(spacing)} um" if target else "",
+                    tuple(new_shape), f" at {target} um" if target else "",
+                    f" (input scale {settings.input_scale:g})" if settings.input_scale != 1.0 else "")
         logits, stats = self._normalised_logits(_resize(normalised, new_shape), desc=name, settings=settings)
         return _resize(logits, shape), stats
 
@@ -608,6 +610,23 @@ class Predictor:
         return mask * np.uint8(value) if value != 1 else mask
 
     # ------------------------------------------------------------------ volumes
+    def network_shape(self, shape: Sequence[int], spacing: Sequence[float] | None,
+                      name: str) -> list[int] | None:
+        """The grid a volume is predicted on when it is not its own (None): resampled to the model's
+        spacing (:meth:`resample_target`), then by its structure's ``input_scale``.
+
+        Args:
+            shape: the volume's shape (z, y, x).
+            spacing: its voxel size in micrometres, or None.
+            name: its case or file name (its structure's settings, :meth:`settings_for`).
+        """
+        target = self.resample_target(spacing)
+        scale = self.settings_for(name).input_scale
+        if target is None and scale == 1.0:
+            return None
+        new_shape = resampled_shape(shape, spacing, target) if target is not None else list(shape)
+        return [max(1, round(n * scale)) for n in new_shape] if scale != 1.0 else new_shape
+
     def resample_target(self, spacing: Sequence[float] | None) -> tuple[float, ...] | None:
         """The model's spacing if ``spacing`` differs from it beyond tolerance (and resampling is on), else None."""
         model_spacing = self.settings.spacing

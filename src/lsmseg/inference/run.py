@@ -27,7 +27,7 @@ from ..io import (
 )
 from ..normalise import is_constant
 from ..structures import structure_from_name
-from .predictor import Predictor, resampled_shape, warn_constant
+from .predictor import Predictor, warn_constant
 from .preview import PreviewRecorder, preview_path_for, remove_stale_preview
 from .probabilities import ProbabilityWriter
 from .results import BlockStats, VolumeResult, provenance_path_for, provenance_record
@@ -68,7 +68,8 @@ def postprocess_record(predictor: Predictor, name: str) -> dict:
     return {"structure": predictor.options.structure or structure_from_name(name),
             "threshold": effective.threshold, "split_touching": effective.split_touching,
             "min_component_voxels": effective.min_component_voxels,
-            "mirror_axes": list(effective.mirror_axes), "intensity_floor": effective.intensity_floor}
+            "mirror_axes": list(effective.mirror_axes), "intensity_floor": effective.intensity_floor,
+            "input_scale": effective.input_scale}
 
 
 def predict_file(
@@ -79,8 +80,8 @@ def predict_file(
     """Segment one file block by block; write the mask atomically and a provenance JSON beside it.
 
     The input is read lazily and the mask written as blocks complete, so memory depends on the
-    block size, not on the volume. Volumes that must be resampled to the model's spacing are the
-    exception: they are resampled (and predicted) in memory.
+    block size, not on the volume. Volumes that must be resampled to the model's spacing, or by
+    their structure's ``input_scale``, are the exception: they are resampled (and predicted) in memory.
 
     Args:
         predictor: the model, its settings and the run's options.
@@ -103,16 +104,18 @@ def predict_file(
     volume = read_volume(input_path, lazy=True, max_voxels=options.max_voxels)
     check_output_space(output_path, volume.shape)
     target = predictor.resample_target(volume.spacing)
-    if target is not None:  # resampling builds the volume at the model's spacing, in memory
-        new_shape = resampled_shape(volume.shape, volume.spacing, target)
-        check_declared_size(input_path, new_shape, 4, options.max_voxels, what="resampled volume")
+    # Resampling (to the model's spacing, or by the structure's input_scale) builds the volume on the
+    # network's grid, in memory.
+    grid = predictor.network_shape(volume.shape, volume.spacing, case_name or volume.name)
+    if grid is not None:
+        check_declared_size(input_path, grid, 4, options.max_voxels, what="resampled volume")
     probabilities = None
     if probabilities_path is not None:
         probabilities = ProbabilityWriter(Path(probabilities_path), volume, options.probability_dtype)
     on_logits = probabilities.put if probabilities is not None else None
     preview = PreviewRecorder(volume, preview_path_for(output_path)) if options.preview else None
     counter = _BlockCounter()
-    if target is None:
+    if grid is None:
         prepared = predictor.prepare(volume, case_name=case_name)
         stats = BlockStats.start(prepared.plan, prepared.background)
         blocks = predictor.iter_mask_blocks(prepared, stats, desc=volume.name, on_logits=on_logits)
