@@ -68,6 +68,10 @@ def add_predict_command(subparsers) -> None:
     p.add_argument("--intensity-floor", type=argtypes.non_negative, metavar="X",
                    help="never mark voxels whose normalised intensity is below X (1 = the volume's 99.5th percentile, "
                    "1 + ln x above it; default: the manifest's, per structure; 0 turns it off)")
+    p.add_argument("--input-scale", type=argtypes.positive, metavar="X",
+                   help="resample every volume by X per axis before the network, and the logits back (test-time "
+                   "rescaling; the volume is then predicted in memory; default: the manifest's, per structure; "
+                   "1: the volume's own grid)")
     p.add_argument("--overlap", type=argtypes.fraction,
                    help="window overlap as a fraction in [0, 1) (default: the manifest's)")
     p.add_argument("--batch-size", type=argtypes.positive_int, dest="sw_batch_size", metavar="N",
@@ -170,7 +174,8 @@ def run_predict(args) -> int:
         predictor = Predictor.from_manifest(
             args.weights, device=args.device, precision=args.precision, engine=args.engine, compile=args.compile,
             options=options, threshold=args.threshold, min_component_voxels=args.min_component_voxels,
-            intensity_floor=args.intensity_floor, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+            intensity_floor=args.intensity_floor, input_scale=args.input_scale, overlap=args.overlap,
+            sw_batch_size=args.sw_batch_size,
             mirror_axes=args.mirror_axes,
         )
     except ValueError as exc:

@@ -111,3 +111,24 @@ def test_intensity_floor_option_reaches_the_masks_and_is_checked(tmp_path, weigh
     assert plain.sum() > floored.sum() and not (floored & ~plain).any()
     refused = lsmseg("predict", images, "-o", tmp_path / "x", "--weights", weights, "--intensity-floor", "-1")
     assert refused.returncode == 2 and "expected a finite value >= 0" in refused.stderr
+
+
+def test_input_scale_option_overrides_every_structure_and_is_checked(tmp_path, weights):
+    """--input-scale 1 predicts a structure the manifest rescales on its own grid (a whole-brain
+    volume need not be held in memory at 3.4x); a scale outside the allowed range is one usage line."""
+    made = lsmseg("phantom", tmp_path / "data", "--kind", "cells", "--shape", "24,64,64", "--seed", "4")
+    assert made.returncode == 0, made.stderr
+    images = tmp_path / "data" / "images"
+    masks = {}
+    for scale in ("1", "1.5"):
+        out = tmp_path / f"out{scale}"
+        result = lsmseg("predict", images, "-o", out, "--weights", weights, "--threshold", "0.3",
+                        "--input-scale", scale, "-q")
+        assert result.returncode == 0, result.stderr
+        masks[scale] = io.read_volume(out / "cells_4.tif").load()
+        assert masks[scale].shape == (24, 64, 64)
+        provenance = json.loads((out / "cells_4.tif.provenance.json").read_text())
+        assert provenance["postprocess"]["input_scale"] == float(scale)
+    assert not np.array_equal(masks["1"], masks["1.5"])
+    refused = lsmseg("predict", images, "-o", tmp_path / "x", "--weights", weights, "--input-scale", "9")
+    assert refused.returncode == 2 and "input_scale 9.0 must lie within 0.25-4" in refused.stderr
