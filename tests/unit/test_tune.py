@@ -298,3 +298,11 @@ def test_an_input_scale_is_chosen_written_and_applied_as_scored(tmp_path, tiny_m
     assert predictor.settings_for("blood_vessel_1.tif").input_scale == 1.0
     assert predictor.network_shape((32, 64, 64), None, "cfos_neuron_1.tif") == [40, 80, 80]
     assert predictor.network_shape((32, 64, 64), None, "blood_vessel_1.tif") is None
+
+
+def test_input_scale_flag_out_of_range_is_a_usage_error_before_any_work(tmp_path, capsys):
+    from lsmseg_training.tune import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["-c", str(tmp_path / "missing.yaml"), "--weights", str(tmp_path), "--input-scale", "0"])
+    assert exc.value.code == 2 and "--input-scale 0 must lie within 0.25-4" in capsys.readouterr().err

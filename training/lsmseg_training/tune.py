@@ -105,7 +105,7 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     its ``name:``). ``skip_background=False`` runs the network on every window, dark ones included
     (``RunOptions.skip_background``; a lever measurement, scripts/lever_skip_background.py).
     ``settings``: InferenceSettings fields that replace the manifest's for every prediction (a lever
-    measurement, e.g. ``spacing`` for a test-time rescale: scripts/lever_test_time_scale.py)."""
+    measurement, e.g. ``input_scale``: ``--input-scale``, scripts/lever_test_time_scale.py)."""
     import dataclasses
 
     from lsmseg.io import read_volume
