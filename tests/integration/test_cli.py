@@ -92,19 +92,26 @@ def test_empty_input_folder_is_not_an_error(tmp_path, weights):
     assert result.returncode == 0 and "no volumes found" in result.stderr
 
 
-def test_intensity_floor_option_reaches_the_masks_and_is_checked(tmp_path, weights):
+def _masks_by_option(tmp_path, weights, option, values, threshold):
+    """Predict one cells phantom once per value of ``option``: its masks by value (each checked to
+    be recorded in the provenance's postprocess) and the images folder."""
     made = lsmseg("phantom", tmp_path / "data", "--kind", "cells", "--shape", "24,64,64", "--seed", "4")
     assert made.returncode == 0, made.stderr
     images = tmp_path / "data" / "images"
     masks = {}
-    for floor in ("0", "1.5"):
-        out = tmp_path / f"out{floor}"
-        result = lsmseg("predict", images, "-o", out, "--weights", weights, "--threshold", "0.01",
-                        "--intensity-floor", floor, "-q")
+    for value in values:
+        out = tmp_path / f"out{value}"
+        result = lsmseg("predict", images, "-o", out, "--weights", weights, "--threshold", threshold,
+                        f"--{option.replace('_', '-')}", value, "-q")
         assert result.returncode == 0, result.stderr
-        masks[floor] = io.read_volume(out / "cells_4.tif").load()
+        masks[value] = io.read_volume(out / "cells_4.tif").load()
         provenance = json.loads((out / "cells_4.tif.provenance.json").read_text())
-        assert provenance["postprocess"]["intensity_floor"] == float(floor)
+        assert provenance["postprocess"][option] == float(value)
+    return masks, images
+
+
+def test_intensity_floor_option_reaches_the_masks_and_is_checked(tmp_path, weights):
+    masks, images = _masks_by_option(tmp_path, weights, "intensity_floor", ("0", "1.5"), "0.01")
     # Floor 0 keeps every voxel above the threshold (normalised intensity is >= 0); floor 1.5 a
     # subset: voxels at least e^0.5 = 1.65 times the 99.5th percentile's distance from the 0.5th.
     plain, floored = masks["0"] > 0, masks["1.5"] > 0
@@ -116,19 +123,8 @@ def test_intensity_floor_option_reaches_the_masks_and_is_checked(tmp_path, weigh
 def test_input_scale_option_overrides_every_structure_and_is_checked(tmp_path, weights):
     """--input-scale 1 predicts a structure the manifest rescales on its own grid (a whole-brain
     volume need not be held in memory at 3.4x); a scale outside the allowed range is one usage line."""
-    made = lsmseg("phantom", tmp_path / "data", "--kind", "cells", "--shape", "24,64,64", "--seed", "4")
-    assert made.returncode == 0, made.stderr
-    images = tmp_path / "data" / "images"
-    masks = {}
-    for scale in ("1", "1.5"):
-        out = tmp_path / f"out{scale}"
-        result = lsmseg("predict", images, "-o", out, "--weights", weights, "--threshold", "0.3",
-                        "--input-scale", scale, "-q")
-        assert result.returncode == 0, result.stderr
-        masks[scale] = io.read_volume(out / "cells_4.tif").load()
-        assert masks[scale].shape == (24, 64, 64)
-        provenance = json.loads((out / "cells_4.tif.provenance.json").read_text())
-        assert provenance["postprocess"]["input_scale"] == float(scale)
+    masks, images = _masks_by_option(tmp_path, weights, "input_scale", ("1", "1.5"), "0.3")
+    assert masks["1"].shape == masks["1.5"].shape == (24, 64, 64)
     assert not np.array_equal(masks["1"], masks["1.5"])
     refused = lsmseg("predict", images, "-o", tmp_path / "x", "--weights", weights, "--input-scale", "9")
     assert refused.returncode == 2 and "input_scale 9.0 must lie within 0.25-4" in refused.stderr
