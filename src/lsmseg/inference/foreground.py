@@ -171,11 +171,12 @@ def dark_windows(
         starts = [[c - o for c, o in zip(corners[index], origin)] for index in indices]
         box_lo = [min(start[axis] for start in starts) for axis in range(3)]
         box_hi = [min(max(start[axis] for start in starts) + roi[axis], region.shape[axis]) for axis in range(3)]
-        pooled = _pool(region[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))], CELL)
+        # One float32 copy of the box, which both poolings read (_pool copies nothing more).
+        box = np.ascontiguousarray(region[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))], dtype=np.float32)
+        pooled = _pool(box, CELL)
         # Summed-area tables: "how many cells above a level in a box" in O(1) per window.
         above = _box_counter(pooled > background.threshold)
-        brightest = _pool(region[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))], CELL, FINE)
-        above_ceiling = _box_counter(brightest > background.ceiling)
+        above_ceiling = _box_counter(_pool(box, CELL, FINE) > background.ceiling)
         for index, corner in zip(indices, starts):
             start = [c - b for c, b in zip(corner, box_lo)]
             lo = [s // CELL for s in start]
