@@ -55,6 +55,9 @@ LSMSEG_VARIANTS = {
     # Test-time mirroring on every axis for every volume (the manifest mirrors by structure name,
     # and these inputs' names name none): what the 8 passes cost and give here.
     "lsmseg-mirrored": {"mirror_axes": (0, 1, 2)},
+    # The volume enlarged 1.5x per axis before the network, as the manifest does for volumes named
+    # cfos_neuron (these inputs' names name none): what c-Fos's shipped input_scale costs and gives.
+    "lsmseg-openvino-scaled": {"engine": "openvino", "input_scale": 1.5},
 }
 
 
@@ -171,7 +174,7 @@ def main() -> None:
                         help=f"seed and any of {','.join(LSMSEG_VARIANTS)}")
     parser.add_argument("--vesselnn", default="santos2015_mixedSizelowContrastVessels")
     parser.add_argument("--vesselnn-crop", type=int, default=0, help="central Y,X crop of the vesselNN stacks (0: whole)")
-    parser.add_argument("--delivr", default="cfos/patchvolume_1008_0,microglia/patchvolume_2248_0",
+    parser.add_argument("--delivr", default="cfos/patchvolume_695_0,microglia/patchvolume_8858_0",
                         help="DELiVR patches KIND/NAME, comma-separated (test sources, not the validation ones)")
     parser.add_argument("--wide-field", default="32,160,160:32,384,384", help="ORGAN:FIELD shapes ('' skips it)")
     parser.add_argument("--reps", type=int, default=1)
