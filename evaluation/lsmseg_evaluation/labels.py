@@ -23,6 +23,7 @@ from lsmseg.errors import InputError
 LABEL_SCHEMES = ("binary", "nonzero", "sparse")
 SPARSE_EDGE_MODES = ("ignore", "background")
 SPARSE_VALUES = {0: "unlabelled", 1: "background", 2: "foreground", 3: "artifact", 4: "edge"}
+SPARSE_FOREGROUND, SPARSE_UNLABELLED, SPARSE_EDGE = 2, 0, 4
 
 
 def distinct_values(array: np.ndarray, limit: int = 8) -> list:
@@ -85,6 +86,15 @@ def label_masks(
                 "score every non-zero value as foreground",
             )
         return array != 0, None
+    check_sparse_values(values, path)
+    foreground, valid = sparse_masks(array, sparse_edge)
+    if not valid.any():
+        raise InputError(path, "sparse label has no labelled voxels (all 0 = unlabelled)")
+    return foreground, valid
+
+
+def check_sparse_values(values: list, path: str | Path) -> None:
+    """Refuse a sparse label holding a value outside :data:`SPARSE_VALUES` (its meaning is unknown)."""
     unknown = [v for v in values if v not in SPARSE_VALUES]
     if unknown:
         raise InputError(
@@ -92,8 +102,11 @@ def label_masks(
             f"sparse label has values {_format_values(values)}; expected only 0 (unlabelled), "
             "1 (background), 2 (foreground), 3 (artifact), 4 (edge)",
         )
-    ignored = (0, 4) if sparse_edge == "ignore" else (0,)
-    valid = ~np.isin(array, ignored)
-    if not valid.any():
-        raise InputError(path, "sparse label has no labelled voxels (all 0 = unlabelled)")
-    return array == 2, valid
+
+
+def sparse_masks(array: np.ndarray, sparse_edge: str = "ignore") -> tuple[np.ndarray, np.ndarray]:
+    """(foreground, valid) of a sparse label whose values :func:`check_sparse_values` accepted: the one
+    reading of TRAILMAP labels that evaluation and training share (2 foreground; 1 and 3 background, as
+    TRAILMAP's own loss treats artifacts; 0 and, unless ``sparse_edge="background"``, 4 not counted)."""
+    ignored = (SPARSE_UNLABELLED, SPARSE_EDGE) if sparse_edge == "ignore" else (SPARSE_UNLABELLED,)
+    return array == SPARSE_FOREGROUND, ~np.isin(array, ignored)

@@ -259,3 +259,13 @@ def test_a_killed_runs_partial_pack_is_removed_and_nothing_else(pack, tiny, tmp_
     other.mkdir()
     assert run_pack(pack, tiny, out) == 0
     assert not killed.exists() and other.is_dir() and (out / "pack.json").is_file()
+
+
+def test_a_label_that_training_refuses_is_refused_not_packed_as_binary(pack, tiny, tmp_path, capsys):
+    # Was: packed as != 0, so the packed copy of a {0, 1, 2} label (a sparse one undeclared) passed
+    # training's binary check on the GPU machine, 1 = background trained as foreground.
+    label = tiny["data"] / "cells" / "labels" / "a.tif"
+    write_volume(np.pad(np.ones((8, 16, 8), np.uint8), ((0, 0), (0, 0), (0, 8)), constant_values=2), label)
+    assert run_pack(pack, tiny, tmp_path / "pack") != 0
+    assert "a.tif: label values {1, 2} are not binary" in capsys.readouterr().err
+    assert not (tmp_path / "pack").exists()

@@ -67,3 +67,44 @@ def test_a_volume_is_found_by_its_name_not_by_a_prefix(tmp_path):
     assert image_path_of(tmp_path, "c.d") == tmp_path / "c.d.tif"
     with pytest.raises(SystemExit, match=r"no volume named 'c'$"):
         image_path_of(tmp_path, "c")
+
+
+def _pair(folder, label):
+    import numpy as np
+    from lsmseg import io
+
+    io.write_volume(np.random.default_rng(0).integers(0, 100, label.shape, dtype=np.uint16), folder / "images" / "vol_1.tif")
+    io.write_volume(label, folder / "labels" / "vol_1.tif")
+
+
+def test_a_sparse_label_is_refused_not_scored_with_background_as_foreground(folders, tiny_weights):
+    # Was: read as != 0, so TRAILMAP's 1 = background scored as foreground, and a Dice printed.
+    import numpy as np
+
+    label = np.zeros((16, 32, 32), np.uint8)
+    label[8] = 1
+    label[8, 10:14, 10:14] = 2
+    _pair(folders, label)
+    with pytest.raises(SystemExit, match=r"^ERROR: .*labels/vol_1\.tif: compare scores binary labels only .*lsmseg evaluate --label-scheme sparse$"):
+        main(["--weights", str(tiny_weights), "--images", str(folders / "images"), "--labels",
+              str(folders / "labels"), "--names", "vol_1"])
+
+
+def test_the_real_trailmap_label_is_refused(tmp_path, real_data):
+    from lsmseg_training.compare import read_label
+
+    (tmp_path / "volume.tif").symlink_to(real_data / "trailmap" / "sparse_label.tif")
+    with pytest.raises(Exception, match=r"volume\.tif: compare scores binary labels only"):
+        read_label(tmp_path, real_data / "trailmap" / "volume.tif")
+
+
+def test_a_binary_label_of_any_one_value_is_foreground(folders):
+    # vesselNN's santos2015 label is 0/254 (the module's own example names it).
+    import numpy as np
+
+    from lsmseg_training.compare import read_label
+
+    label = np.zeros((4, 8, 8), np.uint16)
+    label[1, 2:4, 2:4] = 254
+    _pair(folders, label)
+    assert (read_label(folders / "labels", folders / "images" / "vol_1.tif") == (label != 0)).all()

@@ -188,3 +188,57 @@ def test_init_refuses_another_architecture(tmp_path, tiny_model_config, tiny_mod
     other = dataclasses.replace(tiny_model_config, feature_size=24)
     with pytest.raises(WeightsError, match="another architecture \\(feature_size 12 there, 24 in the config\\)"):
         load_full_model(build_model(other), manifest, other)
+
+
+def _every_sparse_value(folder, extra=None):
+    """A tiny sparse label holding each of TRAILMAP's values (and ``extra``, when given) on one plane."""
+    shape = (8, 16, 16)
+    label = np.zeros(shape, np.uint8)
+    label[4] = 1  # background
+    label[4, 2:6, 2:6] = 2  # axon
+    label[4, 10:14, 10:14] = 3  # artifact: a bright non-axon, which TRAILMAP's loss counts as background
+    label[4, 0, 0:4] = 4  # edge: unlabelled
+    if extra is not None:
+        label[4, 15, 15] = extra
+    io.write_volume(np.random.default_rng(0).integers(0, 100, shape, dtype=np.uint16), folder / "volume.tif")
+    io.write_volume(label, folder / "sparse_label.tif")
+    return VolumeSet(images=folder / "volume.tif", labels=folder / "sparse_label.tif", label_mode="sparse"), label
+
+
+def _training_reading(volume_set, shape):
+    """Training's (foreground, valid) of a whole sparse label, from one patch covering it, and its record."""
+    (record,) = prepare_volumes(DataConfig(train=[volume_set]), "train", need_labels=True, where="cfg")
+    _, patch = read_patch(record, VolumeCache(64), (0, 0, 0), shape, np.random.default_rng(0))
+    return patch == 1, patch != IGNORE, record
+
+
+def test_training_reads_a_sparse_label_as_evaluation_scores_it(tmp_path):
+    # Was: artifact voxels (3) left out of the loss, where evaluation scores them as background.
+    from lsmseg_evaluation.labels import label_masks
+
+    volume_set, label = _every_sparse_value(tmp_path)
+    foreground, valid, record = _training_reading(volume_set, label.shape)
+    expected_foreground, expected_valid = label_masks(label, "sparse_label.tif", "sparse")
+    assert (valid == expected_valid).all() and (foreground == expected_foreground).all()
+    assert valid[4, 10:14, 10:14].all() and not foreground[4, 10:14, 10:14].any()  # artifact: background
+    assert record.foreground_fraction == pytest.approx(16 / (16 * 16 - 4))
+
+
+def test_a_sparse_value_of_unknown_meaning_is_refused(tmp_path):
+    # Was: silently unlabelled in training, refused by evaluation.
+    volume_set, _ = _every_sparse_value(tmp_path, extra=5)
+    with pytest.raises(InputError, match=r"sparse_label\.tif: sparse label has values \[0, 1, 2, 3, 4, 5\]"):
+        prepare_volumes(DataConfig(train=[volume_set]), "train", need_labels=True, where="cfg")
+
+
+def test_training_reads_the_real_trailmap_label_as_evaluation_scores_it(real_data):
+    from lsmseg_evaluation.labels import label_masks
+
+    path = real_data / "trailmap" / "sparse_label.tif"
+    label = io.read_volume(path).load()
+    volume_set = VolumeSet(images=real_data / "trailmap" / "volume.tif", labels=path, label_mode="sparse")
+    foreground, valid, record = _training_reading(volume_set, label.shape)
+    expected_foreground, expected_valid = label_masks(label, path, "sparse")
+    assert (valid == expected_valid).all() and (foreground == expected_foreground).all()
+    assert set(np.flatnonzero(valid.any(axis=(1, 2)))) == {17, 48, 77}  # the README's labelled planes
+    assert record.foreground_fraction == pytest.approx(expected_foreground[expected_valid].mean())

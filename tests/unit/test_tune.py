@@ -306,3 +306,18 @@ def test_input_scale_flag_out_of_range_is_a_usage_error_before_any_work(tmp_path
     with pytest.raises(SystemExit) as exc:
         main(["-c", str(tmp_path / "missing.yaml"), "--weights", str(tmp_path), "--input-scale", "0"])
     assert exc.value.code == 2 and "--input-scale 0 must lie within 0.25-4" in capsys.readouterr().err
+
+
+def test_tune_refuses_a_validation_label_that_fine_tuning_refuses(tmp_path, tiny_model_config, tiny_model):
+    # Was: read as != 0 (a sparse TRAILMAP label's background scored as foreground), where fine-tuning's
+    # validation refuses a label_values: binary set whose label is not binary.
+    from lsmseg import io
+    from lsmseg.errors import InputError
+    from lsmseg_training.tune import tune
+
+    config = _validation_config(tmp_path)
+    label = io.read_volume(tmp_path / "data" / "labels" / "cells_1.tif").load()
+    io.write_volume((label + 1).astype(np.uint8), tmp_path / "data" / "labels" / "cells_1.tif")  # 1 / 2
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+    with pytest.raises(InputError, match=r"cells_1\.tif: label values \{1, 2\} are not binary"):
+        tune(config, manifest, thresholds=(0.5,), min_components=(0,), splits=(0.0,), floors=())

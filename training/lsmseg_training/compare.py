@@ -38,6 +38,22 @@ def smoothed_otsu(image: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     return smooth > threshold_otsu(smooth)
 
 
+def read_label(labels: Path, image_path: Path) -> np.ndarray:
+    """The label of ``image_path`` (same file name in ``labels``) as a foreground mask, read as
+    ``lsmseg evaluate`` reads a binary label: 0 and one other value; a sparse (TRAILMAP) or
+    multi-valued label is refused, never scored with its every labelled voxel as foreground."""
+    from lsmseg.errors import InputError
+    from lsmseg.io import read_volume
+    from lsmseg_evaluation.labels import distinct_values, label_masks
+
+    path = Path(labels) / image_path.name
+    array = read_volume(path).load()
+    if len([v for v in distinct_values(array) if v != 0]) > 1:  # evaluate's own message names its options
+        raise InputError(path, "compare scores binary labels only (0 and one other value); score a sparse "
+                         "(TRAILMAP) label with lsmseg evaluate --label-scheme sparse")
+    return label_masks(array, path)[0]
+
+
 def dice(prediction: np.ndarray, label: np.ndarray) -> float:
     from .finetune import dice_scores
 
@@ -106,7 +122,7 @@ def weights_vs_otsu(weights: Path, images: Path, labels: Path, names: list[str],
     for name in names:
         image_path = image_path_of(images, name)
         volume = read_volume(image_path)
-        label = read_volume(Path(labels) / image_path.name).load() != 0
+        label = read_label(labels, image_path)
         image = volume.load()
         mask = predictor.predict_volume(image, volume.spacing, name=name)
         # The threshold this volume was cut at: its structure's, where its name carries one.
@@ -138,7 +154,7 @@ def evaluate_run(run: Path, images: Path, labels: Path, names: list[str], thresh
         image_path = image_path_of(images, name)
         volume = read_volume(image_path)
         volumes.append({"name": name, "image": volume.load(), "spacing": volume.spacing,
-                        "label": read_volume(Path(labels) / image_path.name).load() != 0})
+                        "label": read_label(labels, image_path)})
     rows = []
     for which in ("best", "final"):
         if which == "final" and record["final"]["sha256"] == record["best"]["sha256"]:

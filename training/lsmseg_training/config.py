@@ -32,8 +32,9 @@ class VolumeSet:
     label_values: typing.Literal["binary", "nonzero"] = "binary"
     spacing: tuple[float, float, float] | None = None  # (z, y, x) um, for files that do not record it
     weight: float = 1.0  # how often this set is sampled relative to the other sets
-    # "dense": every voxel is labelled. "sparse": only some are (TRAILMAP's convention: 0 unlabelled,
-    # 1 background, 2 foreground, any other value, e.g. 4 = axon edge, unlabelled); the loss counts
+    # "dense": every voxel is labelled. "sparse": only some are (TRAILMAP's convention, read as
+    # lsmseg evaluate --label-scheme sparse reads it: 0 unlabelled, 1 background, 2 foreground,
+    # 3 artifact = background, 4 axon edge = unlabelled; other values refused); the loss counts
     # labelled voxels only and patches are centred on labelled voxels.
     label_mode: typing.Literal["dense", "sparse"] = "dense"
     # Regular expression whose first group is a volume's source (scan, animal, study) from its name,

@@ -34,14 +34,15 @@ from lsmseg.errors import ConfigError, InputError
 from lsmseg.io import expand_inputs, read_volume, volume_name
 from lsmseg.io.atomic import write_text
 from lsmseg.normalise import normalise, percentiles
+from lsmseg_evaluation.labels import check_sparse_values, distinct_values, sparse_masks
 
 from .config import DataConfig, MaskingConfig, PhantomSet, VolumeSet
 
 logger = logging.getLogger(__name__)
 
 # Patch label values: 0 background, 1 foreground, IGNORE unlabelled (sparse sets; the loss skips it).
+# Sparse (TRAILMAP) labels are read as evaluation reads them: lsmseg_evaluation.labels.sparse_masks.
 IGNORE = 2
-SPARSE_BACKGROUND, SPARSE_FOREGROUND = 1, 2  # TRAILMAP's convention; 0 and other values are unlabelled
 MAX_FOREGROUND_SAMPLES = 200_000  # foreground positions kept per volume for balanced sampling
 SCAN_VOXELS = 32 * 1024 * 1024  # voxels per chunk when scanning a label
 
@@ -265,6 +266,27 @@ def _z_chunks(data) -> Iterator[tuple[int, np.ndarray]]:
         yield z0, np.asarray(data[z0 : z0 + step])
 
 
+def _refuse_non_binary(values: set, label_path: Path) -> None:
+    """A dense set's ``label_values: binary``: {0, 1} or {0, 255}, anything else a probable mistake."""
+    if not (values <= {0, 1} or values <= {0, 255}):
+        shown = ", ".join(str(v) for v in sorted(values)[:6])
+        raise InputError(
+            label_path,
+            f"label values {{{shown}}} are not binary {{0, 1}} or {{0, 255}}; fix the label, set "
+            "label_values: nonzero for this set if any non-zero value means foreground, or "
+            "label_mode: sparse if it labels only some voxels (0 unlabelled, 1 background, 2 foreground)",
+        )
+
+
+def dense_label(label_path: Path, label_values: str = "binary") -> np.ndarray:
+    """A dense set's label, loaded whole, as a foreground mask; its values checked as
+    :func:`prepare_volumes` checks them (validation and tuning read labels through this)."""
+    array = read_volume(label_path).load()
+    if label_values == "binary":
+        _refuse_non_binary(set(distinct_values(array)), label_path)
+    return array != 0
+
+
 def _scan_label(label_path: Path, data, mode: str, rng: np.random.Generator) -> tuple[np.ndarray, float]:
     """Check a label's values chunk by chunk; return sampled foreground positions and the fraction."""
     shape = tuple(int(s) for s in data.shape)
@@ -274,19 +296,13 @@ def _scan_label(label_path: Path, data, mode: str, rng: np.random.Generator) -> 
     for z0, chunk in _z_chunks(data):
         if mode == "binary" and len(values) <= 3:
             values.update(np.unique(chunk).tolist())
-            if not (values <= {0, 1} or values <= {0, 255}):
-                shown = ", ".join(str(v) for v in sorted(values)[:6])
-                raise InputError(
-                    label_path,
-                    f"label values {{{shown}}} are not binary {{0, 1}} or {{0, 255}}; fix the label, set "
-                    "label_values: nonzero for this set if any non-zero value means foreground, or "
-                    "label_mode: sparse if it labels only some voxels (0 unlabelled, 1 background, 2 foreground)",
-                )
+            _refuse_non_binary(values, label_path)
         if mode == "sparse":
-            count += int(np.count_nonzero(chunk == SPARSE_FOREGROUND))
-            labelled += int(np.count_nonzero(chunk == SPARSE_BACKGROUND))
-            chunk = (chunk == SPARSE_FOREGROUND) | (chunk == SPARSE_BACKGROUND)  # sample labelled positions
-            flat = np.flatnonzero(chunk)
+            check_sparse_values(distinct_values(chunk), label_path)
+            foreground, valid = sparse_masks(chunk)
+            count += int(np.count_nonzero(foreground))
+            labelled += int(np.count_nonzero(valid))
+            flat = np.flatnonzero(valid)  # sample labelled positions
         else:
             flat = np.flatnonzero(chunk)
             count += flat.size
@@ -299,8 +315,9 @@ def _scan_label(label_path: Path, data, mode: str, rng: np.random.Generator) -> 
     fg = np.concatenate(positions) if positions else np.zeros((0, 3), np.int32)
     if mode == "sparse":
         if not len(fg):
-            raise InputError(label_path, f"sparse label has no voxel of value {SPARSE_BACKGROUND} or {SPARSE_FOREGROUND}")
-        return fg, count / max(1, count + labelled)  # foreground share of the labelled voxels
+            raise InputError(label_path, "sparse label has no labelled voxels (no 1 background, 2 foreground "
+                             "or 3 artifact)")
+        return fg, count / labelled  # foreground share of the labelled voxels
     return fg, count / math.prod(shape)
 
 
@@ -493,10 +510,8 @@ def read_patch(
     if record.label is not None:
         raw = np.asarray(cache.get(record.label, record.nbytes)[native])
         if record.sparse:
-            coded = np.full(raw.shape, IGNORE, np.float32)
-            coded[raw == SPARSE_BACKGROUND] = 0
-            coded[raw == SPARSE_FOREGROUND] = 1
-            label = on_grid(coded, nearest=True)
+            foreground, valid = sparse_masks(raw)
+            label = on_grid(np.where(valid, foreground, IGNORE).astype(np.float32), nearest=True)
         else:
             label = (on_grid((raw != 0).astype(np.float32)) >= 0.5).astype(np.float32)
     if extent != list(roi):

@@ -103,7 +103,7 @@ def load_validation(records: list[VolumeRecord]) -> list[dict]:
     volumes = []
     for record in records:
         image = read_volume(record.image).load()
-        label = read_volume(record.label).load() != 0
+        label = read_volume(record.label).load() != 0  # values checked by prepare_volumes (data._scan_label)
         volumes.append({"name": record.name, "image": image, "label": label, "spacing": record.spacing})
     return volumes
 

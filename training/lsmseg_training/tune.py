@@ -70,6 +70,7 @@ def validation_volumes(config, structures=None) -> list[dict]:
             continue
         for name, path, label in set_volumes(volume_set, f"data.validation[{index}]"):
             volumes.append({"name": name, "structure": volume_set.structure, "image": path, "label": label,
+                            "label_values": volume_set.label_values,
                             "spacing": tuple(volume_set.spacing) if volume_set.spacing else None})
     return volumes
 
@@ -112,7 +113,7 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     from lsmseg.inference import Predictor, RunOptions
     from lsmseg.structures import category_of
 
-    from .data import check_splits
+    from .data import check_splits, dense_label
 
     where = where or config.name
     check_splits(config.data, where)  # validation volumes that are also training or test ones would flatter
@@ -128,7 +129,8 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     predict_seconds = dict.fromkeys(mirrors, 0.0)
     for volume in volumes:
         image = read_volume(volume["image"]).load()
-        volume["truth"] = read_volume(volume["label"]).load() != 0
+        # Read and checked as fine-tuning's validation reads it (a label_values: binary set must be binary).
+        volume["truth"] = dense_label(volume["label"], volume["label_values"])
         normalised = predictor.normalised(image, volume["name"])  # once: the network's input and the floors'
         volume["intensity"] = normalised if floors else None
         volume["logits"] = {}
