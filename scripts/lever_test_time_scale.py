@@ -20,7 +20,9 @@ import json
 import logging
 from pathlib import Path
 
+from lsmseg.config import INPUT_SCALE_RANGE
 from lsmseg.io import write_json
+from lsmseg.structures import known_structure
 from lsmseg_training.config import FinetuneConfig, load_run_config
 from lsmseg_training.tune import tune
 
@@ -33,10 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 1.25, 1.5])
     parser.add_argument("--out", type=Path, required=True, help="JSON with every grid")
     args = parser.parse_args(argv)
+    low, high = INPUT_SCALE_RANGE
+    for scale in args.scales:  # now, not when tune reaches that scale after the others' runs
+        if not low <= scale <= high:
+            parser.error(f"--scales {scale:g} must lie within {low:g}-{high:g}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_run_config(FinetuneConfig, args.config)
     result = {"scales": args.scales, "by_structure": {}}
     for structure in args.structures:
+        structure = known_structure(structure) or structure  # tune keys its grids by the name, not an alias
         runs = {}
         for scale in args.scales:
             runs[str(scale)] = tune(config, args.weights, structures=[structure], where=str(args.config),
