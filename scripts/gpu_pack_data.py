@@ -60,7 +60,7 @@ from lsmseg.io.atomic import atomic_output, sweep_partials  # noqa: E402
 from lsmseg.normalise import normalise, percentiles  # noqa: E402
 from lsmseg.realdata import real_data_root  # noqa: E402
 from lsmseg_training.config import FinetuneConfig, load_run_config  # noqa: E402
-from lsmseg_training.data import check_splits, dense_label, set_volumes, source_of  # noqa: E402
+from lsmseg_training.data import check_splits, dense_label, set_volumes, source_of, sparse_label  # noqa: E402
 
 SPLITS = ("train", "validation")
 DEVICE_TREE_LIMIT = 64 * 2**20  # what one device call carries: tracked + untracked files + carried paths
@@ -149,8 +149,8 @@ def pack_real(config, out: Path, budget: int) -> tuple[list[dict], list[dict]]:
         image = read_volume(item["image"])
         stored, quantisation = as_stored(image.load(), config.data.lower_percentile,
                                          config.data.upper_percentile, config.data.upper_tail)
-        # Dense labels checked as training checks them: the packed 0/1 copy would pass any check.
-        label = (read_volume(item["label"]).load().astype(np.uint8) if volume_set.label_mode == "sparse"
+        # Labels checked as training checks them: the packed uint8 copy would pass any check.
+        label = (sparse_label(item["label"]) if volume_set.label_mode == "sparse"
                  else dense_label(item["label"], volume_set.label_values).astype(np.uint8))
         blobs = {"images": encoded(stored, image.spacing), "labels": encoded(label, image.spacing)}
         size = sum(len(b) for b in blobs.values())

@@ -38,6 +38,7 @@ def predict(manifest: Path, out: Path) -> None:
     from lsmseg.inference import Predictor, RunOptions
     from lsmseg.io import read_volume
     from lsmseg_training.config import FinetuneConfig, load_run_config
+    from lsmseg_training.data import dense_label
     from lsmseg_training.tune import validation_volumes
 
     torch.set_num_threads(1)  # it ran beside two training runs
@@ -49,7 +50,7 @@ def predict(manifest: Path, out: Path) -> None:
         start = time.time()
         logits = predictor.predict_logits(read_volume(volume["image"]).load(), volume["spacing"], name=volume["name"])
         np.savez_compressed(out / f"{volume['structure']}__{volume['name']}.npz", logits=logits.astype(np.float16),
-                            truth=read_volume(volume["label"]).load() != 0)
+                            truth=dense_label(volume["label"], volume["label_values"]))
         print(volume["name"], volume["structure"], logits.shape, round(time.time() - start, 1), flush=True)
 
 

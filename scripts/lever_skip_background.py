@@ -21,6 +21,7 @@ import json
 import logging
 from pathlib import Path
 
+from lsmseg.errors import LsmsegError
 from lsmseg.io import write_json
 from lsmseg_training.config import FinetuneConfig, load_run_config
 from lsmseg_training.tune import MIRROR_ALL, tune
@@ -35,12 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSON with both grids")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = load_run_config(FinetuneConfig, args.config)
     mirrors = ((), MIRROR_ALL) if args.mirror else ((),)
     result = {}
-    for label, skip in (("skip_dark_windows", True), ("every_window", False)):
-        result[label] = tune(config, args.weights, mirrors=mirrors, structures=args.structures,
-                             where=str(args.config), skip_background=skip)
+    try:  # a bad config, split or manifest: one line naming its file, as tune's own command says it
+        config = load_run_config(FinetuneConfig, args.config)
+        for label, skip in (("skip_dark_windows", True), ("every_window", False)):
+            result[label] = tune(config, args.weights, mirrors=mirrors, structures=args.structures,
+                                 where=str(args.config), skip_background=skip)
+    except LsmsegError as exc:
+        raise SystemExit(f"ERROR: {exc}") from None
     result["best_side_by_side"] = {
         structure: {label: result[label]["validation"][structure]["best"] for label in ("skip_dark_windows", "every_window")}
         for structure in result["skip_dark_windows"]["validation"]}

@@ -20,7 +20,8 @@ import json
 import logging
 from pathlib import Path
 
-from lsmseg.config import INPUT_SCALE_RANGE
+from lsmseg.argtypes import input_scale
+from lsmseg.errors import LsmsegError
 from lsmseg.io import write_json
 from lsmseg.structures import known_structure
 from lsmseg_training.config import FinetuneConfig, load_run_config
@@ -32,27 +33,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config", type=Path, required=True, help="fine-tuning config (its data.validation)")
     parser.add_argument("--weights", type=Path, required=True, help="weights manifest or folder")
     parser.add_argument("--structures", nargs="+", default=["cfos_neuron"], metavar="STRUCTURE")
-    parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 1.25, 1.5])
+    parser.add_argument("--scales", nargs="+", type=input_scale, default=[1.0, 1.25, 1.5])  # checked before any run
     parser.add_argument("--out", type=Path, required=True, help="JSON with every grid")
     args = parser.parse_args(argv)
-    low, high = INPUT_SCALE_RANGE
-    for scale in args.scales:  # now, not when tune reaches that scale after the others' runs
-        if not low <= scale <= high:
-            parser.error(f"--scales {scale:g} must lie within {low:g}-{high:g}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = load_run_config(FinetuneConfig, args.config)
     result = {"scales": args.scales, "by_structure": {}}
-    for structure in args.structures:
-        structure = known_structure(structure) or structure  # tune keys its grids by the name, not an alias
-        runs = {}
-        for scale in args.scales:
-            runs[str(scale)] = tune(config, args.weights, structures=[structure], where=str(args.config),
-                                    settings={"input_scale": scale})
-            best = runs[str(scale)]["validation"][structure]["best"]
-            logging.info("%s at scale %s: best %s", structure, scale, best)
-        result["by_structure"][structure] = {
-            "best_by_scale": {scale: run["validation"][structure]["best"] for scale, run in runs.items()},
-            "runs": runs}
+    try:  # a bad config, split or manifest: one line naming its file, as tune's own command says it
+        config = load_run_config(FinetuneConfig, args.config)
+        for structure in args.structures:
+            structure = known_structure(structure) or structure  # tune keys its grids by the name, not an alias
+            runs = {}
+            for scale in args.scales:
+                runs[str(scale)] = tune(config, args.weights, structures=[structure], where=str(args.config),
+                                        settings={"input_scale": scale})
+                best = runs[str(scale)]["validation"][structure]["best"]
+                logging.info("%s at scale %s: best %s", structure, scale, best)
+            result["by_structure"][structure] = {
+                "best_by_scale": {scale: run["validation"][structure]["best"] for scale, run in runs.items()},
+                "runs": runs}
+    except LsmsegError as exc:
+        raise SystemExit(f"ERROR: {exc}") from None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(result, args.out)
     print(json.dumps({s: r["best_by_scale"] for s, r in result["by_structure"].items()}, indent=1))

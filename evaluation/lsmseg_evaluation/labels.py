@@ -89,7 +89,8 @@ def label_masks(
     check_sparse_values(values, path)
     foreground, valid = sparse_masks(array, sparse_edge)
     if not valid.any():
-        raise InputError(path, "sparse label has no labelled voxels (all 0 = unlabelled)")
+        ignored = "0 = unlabelled and 4 = edge, ignored" if sparse_edge == "ignore" else "0 = unlabelled"
+        raise InputError(path, f"sparse label has no labelled voxels (only {ignored})")
     return foreground, valid
 
 

@@ -119,6 +119,18 @@ def positive(text: str) -> float:
     return value
 
 
+def input_scale(text: str) -> float:
+    """An argparse type: a test-time input scale (``InferenceSettings.input_scale``) within
+    :data:`lsmseg.config.INPUT_SCALE_RANGE`."""
+    from .config import INPUT_SCALE_RANGE
+
+    value = _number(text)
+    low, high = INPUT_SCALE_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"input scale {text} must lie within {low:g}-{high:g}")
+    return value
+
+
 def non_negative(text: str) -> float:
     """An argparse type: a finite number >= 0."""
     value = _number(text)

@@ -127,4 +127,4 @@ def test_input_scale_option_overrides_every_structure_and_is_checked(tmp_path, w
     assert masks["1"].shape == masks["1.5"].shape == (24, 64, 64)
     assert not np.array_equal(masks["1"], masks["1.5"])
     refused = lsmseg("predict", images, "-o", tmp_path / "x", "--weights", weights, "--input-scale", "9")
-    assert refused.returncode == 2 and "input_scale 9.0 must lie within 0.25-4" in refused.stderr
+    assert refused.returncode == 2 and "argument --input-scale: input scale 9 must lie within 0.25-4" in refused.stderr

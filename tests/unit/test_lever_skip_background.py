@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lsmseg.io import write_volume
 from lsmseg.synth.phantom import make_phantom, write_phantom
@@ -93,3 +94,9 @@ def test_mirror_asks_each_way_for_both_mirrorings(tmp_path, monkeypatch):
     assert asked == [(((), MIRROR_ALL), True), (((), MIRROR_ALL), False)]
     assert json.loads(out.read_text())["best_side_by_side"] == {"blood_vessel": {"skip_dark_windows": {"score": 0.5},
                                                                                  "every_window": {"score": 0.25}}}
+
+
+def test_a_bad_config_is_one_line_naming_it(tmp_path):
+    script = load_script("lever_skip_background")
+    with pytest.raises(SystemExit, match=r"^ERROR: .*missing\.yaml: config file not found$"):
+        script.main(["-c", str(tmp_path / "missing.yaml"), "--weights", str(tmp_path), "--out", str(tmp_path / "o.json")])

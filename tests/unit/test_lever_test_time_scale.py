@@ -68,4 +68,4 @@ def test_a_scale_out_of_range_is_a_usage_error_before_any_work(script, tmp_path,
     with pytest.raises(SystemExit) as exc:
         script.main(["-c", str(tmp_path / "missing.yaml"), "--weights", str(tmp_path), "--scales", "1.0", "5",
                      "--out", str(tmp_path / "f.json")])
-    assert exc.value.code == 2 and "--scales 5 must lie within 0.25-4" in capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --scales: input scale 5 must lie within 0.25-4" in capsys.readouterr().err

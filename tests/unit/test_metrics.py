@@ -263,8 +263,10 @@ def test_label_schemes():
     assert valid.tolist() == [[[False, True, True, True, True]]]
     with pytest.raises(InputError, match="sparse label has values"):
         label_masks(np.array([0, 7], np.uint8).reshape(1, 1, 2), "x.tif", "sparse")
-    with pytest.raises(InputError, match="no labelled voxels"):
-        label_masks(np.zeros((1, 1, 2), np.uint8), "x.tif", "sparse")
+    with pytest.raises(InputError, match=r"no labelled voxels \(only 0 = unlabelled\)"):
+        label_masks(np.zeros((1, 1, 2), np.uint8), "x.tif", "sparse", sparse_edge="background")
+    with pytest.raises(InputError, match=r"no labelled voxels \(only 0 = unlabelled and 4 = edge, ignored\)"):
+        label_masks(np.array([0, 4], np.uint8).reshape(1, 1, 2), "x.tif", "sparse")  # was: "all 0"
 
 
 def test_prediction_must_be_binary():

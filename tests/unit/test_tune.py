@@ -305,7 +305,7 @@ def test_input_scale_flag_out_of_range_is_a_usage_error_before_any_work(tmp_path
 
     with pytest.raises(SystemExit) as exc:
         main(["-c", str(tmp_path / "missing.yaml"), "--weights", str(tmp_path), "--input-scale", "0"])
-    assert exc.value.code == 2 and "--input-scale 0 must lie within 0.25-4" in capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --input-scale: input scale 0 must lie within 0.25-4" in capsys.readouterr().err
 
 
 def test_tune_refuses_a_validation_label_that_fine_tuning_refuses(tmp_path, tiny_model_config, tiny_model):

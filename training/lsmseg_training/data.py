@@ -280,11 +280,20 @@ def _refuse_non_binary(values: set, label_path: Path) -> None:
 
 def dense_label(label_path: Path, label_values: str = "binary") -> np.ndarray:
     """A dense set's label, loaded whole, as a foreground mask; its values checked as
-    :func:`prepare_volumes` checks them (validation and tuning read labels through this)."""
+    :func:`prepare_volumes` checks them (tuning and the lever scripts read labels through this;
+    fine-tuning's validation reads volumes that :func:`prepare_volumes` checked already)."""
     array = read_volume(label_path).load()
     if label_values == "binary":
         _refuse_non_binary(set(distinct_values(array)), label_path)
     return array != 0
+
+
+def sparse_label(label_path: Path) -> np.ndarray:
+    """A sparse set's label, loaded whole as uint8, its values checked as training checks them
+    (:func:`lsmseg_evaluation.labels.check_sparse_values`): a copy that casts first would hide them."""
+    array = read_volume(label_path).load()
+    check_sparse_values(distinct_values(array), label_path)
+    return array.astype(np.uint8)
 
 
 def _scan_label(label_path: Path, data, mode: str, rng: np.random.Generator) -> tuple[np.ndarray, float]:

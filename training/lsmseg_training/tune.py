@@ -276,7 +276,7 @@ def write_choices(manifest_path: Path, result: dict) -> Path:
 
 
 def main(argv=None) -> int:
-    from lsmseg.config import INPUT_SCALE_RANGE
+    from lsmseg.argtypes import input_scale
     from lsmseg.errors import LsmsegError
 
     from .config import FinetuneConfig, load_run_config
@@ -295,16 +295,13 @@ def main(argv=None) -> int:
     parser.add_argument("--floors", type=float, nargs="*", default=list(FLOORS), metavar="X",
                         help=f"intensity floors of the second stage (default: {' '.join(map(str, FLOORS))}; "
                              "none given: no second stage, the grid of before 2026-12-03)")
-    parser.add_argument("--input-scale", type=float, default=1.0, metavar="X",
+    parser.add_argument("--input-scale", type=input_scale, default=1.0, metavar="X",
                         help="predict every volume resampled by X per axis (test-time rescaling, "
                              "InferenceSettings.input_scale); the choices written carry it (default: 1)")
     parser.add_argument("--structures", nargs="+", metavar="STRUCTURE",
                         help="tune only these structures' validation volumes; with --write, the others keep "
                              "the manifest's settings (default: every structure of the config)")
     args = parser.parse_args(argv)
-    low, high = INPUT_SCALE_RANGE
-    if not low <= args.input_scale <= high:
-        parser.error(f"--input-scale {args.input_scale:g} must lie within {low:g}-{high:g}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:  # a bad config, split or manifest: one line naming its file (exit 1), not a traceback
         config = load_run_config(FinetuneConfig, args.config)
