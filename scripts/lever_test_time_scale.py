@@ -3,9 +3,9 @@
 At the shipped settings 255 of c-Fos validation brain 1147's 646 labelled cells are missed, most
 with cores under 10 voxels (training/README.md, lever table, "growing c-Fos's small components").
 The model trained with zoom augmentation (0.8-1.25), so it has seen objects up to 1.25x larger than
-the data holds. This predicts the validation volumes resampled by ``scale`` per axis
-(``InferenceSettings.input_scale``: trilinear, the logits resampled back to the volume's grid), tunes the grid at each scale, and writes
-every scale's best row (``tune --input-scale X`` does one scale):
+the data holds. This predicts the validation volumes resampled by ``scale`` per axis, or by three
+factors ``Z,Y,X`` (``InferenceSettings.input_scale``: trilinear, the logits resampled back to the volume's grid), tunes the grid at each scale, and writes
+every scale's best row, keyed by the scale (``1.5``, ``1.5,1.0,1.0``; ``tune --input-scale X`` does one scale):
 
     python scripts/lever_test_time_scale.py -c training/configs/general_finetune_real_logtail.yaml \\
         --weights weights --structures cfos_neuron --scales 1.0 1.25 1.5 --out F.json
@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 
 from lsmseg.argtypes import input_scale
+from lsmseg.config import input_scale_text, plain
 from lsmseg.errors import LsmsegError
 from lsmseg.io import write_json
 from lsmseg.structures import known_structure
@@ -33,21 +34,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config", type=Path, required=True, help="fine-tuning config (its data.validation)")
     parser.add_argument("--weights", type=Path, required=True, help="weights manifest or folder")
     parser.add_argument("--structures", nargs="+", default=["cfos_neuron"], metavar="STRUCTURE")
-    parser.add_argument("--scales", nargs="+", type=input_scale, default=[1.0, 1.25, 1.5])  # checked before any run
+    parser.add_argument("--scales", nargs="+", type=input_scale, default=[1.0, 1.25, 1.5],  # checked before any run
+                        metavar="X|Z,Y,X", help="one run per value: a factor for every axis, or three (z, y, x)")
     parser.add_argument("--out", type=Path, required=True, help="JSON with every grid")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = {"scales": args.scales, "by_structure": {}}
+    result = {"scales": plain(args.scales), "by_structure": {}}
     try:  # a bad config, split or manifest: one line naming its file, as tune's own command says it
         config = load_run_config(FinetuneConfig, args.config)
         for structure in args.structures:
             structure = known_structure(structure) or structure  # tune keys its grids by the name, not an alias
             runs = {}
             for scale in args.scales:
-                runs[str(scale)] = tune(config, args.weights, structures=[structure], where=str(args.config),
-                                        settings={"input_scale": scale})
-                best = runs[str(scale)]["validation"][structure]["best"]
-                logging.info("%s at scale %s: best %s", structure, scale, best)
+                key = input_scale_text(scale)  # a readable JSON key: "1.5", "1.5,1.0,1.0"
+                runs[key] = tune(config, args.weights, structures=[structure], where=str(args.config),
+                                 settings={"input_scale": scale})
+                best = runs[key]["validation"][structure]["best"]
+                logging.info("%s at scale %s: best %s", structure, key, best)
             result["by_structure"][structure] = {
                 "best_by_scale": {scale: run["validation"][structure]["best"] for scale, run in runs.items()},
                 "runs": runs}

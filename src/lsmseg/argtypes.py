@@ -119,16 +119,21 @@ def positive(text: str) -> float:
     return value
 
 
-def input_scale(text: str) -> float:
-    """An argparse type: a test-time input scale (``InferenceSettings.input_scale``) within
-    :data:`lsmseg.config.INPUT_SCALE_RANGE`."""
-    from .config import INPUT_SCALE_RANGE
+def input_scale(text: str) -> float | tuple[float, float, float]:
+    """An argparse type: a test-time input scale (``InferenceSettings.input_scale``), one factor
+    ``X`` or three ``Z,Y,X`` (or ``ZxYxX``), each within :data:`lsmseg.config.INPUT_SCALE_RANGE`."""
+    from .config import checked_input_scale
 
-    value = _number(text)
-    low, high = INPUT_SCALE_RANGE
-    if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"input scale {text} must lie within {low:g}-{high:g}")
-    return value
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        factors = [float(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number X or three Z,Y,X, got {text!r}") from None
+    try:
+        return checked_input_scale(factors[0] if len(factors) == 1 else factors, what="input scale",
+                                   written=text.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def non_negative(text: str) -> float:

@@ -68,10 +68,10 @@ def add_predict_command(subparsers) -> None:
     p.add_argument("--intensity-floor", type=argtypes.non_negative, metavar="X",
                    help="never mark voxels whose normalised intensity is below X (1 = the volume's 99.5th percentile, "
                    "1 + ln x above it; default: the manifest's, per structure; 0 turns it off)")
-    p.add_argument("--input-scale", type=argtypes.input_scale, metavar="X",
-                   help="resample every volume by X per axis before the network, and the logits back (test-time "
-                   "rescaling; the volume is then predicted in memory; default: the manifest's, per structure; "
-                   "1: the volume's own grid)")
+    p.add_argument("--input-scale", type=argtypes.input_scale, metavar="X|Z,Y,X",
+                   help="resample every volume by X per axis, or by Z,Y,X (one factor per axis), before the network, "
+                   "and the logits back (test-time rescaling; the volume is then predicted in memory; default: the "
+                   "manifest's, per structure; 1: the volume's own grid)")
     p.add_argument("--overlap", type=argtypes.fraction,
                    help="window overlap as a fraction in [0, 1) (default: the manifest's)")
     p.add_argument("--batch-size", type=argtypes.positive_int, dest="sw_batch_size", metavar="N",

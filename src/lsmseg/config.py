@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,20 +124,21 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     return obj
 
 
+def plain(value):
+    """A value as plain YAML- and JSON-friendly data (dataclasses become mappings, tuples lists, paths strings)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 def to_dict(obj) -> dict:
     """A dataclass as plain YAML-friendly data (tuples become lists, paths strings)."""
-
-    def plain(value):
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, Path):
-            return str(value)
-        return value
-
     return plain(obj)
 
 
@@ -188,6 +190,38 @@ PER_STRUCTURE_FIELDS = ("threshold", "min_component_voxels", "split_touching", "
 INPUT_SCALE_RANGE = (0.25, 4.0)
 
 
+def input_scale_factors(scale: float | typing.Sequence[float]) -> tuple[float, float, float]:
+    """An ``input_scale`` (one factor, or three: z, y, x) as its three per-axis factors."""
+    return tuple(float(f) for f in scale) if isinstance(scale, (list, tuple)) else (float(scale),) * 3
+
+
+def input_scale_text(scale: float | typing.Sequence[float]) -> str:
+    """An ``input_scale`` as a command line takes it (logs, JSON keys): ``1.5``, or ``1.5,1.0,1.0`` per axis
+    (z, y, x); each factor as ``str(float)`` writes it: exact, and one scale keyed as earlier records key it (``2.0``)."""
+    return ",".join(str(float(f)) for f in input_scale_factors(scale)) if isinstance(scale, (list, tuple)) \
+        else str(float(scale))
+
+
+def checked_input_scale(value, what: str = "input_scale",
+                        written: str | None = None) -> float | tuple[float, float, float]:
+    """``value`` as :attr:`InferenceSettings.input_scale` holds it: one float, or three (z, y, x) when
+    they differ (three equal factors are one: (1, 1, 1) is the volume's own grid, exactly as 1).
+
+    Raises:
+        ValueError: not one number or three, or a factor outside :data:`INPUT_SCALE_RANGE`; names
+            ``what`` and the value as ``written`` (default: its own text).
+    """
+    factors = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(factors) not in (1, 3) or any(isinstance(f, bool) or not isinstance(f, numbers.Real) for f in factors):
+        raise ValueError(f"{what} {written or repr(value)} must be one number or three (z, y, x)")
+    low, high = INPUT_SCALE_RANGE
+    if not all(low <= f <= high for f in factors):  # NaN fails too
+        raise ValueError(f"{what} {written or input_scale_text(value)} must lie within {low:g}-{high:g}"
+                         + (" (each factor)" if len(factors) == 3 else ""))
+    factors = [float(f) for f in factors]
+    return factors[0] if len(set(factors)) == 1 else tuple(factors)
+
+
 @dataclass
 class InferenceSettings:
     """How a checkpoint is applied: window overlap, blending, threshold, normalisation, spacing, clean-up.
@@ -223,10 +257,11 @@ class InferenceSettings:
     # mark only the brightest voxels (DELiVR's microglia validation and test brains: their median
     # labelled voxel sits at ~2.0), the network's haze around them costs Dice and PQ.
     intensity_floor: float | None = None
-    # Test-time rescaling: the input is resampled by this factor per axis (trilinear, after any
-    # resampling to ``spacing``) before the network, and the logits back to the volume's grid; > 1
-    # enlarges small objects (c-Fos cells with cores of a few voxels). 1: the volume's own grid.
-    input_scale: float = 1.0
+    # Test-time rescaling: the input is resampled by this factor on every axis, or by three (z, y, x:
+    # anisotropic volumes), trilinear, after any resampling to ``spacing``, before the network, and
+    # the logits back to the volume's grid; > 1 enlarges small objects (c-Fos cells with cores of a
+    # few voxels). 1: the volume's own grid. Held as one float when the factors are equal.
+    input_scale: float | tuple[float, float, float] = 1.0
     # Post-processing and mirroring per structure (the 2026 challenge's names, lsmseg.structures),
     # chosen on the validation split: {structure: {threshold, min_component_voxels, split_touching,
     # mirror_axes, intensity_floor, input_scale}}. Used when a case's structure is named or read from its name's prefix; other
@@ -255,9 +290,7 @@ class InferenceSettings:
             raise ValueError(f"spacing {tuple(self.spacing)} must be positive and finite (micrometres per voxel)")
         if not 0.0 <= self.spacing_tolerance < math.inf:
             raise ValueError(f"spacing_tolerance {self.spacing_tolerance} must be a finite number >= 0")
-        low, high = INPUT_SCALE_RANGE
-        if not low <= self.input_scale <= high:  # NaN fails too
-            raise ValueError(f"input_scale {self.input_scale} must lie within {low:g}-{high:g}")
+        self.input_scale = checked_input_scale(self.input_scale)
         if self.intensity_floor is not None and not math.isfinite(self.intensity_floor):
             raise ValueError(f"intensity_floor {self.intensity_floor} must be a finite number (or null: no floor)")
         self.mirror_axes = tuple(int(a) for a in self.mirror_axes)
@@ -309,4 +342,5 @@ def parse_mirror_axes(text: str) -> tuple[int, ...]:
     return tuple(sorted("zyx".index(letter) for letter in text))
 
 
-__all__ = ["ModelConfig", "InferenceSettings", "from_dict", "to_dict", "load_yaml", "parse_mirror_axes"]
+__all__ = ["ModelConfig", "InferenceSettings", "from_dict", "to_dict", "plain", "load_yaml", "parse_mirror_axes",
+           "checked_input_scale", "input_scale_factors", "input_scale_text"]

@@ -92,9 +92,9 @@ def test_empty_input_folder_is_not_an_error(tmp_path, weights):
     assert result.returncode == 0 and "no volumes found" in result.stderr
 
 
-def _masks_by_option(tmp_path, weights, option, values, threshold):
+def _masks_by_option(tmp_path, weights, option, values, threshold, recorded=float):
     """Predict one cells phantom once per value of ``option``: its masks by value (each checked to
-    be recorded in the provenance's postprocess) and the images folder."""
+    be recorded in the provenance's postprocess as ``recorded(value)``) and the images folder."""
     made = lsmseg("phantom", tmp_path / "data", "--kind", "cells", "--shape", "24,64,64", "--seed", "4")
     assert made.returncode == 0, made.stderr
     images = tmp_path / "data" / "images"
@@ -106,7 +106,7 @@ def _masks_by_option(tmp_path, weights, option, values, threshold):
         assert result.returncode == 0, result.stderr
         masks[value] = io.read_volume(out / "cells_4.tif").load()
         provenance = json.loads((out / "cells_4.tif.provenance.json").read_text())
-        assert provenance["postprocess"][option] == float(value)
+        assert provenance["postprocess"][option] == recorded(value)
     return masks, images
 
 
@@ -128,3 +128,16 @@ def test_input_scale_option_overrides_every_structure_and_is_checked(tmp_path, w
     assert not np.array_equal(masks["1"], masks["1.5"])
     refused = lsmseg("predict", images, "-o", tmp_path / "x", "--weights", weights, "--input-scale", "9")
     assert refused.returncode == 2 and "argument --input-scale: input scale 9 must lie within 0.25-4" in refused.stderr
+
+
+def test_input_scale_option_takes_one_factor_per_axis(tmp_path, weights):
+    """--input-scale Z,Y,X rescales each axis by its own factor (recorded as a list); 1,1,1 is the
+    volume's own grid, the same mask as 1; a factor outside the allowed range is one usage line."""
+    recorded = {"1": 1.0, "1,1,1": 1.0, "1.5,1,1": [1.5, 1.0, 1.0], "1.5": 1.5}
+    masks, images = _masks_by_option(tmp_path, weights, "input_scale", tuple(recorded), "0.3", recorded.get)
+    np.testing.assert_array_equal(masks["1,1,1"], masks["1"])
+    assert masks["1.5,1,1"].shape == (24, 64, 64)
+    assert not np.array_equal(masks["1.5,1,1"], masks["1"]) and not np.array_equal(masks["1.5,1,1"], masks["1.5"])
+    refused = lsmseg("predict", images, "-o", tmp_path / "x", "--weights", weights, "--input-scale", "1,1,9")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].endswith(
+        "argument --input-scale: input scale 1,1,9 must lie within 0.25-4 (each factor)")

@@ -63,6 +63,24 @@ def test_each_scale_is_a_tune_run_at_that_scale_on_validation_only(script, tmp_p
     assert json.loads(capsys.readouterr().out) == {"cfos_neuron": cfos["best_by_scale"]}
 
 
+def test_per_axis_scales_are_runs_with_readable_keys(script, tmp_path, tiny_model_config, tiny_model):
+    """``--scales 1.5 1.5,1,1`` is two runs: one factor on every axis, and z only; JSON keys a reader can
+    tell apart, and (1, 1, 1) is scale 1."""
+    config = _config(tmp_path)
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+    out = tmp_path / "scales.json"
+    assert script.main(["-c", str(config), "--weights", str(manifest), "--scales", "1.5", "1.5,1,1", "1x1x1",
+                        "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["scales"] == [1.5, [1.5, 1.0, 1.0], 1.0]
+    runs = result["by_structure"]["cfos_neuron"]["runs"]
+    assert list(runs) == ["1.5", "1.5,1.0,1.0", "1.0"]
+    assert runs["1.5,1.0,1.0"]["per_structure"]["cfos_neuron"]["input_scale"] == [1.5, 1.0, 1.0]
+    grids = {key: [(row["dice"], row["panoptic_quality"]) for row in run["validation"]["cfos_neuron"]["grid"]]
+             for key, run in runs.items()}
+    assert grids["1.5"] != grids["1.5,1.0,1.0"]  # z alone enlarged: a different input
+
+
 def test_a_scale_out_of_range_is_a_usage_error_before_any_work(script, tmp_path, capsys):
     # Was a ValueError traceback when tune reached that scale, after every earlier scale's run.
     with pytest.raises(SystemExit) as exc:

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -196,3 +197,53 @@ def test_input_scale_predicts_a_structures_volumes_on_a_rescaled_grid(tiny_model
     assert result.record["postprocess"]["input_scale"] == 1.5
     with pytest.raises(ConfigError, match="input_scale 0.0 must lie within"):
         InferenceSettings(per_structure={"cfos_neuron": {"input_scale": 0}})
+
+
+def test_a_per_axis_input_scale_rescales_each_axis_by_its_own_factor(tiny_model, tiny_model_config, tmp_path):
+    """Three factors (z, y, x; a manifest's list) resample each axis by its own, e.g. only z of an
+    anisotropic c-Fos volume: the network's grid, the logits, and the provenance's record."""
+    from lsmseg.inference.predictor import _resize
+
+    volume = np.random.default_rng(3).gamma(2.0, 300.0, (20, 40, 48)).astype(np.uint16)
+    settings = InferenceSettings(threshold=0.5, per_structure={"cfos_neuron": {"input_scale": [1.5, 1, 1]}})
+    predictor = Predictor(tiny_model, tiny_model_config, settings, device="cpu", engine="torch",
+                          options=RunOptions(progress=False, block_size=16))
+    assert predictor.settings_for("cfos_neuron_1.tif").input_scale == (1.5, 1.0, 1.0)
+    assert predictor.network_shape(volume.shape, None, "cfos_neuron_1.tif") == [30, 40, 48]
+    scaled = predictor.predict_logits(volume, name="cfos_neuron_1.tif")
+    on_grid = predictor.sliding_window_logits(_resize(predictor.normalised(volume), [30, 40, 48]))
+    np.testing.assert_allclose(scaled, _resize(on_grid, volume.shape), atol=1e-5)
+
+    io.write_volume(volume, tmp_path / "cfos_neuron_1.tif")
+    result = predict_file(predictor, tmp_path / "cfos_neuron_1.tif", tmp_path / "out" / "cfos_neuron_1.tif")
+    written = json.loads((tmp_path / "out" / "cfos_neuron_1.tif.provenance.json").read_text())
+    assert result.record["postprocess"]["input_scale"] == written["postprocess"]["input_scale"] == [1.5, 1.0, 1.0]
+
+
+def test_an_all_ones_input_scale_is_the_volumes_own_grid_bit_for_bit(tiny_model, tiny_model_config, tmp_path):
+    """(1, 1, 1) is 1: no resampling (block by block from a file), the same masks, recorded as 1.0."""
+    volume = np.random.default_rng(5).gamma(2.0, 300.0, (20, 40, 48)).astype(np.uint16)
+    io.write_volume(volume, tmp_path / "cfos_neuron_1.tif")
+    masks, records = {}, {}
+    for scale in (1.0, (1, 1, 1)):
+        predictor = Predictor(tiny_model, tiny_model_config, InferenceSettings(threshold=0.5, input_scale=scale),
+                              device="cpu", engine="torch", options=RunOptions(progress=False, block_size=16))
+        assert predictor.network_shape(volume.shape, None, "cfos_neuron_1.tif") is None
+        out = tmp_path / str(scale) / "cfos_neuron_1.tif"
+        records[scale] = predict_file(predictor, tmp_path / "cfos_neuron_1.tif", out).record["postprocess"]
+        masks[scale] = io.read_volume(out).load()
+    assert masks[1.0].any()
+    np.testing.assert_array_equal(masks[(1, 1, 1)], masks[1.0])
+    assert records[(1, 1, 1)]["input_scale"] == records[1.0]["input_scale"] == 1.0
+
+
+@pytest.mark.parametrize("value, message", [
+    ((1.5, 1, 5), "input_scale 1.5,1.0,5.0 must lie within 0.25-4 (each factor)"),
+    ((1.5, 0.1, 1), "input_scale 1.5,0.1,1.0 must lie within 0.25-4 (each factor)"),
+    ((1.5, 1), "input_scale (1.5, 1) must be one number or three (z, y, x)"),
+])
+def test_an_input_scale_factor_out_of_range_or_a_wrong_count_is_refused(value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        InferenceSettings(input_scale=value)
+    with pytest.raises(ConfigError, match=r"per_structure\.cfos_neuron(: |\.)input_scale"):  # a manifest's list
+        InferenceSettings(per_structure={"cfos_neuron": {"input_scale": list(value)}})

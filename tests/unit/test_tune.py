@@ -300,6 +300,44 @@ def test_an_input_scale_is_chosen_written_and_applied_as_scored(tmp_path, tiny_m
     assert predictor.network_shape((32, 64, 64), None, "blood_vessel_1.tif") is None
 
 
+def test_a_per_axis_input_scale_round_trips_through_the_manifest_and_matches_its_row(tmp_path, tiny_model_config,
+                                                                                      tiny_model):
+    """Three factors (z, y, x) are carried by every row and the choice as a list (JSON and YAML), load
+    back from the written manifest as the same scale, and a re-tune at it finds the manifest's row."""
+    from lsmseg.inference import Predictor, RunOptions
+    from lsmseg.weights import load_manifest
+    from lsmseg_training.tune import tune, write_choices
+
+    config = _validation_config(tmp_path)
+    manifest = make_weights(tmp_path / "weights", tiny_model_config, tiny_model)
+    grid = dict(thresholds=(0.3, 0.5), min_components=(0,), splits=(0.0,), floors=())
+    result = tune(config, manifest, settings={"input_scale": (1.25, 1, 1)}, **grid)
+    rows = result["validation"]["cfos_neuron"]["grid"]
+    assert all(row["input_scale"] == [1.25, 1.0, 1.0] for row in rows)
+    assert json.loads(json.dumps(result))["per_structure"]["cfos_neuron"]["input_scale"] == [1.25, 1.0, 1.0]
+    write_choices(manifest, result)
+    assert load_manifest(manifest).entry_for(None)[1].inference.per_structure["cfos_neuron"]["input_scale"] == \
+        [1.25, 1.0, 1.0]
+    predictor = Predictor.from_manifest(manifest, options=RunOptions(progress=False))
+    assert predictor.settings_for("cfos_neuron_1.tif").input_scale == (1.25, 1.0, 1.0)
+    assert predictor.network_shape((32, 64, 64), None, "cfos_neuron_1.tif") == [40, 64, 64]
+
+    again = tune(config, manifest, settings={"input_scale": (1.25, 1, 1)}, **grid)["validation"]["cfos_neuron"]
+    chosen = result["per_structure"]["cfos_neuron"]
+    assert again["at_previous_settings"] is not None
+    assert {key: again["at_previous_settings"][key] for key in chosen} == chosen
+
+
+def test_a_per_axis_input_scale_flag_is_checked_factor_by_factor(tmp_path, capsys):
+    from lsmseg_training.tune import main
+
+    for text, message in (("1.5,1,9", "input scale 1.5,1,9 must lie within 0.25-4 (each factor)"),
+                          ("1.5x1", "input scale 1.5x1 must be one number or three (z, y, x)")):
+        with pytest.raises(SystemExit) as exc:
+            main(["-c", str(tmp_path / "missing.yaml"), "--weights", str(tmp_path), "--input-scale", text])
+        assert exc.value.code == 2 and f"argument --input-scale: {message}" in capsys.readouterr().err
+
+
 def test_input_scale_flag_out_of_range_is_a_usage_error_before_any_work(tmp_path, capsys):
     from lsmseg_training.tune import main
 

@@ -109,6 +109,7 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
     measurement, e.g. ``input_scale``: ``--input-scale``, scripts/lever_test_time_scale.py)."""
     import dataclasses
 
+    from lsmseg.config import input_scale_factors, plain
     from lsmseg.io import read_volume
     from lsmseg.inference import Predictor, RunOptions
     from lsmseg.structures import category_of
@@ -153,7 +154,7 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
                                                                          intensity=v["intensity"]),
                                         v["truth"]) for v in members]
             row = {"mirror_axes": list(axes), "threshold": threshold, "split_touching": split,
-                   "min_component_voxels": min_voxels, "intensity_floor": floor, "input_scale": base.input_scale}
+                   "min_component_voxels": min_voxels, "intensity_floor": floor, "input_scale": plain(base.input_scale)}
             for key in scores[0]:
                 defined = [s[key] for s in scores if not math.isnan(s[key])]
                 row[key] = round(float(np.mean(defined)), 5) if defined else None  # None: NaN on every volume
@@ -181,7 +182,8 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
                             and r["split_touching"] == (before.split_touching if structure_splits != (0.0,) else 0.0)
                             and r["min_component_voxels"] == before.min_component_voxels
                             and _same(r["intensity_floor"], before.intensity_floor)
-                            and _same(r["input_scale"], before.input_scale)), None)
+                            and _same(input_scale_factors(r["input_scale"]),
+                                      input_scale_factors(before.input_scale))), None)
         # Every setting a row was scored at, null floor and no mirroring included: a key left out
         # would let the manifest's global value apply, which is not what was scored.
         choices[structure] = {key: best[key] for key in ("threshold", "split_touching", "min_component_voxels",
@@ -196,9 +198,13 @@ def tune(config, manifest_path: Path, thresholds=THRESHOLDS, min_components=MIN_
 
 
 def _same(value, other) -> bool:
-    """Whether two settings are equal (None only to None; floats within 1e-9, as YAML round-trips them)."""
+    """Whether two settings are equal (None only to None; floats within 1e-9, as YAML round-trips them;
+    sequences factor by factor)."""
     if value is None or other is None:
         return value is other
+    if isinstance(value, (list, tuple)) or isinstance(other, (list, tuple)):
+        return (isinstance(value, (list, tuple)) and isinstance(other, (list, tuple)) and len(value) == len(other)
+                and all(map(_same, value, other)))
     return abs(value - other) <= 1e-9
 
 
@@ -295,8 +301,8 @@ def main(argv=None) -> int:
     parser.add_argument("--floors", type=float, nargs="*", default=list(FLOORS), metavar="X",
                         help=f"intensity floors of the second stage (default: {' '.join(map(str, FLOORS))}; "
                              "none given: no second stage, the grid of before 2026-12-03)")
-    parser.add_argument("--input-scale", type=input_scale, default=1.0, metavar="X",
-                        help="predict every volume resampled by X per axis (test-time rescaling, "
+    parser.add_argument("--input-scale", type=input_scale, default=1.0, metavar="X|Z,Y,X",
+                        help="predict every volume resampled by X per axis, or by Z,Y,X (test-time rescaling, "
                              "InferenceSettings.input_scale); the choices written carry it (default: 1)")
     parser.add_argument("--structures", nargs="+", metavar="STRUCTURE",
                         help="tune only these structures' validation volumes; with --write, the others keep "

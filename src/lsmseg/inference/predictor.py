@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import InferenceSettings, ModelConfig, to_dict
+from ..config import InferenceSettings, ModelConfig, input_scale_factors, input_scale_text, to_dict
 from ..errors import InputError, printable
 from ..io import Volume
 from ..model import autocast_dtype, select_device
@@ -521,7 +521,7 @@ class Predictor:
         target = self.resample_target(spacing)
         logger.info("%s: resampling %s%s to %s%s%s", name, tuple(shape), f" at {tuple(spacing)} um" if target else "",
                     tuple(new_shape), f" at {target} um" if target else "",
-                    f" (input scale {settings.input_scale:g})" if settings.input_scale != 1.0 else "")
+                    f" (input scale {input_scale_text(settings.input_scale)})" if settings.input_scale != 1.0 else "")
         logits, stats = self._normalised_logits(_resize(normalised, new_shape), desc=name, settings=settings)
         return _resize(logits, shape), stats
 
@@ -613,7 +613,7 @@ class Predictor:
     def network_shape(self, shape: Sequence[int], spacing: Sequence[float] | None,
                       name: str) -> list[int] | None:
         """The grid a volume is predicted on when it is not its own (None): resampled to the model's
-        spacing (:meth:`resample_target`), then by its structure's ``input_scale``.
+        spacing (:meth:`resample_target`), then by its structure's ``input_scale`` (per axis: z, y, x).
 
         Args:
             shape: the volume's shape (z, y, x).
@@ -622,10 +622,10 @@ class Predictor:
         """
         target = self.resample_target(spacing)
         scale = self.settings_for(name).input_scale
-        if target is None and scale == 1.0:
+        if target is None and scale == 1.0:  # three equal factors are held as one (InferenceSettings)
             return None
         new_shape = resampled_shape(shape, spacing, target) if target is not None else list(shape)
-        return [max(1, round(n * scale)) for n in new_shape] if scale != 1.0 else new_shape
+        return [max(1, round(n * factor)) for n, factor in zip(new_shape, input_scale_factors(scale))]
 
     def resample_target(self, spacing: Sequence[float] | None) -> tuple[float, ...] | None:
         """The model's spacing if ``spacing`` differs from it beyond tolerance (and resampling is on), else None."""

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..config import plain
 from ..errors import InputError, LsmsegError, OutputError, ProvenanceError, one_line, printable, single_line
 from ..io import (
     Volume, check_declared_size, check_output_space, colliding_outputs, link_out_inside, output_key, output_path_for, outside_folder,
@@ -69,7 +70,7 @@ def postprocess_record(predictor: Predictor, name: str) -> dict:
             "threshold": effective.threshold, "split_touching": effective.split_touching,
             "min_component_voxels": effective.min_component_voxels,
             "mirror_axes": list(effective.mirror_axes), "intensity_floor": effective.intensity_floor,
-            "input_scale": effective.input_scale}
+            "input_scale": plain(effective.input_scale)}  # three factors: a list, as mirror_axes
 
 
 def predict_file(
