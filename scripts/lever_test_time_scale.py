@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="X|Z,Y,X", help="one run per value: a factor for every axis, or three (z, y, x)")
     parser.add_argument("--out", type=Path, required=True, help="JSON with every grid")
     args = parser.parse_args(argv)
+    keys = [input_scale_text(scale) for scale in args.scales]
+    for key in {k for k in keys if keys.count(k) > 1}:  # one run each: a repeat would be tuned again, then overwritten
+        parser.error(f"--scales: scale {key} given more than once")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = {"scales": plain(args.scales), "by_structure": {}}
     try:  # a bad config, split or manifest: one line naming its file, as tune's own command says it

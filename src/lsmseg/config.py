@@ -211,6 +211,7 @@ def checked_input_scale(value, what: str = "input_scale",
         ValueError: not one number or three, or a factor outside :data:`INPUT_SCALE_RANGE`; names
             ``what`` and the value as ``written`` (default: its own text).
     """
+    value = value.tolist() if hasattr(value, "tolist") else value  # numpy arrays and scalars: plain numbers
     factors = list(value) if isinstance(value, (list, tuple)) else [value]
     if len(factors) not in (1, 3) or any(isinstance(f, bool) or not isinstance(f, numbers.Real) for f in factors):
         raise ValueError(f"{what} {written or repr(value)} must be one number or three (z, y, x)")

@@ -87,3 +87,11 @@ def test_a_scale_out_of_range_is_a_usage_error_before_any_work(script, tmp_path,
         script.main(["-c", str(tmp_path / "missing.yaml"), "--weights", str(tmp_path), "--scales", "1.0", "5",
                      "--out", str(tmp_path / "f.json")])
     assert exc.value.code == 2 and "argument --scales: input scale 5 must lie within 0.25-4" in capsys.readouterr().err
+
+
+def test_a_scale_given_twice_is_a_usage_error_before_any_work(script, tmp_path, capsys):
+    # Was: tuned twice (~30 min each on real data), the second run overwriting the first's key.
+    with pytest.raises(SystemExit) as exc:
+        script.main(["-c", str(tmp_path / "missing.yaml"), "--weights", str(tmp_path), "--scales", "1", "1.5",
+                     "1,1,1", "--out", str(tmp_path / "f.json")])
+    assert exc.value.code == 2 and "--scales: scale 1.0 given more than once" in capsys.readouterr().err

@@ -247,3 +247,12 @@ def test_an_input_scale_factor_out_of_range_or_a_wrong_count_is_refused(value, m
         InferenceSettings(input_scale=value)
     with pytest.raises(ConfigError, match=r"per_structure\.cfos_neuron(: |\.)input_scale"):  # a manifest's list
         InferenceSettings(per_structure={"cfos_neuron": {"input_scale": list(value)}})
+
+
+def test_an_input_scale_given_as_a_numpy_array_is_its_factors():
+    # Was: refused as "must be one number or three", with a multi-line repr for a 2-D array.
+    assert InferenceSettings(input_scale=np.array([1.5, 1, 1])).input_scale == (1.5, 1.0, 1.0)
+    assert InferenceSettings(input_scale=np.float32(1.5)).input_scale == 1.5
+    with pytest.raises(ValueError, match=r"must be one number or three") as refused:
+        InferenceSettings(input_scale=np.full((3, 3), 9.0))
+    assert "\n" not in str(refused.value)
