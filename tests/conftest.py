@@ -104,6 +104,21 @@ def tiny_model(tiny_model_config):
     return build_model(tiny_model_config).eval()
 
 
+def lever_config(folder: Path) -> Path:
+    """A lever script's fine-tuning config over ``folder``'s ``train`` and ``validation`` (images/ and
+    labels/, written by the caller; validation as cfos_neuron) and a test split of unreadable files:
+    a run that read the test split would fail."""
+    for kind in ("images", "labels"):
+        (folder / "test" / kind).mkdir(parents=True)
+        (folder / "test" / kind / "cells_4.tif").write_text("not a TIFF")
+    sets = {split: f"    - images: {folder / split / 'images'}\n      labels: {folder / split / 'labels'}\n"
+            for split in ("train", "validation", "test")}
+    config = folder / "config.yaml"
+    config.write_text(f"name: t\noutput: {folder / 'run'}\ndata:\n  train:\n{sets['train']}  test:\n{sets['test']}"
+                      f"  validation:\n{sets['validation']}      structure: cfos_neuron\n")
+    return config
+
+
 def make_weights(folder: Path, model_config, model=None, threshold: float = 0.5, **inference) -> Path:
     """Write a safetensors checkpoint and manifest for ``model`` into ``folder``; return the manifest."""
     import torch

@@ -10,7 +10,7 @@ import pytest
 from lsmseg.io import write_volume
 from lsmseg.synth.phantom import make_phantom, write_phantom
 
-from ..conftest import load_script, make_weights
+from ..conftest import lever_config, load_script, make_weights
 
 # The script tunes the full grid (~100 rows each way); a few rows show the same thing in seconds.
 SMALL_GRID = {"thresholds": (0.3, 0.5), "min_components": (0,), "splits": (0.0,), "floors": ()}
@@ -28,15 +28,7 @@ def _config(tmp_path) -> Path:
     write_volume(wide, tmp_path / "validation" / "images" / "wide.tif")
     write_volume(label, tmp_path / "validation" / "labels" / "wide.tif")
     write_phantom(tmp_path / "train", "cells", (32, 64, 64), 3)
-    for folder in ("images", "labels"):  # a test split that cannot be read: reading it would fail the run
-        (tmp_path / "test" / folder).mkdir(parents=True)
-        (tmp_path / "test" / folder / "cells_4.tif").write_text("not a TIFF")
-    sets = {split: f"    - images: {tmp_path / split / 'images'}\n      labels: {tmp_path / split / 'labels'}\n"
-            for split in ("train", "validation", "test")}
-    config = tmp_path / "config.yaml"
-    config.write_text(f"name: t\noutput: {tmp_path / 'run'}\ndata:\n  train:\n{sets['train']}  test:\n{sets['test']}"
-                      f"  validation:\n{sets['validation']}      structure: cfos_neuron\n")
-    return config
+    return lever_config(tmp_path)
 
 
 def test_both_ways_are_tuned_and_recorded_side_by_side_on_validation_only(tmp_path, tiny_model_config, tiny_model,

@@ -7,7 +7,7 @@ import pytest
 
 from lsmseg.synth.phantom import write_phantom
 
-from ..conftest import load_script, make_weights
+from ..conftest import lever_config, load_script, make_weights
 
 # The scripts tune the full grid (~200 rows per scale); a few rows show the same thing in seconds.
 SMALL_GRID = {"thresholds": (0.3, 0.5), "min_components": (0,), "splits": (0.0,), "floors": ()}
@@ -18,15 +18,7 @@ def _config(tmp_path):
     network's window at either scale: one forward pass per prediction), and a test split of unreadable files."""
     write_phantom(tmp_path / "validation", "cells", (24, 48, 48), 1)
     write_phantom(tmp_path / "train", "cells", (24, 48, 48), 3)
-    for folder in ("images", "labels"):  # a test split that cannot be read: reading it would fail the run
-        (tmp_path / "test" / folder).mkdir(parents=True)
-        (tmp_path / "test" / folder / "cells_4.tif").write_text("not a TIFF")
-    sets = {split: f"    - images: {tmp_path / split / 'images'}\n      labels: {tmp_path / split / 'labels'}\n"
-            for split in ("train", "validation", "test")}
-    config = tmp_path / "config.yaml"
-    config.write_text(f"name: t\noutput: {tmp_path / 'run'}\ndata:\n  train:\n{sets['train']}  test:\n{sets['test']}"
-                      f"  validation:\n{sets['validation']}      structure: cfos_neuron\n")
-    return config
+    return lever_config(tmp_path)
 
 
 @pytest.fixture
