@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,6 +28,7 @@ from ..io import (
     read_volume, refuse_overwriting_inputs, same_file, sweep_partials, write_json, write_mask_blocks,
 )
 from ..normalise import is_constant
+from ..resources import available_memory
 from ..structures import structure_from_name
 from .predictor import Predictor, warn_constant
 from .preview import PreviewRecorder, preview_path_for, remove_stale_preview
@@ -107,9 +109,15 @@ def predict_file(
     target = predictor.resample_target(volume.spacing)
     # Resampling (to the model's spacing, or by the structure's input_scale) builds the volume on the
     # network's grid, in memory.
-    grid = predictor.network_shape(volume.shape, volume.spacing, case_name or volume.name)
+    case = case_name or volume.name
+    grid = predictor.network_shape(volume.shape, volume.spacing, case)
     if grid is not None:
-        check_declared_size(input_path, grid, 4, options.max_voxels, what="resampled volume")
+        way_out = _own_grid_way_out(predictor, case, target)
+        check_declared_size(input_path, grid, 4, options.max_voxels, what="resampled volume", way_out=way_out)
+        need, free = resampled_peak_bytes(shape=volume.shape, grid=grid, itemsize=volume.dtype.itemsize), available_memory()
+        if free is not None and need > free:
+            raise InputError(input_path, f"resampling to {' x '.join(map(str, grid))} needs the whole volume in memory, "
+                                         f"about {need / 2**30:.1f} GB, but {free / 2**30:.1f} GB is available; {way_out}")
     probabilities = None
     if probabilities_path is not None:
         probabilities = ProbabilityWriter(Path(probabilities_path), volume, options.probability_dtype)
@@ -152,7 +160,7 @@ def predict_file(
         remove_stale_preview(output_path)
     record = write_provenance(
         predictor, input_path, output_path, volume, provenance_path, stats=stats, resampled_to=target,
-        foreground=counter.foreground, timings=timings, postprocess=postprocess_record(predictor, case_name or volume.name),
+        foreground=counter.foreground, timings=timings, postprocess=postprocess_record(predictor, case),
         probabilities=probabilities.describe() if probabilities is not None else None, preview=preview_written,
     )
     reused = f"; {stats.windows_reused} taken from the window cache" if stats.windows_reused else ""
@@ -300,6 +308,43 @@ def guarded(predict: Callable[[], VolumeResult], input_path, output_path) -> Vol
         logger.debug("traceback", exc_info=True)
     logger.error("%s", message)
     return VolumeResult.failed(input_path, output_path, message)
+
+
+# Bytes per voxel of the network's grid that the in-memory path holds at its peak: the resampled
+# input, the logits, the padded region and the two blending accumulators (float32 each; the
+# input-grid logits and mask come later, at a lower peak). Measured: peak RSS minus the RSS before one
+# predict_file (tiny test model, 1 thread, uint16, input_scale 1.5): 381 MiB on 32x64x64 (the
+# network's own working memory, ~370 MiB, not per voxel and not counted here), 951 MiB on
+# 128x256x256 (grid 192x384x384): 580 MiB beyond it = 20 B per grid voxel plus 6 per input voxel.
+# Mid sizes, where that working memory overlaps less, rose ~29 B per grid voxel (64x128x128 to
+# 96x192x192; a spacing resample, 128^3 to 64x256x256, alike).
+RESAMPLED_BYTES_PER_GRID_VOXEL = 20
+# Beside them, on the input grid and throughout: the raw input (its itemsize) and its float32 copy.
+RESAMPLED_BYTES_PER_INPUT_VOXEL = 4
+
+
+def resampled_peak_bytes(*, shape, grid, itemsize: int) -> int:
+    """About the most memory :func:`predict_file` takes for a volume it resamples (in memory),
+    beyond the network's own working memory: a 500x1000x1000 uint16 c-Fos volume at input_scale 1.5
+    needs ~34 GB.
+
+    Args:
+        shape: the volume's shape (z, y, x).
+        grid: the shape it is predicted on (:meth:`Predictor.network_shape`).
+        itemsize: bytes per voxel of the volume as read (2 for uint16).
+    """
+    voxels, grid_voxels = math.prod(int(n) for n in shape), math.prod(int(n) for n in grid)
+    return voxels * (itemsize + RESAMPLED_BYTES_PER_INPUT_VOXEL) + grid_voxels * RESAMPLED_BYTES_PER_GRID_VOXEL
+
+
+def _own_grid_way_out(predictor: Predictor, name: str, target) -> str:
+    """How to predict a volume that would be resampled on its own grid, block by block, instead."""
+    options = []
+    if predictor.settings_for(name).input_scale != 1.0:
+        options.append("--input-scale 1")
+    if target is not None:
+        options.append("--no-resample")
+    return f"{' '.join(options)} predicts it on its own grid, block by block"
 
 
 def _resampled_mask_blocks(predictor: Predictor, volume: Volume, name: str, on_logits=None):

@@ -215,6 +215,7 @@ def default_max_voxels() -> int:
 def check_declared_size(
     path: Path, shape, itemsize: int, max_voxels: int | None, *,
     stored_bytes: int | None = None, deflate_bytes: int | None = None, what: str = "image",
+    way_out: str | None = None,
 ) -> None:
     """Refuse a declared shape before reading: above the voxel cap, or more data than the file holds.
 
@@ -226,6 +227,7 @@ def check_declared_size(
         stored_bytes: for uncompressed data, the bytes the file actually holds for the pixels.
         deflate_bytes: for deflate-compressed data, the compressed bytes available.
         what: what the shape describes, for the message.
+        way_out: another way out than raising the cap, added to the message (e.g. not resampling).
     """
     cap = default_max_voxels() if max_voxels is None else int(max_voxels)
     voxels = math.prod(int(s) for s in shape)
@@ -233,7 +235,7 @@ def check_declared_size(
     if voxels > cap:
         raise InputError(
             path, f"{what} declares {shown} = {voxels:,} voxels, above the limit of {cap:,} "
-            f"(--max-voxels / {ENV_MAX_VOXELS})",
+            f"(--max-voxels / {ENV_MAX_VOXELS}{'; or ' + way_out if way_out else ''})",
         )
     nbytes = math.ceil(voxels * itemsize) if 0 < itemsize < 1 else voxels * max(int(itemsize), 1)
     if stored_bytes is not None and nbytes > stored_bytes:
