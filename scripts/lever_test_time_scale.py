@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         for structure in args.structures:
             structure = known_structure(structure) or structure  # tune keys its grids by the name, not an alias
             runs = {}
-            for scale in args.scales:
-                key = input_scale_text(scale)  # a readable JSON key: "1.5", "1.5,1.0,1.0"
+            for key, scale in zip(keys, args.scales):  # keys readable in JSON: "1.5", "1.5,1.0,1.0"
                 runs[key] = tune(config, args.weights, structures=[structure], where=str(args.config),
                                  settings={"input_scale": scale})
                 best = runs[key]["validation"][structure]["best"]
